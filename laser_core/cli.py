@@ -1,0 +1,253 @@
+"""``python -m laser_core``: scores, search (C2I), laser (baseline), eval and apply."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
+from .errors import LaserError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return tuple(out)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m laser_core", description="Gradient-guided low-rank reduction (C2I) and LASER.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser, task: bool = True) -> None:
+        g = sp.add_argument_group("model")
+        g.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
+        g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        g.add_argument("--cache-dir", default=None, help="cache folder (default: <repo>/cache/store)")
+        g.add_argument("--no-cache", action="store_true", help="compute everything, store nothing")
+        if task:
+            t = sp.add_argument_group("task")
+            t.add_argument("--task", default="fever", help="bundled name (fever, epistemic_reasoning, qa_wikidata, "
+                                                           "truthful_qa), a task.json, .jsonl, .csv or hf:<dataset>")
+            t.add_argument("--n-calib", type=int, default=100)
+            t.add_argument("--n-test", type=int, default=300)
+            t.add_argument("--n-val", type=int, default=None, help="LASER validation size (default 20%% of the task)")
+            t.add_argument("--seed", type=int, default=0)
+            t.add_argument("--prompt-col", default="prompt")
+            t.add_argument("--choices-col", default="choices")
+            t.add_argument("--answer-col", default="answer")
+            t.add_argument("--targets-col", default="targets")
+
+    def grid(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
+        sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
+        sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml)")
+
+    sp = sub.add_parser("scores", help="singular-value gradient scores of every matrix")
+    common(sp)
+    sp.add_argument("--score", default="paper", help="paper | first_order")
+    sp.add_argument("--top", type=int, default=10)
+    sp.add_argument("--tail-fraction", type=float, default=0.9)
+    sp = sub.add_parser("search", help="C2I: gradient-selected top-q matrices x K x rho on the calibration split")
+    common(sp)
+    grid(sp)
+    sp.add_argument("--q", type=int, default=5)
+    sp.add_argument("--ks", type=_ints, default=PAPER_KS, help="block counts, e.g. 1,2,4,8")
+    sp.add_argument("--score", default="paper", help="paper | first_order")
+    sp.add_argument("--tail-fraction", type=float, default=0.9)
+    sp = sub.add_parser("laser", help="LASER baseline: layers x types x rho, K=1, on the validation split")
+    common(sp)
+    grid(sp)
+    sp.add_argument("--layers", type=_ints, default=None, help="e.g. 0-29 or 20,25,29 (default: all)")
+    sp.add_argument("--types", type=lambda s: tuple(x for x in s.split(",") if x), default=None,
+                    help="e.g. up,down (default: all)")
+    sp = sub.add_parser("eval", help="accuracy and log-loss of the model (or a recipe's edit) on a split")
+    common(sp)
+    sp.add_argument("--recipe", default=None)
+    sp.add_argument("--split", default="test", choices=["calib", "val", "test"])
+    sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
+    sp.add_argument("--recipe", required=True)
+    sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
+    sp.add_argument("--model", default=None, help="override the recipe's model source")
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--force", action="store_true", help="apply even if the model fingerprint differs")
+    sp.add_argument("--no-check", action="store_true", help="skip re-evaluating the edited model")
+    return p
+
+
+class _Bars:
+    """Turns progress events into one tqdm bar per phase (on stderr)."""
+
+    def __init__(self) -> None:
+        self.bar, self.phase = None, None
+
+    def __call__(self, ev: dict) -> None:
+        from tqdm import tqdm
+
+        if ev.get("phase") != self.phase:
+            if self.bar:
+                self.bar.close()
+            self.phase = ev.get("phase")
+            self.bar = tqdm(total=ev.get("total", 1), desc=self.phase, file=sys.stderr, leave=False)
+        self.bar.total = ev.get("total", self.bar.total)
+        self.bar.n = ev.get("done", 0)
+        self.bar.set_postfix_str(str(ev.get("message", ""))[:60], refresh=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _setup(args):
+    from .models import load_model
+    from .store import Store, null_store
+    from .tasks import load_task, make_splits
+
+    store = null_store() if args.no_cache else Store(Path(args.cache_dir) if args.cache_dir else None)
+    if store.disabled_reason and not args.no_cache:
+        print(f"note: {store.disabled_reason}", file=sys.stderr)
+    lm = load_model(ModelSpec(args.model, args.device, args.dtype), progress=lambda m: print(m, file=sys.stderr))
+    tspec = TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col,
+                     args.choices_col, args.answer_col, args.targets_col)
+    return lm, tspec, make_splits(load_task(tspec), tspec), store
+
+
+def _fmt(d: dict | None) -> str:
+    return "n/a" if d is None else f"accuracy {d['accuracy']:.3f}  log-loss {d['log_loss']:.4f}  (n={d['n']})"
+
+
+def _cmd_scores(args) -> int:
+    from .search import load_spectra, score_table
+
+    lm, tspec, splits, store = _setup(args)
+    cfg = SearchConfig(score=args.score, tail_fraction=args.tail_fraction)
+    timings: dict = {}
+    bars = _Bars()
+    spectra, loss = load_spectra(lm, splits, store, cfg.ks if args.score == "first_order" else (1,),
+                                 progress=bars, timings=timings)
+    bars.close()
+    rows = sorted([r for r in score_table(lm, spectra, args.score, cfg) if r["rank"] is not None], key=lambda r: r["rank"])
+    print(f"calibration log-loss {loss:.4f} on {len(splits.calib)} examples; score '{args.score}' "
+          f"(g_i = dL/dsigma_i > 0 pushes sigma_i toward zero)")
+    print(f"{'rank':>4}  {'layer':>5}  {'type':<6} {'score':>12}  name")
+    for r in rows[:args.top]:
+        print(f"{r['rank'] + 1:>4}  {r['layer']:>5}  {r['type']:<6} {r['score']:>12.5g}  {r['name']}")
+    skipped = [r["name"] for r in score_table(lm, spectra, args.score, cfg) if not r["finite"]]
+    if skipped:
+        print(f"skipped (NaN/inf gradient): {', '.join(skipped)}")
+    print(f"time: gradients {timings['gradients']:.1f} s, svd {timings['svd']:.1f} s"
+          + ("  (read from cache)" if timings["gradients"] == 0 else ""))
+    return 0
+
+
+def _cmd_search(args, method: str) -> int:
+    from .evaluate import CancelToken
+    from .recipe import recipe_from_report, save_recipe
+    from .search import run_search
+
+    lm, tspec, splits, store = _setup(args)
+    if method == "c2i":
+        cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction, early_stop=args.early_stop)
+    else:
+        cfg = SearchConfig("laser", ks=(1,), rhos=args.rhos, layers=args.layers, types=args.types,
+                           early_stop=args.early_stop)
+    cancel = CancelToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    bars = _Bars()
+    try:
+        report = run_search(lm, splits, cfg, store, progress=bars, cancel=cancel)
+    finally:
+        bars.close()
+        signal.signal(signal.SIGINT, previous)
+    split = "calibration" if method == "c2i" else "validation"
+    print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
+          f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}")
+    print(f"base   {split:<11} {_fmt(report.base)}")
+    print(f"best   {split:<11} {_fmt(report.best)}")
+    print(f"base   held-out    {_fmt(report.base_test)}")
+    print(f"best   held-out    {_fmt(report.best_test)}")
+    if report.status != "complete":
+        print(f"cancelled: {len(report.candidates)} candidates kept in the cache; no test evaluation")
+        return 130
+    b = report.best
+    print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']} ranks={b['ranks']}"
+          + ("" if report.improves else "  [does not beat the base model on the search split]"))
+    t = report.timings
+    cached = sum(1 for c in report.candidates if c.get("cached"))
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+          + f"; candidates from cache {cached}/{len(report.candidates)}")
+    recipe = recipe_from_report(lm, report, tspec)
+    path = Path(args.recipe_out) if args.recipe_out else \
+        Path(store.directory or "cache").parent / "recipes" / f"{splits.task.name}-{method}-{lm.fingerprint[:8]}.json"
+    print(f"recipe: {save_recipe(recipe, path)}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .recipe import check_recipe_fits, load_recipe
+    from .search import evaluate_candidate
+
+    lm, tspec, splits, store = _setup(args)
+    if args.recipe:
+        edits = check_recipe_fits(lm, load_recipe(args.recipe))
+        if len(edits) != 1:
+            from .evaluate import evaluate
+            from .reduction import edited
+            with edited(lm, edits):
+                r = evaluate(lm, splits.examples(args.split), tspec.max_new_tokens)
+            print(f"{args.split}: {_fmt(r.to_dict())}")
+            return 0
+        doc = evaluate_candidate(lm, edits[0], splits, args.split, store)
+    else:
+        doc = evaluate_candidate(lm, None, splits, args.split, store)
+    print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else ""))
+    return 0
+
+
+def _cmd_apply(args) -> int:
+    from .recipe import apply_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    spec = None
+    if args.model or args.device:
+        m = recipe["model"]
+        spec = ModelSpec(args.model or m["source"], args.device or m.get("device", "auto"), m.get("dtype", "float32"))
+    res = apply_recipe(recipe, args.out, spec, overwrite=args.overwrite, force=args.force, check=not args.no_check,
+                       progress=lambda m: print(m, file=sys.stderr))
+    c = res["check"]
+    if c:
+        exp = c["expected"]
+        print(f"edited held-out accuracy {c['accuracy']:.3f} (recipe says "
+              f"{'n/a' if exp is None else format(exp['accuracy'], '.3f')}): {'OK' if c['matches'] else 'MISMATCH'}")
+    print(f"saved edited model to {res['out']}")
+    return 0 if (c is None or c["matches"]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code. User errors print one line and return 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "scores":
+            return _cmd_scores(args)
+        if args.cmd in ("search", "laser"):
+            return _cmd_search(args, "c2i" if args.cmd == "search" else "laser")
+        if args.cmd == "eval":
+            return _cmd_eval(args)
+        return _cmd_apply(args)
+    except LaserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,140 @@
+"""Frozen, validated configs: one dataclass per concept, serialised as sorted JSON for hashing."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ALGO_VERSION = 1  # bump when a cached quantity would change meaning
+PAPER_RHOS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+PAPER_KS = (1, 2, 4, 8)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the text every hash is taken of."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Short sha256 of :func:`canonical_json` of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def check_rho(rho: float) -> float:
+    """Return ``rho`` as float or raise ``ConfigError`` if it is not in (0, 1]."""
+    if not isinstance(rho, (int, float)) or math.isnan(rho) or not 0.0 < rho <= 1.0:
+        raise ConfigError(f"rho must be in (0, 1], got {rho}")
+    return float(rho)
+
+
+def check_k(k: int, rows: int | None = None) -> int:
+    """Return ``k`` or raise ``ConfigError`` if it is not a positive integer no larger than ``rows``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"K (number of row blocks) must be a positive integer, got {k}")
+    if rows is not None and k > rows:
+        raise ConfigError(f"K={k} is larger than the matrix's {rows} rows; choose K <= {rows}")
+    return k
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and where to run it."""
+
+    source: str = "demo"  # "demo", a local HF folder, a .gguf file, or a hub id already in the local cache
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "float32"  # "float32", "bfloat16", "float16"; on CPU keep float32 (bf16 matmul is ~100x slower)
+
+    def __post_init__(self) -> None:
+        if not str(self.source).strip():
+            raise ConfigError("model source is empty: give 'demo', a folder, a .gguf file or a hub id")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which task, how to read it, and how to split it into disjoint seeded parts."""
+
+    source: str = "fever"  # a bundled name, a BIG-bench task.json, a .jsonl/.csv file, or "hf:<dataset>[:split]"
+    n_calib: int = 100  # calibration examples: gradients and C2I candidate evaluation
+    n_test: int = 300  # held-out test examples: reported, never searched on
+    n_val: int | None = None  # validation examples for the LASER baseline; None = 20% of the task
+    seed: int = 0  # shuffles the examples before splitting
+    prompt_col: str = "prompt"  # column mapping for JSONL/CSV/HF data
+    choices_col: str = "choices"
+    answer_col: str = "answer"
+    targets_col: str = "targets"
+    max_new_tokens: int = 12  # generation tasks: greedy decoding length
+
+    def __post_init__(self) -> None:
+        if not str(self.source).strip():
+            raise ConfigError("task source is empty: give a bundled name, a file or hf:<dataset>")
+        for name in ("n_calib", "n_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_val is not None and self.n_val < 1:
+            raise ConfigError(f"n_val must be >= 1 or None, got {self.n_val}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One rank reduction: keep a fraction ``rho`` of the rank of each of ``k`` contiguous row blocks."""
+
+    name: str  # parameter name, e.g. "model.layers.3.mlp.up_proj.weight"
+    k: int = 1
+    rho: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        check_rho(self.rho)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of a C2I search or a LASER sweep."""
+
+    method: str = "c2i"  # "c2i" (gradient-selected) or "laser" (brute force)
+    score: str = "paper"  # c2i: the score that ranks matrices (see gradients.SCORES)
+    q: int = 5  # c2i: how many top-scored matrices to try
+    ks: tuple[int, ...] = PAPER_KS  # c2i: block counts K
+    rhos: tuple[float, ...] = PAPER_RHOS  # fraction of rank kept per block
+    tail_fraction: float = 0.9  # "paper" score: trailing share of the spectrum that is summed
+    layers: tuple[int, ...] | None = None  # laser: layers to sweep (None = all)
+    types: tuple[str, ...] | None = None  # laser: matrix types to sweep (None = all)
+    early_stop: bool = False  # stop a candidate once it cannot beat the best accuracy (exact)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("c2i", "laser"):
+            raise ConfigError(f"method must be 'c2i' or 'laser', got {self.method!r}")
+        if self.q < 1:
+            raise ConfigError(f"q (matrices to try) must be >= 1, got {self.q}")
+        if not self.ks:
+            raise ConfigError("the K grid is empty: give at least one block count, e.g. 1")
+        if not self.rhos:
+            raise ConfigError("the rho grid is empty: give at least one value in (0, 1]")
+        for k in self.ks:
+            check_k(k)
+        for r in self.rhos:
+            check_rho(r)
+        if not 0.0 < self.tail_fraction <= 1.0:
+            raise ConfigError(f"tail_fraction must be in (0, 1], got {self.tail_fraction}")
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "rhos", tuple(float(r) for r in self.rhos))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.types is not None:
+            object.__setattr__(self, "types", tuple(self.types))
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain dict of a config dataclass (JSON-ready)."""
+    return json.loads(canonical_json(obj))

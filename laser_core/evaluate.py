@@ -1,0 +1,295 @@
+"""Score a model on examples: accuracy and log-loss by LASER's rules, batched, with a lean output head.
+
+Rules:
+- multiple choice, causal LM: summed log-prob of each choice's tokens after the prompt; when every
+  choice is one token, one forward of the prompt and a comparison of the choice logits at its end.
+- multiple choice, masked LM: the choice's (first) token logit at a ``<mask>`` placed after the prompt.
+- generation: greedy decoding; correct when an accepted answer occurs (case-insensitive) in the generated
+  text only (cut at its first newline), never in the prompt.
+Log-loss: mean over examples of the per-token negative log-prob of the correct answer (nats/token). It is
+also the loss L whose gradient the scores use.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import Cancelled, ConfigError, NumericsError
+from .models import LoadedModel
+from .tasks import Example
+
+
+class CancelToken:
+    """Thread-safe flag a UI or signal handler sets; long loops call :meth:`check` between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` once :meth:`cancel` was called."""
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class EvalResult:
+    """Accuracy, log-loss and per-example outcomes of one evaluation."""
+
+    accuracy: float
+    log_loss: float
+    n: int
+    correct: list[bool] = field(default_factory=list)
+    predictions: list = field(default_factory=list)  # choice index (mc) or generated text (gen)
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "log_loss": self.log_loss, "n": self.n, "correct": self.correct,
+                "predictions": self.predictions, "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        return cls(float(d["accuracy"]), float(d["log_loss"]), int(d["n"]), [bool(x) for x in d["correct"]],
+                   list(d["predictions"]), bool(d.get("stopped_early", False)))
+
+
+@dataclass
+class _Seq:
+    ids: list[int]
+    pos: list[int]  # positions whose output is scored
+    tgt: list[int]  # token scored at each position (empty when ``rows`` is used)
+    rows: list[int] | None = None  # single-token fast path: compare these vocabulary rows at pos[0]
+    example: int = 0
+    choice: int = 0
+
+
+def _encode(tok, text: str, special: bool = False) -> list[int]:
+    return list(tok(text, add_special_tokens=special).input_ids)
+
+
+def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    ids = _encode(lm.tokenizer, prompt, special=True)
+    eos = lm.tokenizer.eos_token_id
+    if ids and eos is not None and ids[-1] == eos and lm.tokenizer.bos_token_id != eos and len(ids) > 1:
+        ids = ids[:-1]  # some tokenizers append EOS; the answer must follow the prompt directly
+    return ids
+
+
+def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: bool = False) -> tuple[list[_Seq], bool]:
+    """Tokenise examples into scored sequences. Returns (sequences, single_token_fast_path)."""
+    tok = lm.tokenizer
+    if lm.kind == "masked":
+        if any(e.kind != "mc" for e in examples):
+            raise ConfigError("generation tasks need a causal LM; this is a masked LM")
+        if tok.mask_token is None:
+            raise ConfigError("this masked LM's tokenizer has no mask token")
+        seqs = []
+        for i, e in enumerate(examples):
+            ids = _encode(tok, e.prompt + " " + tok.mask_token, special=True)
+            pos = ids.index(tok.mask_token_id)
+            rows = [(_encode(tok, c) or [tok.unk_token_id])[0] for c in e.choices]
+            seqs.append(_Seq(ids, [pos], [], rows, i))
+        return seqs, True
+    cont = [[_encode(tok, c) for c in (e.choices or e.targets[:1])] for e in examples]
+    fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
+    seqs = []
+    for i, (e, cs) in enumerate(zip(examples, cont)):
+        p = _prompt_ids(lm, e.prompt)
+        if fast:
+            seqs.append(_Seq(p, [len(p) - 1], [], [c[0] for c in cs], i))
+            continue
+        for j, c in enumerate(cs):
+            if gold_only and e.kind == "mc" and j != e.answer:
+                continue
+            if not c:
+                raise ConfigError(f"example {i}: choice {j} tokenises to nothing")
+            ids = p + c
+            seqs.append(_Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
+    return seqs, fast
+
+
+def _batches(seqs: list[_Seq], max_tokens: int, max_batch: int = 64) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))  # length buckets: little padding
+    batches, cur = [], []
+    for i in order:
+        width = len(seqs[cur[0]].ids) if cur else len(seqs[i].ids)
+        if cur and (width * (len(cur) + 1) > max_tokens or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _body_and_head(model: torch.nn.Module, kind: str):
+    """(body, head) so that head(body(x).last_hidden_state) are the logits; (None, None) if unknown."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        return None, None
+    head = (getattr(model, "lm_head", None) or getattr(model, "cls", None)) if kind == "masked" \
+        else model.get_output_embeddings()
+    return (body, head) if head is not None else (None, None)
+
+
+def _scored_logprobs(lm: LoadedModel, batch: list[_Seq]) -> list[torch.Tensor]:
+    """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens."""
+    model, dev = lm.model, lm.device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    width = max(len(s.ids) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, s in enumerate(batch):
+        ids[b, :len(s.ids)] = torch.tensor(s.ids)
+        mask[b, :len(s.ids)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
+    pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
+    body, head = _body_and_head(model, lm.kind)
+    if body is not None:
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden[bi, pi])  # lean head: only the scored positions
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[bi, pi]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out, k = [], 0
+    for s in batch:
+        n = len(s.pos)
+        rows = logp[k:k + n]
+        out.append(rows[0, s.rows] if s.rows is not None else rows.gather(1, torch.tensor(s.tgt, device=dev)[:, None])[:, 0])
+        k += n
+    return out
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NumericsError(f"{what} is NaN or infinite (the model's output overflowed; try float32)")
+
+
+def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = 4096,
+                  cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None) -> float:
+    """Accumulate ``d log_loss / d weight`` into ``.grad`` of the parameters that require grad.
+
+    Runs batch by batch (backward after each) so memory stays that of one batch. Returns the log-loss.
+    """
+    seqs, fast = build_sequences(lm, examples, gold_only=True)
+    ex = list(examples)
+    total = 0.0
+    batches = _batches(seqs, max_tokens)
+    for bn, idx in enumerate(batches):
+        if cancel:
+            cancel.check()
+        batch = [seqs[i] for i in idx]
+        lps = _scored_logprobs(lm, batch)
+        terms = []
+        for s, lp in zip(batch, lps):
+            e = ex[s.example]
+            terms.append(-lp[e.answer] if (fast or lm.kind == "masked") else -lp.mean())
+        loss = torch.stack(terms).sum() / len(ex)
+        _check_finite(loss, "the calibration loss")
+        loss.backward()
+        total += loss.item()
+        if progress:
+            progress(bn + 1, len(batches))
+    return total
+
+
+@torch.no_grad()
+def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
+             cancel: CancelToken | None = None, beat: tuple[float, float] | None = None) -> EvalResult:
+    """Accuracy and log-loss of ``lm`` on ``examples`` (see the module docstring for the rules).
+
+    Args:
+        beat: (accuracy, log_loss) of the current best. When given, evaluation stops as soon as this
+            candidate can no longer reach that accuracy, and the result is marked ``stopped_early``
+            (its numbers then cover the examples seen; it cannot be the best either way).
+    """
+    examples = list(examples)
+    if not examples:
+        raise ConfigError("nothing to evaluate: the example list is empty")
+    if examples[0].kind == "gen":
+        return _evaluate_generation(lm, examples, max_new_tokens, cancel)
+    seqs, fast = build_sequences(lm, examples)
+    n = len(examples)
+    scores = [[-math.inf] * len(e.choices) for e in examples]
+    gold_nll = [0.0] * n
+    remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
+    done_correct, done = 0, 0
+    stopped = False
+    for idx in _batches(seqs, max_tokens):
+        if cancel:
+            cancel.check()
+        batch = [seqs[i] for i in idx]
+        for s, lp in zip(batch, _scored_logprobs(lm, batch)):
+            e = examples[s.example]
+            if s.rows is not None:
+                scores[s.example] = lp.tolist()
+                gold_nll[s.example] = -float(lp[e.answer])
+            else:
+                scores[s.example][s.choice] = float(lp.sum())
+                if s.choice == e.answer:
+                    gold_nll[s.example] = -float(lp.mean())
+            remaining[s.example] -= 1
+            if remaining[s.example] == 0:
+                done += 1
+                done_correct += int(max(range(len(e.choices)), key=lambda j: scores[s.example][j]) == e.answer)
+        if beat is not None and (done_correct + (n - done)) / n < beat[0]:
+            stopped = True
+            break
+    preds = [max(range(len(s)), key=lambda j: s[j]) for s in scores]
+    correct = [p == e.answer for p, e in zip(preds, examples)]
+    if stopped:
+        seen = [i for i in range(n) if remaining[i] == 0]
+        return EvalResult(sum(correct[i] for i in seen) / n, sum(gold_nll[i] for i in seen) / max(1, len(seen)),
+                          n, correct, preds, stopped_early=True)
+    ll = sum(gold_nll) / n
+    if not math.isfinite(ll):
+        raise NumericsError("the log-loss is NaN or infinite (the model's output overflowed; try float32)")
+    return EvalResult(sum(correct) / n, ll, n, correct, preds)
+
+
+def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int,
+                         cancel: CancelToken | None) -> EvalResult:
+    if lm.kind != "causal":
+        raise ConfigError("generation tasks need a causal LM")
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = [_prompt_ids(lm, e.prompt) for e in examples]
+    texts: list[str] = [""] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), 32):
+        if cancel:
+            cancel.check()
+        idx = order[start:start + 32]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, i in enumerate(idx):  # left padding: every prompt ends at the same column
+            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, num_beams=1)
+        for b, i in enumerate(idx):
+            texts[i] = tok.decode(out[b, width:], skip_special_tokens=True)
+    answers = [t.strip().split("\n")[0] if t.strip() else "" for t in texts]
+    correct = [any(a.strip().lower() in ans.lower() for a in e.targets) for ans, e in zip(answers, examples)]
+    seqs, _ = build_sequences(lm, examples)
+    nll = [0.0] * len(examples)
+    for bidx in _batches(seqs, 8192):
+        batch = [seqs[i] for i in bidx]
+        for s, lp in zip(batch, _scored_logprobs(lm, batch)):
+            nll[s.example] = -float(lp.mean())
+    return EvalResult(sum(correct) / len(examples), sum(nll) / len(examples), len(examples), correct, answers)

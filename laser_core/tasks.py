@@ -1,0 +1,285 @@
+"""Tasks: examples of one kind (multiple choice or generation), loaders and seeded disjoint splits."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TaskSpec, stable_hash
+from .errors import TaskFormatError
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "bigbench"
+BUNDLED: dict[str, str] = {
+    "fever": "fever.json",
+    "epistemic_reasoning": "epistemic_reasoning.json",
+    "qa_wikidata": "qa_wikidata.json",
+    "truthful_qa": "truthful_qa_mc.json",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example. Multiple choice: ``choices`` + ``answer`` index. Generation: ``targets`` (accepted answers).
+
+    The continuation scored after ``prompt`` is a choice (or target) as written; a trailing space of the
+    prompt is moved into the continuation so that tokenizers see " true", not " " + "true".
+    """
+
+    prompt: str
+    choices: tuple[str, ...] = ()
+    answer: int = -1
+    targets: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "mc" if self.choices else "gen"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named list of examples of one kind."""
+
+    name: str
+    kind: str  # "mc" or "gen"
+    examples: tuple[Example, ...]
+    digest: str  # hash of the examples: part of every cache key
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint calibration / validation / held-out test parts of a task (indices into ``task.examples``)."""
+
+    task: Task
+    spec: TaskSpec
+    calib: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+
+    def examples(self, split: str) -> list[Example]:
+        """Examples of ``split`` ("calib", "val" or "test")."""
+        return [self.task.examples[i] for i in getattr(self, split)]
+
+    def key(self, split: str) -> dict:
+        """Identity of one split for cache keys."""
+        return {"task": self.task.digest, "split": split, "seed": self.spec.seed,
+                "ids": stable_hash(list(getattr(self, split)))}
+
+
+def _make_task(name: str, examples: list[Example]) -> Task:
+    if not examples:
+        raise TaskFormatError(f"task {name!r} has no examples")
+    kinds = {e.kind for e in examples}
+    if len(kinds) > 1:
+        raise TaskFormatError(f"task {name!r} mixes multiple-choice and generation examples; split it in two")
+    digest = hashlib.sha256(json.dumps([[e.prompt, e.choices, e.answer, e.targets] for e in examples]).encode()).hexdigest()[:16]
+    return Task(name, kinds.pop(), tuple(examples), digest)
+
+
+def _mc_example(prompt, choices, answer, where: str) -> Example:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TaskFormatError(f"{where}: the prompt is empty or not text")
+    if isinstance(choices, str):
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            choices = [c for c in choices.split("|")]
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+        raise TaskFormatError(f"{where}: a multiple-choice example needs a list of at least 2 choices, got {choices!r}")
+    choices = [str(c) for c in choices]
+    if isinstance(answer, str) and not answer.lstrip("-").isdigit():
+        if answer not in choices:
+            raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
+        answer = choices.index(answer)
+    try:
+        answer = int(answer)
+    except (TypeError, ValueError):
+        raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}") from None
+    if not 0 <= answer < len(choices):
+        raise TaskFormatError(f"{where}: answer index {answer} is out of range for {len(choices)} choices")
+    return _shift_space(Example(prompt, tuple(choices), answer))
+
+
+def _gen_example(prompt, targets, where: str) -> Example:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TaskFormatError(f"{where}: the prompt is empty or not text")
+    if isinstance(targets, str):
+        try:
+            parsed = json.loads(targets)
+            targets = parsed if isinstance(parsed, list) else [targets]
+        except json.JSONDecodeError:
+            targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not [t for t in targets if str(t).strip()]:
+        raise TaskFormatError(f"{where}: a generation example needs at least one non-empty target answer")
+    return _shift_space(Example(prompt, targets=tuple(str(t) for t in targets if str(t).strip())))
+
+
+def _shift_space(ex: Example) -> Example:
+    if ex.prompt.endswith(" "):
+        prompt = ex.prompt.rstrip(" ")
+        return Example(prompt, tuple(" " + c for c in ex.choices), ex.answer, tuple(" " + t for t in ex.targets))
+    if ex.prompt[-1:].isspace():
+        return ex
+    # "Answer:" + "yes" reads as "Answer: yes"; continuations that already start with a space are kept.
+    return Example(ex.prompt, tuple(c if c[:1].isspace() else " " + c for c in ex.choices), ex.answer,
+                   tuple(t if t[:1].isspace() else " " + t for t in ex.targets))
+
+
+def load_bigbench(path: str | Path, name: str | None = None) -> Task:
+    """Read a BIG-bench ``task.json`` (``target_scores`` -> multiple choice, ``target`` -> generation).
+
+    The prompt is ``task_prefix + example_input_prefix + input + example_output_prefix`` with BIG-bench's
+    defaults ("\\nQ: " and "\\nA: ") where the file sets none.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+        raise TaskFormatError(f"{path}: not a BIG-bench task: it needs an 'examples' list")
+    pre = data.get("task_prefix", "")
+    inp = data.get("example_input_prefix", "\nQ: ")
+    out = data.get("example_output_prefix", "\nA: ")
+    examples = []
+    for i, ex in enumerate(data["examples"]):
+        where = f"{path.name}: example {i}"
+        if not isinstance(ex, dict) or "input" not in ex:
+            raise TaskFormatError(f"{where}: has no 'input'")
+        prompt = f"{pre}{inp}{ex['input']}{out}"
+        if "target_scores" in ex:
+            scores = ex["target_scores"]
+            if not isinstance(scores, dict) or not scores:
+                raise TaskFormatError(f"{where}: 'target_scores' must be a non-empty mapping")
+            choices = list(scores)
+            examples.append(_mc_example(prompt, choices, max(range(len(choices)), key=lambda j: scores[choices[j]]), where))
+        elif "target" in ex:
+            examples.append(_gen_example(prompt, ex["target"], where))
+        else:
+            raise TaskFormatError(f"{where}: has neither 'target_scores' nor 'target'")
+    return _make_task(name or data.get("name", path.stem), examples)
+
+
+def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
+    examples = []
+    for n, row in rows:
+        loc = where(n)
+        if spec.prompt_col not in row:
+            raise TaskFormatError(f"{loc}: no prompt column {spec.prompt_col!r} (columns: {sorted(row)}); "
+                                  "set the column mapping")
+        if row.get(spec.choices_col) not in (None, ""):
+            if spec.answer_col not in row:
+                raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
+            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc))
+        elif row.get(spec.targets_col) not in (None, ""):
+            examples.append(_gen_example(row[spec.prompt_col], row[spec.targets_col], loc))
+        else:
+            raise TaskFormatError(f"{loc}: neither a choices column {spec.choices_col!r} nor a targets column "
+                                  f"{spec.targets_col!r} (columns: {sorted(row)}); set the column mapping")
+    return _make_task(name, examples)
+
+
+def load_jsonl(path: str | Path, spec: TaskSpec) -> Task:
+    """Read JSON Lines: one object per line with the columns named in ``spec``."""
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFormatError(f"{path.name}: line {n} is not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise TaskFormatError(f"{path.name}: line {n} is not a JSON object")
+        rows.append((n, obj))
+    if not rows:
+        raise TaskFormatError(f"{path.name}: the file is empty")
+    return _records_to_task(path.stem, rows, spec, lambda n: f"{path.name}: line {n}")
+
+
+def load_csv(path: str | Path, spec: TaskSpec) -> Task:
+    """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as index or choice text."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise TaskFormatError(f"{path.name}: the file is empty")
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            raise TaskFormatError(f"{path.name}: line {reader.line_num} has {len(row) + (len(row.get(None) or []) - 1 if None in row else 0)} "
+                                  f"fields but the header has {len(reader.fieldnames)}")
+        rows.append((reader.line_num, row))
+    if not rows:
+        raise TaskFormatError(f"{path.name}: the file has a header but no rows")
+    return _records_to_task(path.stem, rows, spec, lambda n: f"{path.name}: line {n}")
+
+
+def load_hf(ref: str, spec: TaskSpec) -> Task:
+    """Read a Hugging Face dataset: ``hf:<name>[:<split>]`` (already in the local cache, or reachable)."""
+    import datasets
+
+    parts = ref[3:].split(":")
+    name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for "not found/offline"
+        raise TaskFormatError(f"could not load Hugging Face dataset {name!r} (split {split!r}): it is not in the "
+                              f"local cache and could not be downloaded ({type(e).__name__}: {str(e)[:200]})") from e
+    return _records_to_task(name.split("/")[-1], enumerate(ds), spec, lambda n: f"{name}: row {n}")
+
+
+def load_task(spec: TaskSpec) -> Task:
+    """Load ``spec.source``: a bundled name, a BIG-bench .json, a .jsonl/.csv file, or ``hf:<dataset>``.
+
+    Raises:
+        TaskFormatError: unknown name, missing file, or malformed content (with file and line).
+    """
+    src = spec.source.strip()
+    if src in BUNDLED:
+        return load_bigbench(DATA_DIR / BUNDLED[src], name=src)
+    if src.startswith("hf:"):
+        return load_hf(src, spec)
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise TaskFormatError(f"task not found: {src!r} is not a bundled task ({', '.join(BUNDLED)}) nor an existing file")
+    if path.is_dir():
+        path = path / "task.json"
+        if not path.exists():
+            raise TaskFormatError(f"{src} is a folder without a BIG-bench task.json")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return load_bigbench(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return load_jsonl(path, spec)
+    if suffix == ".csv":
+        return load_csv(path, spec)
+    raise TaskFormatError(f"{path.name}: unknown task format {suffix!r}; use .json (BIG-bench), .jsonl or .csv")
+
+
+def make_splits(task: Task, spec: TaskSpec) -> Splits:
+    """Shuffle with ``spec.seed`` and cut disjoint parts: test first (stable across calibration sizes),
+    then calibration, then validation (``n_val`` or 20% of the task, capped by what remains).
+
+    Raises:
+        TaskFormatError: the task has fewer examples than calibration + test need.
+    """
+    n = len(task)
+    order = list(range(n))
+    random.Random(spec.seed).shuffle(order)
+    n_test = min(spec.n_test, max(0, n - spec.n_calib))
+    if spec.n_calib + 1 > n or n_test < 1:
+        raise TaskFormatError(f"task {task.name!r} has {n} examples, too few for {spec.n_calib} calibration "
+                              f"examples plus at least 1 test example; lower n_calib")
+    test = order[:n_test]
+    calib = order[n_test:n_test + spec.n_calib]
+    rest = order[n_test + spec.n_calib:]
+    n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
+    val = rest[:n_val]  # may be empty for tiny tasks: the LASER baseline then says so
+    return Splits(task, spec, tuple(calib), tuple(val), tuple(test))

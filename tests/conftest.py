@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random models built from configs (no downloads) and small tasks."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = ["Is the number {n} even? Answer: yes no", "The capital of France is Paris.", "true false claim",
+          "Q: What colour is the sky? A: blue green red", "entailment non-entailment premise hypothesis"]
+ARCHS = ("llama", "gpt2", "roberta")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [c.format(n=n) for c in CORPUS for n in range(20)]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def build_tiny(arch: str, tok, seed: int = 0):
+    """A 2-layer, hidden-32 random model of ``arch`` (llama, gpt2, roberta)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,
+                              RobertaForMaskedLM)
+
+    torch.manual_seed(seed)
+    v = len(tok)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        return LlamaForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        return GPT2LMHeadModel(cfg)
+    cfg = RobertaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=260, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return RobertaForMaskedLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny models, one folder per architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    out = {}
+    for arch in ARCHS:
+        model = build_tiny(arch, tok)
+        d = root / arch
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture
+def tiny_lm(tiny_dirs):
+    """Load a tiny model by architecture name (fresh copy per call)."""
+    from laser_core import ModelSpec, load_model
+
+    def _load(arch: str = "llama"):
+        return load_model(ModelSpec(str(tiny_dirs[arch]), device="cpu"))
+    return _load
+
+
+def write_mc_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        k = rng.randrange(20)
+        lines.append(json.dumps({"prompt": f"Is the number {k} even? Answer:", "choices": ["yes", "no"],
+                                 "answer": 0 if k % 2 == 0 else 1}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def mc_task(tmp_path) -> Path:
+    return write_mc_jsonl(tmp_path / "even.jsonl")
+
+
+@pytest.fixture
+def store(tmp_path):
+    from laser_core import Store
+
+    s = Store(tmp_path / "store")
+    yield s
+    s.close()
