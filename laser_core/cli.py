@@ -132,8 +132,8 @@ def _fmt(d: dict | None) -> str:
 def _cmd_scores(args) -> int:
     from .search import load_spectra, score_table
 
-    lm, tspec, splits, store = _setup(args)
     cfg = SearchConfig(score=args.score, tail_fraction=args.tail_fraction)
+    lm, tspec, splits, store = _setup(args)
     timings: dict = {}
     bars = _Bars()
     spectra, loss = load_spectra(lm, splits, store, cfg.ks if args.score == "first_order" else (1,),
@@ -158,12 +158,12 @@ def _cmd_search(args, method: str) -> int:
     from .recipe import recipe_from_report, save_recipe
     from .search import run_search
 
-    lm, tspec, splits, store = _setup(args)
-    if method == "c2i":
+    if method == "c2i":  # settings are checked before the (slow) model load
         cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction, early_stop=args.early_stop)
     else:
         cfg = SearchConfig("laser", ks=(1,), rhos=args.rhos, layers=args.layers, types=args.types,
                            early_stop=args.early_stop)
+    lm, tspec, splits, store = _setup(args)
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bars = _Bars()
@@ -239,6 +239,10 @@ def _cmd_apply(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. User errors print one line and return 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "scores":

@@ -11,7 +11,7 @@ from typing import Any
 from .errors import ConfigError
 
 ALGO_VERSION = 1  # bump when a cached quantity would change meaning
-PAPER_RHOS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+PAPER_RHOS = (0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005)  # LASER's grid: 10%..99.5% of rank removed
 PAPER_KS = (1, 2, 4, 8)
 
 
@@ -115,6 +115,10 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.method not in ("c2i", "laser"):
             raise ConfigError(f"method must be 'c2i' or 'laser', got {self.method!r}")
+        from .gradients import SCORES  # registry lives beside the score functions
+
+        if self.score not in SCORES:
+            raise ConfigError(f"unknown score {self.score!r}; known scores: {', '.join(sorted(SCORES))}")
         if self.q < 1:
             raise ConfigError(f"q (matrices to try) must be >= 1, got {self.q}")
         if not self.ks:

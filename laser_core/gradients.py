@@ -91,7 +91,7 @@ def paper_score(sp: MatrixSpectrum, tail_fraction: float = 0.9, **_) -> float:
     """The paper's rule: sum of the push toward zero, max(g_i, 0), over the trailing ``tail_fraction`` of
     the spectrum (default 0.9: every component a rho=0.1 reduction would drop)."""
     g = sp.g[1][0]
-    start = min(len(g) - 1, int(math.floor((1.0 - tail_fraction) * len(g))))
+    start = min(len(g) - 1, int(math.floor((1.0 - tail_fraction) * len(g) + 1e-9)))
     return float(g[start:].clamp(min=0).sum())
 
 

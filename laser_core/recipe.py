@@ -24,7 +24,7 @@ def library_versions() -> dict[str, str]:
     import transformers
 
     from . import __version__
-    return {"laser_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"laser_core": str(__version__), "torch": str(torch.__version__), "transformers": str(transformers.__version__)}
 
 
 def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None, metrics: dict | None = None,

@@ -1,0 +1,105 @@
+"""Numbers checked against independent computations: SVD gradients, first-order predictions, block SVD."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from laser_core import ConfigError, Edit
+from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
+from laser_core.models import MatrixRef
+from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
+
+
+def test_singular_value_gradient_matches_autograd_through_svd():
+    torch.manual_seed(0)
+    w = torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss_fn = lambda m: torch.sin(m @ x).sum() + (m ** 2).sum() * 0.3  # noqa: E731
+    wg = w.clone().requires_grad_(True)
+    loss_fn(wg).backward()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    s_param = s.clone().requires_grad_(True)
+    loss_fn(u @ torch.diag(s_param) @ vh).backward()  # autograd through the factorisation
+    g = singular_value_gradients(u, wg.grad, vh)
+    torch.testing.assert_close(g, s_param.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_block_svd_with_k1_equals_plain_truncation():
+    torch.manual_seed(1)
+    w = torch.randn(40, 24)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    for rho in (0.9, 0.5, 0.1, 0.01):
+        r = max(1, int(rho * 24))
+        torch.testing.assert_close(block_truncate(block_svd(w, 1), rho), (u[:, :r] * s[:r]) @ vh[:r])
+
+
+def test_block_svd_truncates_each_contiguous_block_separately():
+    torch.manual_seed(2)
+    w = torch.randn(10, 8)
+    out = block_truncate(block_svd(w, 3), 0.5)
+    assert row_blocks(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    for (a, b), r in zip(row_blocks(10, 3), block_ranks((10, 8), 3, 0.5)):
+        u, s, vh = torch.linalg.svd(w[a:b], full_matrices=False)
+        torch.testing.assert_close(out[a:b], (u[:, :r] * s[:r]) @ vh[:r])
+        assert torch.linalg.matrix_rank(out[a:b]) == r
+
+
+def test_block_rank_rule_is_floor_of_rho_times_min_side_at_least_one():
+    assert block_rank(100, 50, 0.1) == 5
+    assert block_rank(100, 50, 0.005) == 1
+    assert block_rank(3, 50, 0.5) == 1
+    assert block_rank(64, 64, 1.0) == 64
+    assert block_ranks((576, 576), 8, 0.1) == [7] * 8
+
+
+@pytest.mark.parametrize("rho", [0.0, -0.1, 1.5, float("nan")])
+def test_rho_outside_unit_interval_is_rejected_with_its_value(rho):
+    with pytest.raises(ConfigError, match="rho must be in \\(0, 1\\]"):
+        Edit("x", 1, rho)
+
+
+def test_k_larger_than_rows_is_rejected():
+    with pytest.raises(ConfigError, match="K=20 is larger than the matrix's 10 rows"):
+        block_svd(torch.randn(10, 4), 20)
+    with pytest.raises(ConfigError, match="positive integer"):
+        Edit("x", 0, 0.5)
+
+
+def test_paper_score_sums_only_positive_gradients_of_the_tail():
+    ref = MatrixRef(0, "q", "w", (10, 10))
+    g = torch.tensor([100.0, -5, 1, -1, 2, 3, -4, 0.5, 0.5, 1])
+    sp = MatrixSpectrum(ref, {1: [torch.ones(10)]}, {1: [g]})
+    assert paper_score(sp, tail_fraction=0.9) == pytest.approx(1 + 2 + 3 + 0.5 + 0.5 + 1)
+    assert paper_score(sp, tail_fraction=0.3) == pytest.approx(0.5 + 0.5 + 1)
+
+
+def test_first_order_prediction_matches_measured_loss_change(tiny_lm, mc_task):
+    """Shrink the trailing components by a tiny step and compare the loss change with -eps * sum sigma g."""
+    from laser_core import TaskSpec, load_task, make_splits
+    from laser_core.evaluate import evaluate
+    from laser_core.gradients import calibration_gradients
+
+    lm = tiny_lm("llama")
+    ts = TaskSpec(str(mc_task), n_calib=30, n_test=10)
+    ex = make_splits(load_task(ts), ts).examples("calib")
+    name = "model.layers.1.mlp.up_proj.weight"
+    grads, _ = calibration_gradients(lm, ex)
+    ref = lm.ref(name)
+    w0 = dict(lm.model.named_parameters())[name].detach().clone()
+    S, g = spectrum(w0, grads[name], [1, 2])
+    sp = MatrixSpectrum(ref, S, g)
+    for k, rho in [(1, 0.25), (2, 0.5)]:
+        predicted = first_order_gain(sp, k, rho)  # predicted decrease of L when the tail is removed
+        tail = w0 - block_truncate(block_svd(w0, k), rho)
+        eps = 1e-2
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                dict(lm.model.named_parameters())[name].copy_(w0 - sign * eps * tail)
+            losses.append(evaluate(lm, ex).log_loss)
+        with torch.no_grad():
+            dict(lm.model.named_parameters())[name].copy_(w0)
+        measured_decrease = -(losses[0] - losses[1]) / (2 * eps)
+        assert abs(predicted) > 1e-6
+        assert measured_decrease == pytest.approx(predicted, rel=0.05, abs=1e-5)
+

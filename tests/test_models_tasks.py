@@ -1,0 +1,137 @@
+"""Loading and locating matrices; task formats, scoring rules and splits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from laser_core import ModelLoadError, ModelSpec, TaskFormatError, TaskSpec, load_model, load_task, make_splits
+from laser_core.evaluate import evaluate
+from laser_core.models import from_module, locate_matrices
+from laser_core.tasks import Example
+
+
+def test_locate_matrices_gpt2_undoes_conv1d_transposition(tiny_lm):
+    lm = tiny_lm("gpt2")
+    refs = {(r.layer, r.type): r for r in lm.matrices}
+    assert set(t for _, t in refs) == {"qkv", "o", "up", "down"}
+    assert refs[(0, "up")].shape == (128, 32) and refs[(0, "up")].transposed  # Conv1D weight is (32, 128)
+    assert dict(lm.model.named_parameters())[refs[(0, "up")].name].shape == (32, 128)
+
+
+@pytest.mark.parametrize("arch,count,types", [("llama", 14, {"q", "k", "v", "o", "gate", "up", "down"}),
+                                              ("roberta", 12, {"q", "k", "v", "o", "up", "down"})])
+def test_locate_matrices_uses_the_architecture_table(tiny_lm, arch, count, types):
+    lm = tiny_lm(arch)
+    assert len(lm.matrices) == count
+    assert {r.type for r in lm.matrices} == types
+    assert [r.layer for r in lm.matrices] == sorted(r.layer for r in lm.matrices)
+
+
+def test_unknown_architecture_falls_back_to_generic_discovery():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+    refs = locate_matrices(Toy())
+    assert [(r.layer, r.type) for r in refs] == [(0, "mix"), (1, "mix")]
+
+
+def test_missing_path_and_non_model_folder_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="model not found"):
+        load_model(ModelSpec(str(tmp_path / "nope"), "cpu"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(ModelSpec(str(tmp_path), "cpu"))
+
+
+def test_uncached_hub_id_offline_names_the_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
+
+
+def test_bundled_tasks_load_with_bigbench_prompt_format():
+    fever = load_task(TaskSpec("fever"))
+    assert fever.kind == "mc" and len(fever) == 6612
+    ex = fever.examples[0]
+    assert ex.prompt.endswith("\nA:") and ex.choices == (" true", " false")
+    assert load_task(TaskSpec("qa_wikidata")).kind == "gen"
+    assert load_task(TaskSpec("truthful_qa")).examples[0].prompt.startswith("Q: What is human life expectancy")
+    assert len(load_task(TaskSpec("epistemic_reasoning"))) == 2000
+
+
+def test_splits_are_disjoint_seeded_and_test_is_stable_across_calibration_sizes():
+    task = load_task(TaskSpec("fever"))
+    a = make_splits(task, TaskSpec("fever", n_calib=100, n_test=50, seed=3))
+    b = make_splits(task, TaskSpec("fever", n_calib=40, n_test=50, seed=3))
+    c = make_splits(task, TaskSpec("fever", n_calib=100, n_test=50, seed=4))
+    assert not set(a.calib) & set(a.test) and not set(a.val) & (set(a.calib) | set(a.test))
+    assert len(a.val) == round(0.2 * 6612)
+    assert a.test == b.test and a.test != c.test
+
+
+def test_more_calibration_than_examples_is_refused(mc_task):
+    with pytest.raises(TaskFormatError, match="60 examples, too few for 100 calibration"):
+        make_splits(load_task(TaskSpec(str(mc_task))), TaskSpec(str(mc_task), n_calib=100))
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"),
+    ('{"prompt": "a", "choices": ["x", "y"], "answer": 0}\n{bad json\n', "line 2 is not valid JSON"),
+    ('{"question": "a", "choices": ["x", "y"], "answer": 0}\n', "no prompt column 'prompt'"),
+    ('{"prompt": "a", "choices": ["x", "y"], "answer": 5}\n', "answer index 5 is out of range"),
+    ('{"prompt": "a", "choices": ["x"], "answer": 0}\n', "at least 2 choices"),
+])
+def test_malformed_jsonl_names_the_problem_and_line(tmp_path, content, match):
+    p = tmp_path / "t.jsonl"
+    p.write_text(content)
+    with pytest.raises(TaskFormatError, match=match):
+        load_task(TaskSpec(str(p)))
+
+
+def test_csv_with_column_mapping_and_choice_text_answer(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text('q,opts,gold\n"Is 2 even? Answer:","yes|no",yes\n"Is 3 even? Answer:","[""yes"", ""no""]",1\n')
+    task = load_task(TaskSpec(str(p), prompt_col="q", choices_col="opts", answer_col="gold"))
+    assert [(e.choices, e.answer) for e in task.examples] == [((" yes", " no"), 0), ((" yes", " no"), 1)]
+
+
+def test_multiple_choice_fast_path_equals_summed_logprob_of_full_forward(tiny_lm):
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    ex = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
+          Example("The capital of France is", (" Paris", " blue"), 0)]
+    assert all(len(tok(c, add_special_tokens=False).input_ids) == 1 for e in ex for c in e.choices)
+    multi = [Example(e.prompt, e.choices + (" true false",), e.answer) for e in ex]  # forces the general path
+    fast, slow = evaluate(lm, ex), evaluate(lm, multi)
+    gold_nll = []
+    with torch.no_grad():
+        for e, pred in zip(ex, fast.predictions):
+            p = tok(e.prompt).input_ids
+            scores = []
+            for c in e.choices:
+                ids = torch.tensor([p + tok(c, add_special_tokens=False).input_ids])
+                logp = torch.log_softmax(lm.model(ids).logits[0, -2], -1)
+                scores.append(float(logp[ids[0, -1]]))
+            assert pred == max(range(2), key=lambda j: scores[j])
+            gold_nll.append(-scores[e.answer])
+    assert fast.log_loss == pytest.approx(sum(gold_nll) / len(gold_nll), abs=1e-4)
+    assert abs(fast.log_loss - slow.log_loss) < 1e-4  # gold is a one-token choice in both
+
+
+def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
+    lm = tiny_lm("llama")
+    ex = [Example("The capital of France is Paris. The capital of France is", targets=(" Paris",))]
+    res = evaluate(lm, ex, max_new_tokens=3)
+    generated = res.predictions[0]
+    assert res.correct[0] == ("paris" in generated.lower())  # the prompt's "Paris" does not count
+    assert res.log_loss > 0

@@ -1,0 +1,195 @@
+"""Search, restore-on-exit edits, the disk cache, recipes and the CLI, on tiny models."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from laser_core import (CancelToken, ConfigError, Edit, JobBusy, SearchConfig, Store, TaskSpec, edited, load_task,
+                        make_splits, run_search)
+from laser_core.cli import main
+from laser_core.models import weight_hashes
+from laser_core.recipe import apply_recipe, load_recipe, recipe_from_report, save_recipe
+
+SMALL = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1))
+
+
+def _splits(path, n_calib=20, n_test=20):
+    ts = TaskSpec(str(path), n_calib=n_calib, n_test=n_test)
+    return ts, make_splits(load_task(ts), ts)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_whole_search_leaves_every_weight_bit_identical(tiny_lm, mc_task, store, arch):
+    lm = tiny_lm(arch)
+    before = weight_hashes(lm.model)
+    _, splits = _splits(mc_task)
+    report = run_search(lm, splits, SMALL, store)
+    assert len(report.candidates) == 2 * 2 * 2
+    assert report.best_test is not None and report.base_test["n"] == 20
+    assert weight_hashes(lm.model) == before
+    assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
+
+
+def test_edit_is_restored_on_error_and_really_applied_inside(tiny_lm):
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    name = lm.matrices[0].name
+    with pytest.raises(RuntimeError, match="boom"):
+        with edited(lm, [Edit(name, 1, 0.1)]):
+            w = dict(lm.model.named_parameters())[name]
+            assert torch.linalg.matrix_rank(w) == 3  # floor(0.1 * 32)
+            raise RuntimeError("boom")
+    assert weight_hashes(lm.model) == before
+
+
+def test_second_edit_on_a_busy_model_is_refused_without_blocking(tiny_lm):
+    lm = tiny_lm("llama")
+    import threading
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with edited(lm, [Edit(lm.matrices[0].name, 1, 0.5)]):
+            inside.set()
+            release.wait(5)
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait(5)
+    with pytest.raises(JobBusy, match="another job is editing"):
+        with edited(lm, [Edit(lm.matrices[1].name, 1, 0.5)], blocking=False):
+            pass
+    release.set()
+    t.join()
+
+
+def test_second_identical_run_reads_everything_from_cache(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    first = run_search(lm, splits, SMALL, store)
+    second = run_search(lm, splits, SMALL, store)
+    assert first.cache.get("eval", 0) == 9 and first.cache.get("svd", 0) == 4  # 8 candidates + best on test
+    assert second.cache.get("eval", 0) == 0 and second.cache.get("svd", 0) == 0 and second.cache.get("compute", 0) == 0
+    assert second.timings["gradients"] == 0.0
+    assert all(c["cached"] for c in second.candidates)
+    assert [c["accuracy"] for c in first.candidates] == [c["accuracy"] for c in second.candidates]
+
+
+def test_corrupt_or_foreign_cache_entries_are_recomputed_not_executed(tiny_lm, mc_task, store):
+    import pickle
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    run_search(lm, splits, SMALL, store)
+    keys = [k for k in store._cache.iterkeys()]
+    for i, k in enumerate(keys):  # truncate half, replace the other half with a pickle
+        store._cache.set(k, store._cache.get(k)[:7] if i % 2 else pickle.dumps({"evil": 1}))
+    again = run_search(lm, splits, SMALL, store)
+    assert store.counts["corrupt"] >= len(keys) - 1
+    assert again.cache["eval"] == 9
+
+
+def test_unwritable_cache_dir_runs_without_caching(tiny_lm, mc_task, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    s = Store(blocker / "store")  # parent is a file: cannot be created
+    assert not s.enabled and "not usable" in s.disabled_reason
+    _, splits = _splits(mc_task)
+    assert run_search(tiny_lm("llama"), splits, SMALL, s).best is not None
+
+
+def test_cancel_keeps_done_candidates_and_restores_weights(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    _, splits = _splits(mc_task)
+    token = CancelToken()
+    seen = []
+
+    def progress(ev):
+        if ev.get("phase") == "search":
+            seen.append(ev)
+            if len(seen) == 3:
+                token.cancel()
+    report = run_search(lm, splits, SMALL, store, progress=progress, cancel=token)
+    assert report.status == "partial" and len(report.candidates) == 3 and report.best_test is None
+    assert weight_hashes(lm.model) == before
+    resumed = run_search(lm, splits, SMALL, store)
+    assert sum(c["cached"] for c in resumed.candidates) == 3
+
+
+def test_early_stop_finds_the_same_best_candidate(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task, n_calib=40)
+    full = run_search(lm, splits, SMALL, None)
+    fast = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), early_stop=True), None)
+    assert (fast.best["name"], fast.best["k"], fast.best["rho"]) == (full.best["name"], full.best["k"], full.best["rho"])
+    assert fast.best["accuracy"] == full.best["accuracy"]
+
+
+def test_laser_sweep_covers_layers_times_types_times_rhos_on_validation(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task, n_calib=20, n_test=20)
+    report = run_search(lm, splits, SearchConfig("laser", rhos=(0.5, 0.1), layers=(1,), types=("up", "down")), store)
+    assert report.search_split == "val" and report.base["n"] == len(splits.val) == 12
+    assert {(c["layer"], c["type"], c["k"], c["rho"]) for c in report.candidates} == \
+        {(1, t, 1, r) for t in ("up", "down") for r in (0.5, 0.1)}
+    with pytest.raises(ConfigError, match="no matrices match"):
+        run_search(lm, splits, SearchConfig("laser", layers=(7,)), store)
+
+
+def test_q_larger_than_matrix_count_is_refused(tiny_lm, mc_task, store):
+    _, splits = _splits(mc_task)
+    with pytest.raises(ConfigError, match="q=99 is larger than the model's 14 matrices"):
+        run_search(tiny_lm("llama"), splits, SearchConfig(q=99), store)
+
+
+def test_recipe_apply_writes_a_loadable_model_that_reproduces_the_edited_accuracy(tiny_lm, tiny_dirs, mc_task,
+                                                                                   store, tmp_path):
+    lm = tiny_lm("llama")
+    ts, splits = _splits(mc_task)
+    report = run_search(lm, splits, SMALL, store)
+    path = save_recipe(recipe_from_report(lm, report, ts), tmp_path / "r.yaml")
+    recipe = load_recipe(path)
+    assert recipe["edits"][0]["name"] == report.best["name"] and recipe["model"]["fingerprint"] == lm.fingerprint
+    res = apply_recipe(recipe, tmp_path / "out")
+    assert res["check"]["matches"] and res["check"]["accuracy"] == report.best_test["accuracy"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    w = dict(saved.named_parameters())[report.best["name"]]
+    assert torch.linalg.matrix_rank(w) <= sum(report.best["ranks"])
+    assert (tmp_path / "out" / "laser_recipe.json").exists()
+    with pytest.raises(ConfigError, match="already exists"):
+        apply_recipe(recipe, tmp_path / "out")
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_recipe_for_other_weights_is_refused(tiny_lm, mc_task, tmp_path):
+    lm = tiny_lm("llama")
+    recipe = {"laser_lab_recipe": 1, "model": {"source": "x", "fingerprint": "0" * 16},
+              "edits": [{"name": lm.matrices[0].name, "k": 1, "rho": 0.5}]}
+    from laser_core.recipe import check_recipe_fits
+    with pytest.raises(ConfigError, match="fingerprint"):
+        check_recipe_fits(lm, recipe)
+    recipe["edits"][0]["name"] = "model.layers.9.mlp.nope.weight"
+    with pytest.raises(ConfigError, match="no block matrix named"):
+        check_recipe_fits(lm, recipe, force=True)
+
+
+def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, mc_task, tmp_path, capsys):
+    args = ["--model", str(tiny_dirs["gpt2"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+            "--n-test", "20", "--cache-dir", str(tmp_path / "c")]
+    assert main(["scores", *args, "--top", "3"]) == 0
+    assert "transformer.h." in capsys.readouterr().out
+    recipe = tmp_path / "r.json"
+    assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "best   held-out" in out and "chosen edit: transformer.h." in out and "candidates from cache 0/1" in out
+    assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
+    assert "candidates from cache 1/1" in capsys.readouterr().out
+    assert main(["apply", "--recipe", str(recipe), "--out", str(tmp_path / "m")]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["search", *args, "--rhos", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: rho must be in (0, 1], got 1.5"]
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task)]) == 2
+    assert "model not found" in capsys.readouterr().err
