@@ -1,0 +1,291 @@
+"""Every Streamlit helper of the dashboard: cached loaders, the background job manager, render functions.
+
+Pages in ``pages/`` only lay out and display; ``laser_core`` never imports streamlit. Worker threads never
+call Streamlit: they write progress into a ``Job`` that pages poll from an ``st.fragment(run_every=...)``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
+                        load_model, load_task, make_splits)
+from laser_core.config import PAPER_KS, PAPER_RHOS, to_dict
+from laser_core.models import TYPE_ORDER, cache_root
+
+DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
+DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
+BUNDLED = ["fever", "epistemic_reasoning", "qa_wikidata", "truthful_qa"]
+
+
+# ------------------------------------------------------------------ jobs
+
+@dataclass
+class Job:
+    """One background computation; written by its worker thread, read by pages."""
+
+    id: str
+    kind: str
+    label: str
+    device: str
+    status: str = "running"  # running | done | cancelled | error
+    phase: str = ""
+    done: int = 0
+    total: int = 1
+    message: str = ""
+    rows: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    result: Any = None
+    error: str | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+    def on_progress(self, ev: dict) -> None:
+        self.phase = ev.get("phase", self.phase)
+        self.done, self.total = ev.get("done", self.done), max(1, ev.get("total", self.total))
+        self.message = ev.get("message", "")
+        if ev.get("row"):
+            self.rows.append(ev["row"])
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+
+class JobManager:
+    """At most one running job per device: a second request is refused with a message, never run alongside."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.jobs: dict[str, Job] = {}
+
+    def running(self, device: str) -> Job | None:
+        with self._lock:
+            return next((j for j in self.jobs.values() if j.device == device and j.status == "running"), None)
+
+    def submit(self, kind: str, label: str, device: str, fn: Callable[[Job], Any]) -> Job:
+        """Start ``fn(job)`` in a thread. Raises ``JobBusy`` when a job already runs on ``device``."""
+        from laser_core import JobBusy
+
+        with self._lock:
+            busy = next((j for j in self.jobs.values() if j.device == device and j.status == "running"), None)
+            if busy:
+                raise JobBusy(f"'{busy.label}' is still running on {device}; wait for it or cancel it first")
+            job = Job(uuid.uuid4().hex[:8], kind, label, device)
+            self.jobs[job.id] = job
+
+        def work() -> None:
+            try:
+                job.result = fn(job)
+                partial = getattr(job.result, "status", "complete") == "partial"
+                job.status = "cancelled" if partial or job.cancel.cancelled else "done"
+            except Cancelled:
+                job.status = "cancelled"
+            except LaserError as e:
+                job.status, job.error = "error", str(e)
+            except Exception as e:  # noqa: BLE001 - a real bug: keep the traceback for the page
+                job.status, job.error = "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            finally:
+                job.finished = time.time()
+
+        threading.Thread(target=work, name=f"laser-job-{job.id}", daemon=True).start()
+        return job
+
+    def latest(self, kind: str) -> Job | None:
+        with self._lock:
+            jobs = [j for j in self.jobs.values() if j.kind == kind]
+        return max(jobs, key=lambda j: j.started) if jobs else None
+
+
+@st.cache_resource
+def job_manager() -> JobManager:
+    return JobManager()
+
+
+@st.cache_resource
+def store() -> Store:
+    return Store()
+
+
+@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
+def _cached_model(source: str, device: str, dtype: str):
+    return load_model(ModelSpec(source, device, dtype))
+
+
+@st.cache_resource(show_spinner="Loading task...")
+def _cached_splits(spec_json: str):
+    import json
+    spec = TaskSpec(**json.loads(spec_json))
+    return make_splits(load_task(spec), spec)
+
+
+# ------------------------------------------------------------------ session state
+
+def model_spec() -> ModelSpec:
+    return st.session_state.get("model_spec") or ModelSpec(DEFAULT_MODEL, "auto", "float32")
+
+
+def task_spec() -> TaskSpec:
+    return st.session_state.get("task_spec") or TaskSpec(DEFAULT_TASK)
+
+
+def current_model():
+    """The loaded model of the session's spec (loaded once per spec, device and dtype), or st.error + stop."""
+    spec = model_spec()
+    try:
+        return _cached_model(spec.source, spec.device, spec.dtype)
+    except LaserError as e:
+        st.error(f"Cannot load the model: {e}")
+        st.stop()
+
+
+def current_splits():
+    """The session task's splits, or st.error + stop."""
+    import json
+    try:
+        return _cached_splits(json.dumps(to_dict(task_spec()), sort_keys=True))
+    except LaserError as e:
+        st.error(f"Cannot load the task: {e}")
+        st.stop()
+
+
+def device_key(lm) -> str:
+    return str(lm.device)
+
+
+def start_job(kind: str, label: str, lm, fn: Callable[[Job], Any]) -> Job | None:
+    """Submit a job on ``lm``'s device; shows a message instead when the device is busy."""
+    from laser_core import JobBusy
+    try:
+        job = job_manager().submit(kind, label, device_key(lm), fn)
+    except JobBusy as e:
+        st.warning(str(e))
+        return None
+    st.session_state[f"job_{kind}"] = job.id
+    return job
+
+
+def session_job(kind: str) -> Job | None:
+    jid = st.session_state.get(f"job_{kind}")
+    return job_manager().jobs.get(jid) if jid else None
+
+
+def user_error(msg: str) -> None:
+    st.error(msg)
+    st.stop()
+
+
+# ------------------------------------------------------------------ rendering
+
+def render_sidebar_status() -> None:
+    spec, tspec = model_spec(), task_spec()
+    st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
+                       f"(calib {tspec.n_calib}, test {tspec.n_test}, seed {tspec.seed})")
+    jm = job_manager()
+    running = [j for j in jm.jobs.values() if j.status == "running"]
+    if running:
+        st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
+
+
+def render_job(job: Job | None, on_done: Callable[[Job], None] | None = None) -> None:
+    """Progress bar, elapsed time, rows so far and a Cancel button for ``job``."""
+    if job is None:
+        return
+    frac = min(1.0, job.done / max(1, job.total))
+    if job.status == "running":
+        st.progress(frac, text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s · {job.message}")
+        if st.button("Cancel", key=f"cancel-{job.id}"):
+            job.cancel.cancel()
+            st.info("Cancelling: stops after the current step; finished candidates are kept.")
+    elif job.status == "done":
+        st.success(f"{job.label}: finished in {job.elapsed:.1f} s")
+    elif job.status == "cancelled":
+        st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {len(job.rows)} finished candidates kept")
+    elif job.status == "error":
+        st.error(f"{job.label} failed: {job.error}")
+    if job.rows:
+        st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
+    if on_done and job.status != "running":
+        on_done(job)
+
+
+def candidates_frame(rows: list[dict]) -> pd.DataFrame:
+    cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
+            "predicted_gain", "cached", "name"]
+    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+    if not df.empty:
+        df["ranks"] = df["ranks"].astype(str)
+    return df
+
+
+def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
+    """Layers x matrix types coloured by score: diverging, centred at 0, values on hover."""
+    types = sorted({r["type"] for r in table}, key=lambda t: (TYPE_ORDER + [t]).index(t))
+    layers = sorted({r["layer"] for r in table})
+    z = [[None] * len(types) for _ in layers]
+    names = [[""] * len(types) for _ in layers]
+    for r in table:
+        z[layers.index(r["layer"])][types.index(r["type"])] = r["score"]
+        names[layers.index(r["layer"])][types.index(r["type"])] = r["name"]
+    fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdBu_r", zmid=0, customdata=names,
+                               hovertemplate="layer %{y} · %{x}<br>score %{z:.4g}<br>%{customdata}<extra></extra>",
+                               colorbar={"title": "score"}))
+    if selected:
+        for r in table:
+            if r["name"] == selected:
+                fig.add_trace(go.Scatter(x=[r["type"]], y=[r["layer"]], mode="markers", hoverinfo="skip",
+                                         marker={"symbol": "square-open", "size": 18, "color": "black", "line": {"width": 3}},
+                                         showlegend=False))
+    fig.update_layout(height=max(350, 18 * len(layers)), yaxis_title="layer", xaxis_title="matrix type",
+                      margin={"t": 30, "b": 40}, yaxis={"autorange": "reversed", "dtick": 1 if len(layers) <= 40 else 2})
+    return fig
+
+
+def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
+    """g_i against i (sigma_i on a second axis), the trailing part shaded."""
+    n = len(g)
+    start = int((1 - tail_fraction) * n + 1e-9)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=list(range(n)), y=[float(x) for x in g], name="g_i = dL/dσ_i",
+                         marker_color=["#c0392b" if float(x) > 0 else "#2e86c1" for x in g]))
+    fig.add_trace(go.Scatter(x=list(range(n)), y=[float(x) for x in S], name="σ_i", yaxis="y2",
+                             line={"color": "gray"}))
+    fig.add_vrect(x0=start - 0.5, x1=n - 0.5, fillcolor="orange", opacity=0.12, line_width=0,
+                  annotation_text="trailing part (scored)", annotation_position="top left")
+    fig.update_layout(title=name, xaxis_title="singular value index i", yaxis_title="g_i (>0: pushed toward 0)",
+                      yaxis2={"overlaying": "y", "side": "right", "title": "σ_i", "showgrid": False},
+                      height=380, margin={"t": 50}, legend={"orientation": "h"})
+    return fig
+
+
+def grid_inputs(prefix: str = "") -> dict:
+    """Sliders and grids shared by the Explore page."""
+    return {"ks": st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], default=list(PAPER_KS), key=prefix + "ks"),
+            "rhos": st.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True),
+                                   default=list(PAPER_RHOS), key=prefix + "rhos")}
+
+
+def cached_results(lm, splits) -> list[dict]:
+    """Every evaluated candidate for this model and task in the cache, earlier sessions included."""
+    prefix = f"result/{lm.fingerprint}/{splits.task.digest}/"
+    return [doc for _, doc in store().iter_json(prefix)]
+
+
+def report_key(lm, splits, cfg: SearchConfig) -> str:
+    split = "calib" if cfg.method == "c2i" else "val"
+    return store().key("report", lm.fingerprint, splits.task.digest,
+                       {"cfg": to_dict(cfg), "split": splits.key(split), "status": "complete"})
+
+
+def cache_dir() -> Path:
+    return cache_root()

@@ -1,0 +1,121 @@
+"""Model & task: pick a model and a task, see the model's facts and its baseline accuracy."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+import laser_ui as ui
+from laser_core import ConfigError, ModelSpec, TaskSpec
+from laser_core.search import evaluate_candidate
+
+st.set_page_config(page_title="LASER Lab", layout="wide")
+st.title("LASER Lab · Model & task")
+st.caption("Gradient-guided low-rank reduction (Compress to Impress) and the LASER baseline.")
+
+with st.form("setup"):
+    c1, c2 = st.columns(2)
+    with c1:
+        st.subheader("Model")
+        kind = st.radio("Source", ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"],
+                        horizontal=True, key="model_kind")
+        path = st.text_input("Folder, .gguf file or hub id (not needed for demo)",
+                             value="" if ui.DEFAULT_MODEL == "demo" else ui.DEFAULT_MODEL, key="model_path")
+        device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
+        dtype = st.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype",
+                             help="On CPU keep float32: bf16 matmul is ~100x slower there.")
+    with c2:
+        st.subheader("Task")
+        tkind = st.radio("Task source", ["bundled", "BIG-bench task.json", "upload JSONL/CSV", "HF dataset"],
+                         horizontal=True, key="task_kind")
+        bundled = st.selectbox("Bundled task", ui.BUNDLED, key="bundled")
+        tpath = st.text_input("task.json path, or HF dataset name[:split]", key="task_path")
+        upload = st.file_uploader("JSONL / CSV file", type=["jsonl", "csv"], key="upload")
+        m1, m2, m3, m4 = st.columns(4)
+        cols = {"prompt_col": m1.text_input("prompt column", "prompt"),
+                "choices_col": m2.text_input("choices column", "choices"),
+                "answer_col": m3.text_input("answer column", "answer"),
+                "targets_col": m4.text_input("targets column", "targets")}
+        s1, s2, s3 = st.columns(3)
+        n_calib = s1.number_input("calibration", 1, 5000, 100, key="n_calib")
+        n_test = s2.number_input("held-out test", 1, 20000, 300, key="n_test")
+        seed = s3.number_input("seed", 0, 10**6, 0, key="seed")
+    submitted = st.form_submit_button("Load model and task", type="primary")
+
+if submitted:
+    source = "demo" if kind.startswith("demo") else path.strip()
+    if not source:
+        ui.user_error("Give a folder, a .gguf file or a hub id for this model source.")
+    if tkind == "bundled":
+        tsource = bundled
+    elif tkind == "upload JSONL/CSV":
+        if upload is None:
+            ui.user_error("Choose a JSONL or CSV file to upload first.")
+        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / upload.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(upload.getvalue())
+        tsource = str(dest)
+    elif tkind == "HF dataset":
+        tsource = "hf:" + tpath.strip() if tpath.strip() else ""
+    else:
+        tsource = tpath.strip()
+    if not tsource:
+        ui.user_error("Give a task: a task.json path or a dataset name.")
+    try:
+        st.session_state["model_spec"] = ModelSpec(source, device, dtype)
+        st.session_state["task_spec"] = TaskSpec(tsource, int(n_calib), int(n_test), None, int(seed), **cols)
+    except ConfigError as e:
+        ui.user_error(str(e))
+
+ui.render_sidebar_status()
+lm = ui.current_model()
+splits = ui.current_splits()
+
+facts = lm.facts()
+st.subheader("Model facts")
+f = st.columns(6)
+f[0].metric("Architecture", facts["architecture"])
+f[1].metric("Layers", facts["layers"])
+f[2].metric("Matrices", facts["matrices"])
+n_params = facts["parameters"]
+f[3].metric("Parameters", f"{n_params / 1e6:.1f} M" if n_params >= 1e5 else f"{n_params:,}")
+f[4].metric("Device", facts["device"])
+f[5].metric("dtype", facts["dtype"])
+st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
+           f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
+           f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+
+st.subheader("Baseline")
+store = ui.store()
+cached = {s: store.get_json(store.key("result", lm.fingerprint, splits.task.digest,
+                                      {"split": splits.key(s), "edit": None,
+                                       "max_new_tokens": splits.spec.max_new_tokens})) for s in ("calib", "test")}
+job = ui.session_job("baseline")
+if not all(cached.values()) and job is not None and job.status == "done":
+    cached = job.result  # cache switched off or unwritable: show the job's own result
+if all(cached.values()):
+    b = st.columns(2)
+    b[0].metric("Calibration accuracy", f"{cached['calib']['accuracy']:.3f}", help=f"log-loss {cached['calib']['log_loss']:.4f}")
+    b[1].metric("Held-out test accuracy", f"{cached['test']['accuracy']:.3f}", help=f"log-loss {cached['test']['log_loss']:.4f}")
+else:
+    if st.button("Compute baseline accuracy"):
+        def work(job):
+            out = {}
+            for i, s in enumerate(("calib", "test")):
+                job.on_progress({"phase": "baseline", "done": i, "total": 2, "message": s})
+                out[s] = evaluate_candidate(lm, None, splits, s, ui.store(), job.cancel)
+            return out
+        ui.start_job("baseline", "baseline", lm, work)
+
+    @st.fragment(run_every=1.0)
+    def baseline_progress():
+        job = ui.session_job("baseline")
+        ui.render_job(job)
+        if job is not None and job.status == "done":
+            st.rerun()  # the page above then shows the result
+    baseline_progress()
+
+st.info("Next: **Layer scores** in the sidebar computes the singular-value gradients of every matrix.")
+if store.disabled_reason:
+    st.warning(store.disabled_reason)

@@ -1,0 +1,70 @@
+"""Layer scores: which matrices the calibration gradient says to reduce."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+import laser_ui as ui
+from laser_core import SearchConfig
+from laser_core.search import load_spectra, score_table
+
+st.set_page_config(page_title="LASER Lab · Layer scores", layout="wide")
+st.title("Layer scores")
+st.caption("g_i = ∂L/∂σ_i for every singular value (L: calibration log-loss). **g_i > 0 means gradient descent "
+           "shrinks σ_i** — the paper's \"negative gradient\". The *paper* score sums that push over the trailing "
+           "part of each spectrum; *first_order* is the predicted loss decrease of the best (K, ρ) reduction.")
+ui.render_sidebar_status()
+lm, splits = ui.current_model(), ui.current_splits()
+
+c1, c2, c3 = st.columns(3)
+score = c1.selectbox("Score", ["paper", "first_order"], key="score")
+tail = c2.slider("Trailing fraction (paper score)", 0.05, 1.0, 0.9, 0.05, key="tail")
+q = c3.slider("q (top matrices to try)", 1, min(30, len(lm.matrices)), 5, key="q")
+ks = (1, 2, 4, 8) if score == "first_order" else (1,)
+cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
+
+store = ui.store()
+spectra_key = store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": list(ks)})
+if store.get_tensors(spectra_key) is None and not (ui.session_job("scores") and ui.session_job("scores").status == "done"):
+    st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
+            f"all {len(lm.matrices)} matrices.")
+    if st.button("Compute scores", type="primary"):
+        ui.start_job("scores", f"scores ({score})", lm,
+                     lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress))
+
+    @st.fragment(run_every=1.0)
+    def progress():
+        job = ui.session_job("scores")
+        ui.render_job(job)
+        if job is not None and job.status == "done":
+            st.rerun()
+    progress()
+    st.stop()
+
+job = ui.session_job("scores")
+spectra, loss = (job.result if job and job.status == "done" and job.result and set(ks) <= set(next(iter(job.result[0].values())).S)
+                 else load_spectra(lm, splits, store, ks))
+table = score_table(lm, spectra, score, cfg)
+ranked = sorted([r for r in table if r["rank"] is not None], key=lambda r: r["rank"])
+names = [r["name"] for r in ranked]
+skipped = [r["name"] for r in table if not r["finite"]]
+if skipped:
+    st.warning(f"Skipped (NaN/inf gradient): {', '.join(skipped)}")
+
+st.session_state.setdefault("selected_matrix", names[0])
+left, right = st.columns([3, 2])
+with right:
+    st.subheader(f"Top {q}")
+    top = pd.DataFrame([{"rank": r["rank"] + 1, "layer": r["layer"], "type": r["type"], "score": r["score"],
+                         "name": r["name"]} for r in ranked[:q]])
+    sel = st.dataframe(top, hide_index=True, on_select="rerun", selection_mode="single-row", key="top_table")
+    if sel.selection.rows:
+        st.session_state["selected_matrix"] = top.iloc[sel.selection.rows[0]]["name"]
+    chosen = st.selectbox("Matrix", names, index=names.index(st.session_state["selected_matrix"]), key="matrix_pick")
+    st.session_state["selected_matrix"] = chosen
+    st.metric("Calibration log-loss", f"{loss:.4f}")
+with left:
+    st.plotly_chart(ui.score_heatmap(table, st.session_state["selected_matrix"]), key="heatmap")
+sp = spectra[st.session_state["selected_matrix"]]
+st.plotly_chart(ui.gradient_profile(sp.S[1][0], sp.g[1][0], tail, st.session_state["selected_matrix"]), key="profile")
+st.session_state["top_q"] = names[:q]

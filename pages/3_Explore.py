@@ -1,0 +1,79 @@
+"""Explore: run a C2I search or a LASER sweep in the background and watch candidates arrive."""
+from __future__ import annotations
+
+import streamlit as st
+
+import laser_ui as ui
+from laser_core import ConfigError, SearchConfig, run_search
+
+st.set_page_config(page_title="LASER Lab · Explore", layout="wide")
+st.title("Explore")
+ui.render_sidebar_status()
+lm, splits = ui.current_model(), ui.current_splits()
+layers = sorted({r.layer for r in lm.matrices})
+types = sorted({r.type for r in lm.matrices})
+
+method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute force)"], horizontal=True, key="method")
+c1, c2 = st.columns(2)
+with c1:
+    grid = ui.grid_inputs()
+    early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
+with c2:
+    if method.startswith("C2I"):
+        q = st.slider("q (top-scored matrices)", 1, min(30, len(lm.matrices)), 5, key="explore_q")
+        score = st.selectbox("Score", ["paper", "first_order"], key="explore_score")
+    else:
+        lo, hi = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]), key="layer_range")
+        sel_types = st.multiselect("Matrix types", types, default=types, key="types")
+try:
+    if method.startswith("C2I"):
+        cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),
+                           early_stop=early)
+        n = q * len(grid["ks"]) * len(grid["rhos"])
+    else:
+        cfg = SearchConfig("laser", ks=(1,), rhos=tuple(sorted(grid["rhos"], reverse=True)),
+                           layers=tuple(x for x in layers if lo <= x <= hi), types=tuple(sel_types), early_stop=early)
+        n = len([r for r in lm.matrices if lo <= r.layer <= hi and r.type in sel_types]) * len(grid["rhos"])
+except ConfigError as e:
+    ui.user_error(str(e))
+if method.startswith("LASER") and not sel_types:
+    ui.user_error("Choose at least one matrix type.")
+st.caption(f"{n} candidates, each evaluated on the {'calibration' if cfg.method == 'c2i' else 'validation'} split "
+           f"({len(splits.calib) if cfg.method == 'c2i' else len(splits.val)} examples).")
+
+cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
+if cached:
+    st.success("This configuration is already in the cache — shown without running anything.")
+    st.session_state["last_report"] = cached
+if st.button("Run", type="primary", disabled=bool(cached)):
+    ui.start_job("search", f"{cfg.method} search", lm,
+                 lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))
+
+
+@st.fragment(run_every=1.0)
+def live():
+    job = ui.session_job("search")
+    ui.render_job(job)
+    if job is not None and job.status in ("done", "cancelled") and job.result is not None \
+            and st.session_state.get("shown_job") != job.id:
+        st.session_state["last_report"] = job.result.to_dict()
+        st.session_state["shown_job"] = job.id
+        st.rerun()  # once: redraw the whole page with the finished report
+
+
+live()
+report = st.session_state.get("last_report")
+if report and report.get("best"):
+    b = report["best"]
+    st.subheader("Best candidate")
+    m = st.columns(4)
+    m[0].metric(f"Base ({report['search_split']})", f"{report['base']['accuracy']:.3f}")
+    m[1].metric(f"Best ({report['search_split']})", f"{b['accuracy']:.3f}",
+                f"{b['accuracy'] - report['base']['accuracy']:+.3f}")
+    if report.get("best_test"):
+        m[2].metric("Base (held-out test)", f"{report['base_test']['accuracy']:.3f}")
+        m[3].metric("Best (held-out test)", f"{report['best_test']['accuracy']:.3f}",
+                    f"{report['best_test']['accuracy'] - report['base_test']['accuracy']:+.3f}")
+    st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']}, ranks {b['ranks']}")
+    with st.expander(f"All {len(report['candidates'])} candidates of this search"):
+        st.dataframe(ui.candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")

@@ -1,0 +1,102 @@
+"""Results: every evaluated candidate for this model and task, read from the cache."""
+from __future__ import annotations
+
+import plotly.express as px
+import streamlit as st
+
+import laser_ui as ui
+from laser_core import Edit
+from laser_core.search import evaluate_candidate
+
+st.set_page_config(page_title="LASER Lab · Results", layout="wide")
+st.title("Results")
+ui.render_sidebar_status()
+lm, splits = ui.current_model(), ui.current_splits()
+docs = ui.cached_results(lm, splits)
+if not docs:
+    ui.user_error("No results for this model and task yet: run a search on the Explore page.")
+
+split = st.radio("Split", sorted({d["split"] for d in docs}), horizontal=True, key="res_split")
+rows = [d for d in docs if d["split"] == split]
+df = ui.candidates_frame([d for d in rows if d["name"]])
+base = next((d for d in rows if d["name"] is None), None)
+if base:
+    st.metric(f"Base accuracy ({split})", f"{base['accuracy']:.3f}", help=f"log-loss {base['log_loss']:.4f}")
+if df.empty:
+    ui.user_error(f"Only the base model was evaluated on the {split} split.")
+df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
+st.dataframe(df, hide_index=True, width="stretch", key="all_rows")
+
+c1, c2 = st.columns(2)
+with c1:
+    matrix = st.selectbox("Accuracy vs ρ for matrix", sorted(df["name"].unique()), key="res_matrix")
+    sub = df[df["name"] == matrix].sort_values("rho")
+    fig = px.line(sub, x="rho", y="accuracy", color=sub["k"].astype(str), markers=True, log_x=True,
+                  labels={"color": "K"}, title=matrix)
+    if base:
+        fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
+    st.plotly_chart(fig, key="acc_vs_rho")
+with c2:
+    total = sum(p.numel() for p in lm.model.parameters())
+    df["params_kept_%"] = 100 * (total - df["params_full"] + df["params_kept"].clip(upper=df["params_full"])) / total
+    fig = px.scatter(df, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
+                     title="Accuracy vs parameters kept (Pareto front)")
+    front, best_acc = [], -1.0
+    for _, r in df.sort_values("params_kept_%").iterrows():
+        if r["accuracy"] > best_acc:
+            front.append(r)
+            best_acc = r["accuracy"]
+    if front:
+        fig.add_scatter(x=[r["params_kept_%"] for r in front], y=[r["accuracy"] for r in front], mode="lines",
+                        name="Pareto front", line={"color": "black", "dash": "dash"})
+    st.plotly_chart(fig, key="pareto")
+
+st.subheader("Compare two on held-out test")
+labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]
+pick = st.columns(2)
+a = pick[0].selectbox("A", labels, index=0, key="cmp_a")
+b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
+
+
+def edit_of(label: str):
+    if label == "base":
+        return None
+    r = df.iloc[labels.index(label) - 1]
+    return Edit(r["name"], int(r["k"]), float(r["rho"]))
+
+
+if st.button("Compare on held-out test", type="primary"):
+    def work(job):
+        out = []
+        for i, lab in enumerate((a, b)):
+            job.on_progress({"phase": "test", "done": i, "total": 2, "message": lab[:40]})
+            out.append(evaluate_candidate(lm, edit_of(lab), splits, "test", ui.store(), job.cancel))
+        return out
+    ui.start_job("compare", "compare on test", lm, work)
+
+
+@st.fragment(run_every=1.0)
+def compare():
+    job = ui.session_job("compare")
+    ui.render_job(job)
+    if job is None or job.status != "done":
+        return
+    ra, rb = job.result
+    m = st.columns(2)
+    m[0].metric("A accuracy (test)", f"{ra['accuracy']:.3f}", help=f"log-loss {ra['log_loss']:.4f}")
+    m[1].metric("B accuracy (test)", f"{rb['accuracy']:.3f}", f"{rb['accuracy'] - ra['accuracy']:+.3f}")
+    ex = splits.examples("test")
+    flips = []
+    for i, e in enumerate(ex):
+        if ra["correct"][i] != rb["correct"][i]:
+            show = (lambda p: e.choices[p].strip() if e.choices else p)
+            flips.append({"prompt": e.prompt[-200:], "gold": e.choices[e.answer].strip() if e.choices else e.targets[0],
+                          "A": show(ra["predictions"][i]), "B": show(rb["predictions"][i]),
+                          "now": "fixed" if rb["correct"][i] else "broken"})
+    st.write(f"{len(flips)} examples flipped ({sum(f['now'] == 'fixed' for f in flips)} fixed by B, "
+             f"{sum(f['now'] == 'broken' for f in flips)} broken)")
+    if flips:
+        st.dataframe(flips, hide_index=True, width="stretch")
+
+
+compare()

@@ -1,0 +1,165 @@
+"""Every dashboard page under streamlit.testing.v1.AppTest, on a tiny random model."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import write_mc_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def app_env(tiny_dirs, tmp_path_factory):
+    """Point the app's defaults at a tiny model, a 500-example task and a private cache."""
+    d = tmp_path_factory.mktemp("app")
+    env = {"LASER_LAB_DEFAULT_MODEL": str(tiny_dirs["llama"]),
+           "LASER_LAB_DEFAULT_TASK": str(write_mc_jsonl(d / "even.jsonl", 500)),
+           "LASER_LAB_CACHE": str(d / "cache")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import laser_ui
+    laser_ui.DEFAULT_MODEL, laser_ui.DEFAULT_TASK = env["LASER_LAB_DEFAULT_MODEL"], env["LASER_LAB_DEFAULT_TASK"]
+    laser_ui.store.clear()
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    laser_ui.DEFAULT_MODEL, laser_ui.DEFAULT_TASK = "demo", "fever"
+    laser_ui.store.clear()
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_for(at: AppTest, cond, timeout: float = 60) -> AppTest:
+    """Re-run the page until ``cond(at)`` holds (background jobs finish in their own thread)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if cond(at):
+            return at
+        time.sleep(0.3)
+    raise AssertionError("condition not reached; errors: " + str([e.value for e in at.error]))
+
+
+def click(at: AppTest, label: str) -> AppTest:
+    next(b for b in at.button if b.label == label).click().run()
+    return at
+
+
+def metrics(at: AppTest) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_model_page_shows_facts_and_computes_the_baseline(app_env):
+    at = page("pages/1_Model_and_task.py")
+    m = metrics(at)
+    assert m["Architecture"] == "LlamaForCausalLM" and m["Layers"] == "2" and m["Matrices"] == "14"
+    click(at, "Compute baseline accuracy")
+    wait_for(at, lambda a: "Held-out test accuracy" in metrics(a))
+    assert 0.0 <= float(metrics(at)["Held-out test accuracy"]) <= 1.0
+
+
+def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
+    at = page("pages/1_Model_and_task.py")
+    at.radio(key="model_kind").set_value("local folder")
+    at.text_input(key="model_path").set_value("/no/such/model")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("model not found" in e.value for e in at.error)
+
+
+def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
+    bad = tmp_path / "task.json"
+    bad.write_text("{not json")
+    at = page("pages/1_Model_and_task.py")
+    at.radio(key="task_kind").set_value("BIG-bench task.json")
+    at.text_input(key="task_path").set_value(str(bad))
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("not valid JSON" in e.value for e in at.error)
+
+
+def test_layer_scores_page_computes_scores_and_draws_heatmap_and_profile(app_env):
+    at = page("pages/2_Layer_scores.py")
+    if any(b.label == "Compute scores" for b in at.button):
+        click(at, "Compute scores")
+    wait_for(at, lambda a: len(a.get("plotly_chart")) == 2)
+    assert len(at.selectbox(key="matrix_pick").options) == 14
+    at.selectbox(key="matrix_pick").set_value("model.layers.1.mlp.down_proj.weight").run()
+    assert at.session_state["selected_matrix"] == "model.layers.1.mlp.down_proj.weight"
+    at.slider(key="q").set_value(3).run()
+    assert len(at.session_state["top_q"]) == 3
+
+
+def _small_grid(at: AppTest) -> AppTest:
+    at.multiselect(key="ks").set_value([1, 2])
+    at.multiselect(key="rhos").set_value([0.5, 0.1])
+    return at
+
+
+def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_env):
+    at = page("pages/3_Explore.py")
+    at.slider(key="explore_q").set_value(2)
+    _small_grid(at).run()
+    assert "8 candidates" in at.caption[0].value
+    click(at, "Run")
+    wait_for(at, lambda a: any("finished" in s.value for s in a.success))
+    assert "Best (held-out test)" in metrics(at)
+    again = page("pages/3_Explore.py")
+    again.slider(key="explore_q").set_value(2)
+    _small_grid(again).run()
+    assert any("already in the cache" in s.value for s in again.success)
+    assert "Best (calib)" in metrics(again)
+
+
+def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
+    at = page("pages/3_Explore.py")
+    at.radio(key="method").set_value("LASER sweep (brute force)").run()
+    at.multiselect(key="types").set_value([]).run()
+    assert any("at least one matrix type" in e.value for e in at.error)
+    at.multiselect(key="types").set_value(["up"]).run()
+    at.multiselect(key="rhos").set_value([]).run()
+    assert any("rho grid is empty" in e.value for e in at.error)
+
+
+def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
+    at = page("pages/4_Results.py")
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) == 2
+    at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[1])
+    click(at, "Compare on held-out test")
+    wait_for(at, lambda a: "B accuracy (test)" in metrics(a))
+    assert any("flipped" in md.value for md in at.markdown)
+
+
+def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_path):
+    at = page("pages/5_Export.py")
+    assert len(at.get("download_button")) == 1
+    assert '"laser_lab_recipe": 1' in at.code[0].value
+    at.radio(key="fmt").set_value("YAML").run()
+    assert "laser_lab_recipe: 1" in at.code[0].value
+    at.text_input(key="out").set_value(str(tmp_path / "edited"))
+    click(at, "Save edited model")
+    assert any("Saved to" in s.value for s in at.success)
+    assert (tmp_path / "edited" / "model.safetensors").exists()
+    click(at, "Save edited model")  # second time: the folder exists
+    assert any("already exists" in e.value for e in at.error)
+
+
+def test_app_entry_point_opens_the_model_and_task_page(app_env):
+    at = page("app.py")
+    assert at.title[0].value == "LASER Lab · Model & task"
+    assert metrics(at)["Matrices"] == "14"

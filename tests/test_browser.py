@@ -1,0 +1,115 @@
+"""The main path in a real browser: Debian chromium driven by Playwright against `streamlit run app.py`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import write_mc_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("LASER_LAB_CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(os.environ.get("LASER_LAB_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dirs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    env = {**os.environ,
+           "LASER_LAB_DEFAULT_MODEL": os.environ.get("LASER_LAB_BROWSER_MODEL", str(tiny_dirs["llama"])),
+           "LASER_LAB_DEFAULT_TASK": os.environ.get("LASER_LAB_BROWSER_TASK", str(write_mc_jsonl(d / "even.jsonl", 500))),
+           "LASER_LAB_CACHE": os.environ.get("LASER_LAB_BROWSER_CACHE", str(d / "cache"))}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def nav(page, label: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(label, exact=True).click()
+
+
+def test_load_scores_search_results_export_in_a_real_browser(server, browser, tmp_path):
+    timeout = float(os.environ.get("LASER_LAB_BROWSER_TIMEOUT", 120)) * 1000
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.set_default_timeout(timeout)
+    page.goto(server)
+    page.get_by_text("Model facts").wait_for()
+    page.get_by_role("button", name="Compute baseline accuracy").click()
+    page.get_by_text("Held-out test accuracy").wait_for()
+    shot(page, "1_model_and_task")
+
+    nav(page, "Layer scores")
+    page.get_by_role("button", name="Compute scores").click()
+    page.locator(".js-plotly-plot .main-svg").first.wait_for()
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
+    shot(page, "2_layer_scores")
+
+    nav(page, "Explore")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("c2i search: finished").wait_for()
+    page.get_by_text("Best candidate").wait_for()
+    assert page.get_by_test_id("stMetric").filter(has_text="Best (held-out test)").count() == 1
+    shot(page, "3_explore")
+
+    nav(page, "Results")
+    page.locator(".js-plotly-plot .main-svg").first.wait_for()
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
+    assert page.get_by_test_id("stDataFrame").count() >= 1  # the sortable table of result rows
+    shot(page, "4_results")
+
+    nav(page, "Export")
+    page.get_by_role("button", name="Download recipe (JSON)").wait_for()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download recipe (JSON)").click()
+    path = tmp_path / "recipe.json"
+    dl.value.save_as(path)
+    recipe = json.loads(path.read_text())
+    assert recipe["laser_lab_recipe"] == 1 and recipe["edits"][0]["name"].startswith("model.layers.")
+    shot(page, "5_export")
+    assert not page.get_by_test_id("stException").count()
