@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
         sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
+        sp.add_argument("--no-prefix-reuse", action="store_true", help="run the full forward for every candidate")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml)")
 
     sp = sub.add_parser("scores", help="singular-value gradient scores of every matrix")
@@ -159,10 +160,11 @@ def _cmd_search(args, method: str) -> int:
     from .search import run_search
 
     if method == "c2i":  # settings are checked before the (slow) model load
-        cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction, early_stop=args.early_stop)
+        cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction,
+                           early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse)
     else:
         cfg = SearchConfig("laser", ks=(1,), rhos=args.rhos, layers=args.layers, types=args.types,
-                           early_stop=args.early_stop)
+                           early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse)
     lm, tspec, splits, store = _setup(args)
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())

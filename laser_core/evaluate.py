@@ -11,6 +11,7 @@ also the loss L whose gradient the scores use.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class EvalResult:
     correct: list[bool] = field(default_factory=list)
     predictions: list = field(default_factory=list)  # choice index (mc) or generated text (gen)
     stopped_early: bool = False
+    choice_logprobs: list = field(default_factory=list, repr=False)  # per example, per choice (not cached)
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "log_loss": self.log_loss, "n": self.n, "correct": self.correct,
@@ -142,8 +144,88 @@ def _body_and_head(model: torch.nn.Module, kind: str):
     return (body, head) if head is not None else (None, None)
 
 
-def _scored_logprobs(lm: LoadedModel, batch: list[_Seq]) -> list[torch.Tensor]:
-    """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens."""
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers after the captured one need not run."""
+
+
+def block_list(lm: LoadedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList] | None:
+    """(parent module, attribute, ModuleList) holding the transformer blocks, found from the matrix names."""
+    ref = lm.matrices[0]
+    head, sep, _ = ref.name.partition(f".{ref.layer}.")
+    if not sep or "." not in head:
+        return None
+    parent_path, attr = head.rsplit(".", 1)
+    try:
+        parent = lm.model.get_submodule(parent_path)
+    except AttributeError:
+        return None
+    blocks = getattr(parent, attr, None)
+    return (parent, attr, blocks) if isinstance(blocks, torch.nn.ModuleList) else None
+
+
+def _replace_first_arg(value: torch.Tensor):
+    def hook(module, args, kwargs):
+        if args:
+            return (value,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": value}
+    return hook
+
+
+def _capture_first_arg(store: list):
+    def hook(module, args, kwargs):
+        store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise _StopForward
+    return hook
+
+
+@contextlib.contextmanager
+def _from_layer(lm: LoadedModel, layer: int, states: torch.Tensor):
+    """Run the body from block ``layer`` on: earlier blocks are removed for the call and ``states`` are
+    fed to block ``layer`` in place of its computed input. Masks and positions are still made by the model."""
+    parent, attr, blocks = block_list(lm)
+    handle = blocks[layer].register_forward_pre_hook(_replace_first_arg(states), with_kwargs=True)
+    setattr(parent, attr, torch.nn.ModuleList(list(blocks)[layer:]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        handle.remove()
+
+
+class PrefixStates:
+    """Hidden states entering block ``layer`` for every batch of ``examples``, from the base weights.
+
+    An edit at layer >= ``layer`` cannot change them, so a candidate there is evaluated by running blocks
+    ``layer..L`` only (see :func:`evaluate`'s ``prefix``). Build them with the model unedited.
+    """
+
+    def __init__(self, lm: LoadedModel, examples: Sequence[Example], layer: int, max_tokens: int = 8192) -> None:
+        if block_list(lm) is None:
+            raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
+        self.layer = layer
+        self.seqs, self.fast = build_sequences(lm, examples)
+        self.batches = _batches(self.seqs, max_tokens)
+        self.states: list[torch.Tensor] = []
+        blocks = block_list(lm)[2]
+        with torch.no_grad():
+            for idx in self.batches:
+                got: list[torch.Tensor] = []
+                handle = blocks[layer].register_forward_pre_hook(_capture_first_arg(got), with_kwargs=True)
+                try:
+                    _scored_logprobs(lm, [self.seqs[i] for i in idx])
+                except _StopForward:
+                    pass
+                finally:
+                    handle.remove()
+                self.states.append(got[0])
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.states)
+
+
+def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens.
+
+    ``start=(layer, states)`` runs the blocks from ``layer`` on, fed with the cached ``states``.
+    """
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     width = max(len(s.ids) for s in batch)
@@ -156,11 +238,13 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq]) -> list[torch.Tensor]:
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
     body, head = _body_and_head(model, lm.kind)
-    if body is not None:
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = head(hidden[bi, pi])  # lean head: only the scored positions
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[bi, pi]
+    extra = {"use_cache": False} if lm.kind == "causal" else {}
+    with (_from_layer(lm, start[0], start[1]) if start is not None else contextlib.nullcontext()):
+        if body is not None:
+            hidden = body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+            logits = head(hidden[bi, pi])  # lean head: only the scored positions
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -209,31 +293,39 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
 
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
-             cancel: CancelToken | None = None, beat: tuple[float, float] | None = None) -> EvalResult:
+             cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
+             prefix: PrefixStates | None = None) -> EvalResult:
     """Accuracy and log-loss of ``lm`` on ``examples`` (see the module docstring for the rules).
 
     Args:
         beat: (accuracy, log_loss) of the current best. When given, evaluation stops as soon as this
             candidate can no longer reach that accuracy, and the result is marked ``stopped_early``
             (its numbers then cover the examples seen; it cannot be the best either way).
+        prefix: cached hidden states entering block ``prefix.layer`` for these same examples; only blocks
+            from that layer on are run. Exact as long as no edit touches a layer below ``prefix.layer``.
     """
     examples = list(examples)
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
         return _evaluate_generation(lm, examples, max_new_tokens, cancel)
-    seqs, fast = build_sequences(lm, examples)
+    if prefix is not None:
+        seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
+    else:
+        seqs, fast = build_sequences(lm, examples)
+        batches = _batches(seqs, max_tokens)
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
     gold_nll = [0.0] * n
     remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
     done_correct, done = 0, 0
     stopped = False
-    for idx in _batches(seqs, max_tokens):
+    for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
-        for s, lp in zip(batch, _scored_logprobs(lm, batch)):
+        start = (prefix.layer, prefix.states[bn]) if prefix is not None else None
+        for s, lp in zip(batch, _scored_logprobs(lm, batch, start)):
             e = examples[s.example]
             if s.rows is not None:
                 scores[s.example] = lp.tolist()
@@ -258,7 +350,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     ll = sum(gold_nll) / n
     if not math.isfinite(ll):
         raise NumericsError("the log-loss is NaN or infinite (the model's output overflowed; try float32)")
-    return EvalResult(sum(correct) / n, ll, n, correct, preds)
+    return EvalResult(sum(correct) / n, ll, n, correct, preds, choice_logprobs=scores)
 
 
 def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -11,7 +12,7 @@ import torch
 
 from .config import Edit, SearchConfig, to_dict
 from .errors import Cancelled, ConfigError, TaskFormatError
-from .evaluate import CancelToken, EvalResult, evaluate
+from .evaluate import CancelToken, EvalResult, PrefixStates, block_list, evaluate
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
 from .reduction import BlockFactors, block_ranks, block_svd, edited
@@ -109,8 +110,35 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store) -> BlockFactor
     return f
 
 
+class PrefixPool:
+    """Hidden states entering each edited layer, per split, kept in RAM up to ``budget_bytes`` (LRU).
+
+    Built from the unedited model under its lock; valid for one model's base weights only.
+    """
+
+    def __init__(self, lm: LoadedModel, budget_bytes: int) -> None:
+        self.lm, self.budget = lm, budget_bytes
+        self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
+        self.enabled = block_list(lm) is not None
+
+    def get(self, splits: Splits, split: str, layer: int) -> PrefixStates | None:
+        if not self.enabled or layer == 0 or splits.task.kind != "mc":
+            return None  # nothing to skip at layer 0; generation decodes with its own cache
+        key = (split, layer)
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        with self.lm.lock:
+            states = PrefixStates(self.lm, splits.examples(split), layer)
+        self.items[key] = states
+        while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
+            self.items.popitem(last=False)
+        return states
+
+
 def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split: str, store: Store,
-                       cancel: CancelToken | None = None, beat: tuple[float, float] | None = None) -> dict:
+                       cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
+                       prefixes: PrefixPool | None = None) -> dict:
     """Evaluate the model with ``edit`` (None = base) on ``split``; cached per (model, task split, edit).
 
     Returns a plain dict: the edit, its layer/type/ranks, accuracy, log_loss, per-example outcomes, seconds.
@@ -133,8 +161,9 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         ref = lm.ref(edit.name)
         store.counts["eval"] += 1
         factors = {(edit.name, edit.k): get_factors(lm, edit.name, edit.k, store)}
+        prefix = prefixes.get(splits, split, ref.layer) if prefixes is not None else None
         with edited(lm, [edit], factors):
-            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat)
+            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix)
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
@@ -237,11 +266,12 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                                   f"{sorted({r.type for r in lm.matrices})}")
             plan = [(Edit(r.name, 1, rho), None) for r in refs for rho in cfg.rhos]
         t0 = time.perf_counter()
+        prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
         for i, (edit, gain) in enumerate(plan):
             if cancel:
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
-            doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat)
+            doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
             doc["predicted_gain"] = gain
             candidates.append(doc)
             if not doc.get("stopped_early") and _better(doc, best):
