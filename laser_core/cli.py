@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--recipe", default=None)
     sp.add_argument("--split", default="test", choices=["calib", "val", "test"])
+    sp = sub.add_parser("report", help="the paper's Table 1: base, LASER, C2I K=1, C2I K grid on bundled tasks")
+    sp.add_argument("--model", default="demo")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--tasks", default="epistemic_reasoning,qa_wikidata,fever,truthful_qa")
+    sp.add_argument("--quick", action="store_true", help="CPU-sized: smaller grids, LASER on its last layer, extrapolated")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--n-calib", type=int, default=100)
+    sp.add_argument("--n-test", type=int, default=300)
+    sp.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
     sp.add_argument("--recipe", required=True)
     sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
@@ -238,6 +247,20 @@ def _cmd_apply(args) -> int:
     return 0 if (c is None or c["matches"]) else 1
 
 
+def _cmd_report(args) -> int:
+    import json
+
+    from .report import paper_table, table_markdown
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
+                         progress=lambda m: print(m, file=sys.stderr))
+    print(table_markdown(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. User errors print one line and return 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -253,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_search(args, "c2i" if args.cmd == "search" else "laser")
         if args.cmd == "eval":
             return _cmd_eval(args)
+        if args.cmd == "report":
+            return _cmd_report(args)
         return _cmd_apply(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -273,13 +273,14 @@ def make_splits(task: Task, spec: TaskSpec) -> Splits:
     n = len(task)
     order = list(range(n))
     random.Random(spec.seed).shuffle(order)
-    n_test = min(spec.n_test, max(0, n - spec.n_calib))
-    if spec.n_calib + 1 > n or n_test < 1:
+    if spec.n_calib + 1 > n:
         raise TaskFormatError(f"task {task.name!r} has {n} examples, too few for {spec.n_calib} calibration "
                               f"examples plus at least 1 test example; lower n_calib")
+    n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
+    # small tasks: the test split shrinks first so that validation keeps its share (LASER needs it)
+    n_test = max(1, min(spec.n_test, n - spec.n_calib - n_val))
+    n_val = min(n_val, n - spec.n_calib - n_test)
     test = order[:n_test]
     calib = order[n_test:n_test + spec.n_calib]
-    rest = order[n_test + spec.n_calib:]
-    n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
-    val = rest[:n_val]  # may be empty for tiny tasks: the LASER baseline then says so
+    val = order[n_test + spec.n_calib:n_test + spec.n_calib + n_val]  # may be empty: LASER then says so
     return Splits(task, spec, tuple(calib), tuple(val), tuple(test))

@@ -1,0 +1,160 @@
+"""Speed benchmark (not a test): prints a markdown table and writes JSON.
+
+  python bench/speed.py                # embedded demo model, FEVER, LASER over every layer
+  python bench/speed.py --quick        # LASER measured on --laser-layers only, the rest extrapolated
+
+(a) per-candidate evaluation time, full forward vs prefix reuse, at the first, middle, 3/4 and last layer;
+(b) end to end: C2I (gradient + scores + q x K x rho search on the calibration split) vs LASER brute force
+    (layers x matrix types x the same rho grid, K=1, on the 20% validation split), wall time and held-out
+    test accuracy of each best candidate;
+(c) revisiting a cached candidate, and an SVD read from the cache vs recomputed.
+Every ratio comes from timings taken in this one run. Nothing is cached between (a), (b) and (c) except
+where (c) measures the cache itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from laser_core import Edit, ModelSpec, SearchConfig, Store, TaskSpec, edited, load_model, load_task, make_splits, run_search  # noqa: E402
+from laser_core.evaluate import PrefixStates, evaluate  # noqa: E402
+from laser_core.reduction import block_svd  # noqa: E402
+from laser_core.report import laser_baseline  # noqa: E402
+from laser_core.search import evaluate_candidate, get_factors  # noqa: E402
+from laser_core.store import null_store  # noqa: E402
+
+
+def device_name(lm) -> str:
+    if lm.device.type == "cuda":
+        return torch.cuda.get_device_name(lm.device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def sync(lm) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(lm, fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        sync(lm)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(lm)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def part_a(lm, splits, repeat: int) -> list[dict]:
+    n_layers = max(r.layer for r in lm.matrices) + 1
+    layers = sorted({0, n_layers // 2, (3 * n_layers) // 4, n_layers - 1})
+    ex = splits.examples("calib")
+    rows = []
+    for layer in layers:
+        ref = next(r for r in lm.matrices if r.layer == layer and r.type in ("up", "qkv", "v"))
+        edit = Edit(ref.name, 1, 0.1)
+        t_build, prefix = timed(lm, lambda: PrefixStates(lm, ex, layer))
+        with edited(lm, [edit]):
+            t_full, full = timed(lm, lambda: evaluate(lm, ex), repeat)
+            t_pref, fast = timed(lm, lambda: evaluate(lm, ex, prefix=prefix), repeat)
+        assert abs(full.log_loss - fast.log_loss) < 1e-4 and full.predictions == fast.predictions
+        rows.append({"layer": layer, "matrix": ref.name, "full_s": t_full, "prefix_s": t_pref,
+                     "ratio": t_pref / t_full, "prefix_build_s": t_build, "prefix_mb": prefix.nbytes / 2**20})
+    return rows
+
+
+def part_b(lm, splits, args) -> dict:
+    rhos = tuple(args.rhos)
+    t0 = time.perf_counter()
+    c2i = run_search(lm, splits, SearchConfig("c2i", q=args.q, ks=tuple(args.ks), rhos=rhos), null_store())
+    c2i_time = time.perf_counter() - t0
+    n_layers = max(r.layer for r in lm.matrices) + 1
+    laser = laser_baseline(lm, splits, rhos, tuple(args.laser_layers) if args.quick else None)
+    laser_time, note = laser.seconds, laser.note
+    laser_measured = laser.measured_seconds
+    laser = laser.report
+    return {"c2i_s": c2i_time, "c2i_candidates": len(c2i.candidates), "c2i_timings": c2i.timings,
+            "c2i_best": c2i.best, "c2i_base_test": c2i.base_test["accuracy"], "c2i_best_test": c2i.best_test["accuracy"],
+            "laser_s": laser_time, "laser_measured_s": laser_measured, "laser_candidates_measured": len(laser.candidates),
+            "laser_candidates_total": len(lm.matrices) * len(rhos), "laser_best": laser.best,
+            "laser_best_test": laser.best_test["accuracy"], "speedup": laser_time / c2i_time, "note": note,
+            "n_calib": len(splits.calib), "n_val": len(splits.val), "n_test": len(splits.test)}
+
+
+def part_c(lm, splits) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        ref = next(r for r in lm.matrices if r.type in ("up", "qkv"))
+        edit = Edit(ref.name, 1, 0.1)
+        evaluate_candidate(lm, edit, splits, "calib", store)
+        t_revisit = min(timed(lm, lambda: evaluate_candidate(lm, edit, splits, "calib", store))[0] for _ in range(5))
+        w = dict(lm.model.named_parameters())[ref.name]
+        t_svd = min(timed(lm, lambda: block_svd(w.t() if ref.transposed else w, 4))[0] for _ in range(3))
+        get_factors(lm, ref.name, 4, store)
+        t_hit = min(timed(lm, lambda: get_factors(lm, ref.name, 4, store))[0] for _ in range(5))
+        store.close()
+    return {"revisit_ms": 1000 * t_revisit, "svd_recompute_ms": 1000 * t_svd, "svd_cache_hit_ms": 1000 * t_hit,
+            "svd_matrix": ref.name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--task", default="fever")
+    ap.add_argument("--quick", action="store_true", help="LASER on --laser-layers only, the rest extrapolated")
+    ap.add_argument("--laser-layers", type=int, nargs="+", default=[29])
+    ap.add_argument("--q", type=int, default=5)
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--rhos", type=float, nargs="+", default=[0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005])
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip-b", action="store_true", help="only (a) and (c)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lm = load_model(ModelSpec(args.model, args.device))
+    ts = TaskSpec(args.task, n_calib=100, n_test=300, seed=0)
+    splits = make_splits(load_task(ts), ts)
+    dev = device_name(lm)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# LASER Lab speed benchmark — {args.model} on {args.task}, {dev}, {stamp}\n")
+    a = part_a(lm, splits, args.repeat)
+    print("## (a) per-candidate evaluation, 100 calibration examples\n")
+    print("| layer | full forward (s) | prefix reuse (s) | ratio | prefix build (s) | prefix RAM (MiB) |\n|---|---|---|---|---|---|")
+    for r in a:
+        print(f"| {r['layer']} | {r['full_s']:.3f} | {r['prefix_s']:.3f} | {r['ratio']:.2f} | {r['prefix_build_s']:.3f} | {r['prefix_mb']:.1f} |")
+    mean = sum(r["ratio"] for r in a) / len(a)
+    n_layers = max(x.layer for x in lm.matrices) + 1
+    lastq = [r["ratio"] for r in a if r["layer"] >= (3 * n_layers) // 4]
+    print(f"\nmean ratio {mean:.2f} (target <= 0.5); last quarter {max(lastq):.2f} at worst (target <= 0.2)\n")
+    b = None if args.skip_b else part_b(lm, splits, args)
+    if b:
+        print("## (b) end to end: C2I vs LASER brute force\n")
+        print("| method | candidates | wall time (s) | best held-out accuracy |\n|---|---|---|---|")
+        print(f"| base | - | - | {b['c2i_base_test']:.3f} |")
+        print(f"| C2I (q={args.q}, K={args.ks}) | {b['c2i_candidates']} | {b['c2i_s']:.1f} | {b['c2i_best_test']:.3f} |")
+        print(f"| LASER ({b['n_val']} validation examples) | {b['laser_candidates_total']} | {b['laser_s']:.1f}"
+              f"{' (extrapolated)' if args.quick else ''} | {b['laser_best_test']:.3f} |")
+        print(f"\nspeedup {b['speedup']:.1f}x (target >= 100x); {b['note']}\n")
+    c = part_c(lm, splits)
+    print("## (c) cache\n")
+    print(f"revisit a cached candidate: {c['revisit_ms']:.1f} ms (target < 50 ms); SVD of {c['svd_matrix']} (K=4): "
+          f"recompute {c['svd_recompute_ms']:.1f} ms vs cache hit {c['svd_cache_hit_ms']:.1f} ms")
+    out = Path(args.out or Path(__file__).parent / "results" / f"speed-{lm.device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": dev, "date": stamp, "args": vars(args), "a": a, "a_mean_ratio": mean,
+                               "b": b, "c": c}, indent=2, default=str))
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The paper's Table 1 on our models and tasks: base, LASER, C2I with K=1, C2I with the K grid.
+
+Every method runs on a fresh, cache-less store so that its wall time is its own. ``quick`` (for CPUs)
+restricts LASER to a few layers and a capped validation split and extrapolates its time, and shrinks
+the C2I grids; the output says exactly what was restricted.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
+from .models import LoadedModel
+from .search import PrefixPool, SearchReport, evaluate_candidate, run_search
+from .store import null_store
+from .tasks import Splits, load_task, make_splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LaserTiming:
+    """A LASER sweep's report, its wall time (measured or extrapolated to every layer) and how."""
+
+    report: SearchReport
+    seconds: float
+    measured_seconds: float
+    candidates_total: int
+    note: str
+
+
+def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layers: Sequence[int] | None = None,
+                   progress: Callable | None = None) -> LaserTiming:
+    """LASER's sweep (types x rhos, K=1, validation split) over ``layers`` (None: all), timed.
+
+    With a layer subset, one probe candidate is timed at layer 0 and at the middle layer (where not in the
+    subset) and the per-candidate time of every layer is interpolated linearly between measured layers;
+    the total is that sum over all layers x types x rhos. The sweep's best is the best of the subset only.
+    """
+    n_layers = max(r.layer for r in lm.matrices) + 1
+    types = sorted({r.type for r in lm.matrices})
+    t0 = time.perf_counter()
+    rep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None),
+                     null_store(), progress)
+    measured = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
+    total_candidates = sum(1 for _ in lm.matrices) * len(rhos)
+    if layers is None or set(layers) >= set(range(n_layers)):
+        return LaserTiming(rep, measured, measured, total_candidates, "all layers measured")
+    per_layer: dict[int, list[float]] = {}
+    for c in rep.candidates:
+        per_layer.setdefault(c["layer"], []).append(c["seconds"])
+    pool = PrefixPool(lm, 2**31)
+    for layer in sorted({0, n_layers // 2} - set(per_layer)):
+        ref = next(r for r in lm.matrices if r.layer == layer)
+        doc = evaluate_candidate(lm, Edit(ref.name, 1, rhos[0]), splits, "val", null_store(), prefixes=pool)
+        per_layer[layer] = [doc["seconds"]]
+    known = sorted((layer, sum(v) / len(v)) for layer, v in per_layer.items())
+
+    def interp(layer: int) -> float:
+        lo = max((k for k in known if k[0] <= layer), default=known[0])
+        hi = min((k for k in known if k[0] >= layer), default=known[-1])
+        return lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (layer - lo[0]) / (hi[0] - lo[0])
+
+    overhead = measured - sum(c["seconds"] for c in rep.candidates)
+    per_layer_count = {layer: sum(1 for r in lm.matrices if r.layer == layer) * len(rhos) for layer in range(n_layers)}
+    seconds = overhead + sum(per_layer_count[layer] * interp(layer) for layer in range(n_layers))
+    note = (f"LASER measured on layers {sorted(set(layers))} ({len(rep.candidates)} of {total_candidates} candidates), "
+            f"per-candidate time probed at layers {[k for k, _ in known]} and interpolated; best of measured layers only")
+    return LaserTiming(rep, seconds, measured, total_candidates, note)
+
+
+def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
+                n_test: int = 300, progress: Callable[[str], None] | None = None) -> dict:
+    """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used."""
+    from .models import load_model
+
+    lm = load_model(model)
+    n_layers = max(r.layer for r in lm.matrices) + 1
+    rhos = (0.25, 0.1, 0.01) if quick else PAPER_RHOS
+    ks = (1, 4) if quick else PAPER_KS
+    q = 3 if quick else 5
+    laser_layers = [n_layers - 1] if quick else None
+    settings = {"model": model.source, "device": str(lm.device), "seed": seed, "n_calib": n_calib, "n_test": n_test,
+                "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
+                "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}
+    rows = []
+    for name in tasks:
+        ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed)
+        splits = make_splits(load_task(ts), ts)
+        full_val = len(splits.val)
+        if quick and full_val > 200:  # LASER's validation capped; its time is scaled back to the full split
+            ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed, n_val=200)
+            splits = make_splits(load_task(ts), ts)
+        if progress:
+            progress(f"{name}: LASER")
+        laser = laser_baseline(lm, splits, rhos, laser_layers)
+        laser_s = laser.seconds * full_val / len(splits.val)
+        out = {"task": name, "kind": splits.task.kind, "n_calib": len(splits.calib), "n_val": len(splits.val),
+               "n_val_full": full_val, "n_test": len(splits.test),
+               "base_test": laser.report.base_test["accuracy"], "laser_test": laser.report.best_test["accuracy"],
+               "laser_s": laser_s, "laser_measured_s": laser.measured_seconds, "laser_note": laser.note,
+               "laser_best": _edit(laser.report)}
+        for label, grid in (("c2i_k1", (1,)), ("c2i_kgrid", ks)):
+            if progress:
+                progress(f"{name}: C2I K={list(grid)}")
+            t0 = time.perf_counter()
+            rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos), null_store())
+            seconds = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
+            out.update({f"{label}_test": rep.best_test["accuracy"], f"{label}_s": seconds,
+                        f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
+        rows.append(out)
+    return {"settings": settings, "rows": rows}
+
+
+def _edit(rep: SearchReport) -> str:
+    b = rep.best
+    return f"L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']}"
+
+
+def table_markdown(result: dict) -> str:
+    """The table in the layout of the paper's Table 1 (held-out test accuracy, search time, speedup)."""
+    s = result["settings"]
+    lines = ["| task | base | LASER | C2I K=1 | C2I K grid | LASER time (s) | C2I K=1 time (s) / speedup | "
+             "C2I K grid time (s) / speedup |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['task']} | {r['base_test']:.3f} | {r['laser_test']:.3f} | {r['c2i_k1_test']:.3f} | "
+                     f"{r['c2i_kgrid_test']:.3f} | {r['laser_s']:.0f}{'*' if s['quick'] else ''} | "
+                     f"{r['c2i_k1_s']:.0f} / {r['c2i_k1_speedup']:.1f}x | {r['c2i_kgrid_s']:.0f} / {r['c2i_kgrid_speedup']:.1f}x |")
+    lines.append("")
+    lines.append(f"Held-out test accuracy; model `{s['model']}` on {s['device']}; seed {s['seed']}, calibration "
+                 f"{s['n_calib']}, test up to {s['n_test']} (per task: "
+                 + ", ".join(f"{r['task']} {r['n_test']}" for r in result["rows"]) + f"); q={s['q']}, K grid {s['ks']}, "
+                 f"rho grid {s['rhos']}; LASER on the 20% validation split, layers {s['laser_layers']}.")
+    if s["quick"]:
+        lines.append("*quick mode: LASER measured on its last layer only with validation capped at 200 examples; its "
+                     "time is extrapolated to all layers (probe-interpolated) and to the full validation split "
+                     "(linear in examples), and its accuracy is the best of the measured layer only.")
+    lines.append("Best edits: " + "; ".join(f"{r['task']}: LASER {r['laser_best']}, C2I K=1 {r['c2i_k1_best']}, "
+                                            f"C2I K grid {r['c2i_kgrid_best']}" for r in result["rows"]))
+    return "\n".join(lines)
