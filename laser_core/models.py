@@ -331,8 +331,10 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
                 f"hub model {src!r} is not in the local Hugging Face cache and could not be downloaded "
                 f"(offline?). Download it once with network access, or give a local folder.") from e
         raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
-    except ValueError as e:
-        raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a corrupt config.json or .gguf fails in many ways
+        what = "GGUF file" if kwargs else "config.json"
+        raise ModelLoadError(f"cannot read the {what} of {src} (corrupt or not a model file?): "
+                             f"{type(e).__name__}: {str(e)[:200]}") from e
     archs = getattr(config, "architectures", None) or []
     kind = "masked" if any("MaskedLM" in a for a in archs) or config.model_type in ("bert", "roberta", "xlm-roberta") else "causal"
     loader = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM

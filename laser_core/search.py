@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .config import Edit, SearchConfig, to_dict
-from .errors import Cancelled, ConfigError, TaskFormatError
+from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken, EvalResult, PrefixStates, block_list, evaluate
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
@@ -198,6 +198,7 @@ class SearchReport:
     timings: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     status: str = "complete"  # or "partial" (cancelled)
+    skipped: list[dict] = field(default_factory=list)  # candidates or matrices left out, with the reason
 
     @property
     def improves(self) -> bool:
@@ -236,6 +237,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                               "lower n_calib or n_test, or use the c2i method")
     base = best = None
     candidates: list[dict] = []
+    skipped: list[dict] = []
     matrices: list[dict] = []
     status = "complete"
     try:
@@ -252,7 +254,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                 rows = lm.ref(name).shape[0]
                 for k in cfg.ks:
                     if k > rows:
-                        continue
+                        raise ConfigError(f"K={k} is larger than the {rows} rows of {name}; "
+                                          f"use K <= {rows}")
                     for rho in cfg.rhos:
                         gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
                         plan.append((Edit(name, k, rho), gain))
@@ -271,7 +274,15 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             if cancel:
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
-            doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
+            try:
+                doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
+            except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
+                log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
+                ref = lm.ref(edit.name)
+                skipped.append({"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k,
+                                "rho": edit.rho, "error": str(e)})
+                _emit(progress, phase="search", done=i + 1, total=len(plan), message=f"skipped: {e}")
+                continue
             doc["predicted_gain"] = gain
             candidates.append(doc)
             if not doc.get("stopped_early") and _better(doc, best):
@@ -299,7 +310,9 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
               "seed": splits.spec.seed, "n_calib": len(splits.calib), "n_val": len(splits.val),
               "n_test": len(splits.test)},
         search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
-        candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status)
+        candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
+        skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],
+                            "error": "NaN/inf gradient: matrix not scored"} for m in matrices if not m["finite"]])
     store.put_json(store.key("report", lm.fingerprint, splits.task.digest, {"cfg": to_dict(cfg), "split": splits.key(split),
                                                                            "status": status}), report.to_dict())
     return report

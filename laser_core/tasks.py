@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from .config import TaskSpec, stable_hash
 from .errors import TaskFormatError
 
+log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data" / "bigbench"
 BUNDLED: dict[str, str] = {
     "fever": "fever.json",
@@ -270,11 +272,20 @@ def make_splits(task: Task, spec: TaskSpec) -> Splits:
     Raises:
         TaskFormatError: the task has fewer examples than calibration + test need.
     """
-    n = len(task)
-    order = list(range(n))
+    seen: set = set()
+    unique = []
+    for i, e in enumerate(task.examples):  # a repeated example must not land in two splits
+        key = (e.prompt, e.choices, e.targets)
+        if key not in seen:
+            seen.add(key)
+            unique.append(i)
+    if len(unique) < len(task):
+        log.warning("task %s: %d duplicate examples dropped before splitting", task.name, len(task) - len(unique))
+    n = len(unique)
+    order = list(unique)
     random.Random(spec.seed).shuffle(order)
     if spec.n_calib + 1 > n:
-        raise TaskFormatError(f"task {task.name!r} has {n} examples, too few for {spec.n_calib} calibration "
+        raise TaskFormatError(f"task {task.name!r} has {n} distinct examples, too few for {spec.n_calib} calibration "
                               f"examples plus at least 1 test example; lower n_calib")
     n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
     # small tasks: the test split shrinks first so that validation keeps its share (LASER needs it)

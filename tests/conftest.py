@@ -78,8 +78,7 @@ def tiny_lm(tiny_dirs):
 def write_mc_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
     rng = random.Random(seed)
     lines = []
-    for i in range(n):
-        k = rng.randrange(20)
+    for k in rng.sample(range(10 * n), n):  # distinct prompts: duplicates would be dropped before splitting
         lines.append(json.dumps({"prompt": f"Is the number {k} even? Answer:", "choices": ["yes", "no"],
                                  "answer": 0 if k % 2 == 0 else 1}))
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,236 @@
+"""Bad input, faults and concurrency: one clear message, nothing half-written, weights bit-exact."""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from laser_core import (CancelToken, ConfigError, Edit, JobBusy, ModelLoadError, ModelSpec, NumericsError,
+                        SearchConfig, Store, TaskSpec, edited, load_model, load_task, make_splits, run_search)
+from laser_core.models import weight_hashes
+from laser_core.store import _MAGIC_JSON
+
+SMALL = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1))
+
+
+def _splits(path, n_calib=20, n_test=20):
+    ts = TaskSpec(str(path), n_calib=n_calib, n_test=n_test)
+    return make_splits(load_task(ts), ts)
+
+
+# ---- models
+
+def test_a_non_language_model_is_refused_by_name(tmp_path):
+    from transformers import ViTConfig, ViTModel
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ModelLoadError, match="not a language model"):
+        load_model(ModelSpec(str(tmp_path / "vit"), "cpu"))
+
+
+def test_corrupt_safetensors_and_gguf_files_are_reported(tiny_dirs, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dirs["llama"], bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match="could not load the weights"):
+        load_model(ModelSpec(str(bad), "cpu"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="cannot read the GGUF file"):
+        load_model(ModelSpec(str(gguf), "cpu"))
+
+
+# ---- tasks
+
+def test_duplicate_examples_never_land_in_two_splits(tmp_path):
+    rows = [{"prompt": f"Is {i % 30} even? Answer:", "choices": ["yes", "no"], "answer": i % 2} for i in range(90)]
+    p = tmp_path / "dups.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    s = _splits(p, n_calib=10, n_test=10)
+    prompts = [[s.task.examples[i].prompt for i in part] for part in (s.calib, s.val, s.test)]
+    flat = [x for part in prompts for x in part]
+    assert len(flat) == len(set(flat)) == 26  # 30 distinct prompts: 10 + 10 test/calib, val 6 (20%)
+
+
+def test_malformed_csv_row_names_its_line(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text('prompt,choices,answer\n"a","x|y",0\n"b","x|y",0,extra\n')
+    with pytest.raises(Exception, match="line 3"):
+        load_task(TaskSpec(str(p)))
+
+
+# ---- settings and numerics
+
+def test_k_larger_than_a_chosen_matrix_is_refused_before_any_edit(tiny_lm, mc_task):
+    lm = tiny_lm("llama")
+    with pytest.raises(ConfigError, match=r"K=32 is larger than the 16 rows of model\.layers\.\d\.self_attn\.[kv]_proj\.weight; use K <= 16"):
+        run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(32,), rhos=(0.5,)), None)
+
+
+def test_nan_gradient_matrix_is_skipped_and_reported(tiny_lm, mc_task, monkeypatch):
+    import laser_core.search as search
+    real = search.calibration_gradients
+    poisoned = "model.layers.0.mlp.up_proj.weight"
+
+    def fake(lm, examples, cancel=None, progress=None):
+        grads, loss = real(lm, examples, cancel, progress)
+        grads[poisoned] = grads[poisoned] * float("nan")
+        return grads, loss
+    monkeypatch.setattr(search, "calibration_gradients", fake)
+    report = run_search(tiny_lm("llama"), _splits(mc_task), SearchConfig(q=13, ks=(1,), rhos=(0.5,)), None)
+    assert poisoned not in {c["name"] for c in report.candidates}
+    assert any(s["name"] == poisoned and "NaN" in s["error"] for s in report.skipped)
+
+
+def test_candidate_that_produces_nan_is_skipped_not_a_crash(tiny_lm, mc_task, monkeypatch):
+    import laser_core.reduction as reduction
+    real = reduction.block_truncate
+    monkeypatch.setattr(reduction, "block_truncate",
+                        lambda f, rho: real(f, rho) * (float("inf") if rho == 0.1 else 1.0))
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    report = run_search(lm, _splits(mc_task), SMALL, None)
+    assert len(report.candidates) == 4 and len(report.skipped) == 4
+    assert all(s["rho"] == 0.1 and "NaN or infinite" in s["error"] for s in report.skipped)
+    assert weight_hashes(lm.model) == before
+
+
+def test_nan_calibration_loss_is_reported_clearly(tiny_lm, mc_task):
+    lm = tiny_lm("llama")
+    with torch.no_grad():
+        lm.model.model.norm.weight.fill_(float("nan"))
+    from laser_core.gradients import calibration_gradients
+    with pytest.raises(NumericsError, match="calibration loss is NaN or infinite"):
+        calibration_gradients(lm, _splits(mc_task).examples("calib"))
+    assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
+
+
+# ---- faults
+
+def test_cancel_during_gradient_computation_restores_everything(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    token = CancelToken()
+
+    def progress(ev):
+        if ev.get("phase") == "gradients":
+            token.cancel()
+    report = run_search(lm, _splits(mc_task), SMALL, store, progress=progress, cancel=token)
+    assert report.status == "partial" and report.candidates == []
+    assert weight_hashes(lm.model) == before
+    assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
+
+
+def test_interrupted_save_leaves_no_half_model_and_no_temp_files(tiny_lm, tmp_path, monkeypatch):
+    from laser_core.recipe import make_recipe, save_model_atomic
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    recipe = make_recipe(lm, [Edit(lm.matrices[0].name, 1, 0.5)])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(lm.model), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with edited(lm, recipe_edits := [Edit(lm.matrices[0].name, 1, 0.5)]):
+            save_model_atomic(lm, tmp_path / "out", recipe)
+    assert recipe_edits and list(tmp_path.iterdir()) == []
+    assert weight_hashes(lm.model) == before
+
+
+def test_cache_entry_from_another_version_is_recomputed(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    splits = _splits(mc_task)
+    run_search(lm, splits, SMALL, store)
+    for key in list(store._cache.iterkeys()):
+        if key.startswith("result/"):
+            store._cache.set(key, _MAGIC_JSON + json.dumps({"v": 999, "data": {"accuracy": 1.0}}).encode())
+    again = run_search(lm, splits, SMALL, store)
+    assert again.cache["eval"] == 9 and store.counts["corrupt"] >= 9
+    assert all(c["accuracy"] < 1.0 or not c["cached"] for c in again.candidates)
+
+
+def test_disk_full_mid_run_continues_without_cache_and_says_so(tiny_lm, mc_task, tmp_path, monkeypatch):
+    s = Store(tmp_path / "store")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(s._cache, "set", full)
+    report = run_search(tiny_lm("llama"), _splits(mc_task), SMALL, s)
+    assert report.best_test is not None and not s.enabled
+    assert "No space left on device" in s.disabled_reason and "without a cache" in s.disabled_reason
+
+
+# ---- concurrency
+
+def test_threads_never_edit_the_same_model_at_once(tiny_lm):
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    inside, peak, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def worker(i):
+        try:
+            for j in range(5):
+                with edited(lm, [Edit(lm.matrices[(i + j) % len(lm.matrices)].name, 1, 0.5)]):
+                    with guard:
+                        inside[0] += 1
+                        peak[0] = max(peak[0], inside[0])
+                    time.sleep(0.002)
+                    with guard:
+                        inside[0] -= 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and peak[0] == 1
+    assert weight_hashes(lm.model) == before
+
+
+def test_job_manager_refuses_a_second_job_on_the_same_device():
+    from laser_ui import JobManager
+    jm = JobManager()
+    release = threading.Event()
+    first = jm.submit("search", "first", "cpu", lambda job: release.wait(5))
+    with pytest.raises(JobBusy, match="'first' is still running on cpu"):
+        jm.submit("search", "second", "cpu", lambda job: None)
+    other = jm.submit("search", "elsewhere", "cuda:0", lambda job: 42)
+    release.set()
+    for job in (first, other):
+        for _ in range(100):
+            if job.status != "running":
+                break
+            time.sleep(0.05)
+    assert first.status == "done" and other.result == 42
+    assert jm.submit("search", "third", "cpu", lambda job: 1) is not None
+
+
+def test_random_cancellation_points_never_corrupt_weights_or_cache(tiny_lm, mc_task, tmp_path):
+    lm = tiny_lm("gpt2")
+    before = weight_hashes(lm.model)
+    splits = _splits(mc_task)
+    rng = random.Random(1234)
+    s = Store(tmp_path / "store")
+    statuses = []
+    for _ in range(8):
+        token, stop_at, seen = CancelToken(), rng.randrange(1, 14), [0]
+
+        def progress(ev, token=token, stop_at=stop_at, seen=seen):
+            seen[0] += 1
+            if seen[0] == stop_at:
+                token.cancel()
+        report = run_search(lm, splits, SMALL, s, progress=progress, cancel=token)
+        statuses.append(report.status)
+        assert weight_hashes(lm.model) == before
+        for key in list(s._cache.iterkeys()):  # every entry decodes: nothing half-written
+            assert (s.get_json(key) if key.startswith(("result/", "report/")) else s.get_tensors(key)) is not None
+    assert "partial" in statuses
+    final = run_search(lm, splits, SMALL, s)
+    assert final.status == "complete" and final.cache.get("corrupt", 0) == 0
