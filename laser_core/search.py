@@ -235,6 +235,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     if not getattr(splits, split):
         raise TaskFormatError(f"task {splits.task.name!r} has no examples left for a validation split; "
                               "lower n_calib or n_test, or use the c2i method")
+    if method == "c2i" and cfg.q > len(lm.matrices):
+        raise ConfigError(f"q={cfg.q} is larger than the model's {len(lm.matrices)} matrices")
     base = best = None
     candidates: list[dict] = []
     skipped: list[dict] = []

@@ -215,8 +215,9 @@ def load_csv(path: str | Path, spec: TaskSpec) -> Task:
     rows = []
     for row in reader:
         if None in row or any(v is None for v in row.values()):
-            raise TaskFormatError(f"{path.name}: line {reader.line_num} has {len(row) + (len(row.get(None) or []) - 1 if None in row else 0)} "
-                                  f"fields but the header has {len(reader.fieldnames)}")
+            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+            raise TaskFormatError(f"{path.name}: line {reader.line_num} has {fields} fields but the header has "
+                                  f"{len(reader.fieldnames)}")
         rows.append((reader.line_num, row))
     if not rows:
         raise TaskFormatError(f"{path.name}: the file has a header but no rows")

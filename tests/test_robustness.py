@@ -59,8 +59,12 @@ def test_duplicate_examples_never_land_in_two_splits(tmp_path):
 
 def test_malformed_csv_row_names_its_line(tmp_path):
     p = tmp_path / "t.csv"
+    from laser_core import TaskFormatError
     p.write_text('prompt,choices,answer\n"a","x|y",0\n"b","x|y",0,extra\n')
-    with pytest.raises(Exception, match="line 3"):
+    with pytest.raises(TaskFormatError, match="line 3 has 4 fields but the header has 3"):
+        load_task(TaskSpec(str(p)))
+    p.write_text('prompt,choices,answer\n"a","x|y"\n')
+    with pytest.raises(TaskFormatError, match="line 2 has 2 fields but the header has 3"):
         load_task(TaskSpec(str(p)))
 
 
