@@ -175,6 +175,30 @@ def start_job(kind: str, label: str, lm, fn: Callable[[Job], Any]) -> Job | None
     return job
 
 
+def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any, str]]) -> Job | None:
+    """Background evaluation of (name, edit or None for the base, split) items; result: {name: result doc}."""
+    from laser_core.search import evaluate_candidate
+
+    def work(job: Job) -> dict:
+        out = {}
+        for i, (name, edit, split) in enumerate(items):
+            job.on_progress({"phase": kind, "done": i, "total": len(items), "message": name[:40]})
+            out[name] = evaluate_candidate(lm, edit, splits, split, store(), job.cancel)
+        return out
+    return start_job(kind, label, lm, work)
+
+
+def live_job(kind: str, rerun_when_done: bool = True) -> None:
+    """Poll this session's ``kind`` job every second; once it is done, rerun the page to show its result."""
+    @st.fragment(run_every=1.0)
+    def poll() -> None:
+        job = session_job(kind)
+        render_job(job)
+        if rerun_when_done and job is not None and job.status == "done":
+            st.rerun()
+    poll()
+
+
 def session_job(kind: str) -> Job | None:
     jid = st.session_state.get(f"job_{kind}")
     return job_manager().jobs.get(jid) if jid else None

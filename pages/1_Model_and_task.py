@@ -8,7 +8,6 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import ConfigError, ModelSpec, TaskSpec
-from laser_core.search import evaluate_candidate
 
 st.set_page_config(page_title="LASER Lab", layout="wide")
 st.title("LASER Lab · Model & task")
@@ -100,21 +99,8 @@ if all(cached.values()):
     b[1].metric("Held-out test accuracy", f"{cached['test']['accuracy']:.3f}", help=f"log-loss {cached['test']['log_loss']:.4f}")
 else:
     if st.button("Compute baseline accuracy"):
-        def work(job):
-            out = {}
-            for i, s in enumerate(("calib", "test")):
-                job.on_progress({"phase": "baseline", "done": i, "total": 2, "message": s})
-                out[s] = evaluate_candidate(lm, None, splits, s, ui.store(), job.cancel)
-            return out
-        ui.start_job("baseline", "baseline", lm, work)
-
-    @st.fragment(run_every=1.0)
-    def baseline_progress():
-        job = ui.session_job("baseline")
-        ui.render_job(job)
-        if job is not None and job.status == "done":
-            st.rerun()  # the page above then shows the result
-    baseline_progress()
+        ui.start_eval_job("baseline", "baseline", lm, splits, [("calib", None, "calib"), ("test", None, "test")])
+    ui.live_job("baseline")
 
 st.info("Next: **Layer scores** in the sidebar computes the singular-value gradients of every matrix.")
 if store.disabled_reason:

@@ -32,13 +32,7 @@ if store.get_tensors(spectra_key) is None and not (ui.session_job("scores") and 
         ui.start_job("scores", f"scores ({score})", lm,
                      lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress))
 
-    @st.fragment(run_every=1.0)
-    def progress():
-        job = ui.session_job("scores")
-        ui.render_job(job)
-        if job is not None and job.status == "done":
-            st.rerun()
-    progress()
+    ui.live_job("scores")
     st.stop()
 
 job = ui.session_job("scores")

@@ -6,7 +6,6 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import Edit
-from laser_core.search import evaluate_candidate
 
 st.set_page_config(page_title="LASER Lab · Results", layout="wide")
 st.title("Results")
@@ -66,13 +65,7 @@ def edit_of(label: str):
 
 
 if st.button("Compare on held-out test", type="primary"):
-    def work(job):
-        out = []
-        for i, lab in enumerate((a, b)):
-            job.on_progress({"phase": "test", "done": i, "total": 2, "message": lab[:40]})
-            out.append(evaluate_candidate(lm, edit_of(lab), splits, "test", ui.store(), job.cancel))
-        return out
-    ui.start_job("compare", "compare on test", lm, work)
+    ui.start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
 
 
 @st.fragment(run_every=1.0)
@@ -81,7 +74,7 @@ def compare():
     ui.render_job(job)
     if job is None or job.status != "done":
         return
-    ra, rb = job.result
+    ra, rb = job.result["A"], job.result["B"]
     m = st.columns(2)
     m[0].metric("A accuracy (test)", f"{ra['accuracy']:.3f}", help=f"log-loss {ra['log_loss']:.4f}")
     m[1].metric("B accuracy (test)", f"{rb['accuracy']:.3f}", f"{rb['accuracy'] - ra['accuracy']:+.3f}")
