@@ -247,6 +247,7 @@ def candidates_frame(rows: list[dict]) -> pd.DataFrame:
     cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
             "predicted_gain", "cached", "name"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+    df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if not df.empty:
         df["ranks"] = df["ranks"].astype(str)
     return df
@@ -300,9 +301,15 @@ def grid_inputs(prefix: str = "") -> dict:
 
 
 def cached_results(lm, splits) -> list[dict]:
-    """Every evaluated candidate for this model and task in the cache, earlier sessions included."""
-    prefix = f"result/{lm.fingerprint}/{splits.task.digest}/"
-    return [doc for _, doc in store().iter_json(prefix)]
+    """Every evaluation for this model on the session's splits in the cache, earlier sessions included."""
+    from laser_core.search import cached_results as _cached
+    return _cached(store(), lm, splits)
+
+
+def cached_result(lm, splits, split: str, edit=None) -> dict | None:
+    """One cached evaluation (None: not computed yet)."""
+    from laser_core.search import result_key
+    return store().get_json(result_key(store(), lm, splits, split, edit))
 
 
 def report_key(lm, splits, cfg: SearchConfig) -> str:

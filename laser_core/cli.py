@@ -253,11 +253,16 @@ def _cmd_report(args) -> int:
     from .report import paper_table, table_markdown
 
     tasks = [t for t in args.tasks.split(",") if t]
+    def on_row(partial: dict) -> None:  # each finished task is printed and saved at once
+        last = partial["rows"][-1]
+        print(f"{last['task']}: base {last['base_test']:.3f}, LASER {last['laser_test']:.3f}, "
+              f"C2I K=1 {last['c2i_k1_test']:.3f}, C2I K grid {last['c2i_kgrid_test']:.3f}", file=sys.stderr, flush=True)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(partial, indent=2))
+
     result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
-                         progress=lambda m: print(m, file=sys.stderr))
+                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row)
     print(table_markdown(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0
 
 

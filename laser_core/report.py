@@ -72,8 +72,12 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
 
 
 def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
-                n_test: int = 300, progress: Callable[[str], None] | None = None) -> dict:
-    """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used."""
+                n_test: int = 300, progress: Callable[[str], None] | None = None,
+                on_row: Callable[[dict], None] | None = None) -> dict:
+    """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used.
+
+    ``on_row(result_so_far)`` is called after each task, so a long run can be followed (and kept) row by row.
+    """
     from .models import load_model
 
     lm = load_model(model)
@@ -111,6 +115,8 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             out.update({f"{label}_test": rep.best_test["accuracy"], f"{label}_s": seconds,
                         f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
         rows.append(out)
+        if on_row:
+            on_row({"settings": settings, "rows": list(rows)})
     return {"settings": settings, "rows": rows}
 
 

@@ -136,6 +136,28 @@ class PrefixPool:
         return states
 
 
+def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: Edit | None) -> str:
+    """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length."""
+    ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
+             "max_new_tokens": splits.spec.max_new_tokens}
+    return store.key("result", lm.fingerprint, splits.task.digest, ident)
+
+
+def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
+    """Every evaluation of this model on exactly these splits found in the cache (earlier runs included).
+
+    Entries made on other splits of the same task (another seed or size) are left out: their keys differ.
+    """
+    out = []
+    for key, doc in store.iter_json(f"result/{lm.fingerprint}/{splits.task.digest}/"):
+        if doc.get("split") not in ("calib", "val", "test"):
+            continue
+        edit = Edit(doc["name"], int(doc["k"]), float(doc["rho"])) if doc.get("name") else None
+        if key == result_key(store, lm, splits, doc["split"], edit):
+            out.append(doc)
+    return out
+
+
 def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split: str, store: Store,
                        cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
                        prefixes: PrefixPool | None = None) -> dict:
@@ -143,9 +165,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
 
     Returns a plain dict: the edit, its layer/type/ranks, accuracy, log_loss, per-example outcomes, seconds.
     """
-    ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
-             "max_new_tokens": splits.spec.max_new_tokens}
-    key = store.key("result", lm.fingerprint, splits.task.digest, ident)
+    key = result_key(store, lm, splits, split, edit)
     doc = store.get_json(key)
     if doc is not None and (beat is not None or not doc.get("stopped_early")):
         doc["cached"] = True

@@ -87,9 +87,7 @@ st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{f
 
 st.subheader("Baseline")
 store = ui.store()
-cached = {s: store.get_json(store.key("result", lm.fingerprint, splits.task.digest,
-                                      {"split": splits.key(s), "edit": None,
-                                       "max_new_tokens": splits.spec.max_new_tokens})) for s in ("calib", "test")}
+cached = {s: ui.cached_result(lm, splits, s) for s in ("calib", "test")}
 job = ui.session_job("baseline")
 if not all(cached.values()) and job is not None and job.status == "done":
     cached = job.result  # cache switched off or unwritable: show the job's own result

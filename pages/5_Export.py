@@ -36,9 +36,7 @@ choice = st.selectbox("Candidate", range(len(options)), index=default, key="expo
                                             f"({options[i]['split']} acc {options[i]['accuracy']:.3f})")
 d = options[choice]
 edit = Edit(d["name"], int(d["k"]), float(d["rho"]))
-base = ui.store().get_json(ui.store().key("result", lm.fingerprint, splits.task.digest,
-                                          {"split": splits.key(d["split"]), "edit": None,
-                                           "max_new_tokens": splits.spec.max_new_tokens}))
+base = ui.cached_result(lm, splits, d["split"])
 pick = lambda r: None if r is None else {"accuracy": r["accuracy"], "log_loss": r["log_loss"], "n": r["n"]}  # noqa: E731
 recipe = make_recipe(lm, [edit], splits.spec, {"search_split": d["split"], "base": pick(base), "edited": pick(d)})
 

@@ -193,3 +193,33 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert err == ["error: rho must be in (0, 1], got 1.5"]
     assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task)]) == 2
     assert "model not found" in capsys.readouterr().err
+
+
+def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc_task, store):
+    from laser_core.search import cached_results
+    lm = tiny_lm("llama")
+    ts_a = TaskSpec(str(mc_task), n_calib=20, n_test=20, seed=0)
+    ts_b = TaskSpec(str(mc_task), n_calib=20, n_test=20, seed=1)
+    a = make_splits(load_task(ts_a), ts_a)
+    b = make_splits(load_task(ts_b), ts_b)
+    run_search(lm, a, SearchConfig(q=1, ks=(1,), rhos=(0.5,)), store)
+    run_search(lm, b, SearchConfig(q=1, ks=(1,), rhos=(0.5, 0.1)), store)
+    assert len(cached_results(store, lm, a)) == 1 + 1 + 2  # base + 1 candidate on calib; base + best on test
+    assert len(cached_results(store, lm, b)) == 1 + 2 + 2
+
+
+def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path):
+    from laser_core import ModelSpec
+    from laser_core.report import paper_table, table_markdown
+    from conftest import write_mc_jsonl
+    task = write_mc_jsonl(tmp_path / "even.jsonl", 200)
+    seen = []
+    result = paper_table(ModelSpec(str(tiny_dirs["llama"]), "cpu"), [str(task)], quick=True, n_calib=30, n_test=30,
+                         on_row=seen.append)
+    row = result["rows"][0]
+    assert len(seen) == 1 and row["n_val"] == 40 and row["n_test"] == 30
+    for k in ("base_test", "laser_test", "c2i_k1_test", "c2i_kgrid_test"):
+        assert 0.0 <= row[k] <= 1.0
+    assert row["laser_s"] > row["laser_measured_s"] > 0  # one of two layers measured: the rest extrapolated
+    text = table_markdown(result)
+    assert text.startswith("| task | base | LASER | C2I K=1 | C2I K grid |") and "quick mode" in text
