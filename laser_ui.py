@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
+from laser_core import (CancelToken, Cancelled, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
 from laser_core.config import PAPER_KS, PAPER_RHOS, to_dict
 from laser_core.models import TYPE_ORDER, cache_root

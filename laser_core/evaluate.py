@@ -21,6 +21,7 @@ import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
+from .prefix import StopForward, block_list, capture_first_arg, from_layer
 from .tasks import Example
 
 
@@ -144,54 +145,6 @@ def _body_and_head(model: torch.nn.Module, kind: str):
     return (body, head) if head is not None else (None, None)
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook: the layers after the captured one need not run."""
-
-
-def block_list(lm: LoadedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList] | None:
-    """(parent module, attribute, ModuleList) holding the transformer blocks, found from the matrix names."""
-    ref = lm.matrices[0]
-    head, sep, _ = ref.name.partition(f".{ref.layer}.")
-    if not sep or "." not in head:
-        return None
-    parent_path, attr = head.rsplit(".", 1)
-    try:
-        parent = lm.model.get_submodule(parent_path)
-    except AttributeError:
-        return None
-    blocks = getattr(parent, attr, None)
-    return (parent, attr, blocks) if isinstance(blocks, torch.nn.ModuleList) else None
-
-
-def _replace_first_arg(value: torch.Tensor):
-    def hook(module, args, kwargs):
-        if args:
-            return (value,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": value}
-    return hook
-
-
-def _capture_first_arg(store: list):
-    def hook(module, args, kwargs):
-        store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-        raise _StopForward
-    return hook
-
-
-@contextlib.contextmanager
-def _from_layer(lm: LoadedModel, layer: int, states: torch.Tensor):
-    """Run the body from block ``layer`` on: earlier blocks are removed for the call and ``states`` are
-    fed to block ``layer`` in place of its computed input. Masks and positions are still made by the model."""
-    parent, attr, blocks = block_list(lm)
-    handle = blocks[layer].register_forward_pre_hook(_replace_first_arg(states), with_kwargs=True)
-    setattr(parent, attr, torch.nn.ModuleList(list(blocks)[layer:]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, blocks)
-        handle.remove()
-
-
 class PrefixStates:
     """Hidden states entering block ``layer`` for every batch of ``examples``, from the base weights.
 
@@ -210,10 +163,10 @@ class PrefixStates:
         with torch.no_grad():
             for idx in self.batches:
                 got: list[torch.Tensor] = []
-                handle = blocks[layer].register_forward_pre_hook(_capture_first_arg(got), with_kwargs=True)
+                handle = blocks[layer].register_forward_pre_hook(capture_first_arg(got), with_kwargs=True)
                 try:
                     _scored_logprobs(lm, [self.seqs[i] for i in idx])
-                except _StopForward:
+                except StopForward:
                     pass
                 finally:
                     handle.remove()
@@ -239,7 +192,7 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
     body, head = _body_and_head(model, lm.kind)
     extra = {"use_cache": False} if lm.kind == "causal" else {}
-    with (_from_layer(lm, start[0], start[1]) if start is not None else contextlib.nullcontext()):
+    with (from_layer(lm, start[0], start[1]) if start is not None else contextlib.nullcontext()):
         if body is not None:
             hidden = body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
             logits = head(hidden[bi, pi])  # lean head: only the scored positions

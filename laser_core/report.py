@@ -40,7 +40,6 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     the total is that sum over all layers x types x rhos. The sweep's best is the best of the subset only.
     """
     n_layers = max(r.layer for r in lm.matrices) + 1
-    types = sorted({r.type for r in lm.matrices})
     t0 = time.perf_counter()
     rep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None),
                      null_store(), progress)

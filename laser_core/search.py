@@ -12,7 +12,8 @@ import torch
 
 from .config import Edit, SearchConfig, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
-from .evaluate import CancelToken, EvalResult, PrefixStates, block_list, evaluate
+from .evaluate import CancelToken, PrefixStates, evaluate
+from .prefix import block_list
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
 from .reduction import BlockFactors, block_ranks, block_svd, edited

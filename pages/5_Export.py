@@ -8,7 +8,7 @@ import streamlit as st
 import yaml
 
 import laser_ui as ui
-from laser_core import ConfigError, Edit, LaserError, edited
+from laser_core import Edit, LaserError, edited
 from laser_core.recipe import make_recipe, save_model_atomic
 
 st.set_page_config(page_title="LASER Lab · Export", layout="wide")

@@ -1,14 +1,13 @@
 """Loading and locating matrices; task formats, scoring rules and splits."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from laser_core import ModelLoadError, ModelSpec, TaskFormatError, TaskSpec, load_model, load_task, make_splits
 from laser_core.evaluate import evaluate
-from laser_core.models import from_module, locate_matrices
+from laser_core.models import locate_matrices
 from laser_core.tasks import Example
 
 

@@ -1,8 +1,6 @@
 """Search, restore-on-exit edits, the disk cache, recipes and the CLI, on tiny models."""
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 import torch
