@@ -139,6 +139,22 @@ def task_spec() -> TaskSpec:
     return st.session_state.get("task_spec") or TaskSpec(DEFAULT_TASK)
 
 
+def switch_to(model: ModelSpec, task: TaskSpec) -> None:
+    """Load ``model`` and ``task`` and make them the session's; on failure show why and keep the old ones."""
+    import json
+    try:
+        lm = _cached_model(model.source, model.device, model.dtype)
+    except LaserError as e:
+        user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}")
+    try:
+        splits = _cached_splits(json.dumps(to_dict(task), sort_keys=True))
+    except LaserError as e:
+        user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}")
+    if splits.task.kind == "gen" and lm.kind != "causal":
+        user_error("Generation tasks need a causal LM; this model is a masked LM.")
+    st.session_state["model_spec"], st.session_state["task_spec"] = model, task
+
+
 def current_model():
     """The loaded model of the session's spec (loaded once per spec, device and dtype), or st.error + stop."""
     spec = model_spec()

@@ -200,6 +200,8 @@ def _cmd_search(args, method: str) -> int:
     cached = sum(1 for c in report.candidates if c.get("cached"))
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
           + f"; candidates from cache {cached}/{len(report.candidates)}")
+    if store.disabled_reason and not args.no_cache:
+        print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)
     path = Path(args.recipe_out) if args.recipe_out else \
         Path(store.directory or "cache").parent / "recipes" / f"{splits.task.name}-{method}-{lm.fingerprint[:8]}.json"

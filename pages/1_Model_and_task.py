@@ -62,10 +62,11 @@ if submitted:
     if not tsource:
         ui.user_error("Give a task: a task.json path or a dataset name.")
     try:
-        st.session_state["model_spec"] = ModelSpec(source, device, dtype)
-        st.session_state["task_spec"] = TaskSpec(tsource, int(n_calib), int(n_test), None, int(seed), **cols)
+        new_model = ModelSpec(source, device, dtype)
+        new_task = TaskSpec(tsource, int(n_calib), int(n_test), None, int(seed), **cols)
     except ConfigError as e:
         ui.user_error(str(e))
+    ui.switch_to(new_model, new_task)  # on a bad model or task: an error, and the previous ones stay loaded
 
 ui.render_sidebar_status()
 lm = ui.current_model()

@@ -78,7 +78,8 @@ def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
     at.text_input(key="model_path").set_value("/no/such/model")
     at.button[0].click().run()
     assert not at.exception
-    assert any("model not found" in e.value for e in at.error)
+    assert any("model not found" in e.value and "still using" in e.value for e in at.error)
+    assert "model_spec" not in at.session_state  # the working default stays the session's model
 
 
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):

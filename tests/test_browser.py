@@ -122,3 +122,23 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     assert recipe["laser_lab_recipe"] == 1 and recipe["edits"][0]["name"].startswith("model.layers.")
     shot(page, "5_export")
     assert not page.get_by_test_id("stException").count()
+
+
+def test_a_bad_model_path_shows_a_message_not_a_traceback(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.get_by_text("Model facts").wait_for()
+    page.get_by_text("local folder").click()
+    box = page.get_by_label("Folder, .gguf file or hub id (not needed for demo)")
+    box.fill("/no/such/model")
+    page.get_by_role("button", name="Load model and task").click()
+    error = page.get_by_test_id("stAlertContentError").filter(has_text="model not found")
+    error.wait_for()
+    error.scroll_into_view_if_needed()
+    assert not page.get_by_test_id("stException").count()
+    assert page.get_by_test_id("stMetric").filter(has_text="Architecture").count() == 0  # stopped at the error
+    shot(page, "6_error_bad_model_path")
+    page.get_by_text("Layer scores", exact=True).click()  # the previous model is still the session's
+    page.locator(".js-plotly-plot, [data-testid='stButton']").first.wait_for()
+    assert not page.get_by_test_id("stAlertContentError").count()

@@ -70,6 +70,15 @@ def test_malformed_csv_row_names_its_line(tmp_path):
 
 # ---- settings and numerics
 
+@pytest.mark.parametrize("kwargs,match", [({"q": 0}, "q \\(matrices to try\\) must be >= 1, got 0"),
+                                          ({"ks": ()}, "the K grid is empty"),
+                                          ({"rhos": ()}, "the rho grid is empty"),
+                                          ({"ks": (0,)}, "positive integer, got 0")])
+def test_bad_search_settings_name_the_bad_value(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SearchConfig(**kwargs)
+
+
 def test_k_larger_than_a_chosen_matrix_is_refused_before_any_edit(tiny_lm, mc_task):
     lm = tiny_lm("llama")
     with pytest.raises(ConfigError, match=r"K=32 is larger than the 16 rows of model\.layers\.\d\.self_attn\.[kv]_proj\.weight; use K <= 16"):
