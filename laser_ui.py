@@ -281,6 +281,12 @@ def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdBu_r", zmid=0, customdata=names,
                                hovertemplate="layer %{y} · %{x}<br>score %{z:.4g}<br>%{customdata}<extra></extra>",
                                colorbar={"title": "score"}))
+    # Streamlit returns no selection for heatmap clicks (streamlit#8760): a transparent marker on every
+    # cell carries the click instead.
+    fig.add_trace(go.Scatter(x=[r["type"] for r in table], y=[r["layer"] for r in table], mode="markers",
+                             customdata=[r["name"] for r in table], text=[f"{r['score']:.4g}" for r in table],
+                             marker={"size": 14, "opacity": 0.0, "symbol": "square"}, showlegend=False,
+                             hovertemplate="layer %{y} · %{x}<br>score %{text}<br>%{customdata}<extra></extra>"))
     if selected:
         for r in table:
             if r["name"] == selected:

@@ -45,20 +45,40 @@ skipped = [r["name"] for r in table if not r["finite"]]
 if skipped:
     st.warning(f"Skipped (NaN/inf gradient): {', '.join(skipped)}")
 
-st.session_state.setdefault("selected_matrix", names[0])
+# Table row, heatmap cell and select box all choose the matrix; a choice made in the table or on the heatmap
+# is applied to the select box before it is drawn on the next run.
+pending = st.session_state.pop("pending_matrix", None)
+if pending in names:
+    st.session_state["matrix_pick"] = pending
+if st.session_state.get("matrix_pick") not in names:
+    st.session_state["matrix_pick"] = names[0]
+
+
+def choose(name: str | None, source: str) -> None:
+    """React to a new table/heatmap selection only when it changes (the widgets keep theirs across runs)."""
+    if name and name != st.session_state.get(f"last_{source}"):
+        st.session_state[f"last_{source}"] = name
+        if name != st.session_state["matrix_pick"]:
+            st.session_state["pending_matrix"] = name
+            st.rerun()
+
+
 left, right = st.columns([3, 2])
 with right:
     st.subheader(f"Top {q}")
     top = pd.DataFrame([{"rank": r["rank"] + 1, "layer": r["layer"], "type": r["type"], "score": r["score"],
                          "name": r["name"]} for r in ranked[:q]])
     sel = st.dataframe(top, hide_index=True, on_select="rerun", selection_mode="single-row", key="top_table")
-    if sel.selection.rows:
-        st.session_state["selected_matrix"] = top.iloc[sel.selection.rows[0]]["name"]
-    chosen = st.selectbox("Matrix", names, index=names.index(st.session_state["selected_matrix"]), key="matrix_pick")
-    st.session_state["selected_matrix"] = chosen
+    choose(top.iloc[sel.selection.rows[0]]["name"] if sel.selection.rows else None, "table")
+    st.selectbox("Matrix", names, key="matrix_pick")
+    st.session_state["selected_matrix"] = st.session_state["matrix_pick"]
     st.metric("Calibration log-loss", f"{loss:.4f}")
 with left:
-    st.plotly_chart(ui.score_heatmap(table, st.session_state["selected_matrix"]), key="heatmap")
+    event = st.plotly_chart(ui.score_heatmap(table, st.session_state["selected_matrix"]), key="heatmap",
+                            on_select="rerun", selection_mode="points")
+    clicked = [p.get("customdata") for p in (event.selection.points if event else []) if p.get("customdata")]
+    choose(clicked[0] if clicked else None, "heatmap")
+    st.caption("Click a cell, pick a row of the top-q table, or use the Matrix box.")
 sp = spectra[st.session_state["selected_matrix"]]
 st.plotly_chart(ui.gradient_profile(sp.S[1][0], sp.g[1][0], tail, st.session_state["selected_matrix"]), key="profile")
 st.session_state["top_q"] = names[:q]
