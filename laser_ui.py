@@ -335,9 +335,9 @@ def cached_result(lm, splits, split: str, edit=None) -> dict | None:
 
 
 def report_key(lm, splits, cfg: SearchConfig) -> str:
-    split = "calib" if cfg.method == "c2i" else "val"
-    return store().key("report", lm.fingerprint, splits.task.digest,
-                       {"cfg": to_dict(cfg), "split": splits.key(split), "status": "complete"})
+    """Cache key of this configuration's complete search report."""
+    from laser_core.search import report_key as _key
+    return _key(store(), lm, splits, cfg)
 
 
 def cache_dir() -> Path:

@@ -56,7 +56,7 @@ def timed(lm, fn, repeat: int = 1):
 
 
 def part_a(lm, splits, repeat: int) -> list[dict]:
-    n_layers = max(r.layer for r in lm.matrices) + 1
+    n_layers = lm.n_layers
     first_of_last_quarter = -(-3 * n_layers // 4)  # ceil(3L/4)
     layers = sorted({0, n_layers // 2, first_of_last_quarter, (first_of_last_quarter + n_layers - 1) // 2, n_layers - 1})
     ex = splits.examples("calib")
@@ -80,14 +80,12 @@ def part_b(lm, splits, args) -> dict:
     c2i = run_search(lm, splits, SearchConfig("c2i", q=args.q, ks=tuple(args.ks), rhos=rhos), null_store())
     c2i_time = time.perf_counter() - t0 - c2i.timings.get("test", 0.0)  # search cost only, as for LASER
     laser = laser_baseline(lm, splits, rhos, tuple(args.laser_layers) if args.quick else None)
-    laser_time, note = laser.seconds, laser.note
-    laser_measured = laser.measured_seconds
-    laser = laser.report
     return {"c2i_s": c2i_time, "c2i_candidates": len(c2i.candidates), "c2i_timings": c2i.timings,
             "c2i_best": c2i.best, "c2i_base_test": c2i.base_test["accuracy"], "c2i_best_test": c2i.best_test["accuracy"],
-            "laser_s": laser_time, "laser_measured_s": laser_measured, "laser_candidates_measured": len(laser.candidates),
-            "laser_candidates_total": len(lm.matrices) * len(rhos), "laser_best": laser.best,
-            "laser_best_test": laser.best_test["accuracy"], "speedup": laser_time / c2i_time, "note": note,
+            "laser_s": laser.seconds, "laser_measured_s": laser.measured_seconds,
+            "laser_candidates_measured": len(laser.report.candidates), "laser_candidates_total": laser.candidates_total,
+            "laser_best": laser.report.best, "laser_best_test": laser.report.best_test["accuracy"],
+            "speedup": laser.seconds / c2i_time, "note": laser.note,
             "n_calib": len(splits.calib), "n_val": len(splits.val), "n_test": len(splits.test)}
 
 
@@ -133,7 +131,7 @@ def main() -> None:
     for r in a:
         print(f"| {r['layer']} | {r['full_s']:.3f} | {r['prefix_s']:.3f} | {r['ratio']:.2f} | {r['prefix_build_s']:.3f} | {r['prefix_mb']:.1f} |")
     mean = sum(r["ratio"] for r in a) / len(a)
-    n_layers = max(x.layer for x in lm.matrices) + 1
+    n_layers = lm.n_layers
     lastq = [r["ratio"] for r in a if r["layer"] >= -(-3 * n_layers // 4)]
     print(f"\nmean ratio {mean:.2f} over the measured layers (target <= 0.5); last quarter: mean "
           f"{sum(lastq) / len(lastq):.2f}, worst {max(lastq):.2f} (target <= 0.2)\n")

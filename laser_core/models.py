@@ -156,6 +156,11 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks (highest located layer index + 1)."""
+        return max(r.layer for r in self.matrices) + 1
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -174,7 +179,7 @@ class LoadedModel:
         return {
             "architecture": type(self.model).__name__,
             "model_type": getattr(cfg, "model_type", "?"),
-            "layers": len({r.layer for r in self.matrices}),
+            "layers": self.n_layers,
             "matrices": len(self.matrices),
             "matrix_types": sorted({r.type for r in self.matrices}, key=lambda t: (TYPE_ORDER + [t]).index(t)),
             "parameters": sum(p.numel() for p in self.model.parameters()),

@@ -39,12 +39,12 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     subset) and the per-candidate time of every layer is interpolated linearly between measured layers;
     the total is that sum over all layers x types x rhos. The sweep's best is the best of the subset only.
     """
-    n_layers = max(r.layer for r in lm.matrices) + 1
+    n_layers = lm.n_layers
     t0 = time.perf_counter()
     rep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None),
                      null_store(), progress)
     measured = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
-    total_candidates = sum(1 for _ in lm.matrices) * len(rhos)
+    total_candidates = len(lm.matrices) * len(rhos)
     if layers is None or set(layers) >= set(range(n_layers)):
         return LaserTiming(rep, measured, measured, total_candidates, "all layers measured")
     per_layer: dict[int, list[float]] = {}
@@ -80,11 +80,10 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     from .models import load_model
 
     lm = load_model(model)
-    n_layers = max(r.layer for r in lm.matrices) + 1
     rhos = (0.25, 0.1, 0.01) if quick else PAPER_RHOS
     ks = (1, 4) if quick else PAPER_KS
     q = 3 if quick else 5
-    laser_layers = [n_layers - 1] if quick else None
+    laser_layers = [lm.n_layers - 1] if quick else None
     settings = {"model": model.source, "device": str(lm.device), "seed": seed, "n_calib": n_calib, "n_test": n_test,
                 "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
                 "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}

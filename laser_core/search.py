@@ -31,31 +31,43 @@ def _emit(progress: Progress | None, **event) -> None:
 
 # ---------------------------------------------------------------- scores
 
+def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks) -> str:
+    return store.key("spectra", lm.fingerprint, splits.task.digest,
+                     {"calib": splits.key("calib"), "ks": sorted(set(ks) | {1})})
+
+
+def cached_spectra(lm: LoadedModel, splits: Splits, store: Store,
+                   ks=(1,)) -> tuple[dict[str, MatrixSpectrum], float] | None:
+    """(spectra, calibration log-loss) from the cache, or None when they were not computed for these K yet."""
+    ks = sorted(set(ks) | {1})
+    cached = store.get_tensors(_spectra_key(store, lm, splits, ks))
+    if cached is None or "loss" not in cached:
+        return None
+    spectra = {}
+    for r in lm.matrices:
+        kk = [k for k in ks if k <= r.shape[0]]
+        try:
+            S = {k: [cached[f"{r.name}|S|{k}|{b}"] for b in range(k)] for k in kk}
+            g = {k: [cached[f"{r.name}|g|{k}|{b}"] for b in range(k)] for k in kk}
+        except KeyError:
+            return None
+        spectra[r.name] = MatrixSpectrum(r, S, g, bool(cached[f"{r.name}|finite"].item()))
+    return spectra, float(cached["loss"].item())
+
+
 def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel: CancelToken | None = None,
                  progress: Progress | None = None, timings: dict | None = None) -> tuple[dict[str, MatrixSpectrum], float]:
     """Singular values and their gradients of every matrix, per K, for the calibration split (cached).
 
     Returns (spectra by parameter name, calibration log-loss). ``timings`` gets "gradients" and "svd" seconds.
     """
+    found = cached_spectra(lm, splits, store, ks)
+    if found is not None:
+        if timings is not None:
+            timings.update(gradients=0.0, svd=0.0)
+        _emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
+        return found
     ks = sorted(set(ks) | {1})
-    key = store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": ks})
-    cached = store.get_tensors(key)
-    if cached is not None and "loss" in cached:
-        spectra = {}
-        for r in lm.matrices:
-            kk = [k for k in ks if k <= r.shape[0]]
-            try:
-                S = {k: [cached[f"{r.name}|S|{k}|{b}"] for b in range(k)] for k in kk}
-                g = {k: [cached[f"{r.name}|g|{k}|{b}"] for b in range(k)] for k in kk}
-            except KeyError:
-                spectra = None
-                break
-            spectra[r.name] = MatrixSpectrum(r, S, g, bool(cached[f"{r.name}|finite"].item()))
-        if spectra is not None:
-            if timings is not None:
-                timings.update(gradients=0.0, svd=0.0)
-            _emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
-            return spectra, float(cached["loss"].item())
     t0 = time.perf_counter()
     _emit(progress, phase="gradients", done=0, total=1, message="forward+backward on the calibration split")
     grads, loss = calibration_gradients(
@@ -74,7 +86,7 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
             for b in range(len(sp.S[k])):
                 flat[f"{name}|S|{k}|{b}"] = sp.S[k][b]
                 flat[f"{name}|g|{k}|{b}"] = sp.g[k][b]
-    store.put_tensors(key, flat)
+    store.put_tensors(_spectra_key(store, lm, splits, ks), flat)
     return spectra, loss
 
 
@@ -142,6 +154,13 @@ def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: 
     ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
              "max_new_tokens": splits.spec.max_new_tokens}
     return store.key("result", lm.fingerprint, splits.task.digest, ident)
+
+
+def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig, status: str = "complete") -> str:
+    """Cache key of a search report: model, task, the searched split's examples, the settings, its status."""
+    split = "calib" if cfg.method == "c2i" else "val"
+    return store.key("report", lm.fingerprint, splits.task.digest,
+                     {"cfg": to_dict(cfg), "split": splits.key(split), "status": status})
 
 
 def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
@@ -336,6 +355,5 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],
                             "error": "NaN/inf gradient: matrix not scored"} for m in matrices if not m["finite"]])
-    store.put_json(store.key("report", lm.fingerprint, splits.task.digest, {"cfg": to_dict(cfg), "split": splits.key(split),
-                                                                           "status": status}), report.to_dict())
+    store.put_json(report_key(store, lm, splits, cfg, status), report.to_dict())
     return report

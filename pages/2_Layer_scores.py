@@ -6,7 +6,7 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import SearchConfig
-from laser_core.search import load_spectra, score_table
+from laser_core.search import cached_spectra, load_spectra, score_table
 
 st.set_page_config(page_title="LASER Lab · Layer scores", layout="wide")
 st.title("Layer scores")
@@ -23,21 +23,19 @@ q = c3.slider("q (top matrices to try)", 1, min(30, len(lm.matrices)), 5, key="q
 ks = (1, 2, 4, 8) if score == "first_order" else (1,)
 cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
 
-store = ui.store()
-spectra_key = store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": list(ks)})
-if store.get_tensors(spectra_key) is None and not (ui.session_job("scores") and ui.session_job("scores").status == "done"):
+found = cached_spectra(lm, splits, ui.store(), ks)
+job = ui.session_job("scores")
+if found is None and job is not None and job.status == "done" and set(ks) <= set(next(iter(job.result[0].values())).S):
+    found = job.result  # computed this session but not cached (cache switched off or unwritable)
+if found is None:
     st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
             f"all {len(lm.matrices)} matrices.")
     if st.button("Compute scores", type="primary"):
         ui.start_job("scores", f"scores ({score})", lm,
                      lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress))
-
     ui.live_job("scores")
     st.stop()
-
-job = ui.session_job("scores")
-spectra, loss = (job.result if job and job.status == "done" and job.result and set(ks) <= set(next(iter(job.result[0].values())).S)
-                 else load_spectra(lm, splits, store, ks))
+spectra, loss = found
 table = score_table(lm, spectra, score, cfg)
 ranked = sorted([r for r in table if r["rank"] is not None], key=lambda r: r["rank"])
 names = [r["name"] for r in ranked]
