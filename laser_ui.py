@@ -20,7 +20,7 @@ import streamlit as st
 
 from laser_core import (CancelToken, Cancelled, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
-from laser_core.config import PAPER_KS, PAPER_RHOS, to_dict
+from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.models import TYPE_ORDER, cache_root
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
@@ -69,10 +69,6 @@ class JobManager:
         self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
 
-    def running(self, device: str) -> Job | None:
-        with self._lock:
-            return next((j for j in self.jobs.values() if j.device == device and j.status == "running"), None)
-
     def submit(self, kind: str, label: str, device: str, fn: Callable[[Job], Any]) -> Job:
         """Start ``fn(job)`` in a thread. Raises ``JobBusy`` when a job already runs on ``device``."""
         from laser_core import JobBusy
@@ -101,11 +97,6 @@ class JobManager:
         threading.Thread(target=work, name=f"laser-job-{job.id}", daemon=True).start()
         return job
 
-    def latest(self, kind: str) -> Job | None:
-        with self._lock:
-            jobs = [j for j in self.jobs.values() if j.kind == kind]
-        return max(jobs, key=lambda j: j.started) if jobs else None
-
 
 @st.cache_resource
 def job_manager() -> JobManager:
@@ -129,6 +120,10 @@ def _cached_splits(spec_json: str):
     return make_splits(load_task(spec), spec)
 
 
+def _splits_of(task: TaskSpec):
+    return _cached_splits(canonical_json(task))
+
+
 # ------------------------------------------------------------------ session state
 
 def model_spec() -> ModelSpec:
@@ -141,13 +136,12 @@ def task_spec() -> TaskSpec:
 
 def switch_to(model: ModelSpec, task: TaskSpec) -> None:
     """Load ``model`` and ``task`` and make them the session's; on failure show why and keep the old ones."""
-    import json
     try:
         lm = _cached_model(model.source, model.device, model.dtype)
     except LaserError as e:
         user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}")
     try:
-        splits = _cached_splits(json.dumps(to_dict(task), sort_keys=True))
+        splits = _splits_of(task)
     except LaserError as e:
         user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}")
     if splits.task.kind == "gen" and lm.kind != "causal":
@@ -167,9 +161,8 @@ def current_model():
 
 def current_splits():
     """The session task's splits, or st.error + stop."""
-    import json
     try:
-        return _cached_splits(json.dumps(to_dict(task_spec()), sort_keys=True))
+        return _splits_of(task_spec())
     except LaserError as e:
         st.error(f"Cannot load the task: {e}")
         st.stop()
@@ -237,7 +230,7 @@ def render_sidebar_status() -> None:
         st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
 
 
-def render_job(job: Job | None, on_done: Callable[[Job], None] | None = None) -> None:
+def render_job(job: Job | None) -> None:
     """Progress bar, elapsed time, rows so far and a Cancel button for ``job``."""
     if job is None:
         return
@@ -255,8 +248,6 @@ def render_job(job: Job | None, on_done: Callable[[Job], None] | None = None) ->
         st.error(f"{job.label} failed: {job.error}")
     if job.rows:
         st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
-    if on_done and job.status != "running":
-        on_done(job)
 
 
 def candidates_frame(rows: list[dict]) -> pd.DataFrame:
