@@ -139,6 +139,7 @@ def test_a_bad_model_path_shows_a_message_not_a_traceback(server, browser):
     assert not page.get_by_test_id("stException").count()
     assert page.get_by_test_id("stMetric").filter(has_text="Architecture").count() == 0  # stopped at the error
     shot(page, "6_error_bad_model_path")
-    page.get_by_text("Layer scores", exact=True).click()  # the previous model is still the session's
-    page.locator(".js-plotly-plot, [data-testid='stButton']").first.wait_for()
-    assert not page.get_by_test_id("stAlertContentError").count()
+    page.get_by_test_id("stSidebarNav").get_by_text("Layer scores", exact=True).click()
+    page.get_by_role("heading", name="Layer scores").wait_for()  # the previous model is still the session's
+    from playwright.sync_api import expect
+    expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)  # retries past the old page's fade-out
