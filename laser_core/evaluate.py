@@ -153,13 +153,14 @@ class PrefixStates:
     """
 
     def __init__(self, lm: LoadedModel, examples: Sequence[Example], layer: int, max_tokens: int = 8192) -> None:
-        if block_list(lm) is None:
+        found = block_list(lm)
+        if found is None:
             raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
+        blocks = found[2]
         self.layer = layer
         self.seqs, self.fast = build_sequences(lm, examples)
         self.batches = _batches(self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
-        blocks = block_list(lm)[2]
         with torch.no_grad():
             for idx in self.batches:
                 got: list[torch.Tensor] = []
