@@ -3,6 +3,10 @@
 Rules:
 - multiple choice, causal LM: summed log-prob of each choice's tokens after the prompt; when every
   choice is one token, one forward of the prompt and a comparison of the choice logits at its end.
+  Otherwise the prompt is run once for all of a question's choices: prompt and choices are packed into one
+  row, each choice attending to the prompt and to itself only, with its own positions (a tree-shaped
+  attention mask), where a probe shows the architecture gives the same log-probs that way (see
+  :func:`prompt_sharing_ok`); else each choice is its own row.
 - multiple choice, masked LM: the choice's (first) token logit at a ``<mask>`` placed after the prompt.
 - generation: greedy decoding; correct when an accepted answer occurs (case-insensitive) in the generated
   text only (cut at its first newline), never in the prompt.
@@ -12,6 +16,7 @@ also the loss L whose gradient the scores use.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +28,8 @@ from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
 from .prefix import StopForward, block_list, capture_first_arg, from_layer
 from .tasks import Example
+
+log = logging.getLogger(__name__)
 
 
 class CancelToken:
@@ -74,6 +81,22 @@ class _Seq:
     rows: list[int] | None = None  # single-token fast path: compare these vocabulary rows at pos[0]
     example: int = 0
     choice: int = 0
+    spans: list[int] | None = None  # shared prompt: scored positions of each packed choice, in order
+    groups: list[int] | None = None  # shared prompt: 0 for prompt tokens, j + 1 for choice j's tokens
+    positions: list[int] | None = None  # shared prompt: position ids (each choice continues the prompt)
+
+
+def _packed(prompt: list[int], choices: list[list[int]], example: int) -> _Seq:
+    """One row holding the prompt once and every choice after it (see ``_attention``)."""
+    ids, groups, positions, pos, tgt = list(prompt), [0] * len(prompt), list(range(len(prompt))), [], []
+    for j, c in enumerate(choices):
+        start = len(ids)
+        ids += c
+        groups += [j + 1] * len(c)
+        positions += range(len(prompt), len(prompt) + len(c))
+        pos += [len(prompt) - 1] + list(range(start, start + len(c) - 1))
+        tgt += c
+    return _Seq(ids, pos, tgt, None, example, spans=[len(c) for c in choices], groups=groups, positions=positions)
 
 
 def _encode(tok, text: str, special: bool = False) -> list[int]:
@@ -88,8 +111,12 @@ def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     return ids
 
 
-def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: bool = False) -> tuple[list[_Seq], bool]:
-    """Tokenise examples into scored sequences. Returns (sequences, single_token_fast_path)."""
+def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: bool = False,
+                    share_prompt: bool = False) -> tuple[list[_Seq], bool]:
+    """Tokenise examples into scored sequences. Returns (sequences, single_token_fast_path).
+
+    ``share_prompt`` packs a multiple-choice question's prompt and all its choices into one sequence.
+    """
     tok = lm.tokenizer
     if lm.kind == "masked":
         if any(e.kind != "mc" for e in examples):
@@ -112,10 +139,14 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             seqs.append(_Seq(p, [len(p) - 1], [], [c[0] for c in cs], i))
             continue
         for j, c in enumerate(cs):
-            if gold_only and e.kind == "mc" and j != e.answer:
-                continue
             if not c:
                 raise ConfigError(f"example {i}: choice {j} tokenises to nothing")
+        if share_prompt and not gold_only and e.kind == "mc" and len(cs) > 1:
+            seqs.append(_packed(p, cs, i))
+            continue
+        for j, c in enumerate(cs):
+            if gold_only and e.kind == "mc" and j != e.answer:
+                continue
             ids = p + c
             seqs.append(_Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
@@ -158,7 +189,7 @@ class PrefixStates:
             raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
         blocks = found[2]
         self.layer = layer
-        self.seqs, self.fast = build_sequences(lm, examples)
+        self.seqs, self.fast = build_sequences(lm, examples, share_prompt=_share(lm, examples))
         self.batches = _batches(self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
         with torch.no_grad():
@@ -188,11 +219,14 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch
     for b, s in enumerate(batch):
         ids[b, :len(s.ids)] = torch.tensor(s.ids)
         mask[b, :len(s.ids)] = 1
+    extra = {"use_cache": False} if lm.kind == "causal" else {}
+    if any(s.groups is not None for s in batch):
+        mask, extra["position_ids"] = _attention(batch, width, next(model.parameters()).dtype)
     ids, mask = ids.to(dev), mask.to(dev)
+    extra = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
     body, head = _body_and_head(model, lm.kind)
-    extra = {"use_cache": False} if lm.kind == "causal" else {}
     with (from_layer(lm, start[0], start[1]) if start is not None else contextlib.nullcontext()):
         if body is not None:
             hidden = body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
@@ -210,6 +244,57 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch
         out.append(rows[0, s.rows] if s.rows is not None else rows.gather(1, torch.tensor(s.tgt, device=dev)[:, None])[:, 0])
         k += n
     return out
+
+
+def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive 4-D mask (batch, 1, width, width) and position ids for rows that may hold packed choices.
+
+    Token i sees token k <= i when k is in the prompt or in i's own choice; a padding token sees itself only.
+    """
+    n = len(batch)
+    groups = torch.full((n, width), -1, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    for b, s in enumerate(batch):
+        m = len(s.ids)
+        groups[b, :m] = torch.tensor(s.groups) if s.groups is not None else 0
+        positions[b, :m] = torch.tensor(s.positions) if s.positions is not None else torch.arange(m)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    gq, gk = groups[:, :, None], groups[:, None, :]
+    allowed = causal & (gk >= 0) & ((gk == 0) | (gk == gq))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows: no row may be fully masked
+    mask = torch.zeros((n, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return mask, positions
+
+
+def _share(lm: LoadedModel, examples: Sequence[Example]) -> bool:
+    """Pack prompt and choices into one row: causal LM, some question with a multi-token choice, probe passed."""
+    return (lm.kind == "causal" and any(len(e.choices) > 1 for e in examples)
+            and prompt_sharing_ok(lm))
+
+
+def prompt_sharing_ok(lm: LoadedModel) -> bool:
+    """Does this model give the same choice log-probs with the prompt shared (packed) as run per choice?
+
+    Probed once per loaded model on a made-up question (tree masks need an architecture that honours a
+    custom 4-D mask and position ids); a model that differs by more than 1e-4 or raises runs each choice
+    in its own row.
+    """
+    if lm.prompt_sharing is None:
+        ok = False
+        if lm.kind == "causal":
+            probe = [Example("Question: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no", "it depends"), 0)]
+            try:
+                with torch.no_grad():
+                    plain = torch.cat(_scored_logprobs(lm, build_sequences(lm, probe)[0]))
+                    shared = _scored_logprobs(lm, build_sequences(lm, probe, share_prompt=True)[0])[0]
+                ok = shared.shape == plain.shape and bool(torch.allclose(shared, plain, atol=1e-4, rtol=0))
+            except Exception as e:  # noqa: BLE001 - any failure means: do not share on this architecture
+                log.info("prompt sharing disabled for this model: %s", e)
+        if not ok:
+            log.info("each choice runs in its own row on this model (shared-prompt probe did not match)")
+        lm.prompt_sharing = ok
+    return lm.prompt_sharing
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -266,7 +351,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
     else:
-        seqs, fast = build_sequences(lm, examples)
+        seqs, fast = build_sequences(lm, examples, share_prompt=_share(lm, examples))
         batches = _batches(seqs, max_tokens)
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
@@ -284,6 +369,11 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             if s.rows is not None:
                 scores[s.example] = lp.tolist()
                 gold_nll[s.example] = -float(lp[e.answer])
+            elif s.spans is not None:  # every choice of the question in one row
+                parts = lp.split(s.spans)
+                scores[s.example] = [float(x.sum()) for x in parts]
+                gold_nll[s.example] = -float(parts[e.answer].mean())
+                remaining[s.example] = 1
             else:
                 scores[s.example][s.choice] = float(lp.sum())
                 if s.choice == e.answer:

@@ -154,6 +154,7 @@ class LoadedModel:
     matrices: list[MatrixRef]
     fingerprint: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.prompt_sharing_ok
 
     @property
     def n_layers(self) -> int:

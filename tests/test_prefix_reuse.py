@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from laser_core import Edit, edited
 from laser_core.evaluate import PrefixStates, evaluate
@@ -55,3 +56,56 @@ def test_search_with_prefix_reuse_gives_the_same_candidates_as_without(tiny_lm, 
         assert (a["name"], a["k"], a["rho"], a["accuracy"], a["predictions"] if "predictions" in a else None) == \
                (b["name"], b["k"], b["rho"], b["accuracy"], b["predictions"] if "predictions" in b else None)
         assert a["log_loss"] == pytest.approx(b["log_loss"], abs=1e-4)
+
+
+def _per_choice(lm, examples):
+    """Reference: every choice in its own row (sharing switched off for this model)."""
+    lm.prompt_sharing = False
+    try:
+        return evaluate(lm, examples)
+    finally:
+        lm.prompt_sharing = None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tiny_lm, arch):
+    from laser_core.evaluate import build_sequences, prompt_sharing_ok
+
+    lm = tiny_lm(arch)
+    assert prompt_sharing_ok(lm)
+    packed, _ = build_sequences(lm, MULTI, share_prompt=True)
+    plain, _ = build_sequences(lm, MULTI)
+    assert len(packed) == len(MULTI) and len(plain) == sum(len(e.choices) for e in MULTI)
+    assert sum(len(s.ids) for s in packed) < sum(len(s.ids) for s in plain)  # each prompt runs once
+    edit_name = next(r.name for r in lm.matrices if r.layer == 1 and r.type in ("up", "qkv", "v"))
+    with edited(lm, [Edit(edit_name, 2, 0.25)]):
+        ref = _per_choice(lm, MULTI)
+        shared = evaluate(lm, MULTI, max_tokens=2 * max(len(s.ids) for s in packed))  # padded batches of two
+        prefix = PrefixStates(lm, MULTI, 1)
+        assert all(s.spans for s in prefix.seqs)
+        from_prefix = evaluate(lm, MULTI, prefix=prefix)
+    for res in (shared, from_prefix):
+        for a, b in zip(ref.choice_logprobs, res.choice_logprobs):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert res.predictions == ref.predictions
+        assert res.log_loss == pytest.approx(ref.log_loss, abs=1e-4)
+
+
+def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("laser_core.evaluate")  # the package re-exports a function of that name
+    lm = tiny_lm("llama")
+    ref = _per_choice(lm, MULTI)
+
+    def causal_only(batch, width, dtype):  # what an architecture ignoring the tree mask would compute
+        mask, pos = real(batch, width, dtype)
+        n = len(batch)
+        return torch.zeros_like(mask).masked_fill_(~torch.ones(width, width, dtype=torch.bool).tril(),
+                                                   torch.finfo(dtype).min).expand(n, 1, width, width), pos
+    real = ev._attention
+    monkeypatch.setattr(ev, "_attention", causal_only)
+    assert not ev.prompt_sharing_ok(lm)
+    res = evaluate(lm, MULTI)
+    assert res.choice_logprobs == ref.choice_logprobs  # same rows as the reference: bit-identical
+    assert ev.build_sequences(lm, MULTI, share_prompt=False)[0][0].spans is None
