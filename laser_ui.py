@@ -252,7 +252,7 @@ def render_job(job: Job | None) -> None:
 
 def candidates_frame(rows: list[dict]) -> pd.DataFrame:
     cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
-            "predicted_gain", "cached", "name"]
+            "predicted_gain", "same_as_rho", "cached", "name"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if not df.empty:

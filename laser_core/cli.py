@@ -197,9 +197,11 @@ def _cmd_search(args, method: str) -> int:
     print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']} ranks={b['ranks']}"
           + ("" if report.improves else "  [does not beat the base model on the search split]"))
     t = report.timings
-    cached = sum(1 for c in report.candidates if c.get("cached"))
+    cached = sum(1 for c in report.candidates if c.get("cached") and "same_as_rho" not in c)
+    same = sum(1 for c in report.candidates if "same_as_rho" in c)
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-          + f"; candidates from cache {cached}/{len(report.candidates)}")
+          + f"; candidates from cache {cached}/{len(report.candidates)}"
+          + (f"; {same} not re-run (same ranks as another rho)" if same else ""))
     if store.disabled_reason and not args.no_cache:
         print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)

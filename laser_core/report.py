@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
 from .models import LoadedModel
-from .search import PrefixPool, SearchReport, evaluate_candidate, run_search
+from .search import PrefixPool, SearchReport, edit_identity, evaluate_candidate, run_search
 from .store import null_store
 from .tasks import Splits, load_task, make_splits
 
@@ -49,7 +49,8 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         return LaserTiming(rep, measured, measured, total_candidates, "all layers measured")
     per_layer: dict[int, list[float]] = {}
     for c in rep.candidates:
-        per_layer.setdefault(c["layer"], []).append(c["seconds"])
+        if "same_as_rho" not in c:  # a rho with the same ranks as another costs nothing (see run_search)
+            per_layer.setdefault(c["layer"], []).append(c["seconds"])
     pool = PrefixPool(lm, 2**31)
     for layer in sorted({0, n_layers // 2} - set(per_layer)):
         ref = next(r for r in lm.matrices if r.layer == layer)
@@ -63,7 +64,8 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         return lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (layer - lo[0]) / (hi[0] - lo[0])
 
     overhead = measured - sum(c["seconds"] for c in rep.candidates)
-    per_layer_count = {layer: sum(1 for r in lm.matrices if r.layer == layer) * len(rhos) for layer in range(n_layers)}
+    per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
+                                   for rho in rhos}) for layer in range(n_layers)}
     seconds = overhead + sum(per_layer_count[layer] * interp(layer) for layer in range(n_layers))
     note = (f"LASER measured on layers {sorted(set(layers))} ({len(rep.candidates)} of {total_candidates} candidates), "
             f"per-candidate time probed at layers {[k for k, _ in known]} and interpolated; best of measured layers only")

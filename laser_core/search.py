@@ -213,6 +213,24 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     return doc
 
 
+def edit_identity(lm: LoadedModel, edit: Edit) -> tuple:
+    """What an edit does to the weights: two rhos that keep the same rank in every block are one edit."""
+    return edit.name, edit.k, tuple(block_ranks(lm.ref(edit.name).shape, edit.k, edit.rho))
+
+
+def same_result(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: Store, same: dict) -> dict:
+    """The result of ``edit`` copied from ``same``, an evaluated edit with the same ranks (another rho).
+
+    Stored under ``edit``'s own key, so the cache answers for either rho; ``same_as_rho`` says where it came from.
+    """
+    key = result_key(store, lm, splits, split, edit)
+    doc = {**{k: v for k, v in same.items() if k not in ("cached", "predicted_gain")}, "rho": edit.rho,
+           "seconds": 0.0, "same_as_rho": same.get("same_as_rho", same["rho"])}
+    store.put_json(key, doc)
+    doc["cached"] = True
+    return doc
+
+
 def _better(a: dict, b: dict | None) -> bool:
     """Is result ``a`` better than ``b``: higher accuracy, then lower log-loss."""
     return b is None or (a["accuracy"], -a["log_loss"]) > (b["accuracy"], -b["log_loss"])
@@ -312,12 +330,15 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             plan = [(Edit(r.name, 1, rho), None) for r in refs for rho in cfg.rhos]
         t0 = time.perf_counter()
         prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
+        done_ranks: dict[tuple, dict] = {}  # (matrix, K, ranks) -> its result: another rho, the same edit
         for i, (edit, gain) in enumerate(plan):
             if cancel:
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
+            same = done_ranks.get(edit_identity(lm, edit))
             try:
-                doc = evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
+                doc = same_result(lm, edit, splits, split, store, same) if same else \
+                    evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
             except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
                 log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
                 ref = lm.ref(edit.name)
@@ -326,6 +347,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                 _emit(progress, phase="search", done=i + 1, total=len(plan), message=f"skipped: {e}")
                 continue
             doc["predicted_gain"] = gain
+            done_ranks.setdefault(edit_identity(lm, edit), doc)
             candidates.append(doc)
             if not doc.get("stopped_early") and _better(doc, best):
                 best = doc

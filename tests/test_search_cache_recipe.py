@@ -116,6 +116,26 @@ def test_cancel_keeps_done_candidates_and_restores_weights(tiny_lm, mc_task, sto
     assert sum(c["cached"] for c in resumed.candidates) == 3
 
 
+def test_a_rho_with_the_same_block_ranks_as_another_is_not_evaluated_twice(tiny_lm, mc_task, store):
+    from laser_core.search import evaluate_candidate
+    from laser_core.store import null_store
+
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    report = run_search(lm, splits, SearchConfig("laser", rhos=(0.5, 0.05, 0.01), layers=(1,)), store)
+    by = {(c["name"], c["rho"]): c for c in report.candidates}
+    same = [c for c in report.candidates if "same_as_rho" in c]
+    assert len(same) == len(by) // 3  # every tiny matrix keeps rank 1 at rho 0.05 and 0.01
+    assert store.counts["eval"] == len(by) - len(same) + 1  # + the best, on the test split
+    for c in same:
+        assert c["ranks"] == by[(c["name"], c["same_as_rho"])]["ranks"] and c["rho"] == 0.01
+        again = evaluate_candidate(lm, Edit(c["name"], 1, 0.01), splits, "val", store)  # kept under its own key
+        assert again["cached"] and again["same_as_rho"] == 0.05
+        fresh = evaluate_candidate(lm, Edit(c["name"], 1, 0.01), splits, "val", null_store())  # really run
+        assert (fresh["accuracy"], fresh["predictions"]) == (again["accuracy"], again["predictions"])
+        assert fresh["log_loss"] == pytest.approx(again["log_loss"], abs=1e-6)
+
+
 def test_early_stop_finds_the_same_best_candidate(tiny_lm, mc_task, store):
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task, n_calib=40)
