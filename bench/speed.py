@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,12 +31,6 @@ from laser_core.reduction import block_svd  # noqa: E402
 from laser_core.report import laser_baseline  # noqa: E402
 from laser_core.search import evaluate_candidate, get_factors  # noqa: E402
 from laser_core.store import null_store  # noqa: E402
-
-
-def device_name(lm) -> str:
-    if lm.device.type == "cuda":
-        return torch.cuda.get_device_name(lm.device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def sync(lm) -> None:
@@ -136,7 +129,7 @@ def main() -> None:
     lm = load_model(ModelSpec(args.model, args.device))
     ts = TaskSpec(args.task, n_calib=100, n_test=300, seed=0)
     splits = make_splits(load_task(ts), ts)
-    dev = device_name(lm)
+    dev = lm.machine
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# LASER Lab speed benchmark — {args.model} on {args.task}, {dev}, {stamp}\n")
     a = part_a(lm, splits, args.repeat)

@@ -165,6 +165,15 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def machine(self) -> str:
+        """The device in words, for benchmark and report output: the GPU's name, or the CPU and its threads."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        import platform
+
+        return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
     def ref(self, name: str) -> MatrixRef:
         """The ``MatrixRef`` of parameter ``name`` (ConfigError if the model has no such matrix)."""
         for r in self.matrices:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -86,7 +87,8 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     ks = (1, 4) if quick else PAPER_KS
     q = 3 if quick else 5
     laser_layers = [lm.n_layers - 1] if quick else None
-    settings = {"model": model.source, "device": str(lm.device), "seed": seed, "n_calib": n_calib, "n_test": n_test,
+    settings = {"model": model.source, "device": str(lm.device), "machine": lm.machine,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "seed": seed, "n_calib": n_calib, "n_test": n_test,
                 "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
                 "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}
     rows = []
@@ -135,7 +137,7 @@ def table_markdown(result: dict) -> str:
                      f"{r['c2i_kgrid_test']:.3f} | {r['laser_s']:.0f}{'*' if s['quick'] else ''} | "
                      f"{r['c2i_k1_s']:.0f} / {r['c2i_k1_speedup']:.1f}x | {r['c2i_kgrid_s']:.0f} / {r['c2i_kgrid_speedup']:.1f}x |")
     lines.append("")
-    lines.append(f"Held-out test accuracy; model `{s['model']}` on {s['device']}; seed {s['seed']}, calibration "
+    lines.append(f"Held-out test accuracy; model `{s['model']}` on {s.get('machine', s['device'])}, {s.get('date', '')}; seed {s['seed']}, calibration "
                  f"{s['n_calib']}, test up to {s['n_test']} (per task: "
                  + ", ".join(f"{r['task']} {r['n_test']}" for r in result["rows"]) + f"); q={s['q']}, K grid {s['ks']}, "
                  f"rho grid {s['rhos']}; LASER on the 20% validation split, layers {s['laser_layers']}.")
