@@ -268,7 +268,10 @@ def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch
 
 
 def _share(lm: LoadedModel, examples: Sequence[Example]) -> bool:
-    """Pack prompt and choices into one row: causal LM, some question with a multi-token choice, probe passed."""
+    """Pack prompt and choices into one row: a causal LM, questions with several choices, and the probe passed.
+
+    It changes nothing where every choice is one token: those take the single-token fast path.
+    """
     return (lm.kind == "causal" and any(len(e.choices) > 1 for e in examples)
             and prompt_sharing_ok(lm))
 
