@@ -139,13 +139,13 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
     try:
         lm = _cached_model(model.source, model.device, model.dtype)
     except LaserError as e:
-        user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}")
+        user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}", status=True)
     try:
         splits = _splits_of(task)
     except LaserError as e:
-        user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}")
+        user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}", status=True)
     if splits.task.kind == "gen" and lm.kind != "causal":
-        user_error("Generation tasks need a causal LM; this model is a masked LM.")
+        user_error("Generation tasks need a causal LM; this model is a masked LM.", status=True)
     st.session_state["model_spec"], st.session_state["task_spec"] = model, task
 
 
@@ -213,8 +213,12 @@ def session_job(kind: str) -> Job | None:
     return job_manager().jobs.get(jid) if jid else None
 
 
-def user_error(msg: str) -> None:
+def user_error(msg: str, status: bool = False) -> None:
+    """Show a user's mistake and stop the page; ``status``: also draw the sidebar status first (for pages that
+    stop before they would draw it: what is loaded stays loaded, and the sidebar says so)."""
     st.error(msg)
+    if status:
+        render_sidebar_status()
     st.stop()
 
 

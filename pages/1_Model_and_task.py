@@ -45,12 +45,12 @@ with st.form("setup"):
 if submitted:
     source = "demo" if kind.startswith("demo") else path.strip()
     if not source:
-        ui.user_error("Give a folder, a .gguf file or a hub id for this model source.")
+        ui.user_error("Give a folder, a .gguf file or a hub id for this model source.", status=True)
     if tkind == "bundled":
         tsource = bundled
     elif tkind == "upload JSONL/CSV":
         if upload is None:
-            ui.user_error("Choose a JSONL or CSV file to upload first.")
+            ui.user_error("Choose a JSONL or CSV file to upload first.", status=True)
         dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / upload.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(upload.getvalue())
@@ -60,12 +60,12 @@ if submitted:
     else:
         tsource = tpath.strip()
     if not tsource:
-        ui.user_error("Give a task: a task.json path or a dataset name.")
+        ui.user_error("Give a task: a task.json path or a dataset name.", status=True)
     try:
         new_model = ModelSpec(source, device, dtype)
         new_task = TaskSpec(tsource, int(n_calib), int(n_test), None, int(seed), **cols)
     except ConfigError as e:
-        ui.user_error(str(e))
+        ui.user_error(str(e), status=True)
     ui.switch_to(new_model, new_task)  # on a bad model or task: an error, and the previous ones stay loaded
 
 ui.render_sidebar_status()

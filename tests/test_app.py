@@ -80,6 +80,8 @@ def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
     assert not at.exception
     assert any("model not found" in e.value and "still using" in e.value for e in at.error)
     assert "model_spec" not in at.session_state  # the working default stays the session's model
+    status = " ".join(c.value for c in at.sidebar.caption)
+    assert f"Model: `{app_env['LASER_LAB_DEFAULT_MODEL']}`" in status  # the sidebar still says what is loaded
 
 
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
