@@ -350,7 +350,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
-        return _evaluate_generation(lm, examples, max_new_tokens, cancel)
+        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
     else:
@@ -401,7 +401,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
 
 
 def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int,
-                         cancel: CancelToken | None) -> EvalResult:
+                         cancel: CancelToken | None, max_tokens: int = 8192) -> EvalResult:
     if lm.kind != "causal":
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
@@ -427,7 +427,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     correct = [any(a.strip().lower() in ans.lower() for a in e.targets) for ans, e in zip(answers, examples)]
     seqs, _ = build_sequences(lm, examples)
     nll = [0.0] * len(examples)
-    for bidx in _batches(seqs, 8192):
+    for bidx in _batches(seqs, max_tokens):
         batch = [seqs[i] for i in bidx]
         for s, lp in zip(batch, _scored_logprobs(lm, batch)):
             nll[s.example] = -float(lp.mean())
