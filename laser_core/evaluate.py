@@ -112,10 +112,11 @@ def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
 
 
 def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: bool = False,
-                    share_prompt: bool = False) -> tuple[list[_Seq], bool]:
+                    share_prompt: bool | None = None) -> tuple[list[_Seq], bool]:
     """Tokenise examples into scored sequences. Returns (sequences, single_token_fast_path).
 
-    ``share_prompt`` packs a multiple-choice question's prompt and all its choices into one sequence.
+    ``share_prompt`` packs a multiple-choice question's prompt and all its choices into one sequence:
+    True always, False never, None where :func:`prompt_sharing_ok` (probed only once a question would be packed).
     """
     tok = lm.tokenizer
     if lm.kind == "masked":
@@ -141,7 +142,8 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         for j, c in enumerate(cs):
             if not c:
                 raise ConfigError(f"example {i}: choice {j} tokenises to nothing")
-        if share_prompt and not gold_only and e.kind == "mc" and len(cs) > 1:
+        if (share_prompt is not False and not gold_only and e.kind == "mc" and len(cs) > 1
+                and (share_prompt or prompt_sharing_ok(lm))):
             seqs.append(_packed(p, cs, i))
             continue
         for j, c in enumerate(cs):
@@ -189,7 +191,7 @@ class PrefixStates:
             raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
         blocks = found[2]
         self.layer = layer
-        self.seqs, self.fast = build_sequences(lm, examples, share_prompt=_share(lm, examples))
+        self.seqs, self.fast = build_sequences(lm, examples)
         self.batches = _batches(self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
         with torch.no_grad():
@@ -221,9 +223,9 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch
         mask[b, :len(s.ids)] = 1
     extra = {"use_cache": False} if lm.kind == "causal" else {}
     if any(s.groups is not None for s in batch):
-        mask, extra["position_ids"] = _attention(batch, width, next(model.parameters()).dtype)
+        mask, positions = _attention(batch, width, next(model.parameters()).dtype)
+        extra["position_ids"] = positions.to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
-    extra = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
     body, head = _body_and_head(model, lm.kind)
@@ -267,15 +269,6 @@ def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch
     return mask, positions
 
 
-def _share(lm: LoadedModel, examples: Sequence[Example]) -> bool:
-    """Pack prompt and choices into one row: a causal LM, questions with several choices, and the probe passed.
-
-    It changes nothing where every choice is one token: those take the single-token fast path.
-    """
-    return (lm.kind == "causal" and any(len(e.choices) > 1 for e in examples)
-            and prompt_sharing_ok(lm))
-
-
 def prompt_sharing_ok(lm: LoadedModel) -> bool:
     """Does this model give the same choice log-probs with the prompt shared (packed) as run per choice?
 
@@ -289,7 +282,7 @@ def prompt_sharing_ok(lm: LoadedModel) -> bool:
             probe = [Example("Question: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no", "it depends"), 0)]
             try:
                 with torch.no_grad():
-                    plain = torch.cat(_scored_logprobs(lm, build_sequences(lm, probe)[0]))
+                    plain = torch.cat(_scored_logprobs(lm, build_sequences(lm, probe, share_prompt=False)[0]))
                     shared = _scored_logprobs(lm, build_sequences(lm, probe, share_prompt=True)[0])[0]
                 ok = shared.shape == plain.shape and bool(torch.allclose(shared, plain, atol=1e-4, rtol=0))
             except Exception as e:  # noqa: BLE001 - any failure means: do not share on this architecture
@@ -354,7 +347,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
     else:
-        seqs, fast = build_sequences(lm, examples, share_prompt=_share(lm, examples))
+        seqs, fast = build_sequences(lm, examples)
         batches = _batches(seqs, max_tokens)
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]

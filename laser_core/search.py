@@ -335,7 +335,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             if cancel:
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
-            same = done_ranks.get(edit_identity(lm, edit))
+            ident = edit_identity(lm, edit)
+            same = done_ranks.get(ident)
             try:
                 doc = same_result(lm, edit, splits, split, store, same) if same else \
                     evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
@@ -347,7 +348,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                 _emit(progress, phase="search", done=i + 1, total=len(plan), message=f"skipped: {e}")
                 continue
             doc["predicted_gain"] = gain
-            done_ranks.setdefault(edit_identity(lm, edit), doc)
+            done_ranks.setdefault(ident, doc)
             candidates.append(doc)
             if not doc.get("stopped_early") and _better(doc, best):
                 best = doc

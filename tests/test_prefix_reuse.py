@@ -74,7 +74,7 @@ def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tin
     lm = tiny_lm(arch)
     assert prompt_sharing_ok(lm)
     packed, _ = build_sequences(lm, MULTI, share_prompt=True)
-    plain, _ = build_sequences(lm, MULTI)
+    plain, _ = build_sequences(lm, MULTI, share_prompt=False)
     assert len(packed) == len(MULTI) and len(plain) == sum(len(e.choices) for e in MULTI)
     assert sum(len(s.ids) for s in packed) < sum(len(s.ids) for s in plain)  # each prompt runs once
     edit_name = next(r.name for r in lm.matrices if r.layer == 1 and r.type in ("up", "qkv", "v"))
@@ -108,4 +108,12 @@ def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, m
     assert not ev.prompt_sharing_ok(lm)
     res = evaluate(lm, MULTI)
     assert res.choice_logprobs == ref.choice_logprobs  # same rows as the reference: bit-identical
-    assert ev.build_sequences(lm, MULTI, share_prompt=False)[0][0].spans is None
+    assert ev.build_sequences(lm, MULTI)[0][0].spans is None  # left to the probe: not packed
+
+
+def test_one_token_choices_never_run_the_sharing_probe(tiny_lm):
+    lm = tiny_lm("llama")
+    evaluate(lm, ONE_TOKEN)
+    assert lm.prompt_sharing is None  # nothing to pack: the fast path scores the choice logits at the prompt's end
+    evaluate(lm, MULTI)
+    assert lm.prompt_sharing is True
