@@ -16,6 +16,7 @@ also the loss L whose gradient the scores use.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import threading
@@ -26,7 +27,7 @@ import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
-from .prefix import StopForward, block_list, capture_first_arg, from_layer
+from .prefix import StopForward, _bytes, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block, record_until, stubbable, stubbed
 from .tasks import Example
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
     True always, False never, None where :func:`prompt_sharing_ok` (probed only once a question would be packed).
     """
     tok = lm.tokenizer
+    lean_block_ok(lm)  # probed here, before any caller puts hooks on the model for the forward that follows
     if lm.kind == "masked":
         if any(e.kind != "mc" for e in examples):
             raise ConfigError("generation tasks need a causal LM; this is a masked LM")
@@ -183,6 +185,7 @@ class PrefixStates:
 
     An edit at layer >= ``layer`` cannot change them, so a candidate there is evaluated by running blocks
     ``layer..L`` only (see :func:`evaluate`'s ``prefix``). Build them with the model unedited.
+    :meth:`at_matrix` goes further inside block ``layer``.
     """
 
     def __init__(self, lm: LoadedModel, examples: Sequence[Example], layer: int, max_tokens: int = 8192) -> None:
@@ -194,6 +197,8 @@ class PrefixStates:
         self.seqs, self.fast = build_sequences(lm, examples)
         self.batches = _batches(self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
+        self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
+        self.matrices: dict[str, PrefixStates] = {}
         with torch.no_grad():
             for idx in self.batches:
                 got: list[torch.Tensor] = []
@@ -205,13 +210,57 @@ class PrefixStates:
                 finally:
                     handle.remove()
                 self.states.append(got[0])
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.states)
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
+        return _bytes(self.states) + _bytes(self.stubs or []) + sum(_bytes(p.stubs or []) for p in self.matrices.values())
+
+    def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1) -> "PrefixStates":
+        """These states plus, for an edit of matrix ``name`` (in block ``layer``), the outputs of the modules of
+        that block that return before the matrix is first called: they run no more (e.g. the attention, for
+        an MLP matrix). Built from the unedited model on the first call, then kept.
+
+        Returns ``self`` where those modules hold under ``min_share`` of the block's parameters (too little
+        to be worth the RAM) or share a parameter with the matrix.
+        """
+        if name in self.matrices:
+            return self.matrices[name]
+        block = block_list(lm)[2][self.layer]
+        target = lm.model.get_submodule(name.rsplit(".", 1)[0])
+        weight = dict(lm.model.named_parameters())[name]
+        total = sum(p.numel() for p in block.parameters())
+        stubs: list[dict] = []
+        entry = self
+        with torch.no_grad():
+            for bn, idx in enumerate(self.batches):
+                record: dict = {}
+                with record_until(block, target, record):
+                    try:
+                        _scored_logprobs(lm, [self.seqs[i] for i in idx], (self.layer, self.states[bn], None))
+                    except StopForward:
+                        pass
+                if bn == 0:
+                    names = stubbable(block, record)
+                    params = [p for n in names for p in block.get_submodule(n).parameters()]
+                    if sum(p.numel() for p in params) < min_share * total or any(p is weight for p in params):
+                        break
+                stubs.append({n: record[n]["out"] for n in names})
+            else:
+                entry = copy.copy(self)
+                entry.stubs, entry.matrices = stubs, {}
+        self.matrices[name] = entry
+        return entry
 
 
-def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
+                     lean: bool | None = None) -> list[torch.Tensor]:
     """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens.
 
-    ``start=(layer, states)`` runs the blocks from ``layer`` on, fed with the cached ``states``.
+    ``start=(layer, states, stubs)`` runs the blocks from ``layer`` on, fed with the cached ``states``; ``stubs``
+    (or None) are recorded outputs of block ``layer``'s modules that run before the edited matrix.
+    ``lean`` runs the last block's MLP at the scored positions only (None: where :func:`lean_block_ok` found it
+    exact; it is probed by :func:`build_sequences`, which every caller runs first).
     """
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -229,7 +278,13 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple[int, torch
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
     body, head = _body_and_head(model, lm.kind)
-    with (from_layer(lm, start[0], start[1]) if start is not None else contextlib.nullcontext()):
+    with contextlib.ExitStack() as stack:
+        if start is not None:
+            if start[2]:
+                stack.enter_context(stubbed(block_list(lm)[2][start[0]], start[2]))
+            stack.enter_context(from_layer(lm, start[0], start[1]))
+        if lean if lean is not None else lm.lean_block:
+            stack.enter_context(lean_last_block(lm, torch.unique(bi * width + pi)))
         if body is not None:
             hidden = body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
             logits = head(hidden[bi, pi])  # lean head: only the scored positions
@@ -269,6 +324,23 @@ def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch
     return mask, positions
 
 
+_PROBE = [Example("Question: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no", "it depends"), 0)]
+
+
+def _probe_matches(lm: LoadedModel, plain: Callable[[], torch.Tensor], fast: Callable[[], torch.Tensor], what: str) -> bool:
+    """Do two ways of scoring the probe question agree within 1e-4? Any error in either means no."""
+    try:
+        with torch.no_grad():
+            a, b = plain(), fast()
+        ok = a.shape == b.shape and bool(torch.allclose(a, b, atol=1e-4, rtol=0))
+    except Exception as e:  # noqa: BLE001 - any failure means: not on this architecture
+        log.info("%s disabled for this model: %s", what, e)
+        return False
+    if not ok:
+        log.info("%s disabled for this model: the probe's log-probs differ", what)
+    return ok
+
+
 def prompt_sharing_ok(lm: LoadedModel) -> bool:
     """Does this model give the same choice log-probs with the prompt shared (packed) as run per choice?
 
@@ -277,20 +349,26 @@ def prompt_sharing_ok(lm: LoadedModel) -> bool:
     in its own row.
     """
     if lm.prompt_sharing is None:
-        ok = False
-        if lm.kind == "causal":
-            probe = [Example("Question: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no", "it depends"), 0)]
-            try:
-                with torch.no_grad():
-                    plain = torch.cat(_scored_logprobs(lm, build_sequences(lm, probe, share_prompt=False)[0]))
-                    shared = _scored_logprobs(lm, build_sequences(lm, probe, share_prompt=True)[0])[0]
-                ok = shared.shape == plain.shape and bool(torch.allclose(shared, plain, atol=1e-4, rtol=0))
-            except Exception as e:  # noqa: BLE001 - any failure means: do not share on this architecture
-                log.info("prompt sharing disabled for this model: %s", e)
-        if not ok:
-            log.info("each choice runs in its own row on this model (shared-prompt probe did not match)")
-        lm.prompt_sharing = ok
+        lm.prompt_sharing = lm.kind == "causal" and _probe_matches(
+            lm, lambda: torch.cat(_scored_logprobs(lm, build_sequences(lm, _PROBE, share_prompt=False)[0])),
+            lambda: _scored_logprobs(lm, build_sequences(lm, _PROBE, share_prompt=True)[0])[0], "prompt sharing")
     return lm.prompt_sharing
+
+
+def lean_block_ok(lm: LoadedModel) -> bool:
+    """Does running the last block's MLP at the scored positions only give the same log-probs?
+
+    Probed once per loaded model (rows of different lengths, so padding included); needs blocks with a
+    per-position ``mlp`` module. Where it does not match within 1e-4, or raises, the last block runs whole.
+    """
+    if lm.lean_block is None:
+        lm.lean_block = False  # the probe itself runs with the last block whole
+        if last_mlp(lm) is None:
+            return False
+        seqs = build_sequences(lm, _PROBE, share_prompt=False)[0]
+        lm.lean_block = _probe_matches(lm, lambda: torch.cat(_scored_logprobs(lm, seqs, lean=False)),
+                                       lambda: torch.cat(_scored_logprobs(lm, seqs, lean=True)), "lean last block")
+    return lm.lean_block
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -337,7 +415,9 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             candidate can no longer reach that accuracy, and the result is marked ``stopped_early``
             (its numbers then cover the examples seen; it cannot be the best either way).
         prefix: cached hidden states entering block ``prefix.layer`` for these same examples; only blocks
-            from that layer on are run. Exact as long as no edit touches a layer below ``prefix.layer``.
+            from that layer on are run (and of that block, with :meth:`PrefixStates.at_matrix`, only what
+            follows the edited matrix). Exact as long as no edit touches a layer below ``prefix.layer`` (nor,
+            for a matrix entry, a module of that block that runs before the matrix).
     """
     examples = list(examples)
     if not examples:
@@ -359,7 +439,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
-        start = (prefix.layer, prefix.states[bn]) if prefix is not None else None
+        start = (prefix.layer, prefix.states[bn], prefix.stubs[bn] if prefix.stubs else None) if prefix else None
         for s, lp in zip(batch, _scored_logprobs(lm, batch, start)):
             e = examples[s.example]
             if s.rows is not None:

@@ -155,6 +155,7 @@ class LoadedModel:
     fingerprint: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.prompt_sharing_ok
+    lean_block: bool | None = field(default=None, repr=False)  # probed once by evaluate.lean_block_ok
 
     @property
     def n_layers(self) -> int:

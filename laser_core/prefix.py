@@ -61,3 +61,123 @@ def from_layer(lm: "LoadedModel", layer: int, states: torch.Tensor):
     finally:
         setattr(parent, attr, blocks)
         handle.remove()
+
+
+def _bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_bytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_bytes(x) for x in obj.values())
+    return 0
+
+
+def _detached(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(x) for x in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def record_until(block: torch.nn.Module, target: torch.nn.Module, record: dict):
+    """While active, a forward through ``block`` fills ``record[submodule name]`` with its call count and,
+    once it returned, its output; the first call of ``target`` raises ``StopForward``."""
+    names = {m: n for n, m in block.named_modules() if n}
+
+    def pre(module, args, kwargs):
+        if module is target:
+            raise StopForward
+        record.setdefault(names[module], {"calls": 0})["calls"] += 1
+
+    def post(module, args, kwargs, output):
+        record[names[module]]["out"] = _detached(output)
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
+                                           m.register_forward_hook(post, with_kwargs=True))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stubbable(block: torch.nn.Module, record: dict) -> list[str]:
+    """Largest submodules of ``block`` that returned, once, before the target was called (see ``record_until``).
+
+    Their outputs cannot depend on the target's output; modules that were still running (the target's
+    ancestors) are searched inside, modules called twice are left alone.
+    """
+    chosen: list[str] = []
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            rec = record.get(name)
+            if rec is None:
+                continue  # not called before the target
+            if "out" not in rec:
+                walk(child, name)  # still running when the target was called: it holds the target
+            elif rec["calls"] == 1:
+                chosen.append(name)
+
+    walk(block, "")
+    return chosen
+
+
+@contextlib.contextmanager
+def stubbed(block: torch.nn.Module, outputs: dict):
+    """Submodules of ``block`` named in ``outputs`` return their recorded output instead of computing it."""
+    saved = []
+    for name, out in outputs.items():
+        module = block.get_submodule(name)
+        saved.append((module, module.__dict__.get("forward")))
+        module.forward = (lambda value: lambda *args, **kwargs: value)(out)
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def last_mlp(lm: "LoadedModel") -> torch.nn.Module | None:
+    """The ``mlp`` module of the last block, where blocks have one."""
+    found = block_list(lm)
+    mlp = getattr(found[2][-1], "mlp", None) if found else None
+    return mlp if isinstance(mlp, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def lean_last_block(lm: "LoadedModel", flat: torch.Tensor):
+    """The last block's MLP runs only at the rows ``flat`` of the flattened (batch * width) positions.
+
+    Only the scored positions of the last block's output are read (by the lean head), and an MLP works per
+    position, so the others are left as the residual alone. Models whose blocks have no ``mlp`` run as is.
+    """
+    mlp = last_mlp(lm)
+    if mlp is None:
+        yield
+        return
+    own = mlp.__dict__.get("forward")
+    inner = mlp.forward
+
+    def forward(x, *args, **kwargs):
+        if x.dim() != 3:
+            return inner(x, *args, **kwargs)
+        rows = inner(x.reshape(-1, x.shape[-1])[flat], *args, **kwargs)
+        out = x.new_zeros((x.shape[0] * x.shape[1], rows.shape[-1]), dtype=rows.dtype).index_copy(0, flat, rows)
+        return out.view(x.shape[0], x.shape[1], -1)
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own

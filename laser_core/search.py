@@ -134,16 +134,20 @@ class PrefixPool:
         self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
         self.enabled = block_list(lm) is not None
 
-    def get(self, splits: Splits, split: str, layer: int) -> PrefixStates | None:
-        if not self.enabled or layer == 0 or splits.task.kind != "mc":
-            return None  # nothing to skip at layer 0; generation decodes with its own cache
+    def get(self, splits: Splits, split: str, layer: int, matrix: str | None = None) -> PrefixStates | None:
+        """States entering block ``layer`` for ``split``; with ``matrix``, also what of that block precedes it."""
+        if not self.enabled or (layer == 0 and matrix is None) or splits.task.kind != "mc":
+            return None  # nothing to skip; generation decodes with its own cache
         key = (split, layer)
         if key in self.items:
             self.items.move_to_end(key)
-            return self.items[key]
-        with self.lm.lock:
-            states = PrefixStates(self.lm, splits.examples(split), layer)
-        self.items[key] = states
+        else:
+            with self.lm.lock:
+                self.items[key] = PrefixStates(self.lm, splits.examples(split), layer)
+        states = self.items[key]
+        if matrix is not None:
+            with self.lm.lock:
+                states = states.at_matrix(self.lm, matrix)
         while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
             self.items.popitem(last=False)
         return states
@@ -201,7 +205,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         ref = lm.ref(edit.name)
         store.counts["eval"] += 1
         factors = {(edit.name, edit.k): get_factors(lm, edit.name, edit.k, store)}
-        prefix = prefixes.get(splits, split, ref.layer) if prefixes is not None else None
+        prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
         with edited(lm, [edit], factors):
             res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix)
         ranks, kept = params_kept(ref, edit.k, edit.rho)

@@ -43,6 +43,88 @@ def test_prefix_reuse_equals_full_forward_under_an_edit(tiny_lm, arch, examples)
     assert len([n for n, _ in lm.model.named_parameters()]) == len(before) - len(list(lm.model.named_buffers()))
 
 
+def _plain(lm, examples):
+    """Reference: the whole model at every position (the last block's lean MLP switched off)."""
+    lm.lean_block = False
+    try:
+        return evaluate(lm, examples)
+    finally:
+        lm.lean_block = None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_matrix_entry_equals_the_full_forward_for_every_matrix_of_a_block(tiny_lm, arch):
+    lm = tiny_lm(arch)
+    examples = ONE_TOKEN if lm.kind == "masked" else MULTI
+    before = weight_hashes(lm.model)
+    skipped = {}
+    for layer in (0, 1):  # 1 is the last block: with the lean MLP there too
+        width = max(len(s.ids) for s in PrefixStates(lm, examples, layer).seqs)
+        prefix = PrefixStates(lm, examples, layer, max_tokens=2 * width)
+        assert lm.lean_block is (arch != "roberta")  # probed before the capture, not inside it
+        assert [s.shape[:2] for s in prefix.states] == [(len(i), max(len(prefix.seqs[j].ids) for j in i))
+                                                        for i in prefix.batches]
+        for ref in (r for r in lm.matrices if r.layer == layer):
+            entry = prefix.at_matrix(lm, ref.name)
+            if entry is not prefix:
+                assert len(entry.stubs) == len(prefix.batches)
+                skipped[ref.type] = sorted(entry.stubs[0])
+            with edited(lm, [Edit(ref.name, 2, 0.25)]):
+                full = _plain(lm, examples)
+                fast = evaluate(lm, examples, prefix=entry)
+            for a, b in zip(full.choice_logprobs, fast.choice_logprobs):
+                assert a == pytest.approx(b, abs=1e-4), (ref.name, a, b)
+            assert fast.predictions == full.predictions
+            assert fast.log_loss == pytest.approx(full.log_loss, abs=1e-4)
+        assert prefix.nbytes > sum(t.numel() * t.element_size() for t in prefix.states)  # entries are counted
+    assert weight_hashes(lm.model) == before
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())  # every stub was taken out again
+    # an MLP matrix skips the attention of its block; the last MLP matrix also the MLP's earlier layers
+    mlp_last = "down"
+    attention = {"llama": "self_attn", "gpt2": "attn", "roberta": "attention"}[arch]
+    assert attention in skipped[mlp_last], skipped
+    assert len(skipped[mlp_last]) > 1 + (arch != "roberta"), skipped
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_last_block_gives_the_same_log_probs_and_gradients(tiny_lm, arch):
+    from laser_core.evaluate import lean_block_ok, loss_backward
+
+    lm = tiny_lm(arch)
+    assert lean_block_ok(lm)
+    full = _plain(lm, MULTI)
+    lean = evaluate(lm, MULTI)
+    for a, b in zip(full.choice_logprobs, lean.choice_logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+    grads = []
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    for flag in (False, True):
+        lm.model.zero_grad()
+        lm.lean_block = flag
+        loss_backward(lm, MULTI, max_tokens=16)  # batches with padding
+        grads.append({n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    last_mlp = [n for n in grads[0] if ".1.mlp." in n and n.endswith("weight")]
+    assert last_mlp and all(grads[0][n].abs().sum() > 0 for n in last_mlp)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_a_model_whose_lean_block_differs_runs_the_last_block_whole(tiny_lm, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("laser_core.evaluate")
+    lm = tiny_lm("llama")
+    mlp = ev.block_list(lm)[2][-1].mlp
+    monkeypatch.setattr(type(mlp), "forward", lambda self, x: x.cumsum(1) * 0.01)  # mixes positions
+    assert not ev.lean_block_ok(lm)
+    lm.lean_block = False
+    ref = evaluate(lm, MULTI).choice_logprobs
+    lm.lean_block = None
+    assert not ev.lean_block_ok(lm) and evaluate(lm, MULTI).choice_logprobs == ref
+
+
 def test_search_with_prefix_reuse_gives_the_same_candidates_as_without(tiny_lm, mc_task):
     from laser_core import SearchConfig, TaskSpec, load_task, make_splits, run_search
 
