@@ -111,8 +111,8 @@ class SearchConfig:
     layers: tuple[int, ...] | None = None  # laser: layers to sweep (None = all)
     types: tuple[str, ...] | None = None  # laser: matrix types to sweep (None = all)
     early_stop: bool = False  # stop a candidate once it cannot beat the best accuracy (exact)
-    prefix_reuse: bool = True  # run only blocks >= the edited layer, from cached hidden states (exact)
-    prefix_budget_mb: int = 2048  # RAM for cached hidden states; least recently used layers are dropped
+    prefix_reuse: bool = True  # run only from the edited matrix on, from cached hidden states (exact)
+    prefix_budget_mb: int = 2048  # RAM for cached hidden states and outputs; least recently used layers are dropped
 
     def __post_init__(self) -> None:
         if self.method not in ("c2i", "laser"):

@@ -216,13 +216,15 @@ class PrefixStates:
         """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
         return _bytes(self.states) + _bytes(self.stubs or []) + sum(_bytes(p.stubs or []) for p in self.matrices.values())
 
-    def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1) -> "PrefixStates":
+    def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
+                  max_bytes: int | None = None) -> "PrefixStates":
         """These states plus, for an edit of matrix ``name`` (in block ``layer``), the outputs of the modules of
         that block that return before the matrix is first called: they run no more (e.g. the attention, for
         an MLP matrix). Built from the unedited model on the first call, then kept.
 
         Returns ``self`` where those modules hold under ``min_share`` of the block's parameters (too little
-        to be worth the RAM) or share a parameter with the matrix.
+        to be worth the RAM), share a parameter with the matrix, or their outputs would take more than
+        ``max_bytes`` (estimated from the first batch).
         """
         if name in self.matrices:
             return self.matrices[name]
@@ -230,6 +232,7 @@ class PrefixStates:
         target = lm.model.get_submodule(name.rsplit(".", 1)[0])
         weight = dict(lm.model.named_parameters())[name]
         total = sum(p.numel() for p in block.parameters())
+        tokens = [len(idx) * max(len(self.seqs[i].ids) for i in idx) for idx in self.batches]
         stubs: list[dict] = []
         entry = self
         with torch.no_grad():
@@ -241,9 +244,11 @@ class PrefixStates:
                     except StopForward:
                         pass
                 if bn == 0:
-                    names = stubbable(block, record)
+                    names = stubbable(block, record, min_params=total // 100)
                     params = [p for n in names for p in block.get_submodule(n).parameters()]
-                    if sum(p.numel() for p in params) < min_share * total or any(p is weight for p in params):
+                    size = _bytes([record[n]["out"] for n in names]) * sum(tokens) / tokens[0]
+                    if (sum(p.numel() for p in params) < min_share * total or any(p is weight for p in params)
+                            or (max_bytes is not None and size > max_bytes)):
                         break
                 stubs.append({n: record[n]["out"] for n in names})
             else:

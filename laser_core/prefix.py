@@ -104,8 +104,10 @@ def record_until(block: torch.nn.Module, target: torch.nn.Module, record: dict):
             h.remove()
 
 
-def stubbable(block: torch.nn.Module, record: dict) -> list[str]:
-    """Largest submodules of ``block`` that returned, once, before the target was called (see ``record_until``).
+def stubbable(block: torch.nn.Module, record: dict, min_params: int = 1) -> list[str]:
+    """Largest submodules of ``block`` that returned, once, before the target was called (see ``record_until``),
+    and hold at least ``min_params`` parameters (lighter ones, such as norms and activations, are cheaper to
+    recompute than to keep).
 
     Their outputs cannot depend on the target's output; modules that were still running (the target's
     ancestors) are searched inside, modules called twice are left alone.
@@ -120,7 +122,7 @@ def stubbable(block: torch.nn.Module, record: dict) -> list[str]:
                 continue  # not called before the target
             if "out" not in rec:
                 walk(child, name)  # still running when the target was called: it holds the target
-            elif rec["calls"] == 1:
+            elif rec["calls"] == 1 and sum(p.numel() for p in child.parameters()) >= min_params:
                 chosen.append(name)
 
     walk(block, "")

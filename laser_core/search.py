@@ -124,7 +124,8 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store) -> BlockFactor
 
 
 class PrefixPool:
-    """Hidden states entering each edited layer, per split, kept in RAM up to ``budget_bytes`` (LRU).
+    """Hidden states entering each edited layer (and, per edited matrix, the outputs of its block's modules that
+    run before it), per split, kept in RAM up to ``budget_bytes`` (LRU by layer).
 
     Built from the unedited model under its lock; valid for one model's base weights only.
     """
@@ -146,8 +147,8 @@ class PrefixPool:
                 self.items[key] = PrefixStates(self.lm, splits.examples(split), layer)
         states = self.items[key]
         if matrix is not None:
-            with self.lm.lock:
-                states = states.at_matrix(self.lm, matrix)
+            with self.lm.lock:  # the outputs a matrix adds must fit beside this layer's states
+                states = states.at_matrix(self.lm, matrix, max_bytes=self.budget - states.nbytes)
         while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
             self.items.popitem(last=False)
         return states
