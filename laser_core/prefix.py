@@ -3,6 +3,11 @@
 An edit at layer l cannot change the hidden states entering block l, so they are captured once from the
 unedited model and a candidate is evaluated by running blocks l..L only. The earlier blocks are removed
 from the ModuleList for the call; masks and positions are still built by the model's own forward.
+
+Inside block l, the modules that return before the edited matrix is first called cannot see the edit either:
+their outputs are recorded once (``record_until``, ``stubbable``) and returned in place of running them
+(``stubbed``). After the last block only the scored positions are read, so its MLP runs at those alone
+(``lean_last_block``).
 """
 from __future__ import annotations
 

@@ -36,9 +36,11 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
                    progress: Callable | None = None) -> LaserTiming:
     """LASER's sweep (types x rhos, K=1, validation split) over ``layers`` (None: all), timed.
 
-    With a layer subset, one probe candidate is timed at layer 0 and at the middle layer (where not in the
-    subset) and the per-candidate time of every layer is interpolated linearly between measured layers;
-    the total is that sum over all layers x types x rhos. The sweep's best is the best of the subset only.
+    With a layer subset, layer 0 and the middle layer (where not in the subset) are probed: the cached
+    states a layer needs are built (timed once, as the sweep pays them once per layer), then one candidate is
+    timed. A measured layer costs what its candidates took (their share of the builds included); every other
+    layer costs its interpolated build plus its number of distinct edits times the interpolated candidate time
+    (linear between measured layers). The sweep's best is the best of the subset only.
     """
     n_layers = lm.n_layers
     t0 = time.perf_counter()
@@ -52,24 +54,30 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     for c in rep.candidates:
         if "same_as_rho" not in c:  # a rho with the same ranks as another costs nothing (see run_search)
             per_layer.setdefault(c["layer"], []).append(c["seconds"])
+    build = {layer: 0.0 for layer in per_layer}  # measured layers: builds are inside their candidates' seconds
     pool = PrefixPool(lm, 2**31)
     for layer in sorted({0, n_layers // 2} - set(per_layer)):
         ref = next(r for r in lm.matrices if r.layer == layer)
+        t1 = time.perf_counter()
+        pool.get(splits, "val", layer, ref.name)
+        build[layer] = time.perf_counter() - t1
         doc = evaluate_candidate(lm, Edit(ref.name, 1, rhos[0]), splits, "val", null_store(), prefixes=pool)
         per_layer[layer] = [doc["seconds"]]
-    known = sorted((layer, sum(v) / len(v)) for layer, v in per_layer.items())
+    known = sorted((layer, sum(v) / len(v), build[layer]) for layer, v in per_layer.items())
 
-    def interp(layer: int) -> float:
+    def interp(layer: int, i: int) -> float:
         lo = max((k for k in known if k[0] <= layer), default=known[0])
         hi = min((k for k in known if k[0] >= layer), default=known[-1])
-        return lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (layer - lo[0]) / (hi[0] - lo[0])
+        return lo[i] if hi[0] == lo[0] else lo[i] + (hi[i] - lo[i]) * (layer - lo[0]) / (hi[0] - lo[0])
 
     overhead = measured - sum(c["seconds"] for c in rep.candidates)
     per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
                                    for rho in rhos}) for layer in range(n_layers)}
-    seconds = overhead + sum(per_layer_count[layer] * interp(layer) for layer in range(n_layers))
+    seconds = overhead + sum(per_layer_count[layer] * interp(layer, 1) + (0.0 if layer in layers else interp(layer, 2))
+                             for layer in range(n_layers))
     note = (f"LASER measured on layers {sorted(set(layers))} ({len(rep.candidates)} of {total_candidates} candidates), "
-            f"per-candidate time probed at layers {[k for k, _ in known]} and interpolated; best of measured layers only")
+            f"per-candidate time probed at layers {[k[0] for k in known]} (cached states built first, counted once "
+            "per layer) and interpolated; best of measured layers only")
     return LaserTiming(rep, seconds, measured, total_candidates, note)
 
 
