@@ -43,13 +43,14 @@ def test_prefix_reuse_equals_full_forward_under_an_edit(tiny_lm, arch, examples)
     assert len([n for n, _ in lm.model.named_parameters()]) == len(before) - len(list(lm.model.named_buffers()))
 
 
-def _plain(lm, examples):
-    """Reference: the whole model at every position (the last block's lean MLP switched off)."""
-    lm.lean_block = False
+def _reference(lm, examples, fast_path: str):
+    """Reference: ``evaluate`` with one fast path of this model (``lean_block``: the last block's MLP at the
+    scored positions only; ``prompt_sharing``: a question's choices packed in one row) switched off."""
+    setattr(lm, fast_path, False)
     try:
         return evaluate(lm, examples)
     finally:
-        lm.lean_block = None
+        setattr(lm, fast_path, None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
@@ -70,7 +71,7 @@ def test_matrix_entry_equals_the_full_forward_for_every_matrix_of_a_block(tiny_l
                 assert len(entry.stubs) == len(prefix.batches)
                 skipped[ref.type] = sorted(entry.stubs[0])
             with edited(lm, [Edit(ref.name, 2, 0.25)]):
-                full = _plain(lm, examples)
+                full = _reference(lm, examples, "lean_block")
                 fast = evaluate(lm, examples, prefix=entry)
             for a, b in zip(full.choice_logprobs, fast.choice_logprobs):
                 assert a == pytest.approx(b, abs=1e-4), (ref.name, a, b)
@@ -95,7 +96,7 @@ def test_lean_last_block_gives_the_same_log_probs_and_gradients(tiny_lm, arch):
 
     lm = tiny_lm(arch)
     assert lean_block_ok(lm)
-    full = _plain(lm, MULTI)
+    full = _reference(lm, MULTI, "lean_block")
     lean = evaluate(lm, MULTI)
     for a, b in zip(full.choice_logprobs, lean.choice_logprobs):
         assert a == pytest.approx(b, abs=1e-4)
@@ -122,9 +123,7 @@ def test_a_model_whose_lean_block_differs_runs_the_last_block_whole(tiny_lm, mon
     mlp = ev.block_list(lm)[2][-1].mlp
     monkeypatch.setattr(type(mlp), "forward", lambda self, x: x.cumsum(1) * 0.01)  # mixes positions
     assert not ev.lean_block_ok(lm)
-    lm.lean_block = False
-    ref = evaluate(lm, MULTI).choice_logprobs
-    lm.lean_block = None
+    ref = _reference(lm, MULTI, "lean_block").choice_logprobs
     assert not ev.lean_block_ok(lm) and evaluate(lm, MULTI).choice_logprobs == ref
 
 
@@ -143,15 +142,6 @@ def test_search_with_prefix_reuse_gives_the_same_candidates_as_without(tiny_lm, 
         assert a["log_loss"] == pytest.approx(b["log_loss"], abs=1e-4)
 
 
-def _per_choice(lm, examples):
-    """Reference: every choice in its own row (sharing switched off for this model)."""
-    lm.prompt_sharing = False
-    try:
-        return evaluate(lm, examples)
-    finally:
-        lm.prompt_sharing = None
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tiny_lm, arch):
     from laser_core.evaluate import build_sequences, prompt_sharing_ok
@@ -164,7 +154,7 @@ def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tin
     assert sum(len(s.ids) for s in packed) < sum(len(s.ids) for s in plain)  # each prompt runs once
     edit_name = next(r.name for r in lm.matrices if r.layer == 1 and r.type in ("up", "qkv", "v"))
     with edited(lm, [Edit(edit_name, 2, 0.25)]):
-        ref = _per_choice(lm, MULTI)
+        ref = _reference(lm, MULTI, "prompt_sharing")
         shared = evaluate(lm, MULTI, max_tokens=2 * max(len(s.ids) for s in packed))  # padded batches of two
         prefix = PrefixStates(lm, MULTI, 1)
         assert all(s.spans for s in prefix.seqs)
@@ -181,7 +171,7 @@ def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, m
 
     ev = importlib.import_module("laser_core.evaluate")  # the package re-exports a function of that name
     lm = tiny_lm("llama")
-    ref = _per_choice(lm, MULTI)
+    ref = _reference(lm, MULTI, "prompt_sharing")
 
     def causal_only(batch, width, dtype):  # what an architecture ignoring the tree mask would compute
         mask, pos = real(batch, width, dtype)
