@@ -27,7 +27,8 @@ import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
-from .prefix import StopForward, _bytes, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block, record_until, stubbable, stubbed
+from .prefix import (StopForward, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block, record_until,
+                     stubbable, stubbed, tensor_bytes)
 from .tasks import Example
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class PrefixStates:
     @property
     def nbytes(self) -> int:
         """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
-        return _bytes(self.states) + _bytes(self.stubs or []) + sum(_bytes(p.stubs or []) for p in self.matrices.values())
+        return tensor_bytes(self.states) + tensor_bytes(self.stubs) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
 
     def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
                   max_bytes: int | None = None) -> "PrefixStates":
@@ -230,7 +231,7 @@ class PrefixStates:
             return self.matrices[name]
         block = block_list(lm)[2][self.layer]
         target = lm.model.get_submodule(name.rsplit(".", 1)[0])
-        weight = dict(lm.model.named_parameters())[name]
+        weight = lm.model.get_parameter(name)
         total = sum(p.numel() for p in block.parameters())
         tokens = [len(idx) * max(len(self.seqs[i].ids) for i in idx) for idx in self.batches]
         stubs: list[dict] = []
@@ -246,7 +247,7 @@ class PrefixStates:
                 if bn == 0:
                     names = stubbable(block, record, min_params=total // 100)
                     params = [p for n in names for p in block.get_submodule(n).parameters()]
-                    size = _bytes([record[n]["out"] for n in names]) * sum(tokens) / tokens[0]
+                    size = tensor_bytes([record[n]["out"] for n in names]) * sum(tokens) / tokens[0]
                     if (sum(p.numel() for p in params) < min_share * total or any(p is weight for p in params)
                             or (max_bytes is not None and size > max_bytes)):
                         break

@@ -12,7 +12,7 @@ their outputs are recorded once (``record_until``, ``stubbable``) and returned i
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -68,13 +68,14 @@ def from_layer(lm: "LoadedModel", layer: int, states: torch.Tensor):
         handle.remove()
 
 
-def _bytes(obj) -> int:
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors in ``obj`` (a tensor, or tuples, lists and dicts of them)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
-        return sum(_bytes(x) for x in obj)
+        return sum(tensor_bytes(x) for x in obj)
     if isinstance(obj, dict):
-        return sum(_bytes(x) for x in obj.values())
+        return sum(tensor_bytes(x) for x in obj.values())
     return 0
 
 
@@ -135,21 +136,26 @@ def stubbable(block: torch.nn.Module, record: dict, min_params: int = 1) -> list
 
 
 @contextlib.contextmanager
-def stubbed(block: torch.nn.Module, outputs: dict):
-    """Submodules of ``block`` named in ``outputs`` return their recorded output instead of computing it."""
-    saved = []
-    for name, out in outputs.items():
-        module = block.get_submodule(name)
-        saved.append((module, module.__dict__.get("forward")))
-        module.forward = (lambda value: lambda *args, **kwargs: value)(out)
+def forwards_replaced(replacements: list[tuple[torch.nn.Module, Callable]]):
+    """Each module runs its given function in place of its forward while active (hooks still run); restored
+    afterwards, an instance-level forward (e.g. one a library installed) included."""
+    saved = [(module, module.__dict__.get("forward")) for module, _ in replacements]
+    for module, forward in replacements:
+        module.forward = forward
     try:
         yield
     finally:
-        for module, forward in saved:
-            if forward is None:
+        for module, own in reversed(saved):
+            if own is None:
                 del module.forward
             else:
-                module.forward = forward
+                module.forward = own
+
+
+def stubbed(block: torch.nn.Module, outputs: dict):
+    """Submodules of ``block`` named in ``outputs`` return their recorded output instead of computing it."""
+    return forwards_replaced([(block.get_submodule(name), (lambda value: lambda *args, **kwargs: value)(out))
+                              for name, out in outputs.items()])
 
 
 def last_mlp(lm: "LoadedModel") -> torch.nn.Module | None:
@@ -170,7 +176,6 @@ def lean_last_block(lm: "LoadedModel", flat: torch.Tensor):
     if mlp is None:
         yield
         return
-    own = mlp.__dict__.get("forward")
     inner = mlp.forward
 
     def forward(x, *args, **kwargs):
@@ -180,11 +185,5 @@ def lean_last_block(lm: "LoadedModel", flat: torch.Tensor):
         out = x.new_zeros((x.shape[0] * x.shape[1], rows.shape[-1]), dtype=rows.dtype).index_copy(0, flat, rows)
         return out.view(x.shape[0], x.shape[1], -1)
 
-    mlp.forward = forward
-    try:
+    with forwards_replaced([(mlp, forward)]):
         yield
-    finally:
-        if own is None:
-            del mlp.forward
-        else:
-            mlp.forward = own

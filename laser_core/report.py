@@ -73,8 +73,7 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     overhead = measured - sum(c["seconds"] for c in rep.candidates)
     per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
                                    for rho in rhos}) for layer in range(n_layers)}
-    seconds = overhead + sum(per_layer_count[layer] * interp(layer, 1) + (0.0 if layer in layers else interp(layer, 2))
-                             for layer in range(n_layers))
+    seconds = overhead + sum(per_layer_count[layer] * interp(layer, 1) + interp(layer, 2) for layer in range(n_layers))
     note = (f"LASER measured on layers {sorted(set(layers))} ({len(rep.candidates)} of {total_candidates} candidates), "
             f"per-candidate time probed at layers {[k[0] for k in known]} (cached states built first, counted once "
             "per layer) and interpolated; best of measured layers only")
