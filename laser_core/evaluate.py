@@ -157,18 +157,32 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
     return seqs, fast
 
 
-def _batches(seqs: list[_Seq], max_tokens: int, max_batch: int = 64) -> list[list[int]]:
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))  # length buckets: little padding
-    batches, cur = [], []
-    for i in order:
-        width = len(seqs[cur[0]].ids) if cur else len(seqs[i].ids)
-        if cur and (width * (len(cur) + 1) > max_tokens or len(cur) >= max_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int = 64) -> list[list[int]]:
+    """Batches of sequence indices, sorted by length, cut where the padded tokens plus a per-batch overhead are
+    least (dynamic programming over the cut points); a batch holds at most ``max_tokens`` padded tokens (or one
+    longer sequence) and ``max_batch`` rows.
+
+    The overhead of one more batch, in tokens, is small on a CPU (compute-bound: padding costs as much as real
+    tokens) and large on a GPU (a forward's launch cost is worth thousands of tokens), so a GPU gets few
+    full batches and a CPU gets batches of near-equal lengths.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
+    lengths = [len(seqs[i].ids) for i in order]
+    overhead = 32 if lm.device.type == "cpu" else max_tokens // 2
+    n = len(order)
+    cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: least cost of the j longest; cut[j]: its last batch's start
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(-1, j - 1 - max_batch), -1):  # last batch = order[i:j], width lengths[i]
+            padded = lengths[i] * (j - i)
+            if j - i > 1 and padded > max_tokens:
+                break  # a longer batch only gets wider
+            if cost[i] + padded + overhead < cost[j]:
+                cost[j], cut[j] = cost[i] + padded + overhead, i
+    batches, j = [], n
+    while j > 0:
+        batches.append(order[cut[j]:j])
+        j = cut[j]
+    return batches[::-1]
 
 
 def _body_and_head(model: torch.nn.Module, kind: str):
@@ -196,7 +210,7 @@ class PrefixStates:
         blocks = found[2]
         self.layer = layer
         self.seqs, self.fast = build_sequences(lm, examples)
-        self.batches = _batches(self.seqs, max_tokens)
+        self.batches = _batches(lm, self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
         self.matrices: dict[str, PrefixStates] = {}
@@ -391,7 +405,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
     seqs, fast = build_sequences(lm, examples, gold_only=True)
     ex = list(examples)
     total = 0.0
-    batches = _batches(seqs, max_tokens)
+    batches = _batches(lm, seqs, max_tokens)
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
@@ -434,7 +448,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
     else:
         seqs, fast = build_sequences(lm, examples)
-        batches = _batches(seqs, max_tokens)
+        batches = _batches(lm, seqs, max_tokens)
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
     gold_nll = [0.0] * n
@@ -506,7 +520,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     correct = [any(a.strip().lower() in ans.lower() for a in e.targets) for ans, e in zip(answers, examples)]
     seqs, _ = build_sequences(lm, examples)
     nll = [0.0] * len(examples)
-    for bidx in _batches(seqs, max_tokens):
+    for bidx in _batches(lm, seqs, max_tokens):
         batch = [seqs[i] for i in bidx]
         for s, lp in zip(batch, _scored_logprobs(lm, batch)):
             nll[s.example] = -float(lp.mean())

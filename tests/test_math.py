@@ -1,10 +1,15 @@
-"""Numbers checked against independent computations: SVD gradients, first-order predictions, block SVD."""
+"""Numbers checked against independent computations: SVD gradients, first-order predictions, block SVD, batching."""
 from __future__ import annotations
+
+import itertools
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from laser_core import ConfigError, Edit
+from laser_core.evaluate import _batches, _Seq
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
 from laser_core.models import MatrixRef
 from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
@@ -103,3 +108,35 @@ def test_first_order_prediction_matches_measured_loss_change(tiny_lm, mc_task):
         assert abs(predicted) > 1e-6
         assert measured_decrease == pytest.approx(predicted, rel=0.05, abs=1e-5)
 
+
+
+def _padded(seqs, batches) -> int:
+    return sum(len(idx) * max(len(seqs[i].ids) for i in idx) for idx in batches)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batches_are_the_least_padded_cut_of_the_sorted_lengths_within_the_limits(seed):
+    rng = random.Random(seed)
+    seqs = [_Seq([0] * rng.randint(3, 60), [0], []) for _ in range(9)]
+    cpu, overhead, max_tokens, max_batch = SimpleNamespace(device=torch.device("cpu")), 32, 150, 4
+    batches = _batches(cpu, seqs, max_tokens, max_batch)
+    assert sorted(i for idx in batches for i in idx) == list(range(len(seqs)))
+    for idx in batches:
+        assert len(idx) <= max_batch and (len(idx) == 1 or _padded(seqs, [idx]) <= max_tokens)
+    # every cut of the length-sorted order, by brute force: none is cheaper
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
+    best = min(
+        _padded(seqs, parts) + overhead * len(parts)
+        for cuts in itertools.product([False, True], repeat=len(order) - 1)
+        for parts in [[order[a:b] for a, b in itertools.pairwise([0, *(i + 1 for i, c in enumerate(cuts) if c), len(order)])]]
+        if all(len(p) <= max_batch and (len(p) == 1 or _padded(seqs, [p]) <= max_tokens) for p in parts))
+    assert _padded(seqs, batches) + overhead * len(batches) == best
+
+
+def test_a_gpu_gets_fewer_fuller_batches_than_a_cpu():
+    rng = random.Random(0)
+    seqs = [_Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
+    cpu = _batches(SimpleNamespace(device=torch.device("cpu")), seqs, 8192)
+    gpu = _batches(SimpleNamespace(device=torch.device("cuda")), seqs, 8192)
+    assert len(gpu) < len(cpu) and _padded(seqs, cpu) < _padded(seqs, gpu)
+    assert _padded(seqs, cpu) < 1.05 * sum(len(s.ids) for s in seqs)
