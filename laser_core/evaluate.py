@@ -282,6 +282,13 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = N
     ``lean`` runs the last block's MLP at the scored positions only (None: where :func:`lean_block_ok` found it
     exact; it is probed by :func:`build_sequences`, which every caller runs first).
     """
+    return _head_logprobs(lm, batch, _scored_rows(lm, batch, start, lean))
+
+
+def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
+                 lean: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """(rows, are_hidden): the last hidden state at every scored position of ``batch``, in order, for the head to
+    finish (are_hidden True), or the logits there where the model has no separable head (see ``_scored_logprobs``)."""
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     width = max(len(s.ids) for s in batch)
@@ -297,7 +304,7 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = N
     ids, mask = ids.to(dev), mask.to(dev)
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
-    body, head = _body_and_head(model, lm.kind)
+    body = _body_and_head(model, lm.kind)[0]
     with contextlib.ExitStack() as stack:
         if start is not None:
             if start[2]:
@@ -306,10 +313,16 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = N
         if lean if lean is not None else lm.lean_block:
             stack.enter_context(lean_last_block(lm, torch.unique(bi * width + pi)))
         if body is not None:
-            hidden = body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
-            logits = head(hidden[bi, pi])  # lean head: only the scored positions
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
+            return body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state[bi, pi], True
+        return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi], False
+
+
+def _head_logprobs(lm: LoadedModel, batch: list[_Seq], scored: tuple[torch.Tensor, bool]) -> list[torch.Tensor]:
+    """Per sequence of ``batch``, the log-probs of :func:`_scored_logprobs` from its :func:`_scored_rows`; the
+    output head runs only at those rows (the lean head)."""
+    rows, are_hidden = scored
+    model, dev = lm.model, lm.device
+    logits = _body_and_head(model, lm.kind)[1](rows) if are_hidden else rows
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -427,7 +440,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
              cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
-             prefix: PrefixStates | None = None) -> EvalResult:
+             prefix: PrefixStates | None = None, head_rows: int = 1024) -> EvalResult:
     """Accuracy and log-loss of ``lm`` on ``examples`` (see the module docstring for the rules).
 
     Args:
@@ -438,6 +451,9 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             from that layer on are run (and of that block, with :meth:`PrefixStates.at_matrix`, only what
             follows the edited matrix). Exact as long as no edit touches a layer below ``prefix.layer`` (nor,
             for a matrix entry, a module of that block that runs before the matrix).
+        head_rows: the output head runs once over the scored rows of consecutive batches, up to this many
+            rows (it reads its whole weight on every run, which costs as much as a late candidate's blocks);
+            with ``beat`` it runs after every batch, so that a candidate stops as soon as it can.
     """
     examples = list(examples)
     if not examples:
@@ -455,12 +471,20 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
     done_correct, done = 0, 0
     stopped = False
+    pending: list[tuple[list[_Seq], tuple[torch.Tensor, bool]]] = []  # batches whose head has not run yet
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
         start = (prefix.layer, prefix.states[bn], prefix.stubs[bn] if prefix.stubs else None) if prefix else None
-        for s, lp in zip(batch, _scored_logprobs(lm, batch, start)):
+        pending.append((batch, _scored_rows(lm, batch, start)))
+        if sum(len(p[1][0]) for p in pending) < head_rows and bn + 1 < len(batches) and beat is None:
+            continue  # the head reads its whole weight once per call: run it over many batches' rows at once
+        together = [s for b, _ in pending for s in b]
+        rows = torch.cat([r for _, (r, _) in pending])
+        lps = _head_logprobs(lm, together, (rows, pending[0][1][1]))
+        pending = []
+        for s, lp in zip(together, lps):
             e = examples[s.example]
             if s.rows is not None:
                 scores[s.example] = lp.tolist()

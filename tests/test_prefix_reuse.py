@@ -192,3 +192,29 @@ def test_one_token_choices_never_run_the_sharing_probe(tiny_lm):
     assert lm.prompt_sharing is None  # nothing to pack: the fast path scores the choice logits at the prompt's end
     evaluate(lm, MULTI)
     assert lm.prompt_sharing is True
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+@pytest.mark.parametrize("examples", [ONE_TOKEN, MULTI], ids=["one-token", "multi-token"])
+def test_the_head_runs_once_over_many_batches_with_the_same_log_probs(tiny_lm, arch, examples):
+    from laser_core.evaluate import _body_and_head
+
+    lm = tiny_lm(arch)
+    if lm.kind == "masked" and examples is MULTI:
+        examples = ONE_TOKEN
+    prefix = PrefixStates(lm, examples, 1, max_tokens=1)  # one sequence a batch (and the model's probes run)
+    calls = []
+    handle = _body_and_head(lm.model, lm.kind)[1].register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    try:
+        pooled = evaluate(lm, examples, prefix=prefix)
+        assert len(prefix.batches) == len(prefix.seqs) > 1 and len(calls) == 1
+        per_batch = evaluate(lm, examples, prefix=prefix, head_rows=1)
+        assert len(calls) == 1 + len(prefix.batches)
+        early = evaluate(lm, examples, prefix=prefix, beat=(0.0, 0.0))  # may stop after any batch: head each time
+        assert len(calls) == 1 + 2 * len(prefix.batches)
+    finally:
+        handle.remove()
+    for a, b in zip(pooled.choice_logprobs, per_batch.choice_logprobs):
+        assert a == pytest.approx(b, abs=1e-5)  # one matmul over all rows vs one per batch: rounding only
+    assert pooled.predictions == per_batch.predictions and pooled.log_loss == pytest.approx(per_batch.log_loss, abs=1e-5)
+    assert early.predictions == pooled.predictions and not early.stopped_early
