@@ -286,9 +286,9 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = N
 
 
 def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
-                 lean: bool | None = None) -> tuple[torch.Tensor, bool]:
-    """(rows, are_hidden): the last hidden state at every scored position of ``batch``, in order, for the head to
-    finish (are_hidden True), or the logits there where the model has no separable head (see ``_scored_logprobs``)."""
+                 lean: bool | None = None) -> torch.Tensor:
+    """The last hidden state at every scored position of ``batch``, in order, for the head to finish; the logits
+    there where the model has no separable head (see ``_body_and_head``). Arguments as for ``_scored_logprobs``."""
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     width = max(len(s.ids) for s in batch)
@@ -313,16 +313,16 @@ def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
         if lean if lean is not None else lm.lean_block:
             stack.enter_context(lean_last_block(lm, torch.unique(bi * width + pi)))
         if body is not None:
-            return body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state[bi, pi], True
-        return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi], False
+            return body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state[bi, pi]
+        return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
 
 
-def _head_logprobs(lm: LoadedModel, batch: list[_Seq], scored: tuple[torch.Tensor, bool]) -> list[torch.Tensor]:
+def _head_logprobs(lm: LoadedModel, batch: list[_Seq], rows: torch.Tensor) -> list[torch.Tensor]:
     """Per sequence of ``batch``, the log-probs of :func:`_scored_logprobs` from its :func:`_scored_rows`; the
     output head runs only at those rows (the lean head)."""
-    rows, are_hidden = scored
     model, dev = lm.model, lm.device
-    logits = _body_and_head(model, lm.kind)[1](rows) if are_hidden else rows
+    head = _body_and_head(model, lm.kind)[1]
+    logits = head(rows) if head is not None else rows
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -471,19 +471,19 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
     done_correct, done = 0, 0
     stopped = False
-    pending: list[tuple[list[_Seq], tuple[torch.Tensor, bool]]] = []  # batches whose head has not run yet
+    pending: list[_Seq] = []  # sequences of the batches whose head has not run yet, and their scored rows
+    pending_rows: list[torch.Tensor] = []
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
         start = (prefix.layer, prefix.states[bn], prefix.stubs[bn] if prefix.stubs else None) if prefix else None
-        pending.append((batch, _scored_rows(lm, batch, start)))
-        if sum(len(p[1][0]) for p in pending) < head_rows and bn + 1 < len(batches) and beat is None:
+        pending += batch
+        pending_rows.append(_scored_rows(lm, batch, start))
+        if sum(len(r) for r in pending_rows) < head_rows and bn + 1 < len(batches) and beat is None:
             continue  # the head reads its whole weight once per call: run it over many batches' rows at once
-        together = [s for b, _ in pending for s in b]
-        rows = torch.cat([r for _, (r, _) in pending])
-        lps = _head_logprobs(lm, together, (rows, pending[0][1][1]))
-        pending = []
+        together, lps = pending, _head_logprobs(lm, pending, torch.cat(pending_rows))
+        pending, pending_rows = [], []
         for s, lp in zip(together, lps):
             e = examples[s.example]
             if s.rows is not None:
