@@ -7,6 +7,8 @@ Rules:
   row, each choice attending to the prompt and to itself only, with its own positions (a tree-shaped
   attention mask), where a probe shows the architecture gives the same log-probs that way (see
   :func:`prompt_sharing_ok`); else each choice is its own row.
+  The lead every sequence starts with (an instruction, a few-shot preamble) runs once per evaluation and
+  every row attends to its keys and values, where a probe shows the same log-probs (:func:`split_lead`).
 - multiple choice, masked LM: the choice's (first) token logit at a ``<mask>`` placed after the prompt.
 - generation: greedy decoding; correct when an accepted answer occurs (case-insensitive) in the generated
   text only (cut at its first newline), never in the prompt.
@@ -19,16 +21,17 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
-from .prefix import (StopForward, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block, record_until,
-                     stubbable, stubbed, tensor_bytes)
+from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block,
+                     record_until, stubbable, stubbed, tensor_bytes)
 from .tasks import Example
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ class _Seq:
     choice: int = 0
     spans: list[int] | None = None  # shared prompt: scored positions of each packed choice, in order
     groups: list[int] | None = None  # shared prompt: 0 for prompt tokens, j + 1 for choice j's tokens
-    positions: list[int] | None = None  # shared prompt: position ids (each choice continues the prompt)
+    positions: list[int] | None = None  # shared prompt or lead: position ids (each choice continues the prompt)
 
 
 def _packed(prompt: list[int], choices: list[list[int]], example: int) -> _Seq:
@@ -157,6 +160,31 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
     return seqs, fast
 
 
+def _lead_length(seqs: list[_Seq]) -> int:
+    """How many tokens every sequence starts with, short of the first scored position of any."""
+    return min(len(os.path.commonprefix([s.ids for s in seqs])), min(min(s.pos) for s in seqs))
+
+
+def _without_lead(s: _Seq, n: int) -> _Seq:
+    return replace(s, ids=s.ids[n:], pos=[p - n for p in s.pos], groups=s.groups[n:] if s.groups else None,
+                   positions=(s.positions or list(range(len(s.ids))))[n:])
+
+
+def split_lead(lm: LoadedModel, seqs: list[_Seq], min_share: float = 0.05) -> tuple[list[int], list[_Seq]]:
+    """The lead every sequence starts with, and the sequences without it (their positions kept).
+
+    The lead is run once per evaluation (:func:`_lead_cache`) and every row attends to its keys and values,
+    instead of each row running it again: a few-shot preamble is most of truthful_qa's tokens. Done where
+    it saves at least ``min_share`` of the tokens and :func:`lead_sharing_ok`; else returns ``([], seqs)``.
+    """
+    if lm.kind != "causal" or len(seqs) < 2:
+        return [], seqs
+    n = _lead_length(seqs)
+    if n < 2 or n * (len(seqs) - 1) < min_share * sum(len(s.ids) for s in seqs) or not lead_sharing_ok(lm):
+        return [], seqs
+    return seqs[0].ids[:n], [_without_lead(s, n) for s in seqs]
+
+
 def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int = 64) -> list[list[int]]:
     """Batches of sequence indices, sorted by length, cut where the padded tokens plus a per-batch overhead are
     least (dynamic programming over the cut points); a batch holds at most ``max_tokens`` padded tokens (or one
@@ -200,7 +228,8 @@ class PrefixStates:
 
     An edit at layer >= ``layer`` cannot change them, so a candidate there is evaluated by running blocks
     ``layer..L`` only (see :func:`evaluate`'s ``prefix``). Build them with the model unedited.
-    :meth:`at_matrix` goes further inside block ``layer``.
+    :meth:`at_matrix` goes further inside block ``layer``. The sequences' shared lead (see :func:`split_lead`)
+    has its own states (``lead_state``); it runs once per evaluation, block ``layer`` whole (one row).
     """
 
     def __init__(self, lm: LoadedModel, examples: Sequence[Example], layer: int, max_tokens: int = 8192) -> None:
@@ -210,26 +239,35 @@ class PrefixStates:
         blocks = found[2]
         self.layer = layer
         self.seqs, self.fast = build_sequences(lm, examples)
+        self.lead, self.seqs = split_lead(lm, self.seqs)
         self.batches = _batches(lm, self.seqs, max_tokens)
         self.states: list[torch.Tensor] = []
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
+        self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
         self.matrices: dict[str, PrefixStates] = {}
         with torch.no_grad():
-            for idx in self.batches:
+            lead = None
+            for idx in [None] * bool(self.lead) + self.batches:  # the lead first: the batches attend to it
                 got: list[torch.Tensor] = []
                 handle = blocks[layer].register_forward_pre_hook(capture_first_arg(got), with_kwargs=True)
                 try:
-                    _scored_logprobs(lm, [self.seqs[i] for i in idx])
+                    if idx is None:
+                        lead = _lead_cache(lm, self.lead)
+                    else:
+                        _scored_logprobs(lm, [self.seqs[i] for i in idx], lead=lead)
                 except StopForward:
                     pass
                 finally:
                     handle.remove()
-                self.states.append(got[0])
+                if idx is None:
+                    self.lead_state = got[0]
+                else:
+                    self.states.append(got[0])
 
     @property
     def nbytes(self) -> int:
         """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
-        return tensor_bytes(self.states) + tensor_bytes(self.stubs) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
+        return tensor_bytes([self.states, self.stubs, self.lead_state]) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
 
     def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
                   max_bytes: int | None = None) -> "PrefixStates":
@@ -251,11 +289,12 @@ class PrefixStates:
         stubs: list[dict] = []
         entry = self
         with torch.no_grad():
+            lead = _lead_cache(lm, self.lead, (self.layer, self.lead_state, None)) if self.lead else None
             for bn, idx in enumerate(self.batches):
                 record: dict = {}
                 with record_until(block, target, record):
                     try:
-                        _scored_logprobs(lm, [self.seqs[i] for i in idx], (self.layer, self.states[bn], None))
+                        _scored_logprobs(lm, [self.seqs[i] for i in idx], (self.layer, self.states[bn], None), lead=lead)
                     except StopForward:
                         pass
                 if bn == 0:
@@ -274,21 +313,24 @@ class PrefixStates:
 
 
 def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
-                     lean: bool | None = None) -> list[torch.Tensor]:
+                     lean: bool | None = None, lead: LeadCache | None = None) -> list[torch.Tensor]:
     """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens.
 
     ``start=(layer, states, stubs)`` runs the blocks from ``layer`` on, fed with the cached ``states``; ``stubs``
     (or None) are recorded outputs of block ``layer``'s modules that run before the edited matrix.
     ``lean`` runs the last block's MLP at the scored positions only (None: where :func:`lean_block_ok` found it
     exact; it is probed by :func:`build_sequences`, which every caller runs first).
+    ``lead``: the keys and values of the lead the sequences follow (see :func:`split_lead`), from the same
+    weights and ``start``.
     """
-    return _head_logprobs(lm, batch, _scored_rows(lm, batch, start, lean))
+    return _head_logprobs(lm, batch, _scored_rows(lm, batch, start, lean, lead))
 
 
-def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
-                 lean: bool | None = None) -> torch.Tensor:
+def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None, lean: bool | None = None,
+                 lead: LeadCache | None = None, fill=None) -> torch.Tensor:
     """The last hidden state at every scored position of ``batch``, in order, for the head to finish; the logits
-    there where the model has no separable head (see ``_body_and_head``). Arguments as for ``_scored_logprobs``."""
+    there where the model has no separable head (see ``_body_and_head``). Arguments as for ``_scored_logprobs``;
+    ``fill``: a cache the forward fills with its keys and values (see :func:`_lead_cache`)."""
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     width = max(len(s.ids) for s in batch)
@@ -298,12 +340,14 @@ def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
         ids[b, :len(s.ids)] = torch.tensor(s.ids)
         mask[b, :len(s.ids)] = 1
     extra = {"use_cache": False} if lm.kind == "causal" else {}
-    if any(s.groups is not None for s in batch):
-        mask, positions = _attention(batch, width, next(model.parameters()).dtype)
+    if lead is not None or fill is not None or any(s.groups is not None for s in batch):
+        mask, positions = _attention(batch, width, next(model.parameters()).dtype, lead.length if lead else 0)
         extra["position_ids"] = positions.to(dev)
+    if lead is not None or fill is not None:
+        extra.update(use_cache=True, past_key_values=lead.past(model, len(batch)) if lead is not None else fill)
     ids, mask = ids.to(dev), mask.to(dev)
-    bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], device=dev)
-    pi = torch.tensor([p for s in batch for p in s.pos], device=dev)
+    bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], dtype=torch.long, device=dev)
+    pi = torch.tensor([p for s in batch for p in s.pos], dtype=torch.long, device=dev)
     body = _body_and_head(model, lm.kind)[0]
     with contextlib.ExitStack() as stack:
         if start is not None:
@@ -315,6 +359,22 @@ def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
         if body is not None:
             return body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state[bi, pi]
         return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
+
+
+def _lead_cache(lm: LoadedModel, lead: list[int], start: tuple | None = None) -> LeadCache:
+    """Run the lead alone (one row, from ``start`` as in :func:`_scored_logprobs`) and keep its keys and values.
+
+    A capture hook that stops the forward at a block (see :class:`PrefixStates`) leaves the blocks before it
+    filled, all that the batches stopped at the same block need.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    try:
+        _scored_rows(lm, [_Seq(list(lead), [], [])], start, lean=False, fill=cache)
+    except StopForward:
+        pass
+    return LeadCache(len(lead), cache)
 
 
 def _head_logprobs(lm: LoadedModel, batch: list[_Seq], rows: torch.Tensor) -> list[torch.Tensor]:
@@ -336,10 +396,12 @@ def _head_logprobs(lm: LoadedModel, batch: list[_Seq], rows: torch.Tensor) -> li
     return out
 
 
-def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive 4-D mask (batch, 1, width, width) and position ids for rows that may hold packed choices.
+def _attention(batch: list[_Seq], width: int, dtype: torch.dtype, lead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive 4-D mask (batch, 1, width, lead + width) and position ids for rows that may hold packed choices
+    and follow a cached lead of ``lead`` tokens.
 
-    Token i sees token k <= i when k is in the prompt or in i's own choice; a padding token sees itself only.
+    Token i sees the lead, and token k <= i when k is in the prompt or in i's own choice; a padding token sees
+    the lead and itself only.
     """
     n = len(batch)
     groups = torch.full((n, width), -1, dtype=torch.long)
@@ -347,12 +409,13 @@ def _attention(batch: list[_Seq], width: int, dtype: torch.dtype) -> tuple[torch
     for b, s in enumerate(batch):
         m = len(s.ids)
         groups[b, :m] = torch.tensor(s.groups) if s.groups is not None else 0
-        positions[b, :m] = torch.tensor(s.positions) if s.positions is not None else torch.arange(m)
+        positions[b, :m] = torch.tensor(s.positions) if s.positions is not None else torch.arange(lead, lead + m)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     gq, gk = groups[:, :, None], groups[:, None, :]
     allowed = causal & (gk >= 0) & ((gk == 0) | (gk == gq))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows: no row may be fully masked
-    mask = torch.zeros((n, 1, width, width), dtype=dtype)
+    allowed = torch.cat([torch.ones((n, width, lead), dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros((n, 1, width, lead + width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return mask, positions
 
@@ -388,6 +451,27 @@ def prompt_sharing_ok(lm: LoadedModel) -> bool:
     return lm.prompt_sharing
 
 
+_LEAD_PROBE = [Example("Answer in a few words.\nQuestion: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no"), 0),
+               Example("Answer in a few words.\nQuestion: is ice hot?\nAnswer:", ("no", "yes, very hot"), 0)]
+
+
+def lead_sharing_ok(lm: LoadedModel) -> bool:
+    """Does this model give the same log-probs with the shared lead run once, as a cached past, as run in every row?
+
+    Probed once per loaded model on two made-up questions (rows of different lengths, so padding included);
+    needs a causal model whose attention takes a transformers cache with a custom 4-D mask and position ids.
+    """
+    if lm.lead_sharing is None:
+        lm.lead_sharing = False  # no lead inside the probe itself
+        seqs = build_sequences(lm, _LEAD_PROBE, share_prompt=False)[0]
+        n = _lead_length(seqs)
+        rest = [_without_lead(s, n) for s in seqs]
+        lm.lead_sharing = lm.kind == "causal" and n >= 2 and _probe_matches(
+            lm, lambda: torch.cat(_scored_logprobs(lm, seqs)),
+            lambda: torch.cat(_scored_logprobs(lm, rest, lead=_lead_cache(lm, seqs[0].ids[:n]))), "lead sharing")
+    return lm.lead_sharing
+
+
 def lean_block_ok(lm: LoadedModel) -> bool:
     """Does running the last block's MLP at the scored positions only give the same log-probs?
 
@@ -416,6 +500,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
     Runs batch by batch (backward after each) so memory stays that of one batch. Returns the log-loss.
     """
     seqs, fast = build_sequences(lm, examples, gold_only=True)
+    lead, seqs = split_lead(lm, seqs)
     ex = list(examples)
     total = 0.0
     batches = _batches(lm, seqs, max_tokens)
@@ -423,7 +508,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
-        lps = _scored_logprobs(lm, batch)
+        lps = _scored_logprobs(lm, batch, lead=_lead_cache(lm, lead) if lead else None)  # per batch: one graph each
         terms = []
         for s, lp in zip(batch, lps):
             e = ex[s.example]
@@ -462,9 +547,12 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
+        lead = _lead_cache(lm, prefix.lead, (prefix.layer, prefix.lead_state, None)) if prefix.lead else None
     else:
         seqs, fast = build_sequences(lm, examples)
+        lead_ids, seqs = split_lead(lm, seqs)
         batches = _batches(lm, seqs, max_tokens)
+        lead = _lead_cache(lm, lead_ids) if lead_ids else None
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
     gold_nll = [0.0] * n
@@ -479,7 +567,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         batch = [seqs[i] for i in idx]
         start = (prefix.layer, prefix.states[bn], prefix.stubs[bn] if prefix.stubs else None) if prefix else None
         pending += batch
-        pending_rows.append(_scored_rows(lm, batch, start))
+        pending_rows.append(_scored_rows(lm, batch, start, lead=lead))
         if sum(len(r) for r in pending_rows) < head_rows and bn + 1 < len(batches) and beat is None:
             continue  # the head reads its whole weight once per call: run it over many batches' rows at once
         together, lps = pending, _head_logprobs(lm, pending, torch.cat(pending_rows))

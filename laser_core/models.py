@@ -156,6 +156,7 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.prompt_sharing_ok
     lean_block: bool | None = field(default=None, repr=False)  # probed once by evaluate.lean_block_ok
+    lead_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.lead_sharing_ok
 
     @property
     def n_layers(self) -> int:

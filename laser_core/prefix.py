@@ -8,6 +8,9 @@ Inside block l, the modules that return before the edited matrix is first called
 their outputs are recorded once (``record_until``, ``stubbable``) and returned in place of running them
 (``stubbed``). After the last block only the scored positions are read, so its MLP runs at those alone
 (``lean_last_block``).
+
+The tokens every sequence of an evaluation starts with (its lead: an instruction, a few-shot preamble) are
+run once, alone; each batch then attends to their keys and values (``LeadCache``) instead of re-running them.
 """
 from __future__ import annotations
 
@@ -66,6 +69,24 @@ def from_layer(lm: "LoadedModel", layer: int, states: torch.Tensor):
     finally:
         setattr(parent, attr, blocks)
         handle.remove()
+
+
+class LeadCache:
+    """Keys and values of the lead, per layer that ran, from one forward of the lead alone (one row)."""
+
+    def __init__(self, length: int, cache) -> None:
+        self.length = length
+        self.layers = [(i, layer.keys, layer.values) for i, layer in enumerate(cache.layers)
+                       if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+
+    def past(self, model: torch.nn.Module, rows: int):
+        """A fresh cache holding the lead once per row, as the past of a batch of ``rows`` rows."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        for i, keys, values in self.layers:
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+        return cache
 
 
 def tensor_bytes(obj) -> int:

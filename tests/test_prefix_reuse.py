@@ -15,6 +15,13 @@ ONE_TOKEN = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
 MULTI = [Example("Is the number 4 even? Answer:", (" yes", " no", " true false claim"), 0),
          Example("Q: What colour is the sky? A: the sky is", (" blue green", " red"), 0),
          Example("premise hypothesis", (" entailment", " non-entailment"), 1)]
+_LEAD = "Answer with yes or no, then stop.\nQ: "  # a shared lead: run once, not in every row
+LEAD_ONE = [Example(_LEAD + "Is the number 4 even?\nA:", (" yes", " no"), 0),
+            Example(_LEAD + "Is 13 even?\nA:", (" yes", " no"), 1),
+            Example(_LEAD + "Is the sky blue on a clear day, seen from Paris?\nA:", (" yes", " no"), 0)]
+LEAD_MULTI = [Example(_LEAD + "Is the number 4 even?\nA:", (" yes", " no", " true false claim"), 0),
+              Example(_LEAD + "What colour is the sky?\nA: the sky is", (" blue green", " red"), 0),
+              Example(_LEAD + "premise hypothesis", (" entailment", " non-entailment"), 1)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
@@ -173,8 +180,8 @@ def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, m
     lm = tiny_lm("llama")
     ref = _reference(lm, MULTI, "prompt_sharing")
 
-    def causal_only(batch, width, dtype):  # what an architecture ignoring the tree mask would compute
-        mask, pos = real(batch, width, dtype)
+    def causal_only(batch, width, dtype, lead=0):  # what an architecture ignoring the tree mask would compute
+        mask, pos = real(batch, width, dtype, lead)
         n = len(batch)
         return torch.zeros_like(mask).masked_fill_(~torch.ones(width, width, dtype=torch.bool).tril(),
                                                    torch.finfo(dtype).min).expand(n, 1, width, width), pos
@@ -218,3 +225,81 @@ def test_the_head_runs_once_over_many_batches_with_the_same_log_probs(tiny_lm, a
         assert a == pytest.approx(b, abs=1e-5)  # one matmul over all rows vs one per batch: rounding only
     assert pooled.predictions == per_batch.predictions and pooled.log_loss == pytest.approx(per_batch.log_loss, abs=1e-5)
     assert early.predictions == pooled.predictions and not early.stopped_early
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("examples", [LEAD_ONE, LEAD_MULTI], ids=["one-token", "multi-token"])
+def test_a_shared_lead_run_once_equals_running_it_in_every_row(tiny_lm, arch, examples):
+    from laser_core.evaluate import build_sequences, split_lead
+
+    lm = tiny_lm(arch)
+    seqs = build_sequences(lm, examples)[0]
+    lead, rest = split_lead(lm, seqs)
+    assert lm.lead_sharing is True and len(lead) >= 8
+    assert sum(len(s.ids) for s in rest) == sum(len(s.ids) for s in seqs) - len(lead) * len(seqs)
+    assert (lm.prompt_sharing is True) == (examples is LEAD_MULTI)  # with packed choices too
+    before = weight_hashes(lm.model)
+    skipped = set()
+    for layer in (0, 1):
+        prefix = PrefixStates(lm, examples, layer, max_tokens=2 * max(len(s.ids) for s in rest))  # padded pairs
+        assert prefix.lead == lead and prefix.lead_state.shape[1] == len(lead) and len(prefix.batches) >= 2
+        for ref in (r for r in lm.matrices if r.layer == layer):
+            entry = prefix.at_matrix(lm, ref.name)
+            with edited(lm, [Edit(ref.name, 2, 0.25)]):
+                full = _reference(lm, examples, "lead_sharing")
+                shared = evaluate(lm, examples, max_tokens=16)
+                fast = evaluate(lm, examples, prefix=entry)
+            for res in (shared, fast):
+                for a, b in zip(full.choice_logprobs, res.choice_logprobs):
+                    assert a == pytest.approx(b, abs=1e-4), (ref.name, a, b)
+                assert res.predictions == full.predictions
+                assert res.log_loss == pytest.approx(full.log_loss, abs=1e-4)
+            if entry is not prefix:
+                skipped.add(ref.type)
+    assert skipped  # matrix entries (the rows skip modules the lead still runs) were among them
+    assert weight_hashes(lm.model) == before
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradients_through_a_shared_lead_equal_those_without(tiny_lm, arch):
+    from laser_core.evaluate import loss_backward
+
+    lm = tiny_lm(arch)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    grads, losses = [], []
+    for flag in (False, None):
+        lm.model.zero_grad()
+        lm.lead_sharing = flag
+        losses.append(loss_backward(lm, LEAD_MULTI, max_tokens=16))  # several batches, each with the lead
+        grads.append({n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None})
+    assert lm.lead_sharing is True and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_a_model_that_fails_the_lead_probe_runs_the_lead_in_every_row(tiny_lm, monkeypatch):
+    import importlib
+
+    from laser_core.prefix import LeadCache
+
+    ev = importlib.import_module("laser_core.evaluate")
+    lm = tiny_lm("llama")
+    ref = _reference(lm, LEAD_ONE, "lead_sharing")
+    monkeypatch.setattr(LeadCache, "past", lambda self, model, rows: None)  # a model that drops the past
+    assert not ev.lead_sharing_ok(lm)
+    assert ev.split_lead(lm, ev.build_sequences(lm, LEAD_ONE)[0])[0] == []
+    assert evaluate(lm, LEAD_ONE).choice_logprobs == ref.choice_logprobs  # the same rows: bit-identical
+
+
+def test_no_lead_is_split_off_where_it_saves_little_or_the_model_is_masked(tiny_lm):
+    from laser_core.evaluate import build_sequences, split_lead
+
+    lm = tiny_lm("llama")
+    assert split_lead(lm, build_sequences(lm, MULTI)[0])[0] == []  # no common start
+    assert lm.lead_sharing is None  # and so no probe
+    seqs = build_sequences(lm, LEAD_ONE)[0]
+    assert split_lead(lm, seqs, min_share=0.9)[0] == [] and split_lead(lm, seqs)[0]
+    masked = tiny_lm("roberta")
+    assert split_lead(masked, build_sequences(masked, LEAD_ONE)[0])[0] == []
