@@ -185,10 +185,12 @@ def split_lead(lm: LoadedModel, seqs: list[_Seq], min_share: float = 0.05) -> tu
     return seqs[0].ids[:n], [_without_lead(s, n) for s in seqs]
 
 
-def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int = 64) -> list[list[int]]:
+def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int = 64, lead: int = 0) -> list[list[int]]:
     """Batches of sequence indices, sorted by length, cut where the padded tokens plus a per-batch overhead are
     least (dynamic programming over the cut points); a batch holds at most ``max_tokens`` padded tokens (or one
-    longer sequence) and ``max_batch`` rows.
+    longer sequence) and ``max_batch`` rows. Rows that follow a cached lead of ``lead`` tokens each hold a copy
+    of its keys and values: a batch holds at most ``2 * max_tokens`` of rows x (lead + width), which bounds its
+    memory where the lead is long (a long few-shot preamble on a large model).
 
     The overhead of one more batch, in tokens, is small on a CPU (compute-bound: padding costs as much as real
     tokens) and large on a GPU (a forward's launch cost is worth thousands of tokens), so a GPU gets few
@@ -202,7 +204,7 @@ def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int 
     for j in range(1, n + 1):
         for i in range(j - 1, max(-1, j - 1 - max_batch), -1):  # last batch = order[i:j], width lengths[i]
             padded = lengths[i] * (j - i)
-            if j - i > 1 and padded > max_tokens:
+            if j - i > 1 and (padded > max_tokens or (j - i) * (lengths[i] + lead) > 2 * max_tokens):
                 break  # a longer batch only gets wider
             if cost[i] + padded + overhead < cost[j]:
                 cost[j], cut[j] = cost[i] + padded + overhead, i
@@ -240,7 +242,7 @@ class PrefixStates:
         self.layer = layer
         self.seqs, self.fast = build_sequences(lm, examples)
         self.lead, self.seqs = split_lead(lm, self.seqs)
-        self.batches = _batches(lm, self.seqs, max_tokens)
+        self.batches = _batches(lm, self.seqs, max_tokens, lead=len(self.lead))
         self.states: list[torch.Tensor] = []
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
         self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
@@ -503,7 +505,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
     lead, seqs = split_lead(lm, seqs)
     ex = list(examples)
     total = 0.0
-    batches = _batches(lm, seqs, max_tokens)
+    batches = _batches(lm, seqs, max_tokens, lead=len(lead))
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
@@ -551,7 +553,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     else:
         seqs, fast = build_sequences(lm, examples)
         lead_ids, seqs = split_lead(lm, seqs)
-        batches = _batches(lm, seqs, max_tokens)
+        batches = _batches(lm, seqs, max_tokens, lead=len(lead_ids))
         lead = _lead_cache(lm, lead_ids) if lead_ids else None
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]

@@ -133,6 +133,18 @@ def test_batches_are_the_least_padded_cut_of_the_sorted_lengths_within_the_limit
     assert _padded(seqs, batches) + overhead * len(batches) == best
 
 
+def test_rows_after_a_long_cached_lead_make_smaller_batches():
+    rng = random.Random(0)
+    seqs = [_Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    plain, after_lead = _batches(cpu, seqs, 2048), _batches(cpu, seqs, 2048, lead=500)
+    assert sorted(i for idx in after_lead for i in idx) == list(range(len(seqs)))
+    for idx in after_lead:  # each row holds the lead's keys and values: rows x (lead + width) is bounded
+        assert len(idx) * (500 + max(len(seqs[i].ids) for i in idx)) <= 2 * 2048
+    assert len(after_lead) > len(plain)
+    assert any(len(idx) * (500 + max(len(seqs[i].ids) for i in idx)) > 2 * 2048 for idx in plain)
+
+
 def test_a_gpu_gets_fewer_fuller_batches_than_a_cpu():
     rng = random.Random(0)
     seqs = [_Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
