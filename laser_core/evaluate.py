@@ -243,28 +243,28 @@ class PrefixStates:
         self.seqs, self.fast = build_sequences(lm, examples)
         self.lead, self.seqs = split_lead(lm, self.seqs)
         self.batches = _batches(lm, self.seqs, max_tokens, lead=len(self.lead))
-        self.states: list[torch.Tensor] = []
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
         self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
         self.matrices: dict[str, PrefixStates] = {}
+
+        def captured(run: Callable):
+            """(the input of block ``layer``, what ``run`` returned, None where the capture stopped it)."""
+            got: list[torch.Tensor] = []
+            handle = blocks[layer].register_forward_pre_hook(capture_first_arg(got), with_kwargs=True)
+            try:
+                out = run()
+            except StopForward:
+                out = None
+            finally:
+                handle.remove()
+            return got[0], out
+
         with torch.no_grad():
             lead = None
-            for idx in [None] * bool(self.lead) + self.batches:  # the lead first: the batches attend to it
-                got: list[torch.Tensor] = []
-                handle = blocks[layer].register_forward_pre_hook(capture_first_arg(got), with_kwargs=True)
-                try:
-                    if idx is None:
-                        lead = _lead_cache(lm, self.lead)
-                    else:
-                        _scored_logprobs(lm, [self.seqs[i] for i in idx], lead=lead)
-                except StopForward:
-                    pass
-                finally:
-                    handle.remove()
-                if idx is None:
-                    self.lead_state = got[0]
-                else:
-                    self.states.append(got[0])
+            if self.lead:  # first: the batches attend to its keys and values in the blocks before ``layer``
+                self.lead_state, lead = captured(lambda: _lead_cache(lm, self.lead))
+            self.states = [captured(lambda: _scored_logprobs(lm, [self.seqs[i] for i in idx], lead=lead))[0]
+                           for idx in self.batches]
 
     @property
     def nbytes(self) -> int:
