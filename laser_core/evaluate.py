@@ -21,9 +21,8 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -32,6 +31,8 @@ from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
 from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block,
                      record_until, stubbable, stubbed, tensor_bytes)
+from .sequences import (Seq, encode, lead_length, least_padded_batches, packed_row, prompt_ids, tree_mask,
+                        without_lead)
 from .tasks import Example
 
 log = logging.getLogger(__name__)
@@ -78,46 +79,8 @@ class EvalResult:
                    list(d["predictions"]), bool(d.get("stopped_early", False)))
 
 
-@dataclass
-class _Seq:
-    ids: list[int]
-    pos: list[int]  # positions whose output is scored
-    tgt: list[int]  # token scored at each position (empty when ``rows`` is used)
-    rows: list[int] | None = None  # single-token fast path: compare these vocabulary rows at pos[0]
-    example: int = 0
-    choice: int = 0
-    spans: list[int] | None = None  # shared prompt: scored positions of each packed choice, in order
-    groups: list[int] | None = None  # shared prompt: 0 for prompt tokens, j + 1 for choice j's tokens
-    positions: list[int] | None = None  # shared prompt or lead: position ids (each choice continues the prompt)
-
-
-def _packed(prompt: list[int], choices: list[list[int]], example: int) -> _Seq:
-    """One row holding the prompt once and every choice after it (see ``_attention``)."""
-    ids, groups, positions, pos, tgt = list(prompt), [0] * len(prompt), list(range(len(prompt))), [], []
-    for j, c in enumerate(choices):
-        start = len(ids)
-        ids += c
-        groups += [j + 1] * len(c)
-        positions += range(len(prompt), len(prompt) + len(c))
-        pos += [len(prompt) - 1] + list(range(start, start + len(c) - 1))
-        tgt += c
-    return _Seq(ids, pos, tgt, None, example, spans=[len(c) for c in choices], groups=groups, positions=positions)
-
-
-def _encode(tok, text: str, special: bool = False) -> list[int]:
-    return list(tok(text, add_special_tokens=special).input_ids)
-
-
-def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
-    ids = _encode(lm.tokenizer, prompt, special=True)
-    eos = lm.tokenizer.eos_token_id
-    if ids and eos is not None and ids[-1] == eos and lm.tokenizer.bos_token_id != eos and len(ids) > 1:
-        ids = ids[:-1]  # some tokenizers append EOS; the answer must follow the prompt directly
-    return ids
-
-
 def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: bool = False,
-                    share_prompt: bool | None = None) -> tuple[list[_Seq], bool]:
+                    share_prompt: bool | None = None) -> tuple[list[Seq], bool]:
     """Tokenise examples into scored sequences. Returns (sequences, single_token_fast_path).
 
     ``share_prompt`` packs a multiple-choice question's prompt and all its choices into one sequence:
@@ -132,45 +95,35 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             raise ConfigError("this masked LM's tokenizer has no mask token")
         seqs = []
         for i, e in enumerate(examples):
-            ids = _encode(tok, e.prompt + " " + tok.mask_token, special=True)
+            ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
             pos = ids.index(tok.mask_token_id)
-            rows = [(_encode(tok, c) or [tok.unk_token_id])[0] for c in e.choices]
-            seqs.append(_Seq(ids, [pos], [], rows, i))
+            rows = [(encode(tok, c) or [tok.unk_token_id])[0] for c in e.choices]
+            seqs.append(Seq(ids, [pos], [], rows, i))
         return seqs, True
-    cont = [[_encode(tok, c) for c in (e.choices or e.targets[:1])] for e in examples]
+    cont = [[encode(tok, c) for c in (e.choices or e.targets[:1])] for e in examples]
     fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
     seqs = []
     for i, (e, cs) in enumerate(zip(examples, cont)):
-        p = _prompt_ids(lm, e.prompt)
+        p = prompt_ids(lm, e.prompt)
         if fast:
-            seqs.append(_Seq(p, [len(p) - 1], [], [c[0] for c in cs], i))
+            seqs.append(Seq(p, [len(p) - 1], [], [c[0] for c in cs], i))
             continue
         for j, c in enumerate(cs):
             if not c:
                 raise ConfigError(f"example {i}: choice {j} tokenises to nothing")
         if (share_prompt is not False and not gold_only and e.kind == "mc" and len(cs) > 1
                 and (share_prompt or prompt_sharing_ok(lm))):
-            seqs.append(_packed(p, cs, i))
+            seqs.append(packed_row(p, cs, i))
             continue
         for j, c in enumerate(cs):
             if gold_only and e.kind == "mc" and j != e.answer:
                 continue
             ids = p + c
-            seqs.append(_Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
+            seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
 
 
-def _lead_length(seqs: list[_Seq]) -> int:
-    """How many tokens every sequence starts with, short of the first scored position of any."""
-    return min(len(os.path.commonprefix([s.ids for s in seqs])), min(min(s.pos) for s in seqs))
-
-
-def _without_lead(s: _Seq, n: int) -> _Seq:
-    return replace(s, ids=s.ids[n:], pos=[p - n for p in s.pos], groups=s.groups[n:] if s.groups else None,
-                   positions=(s.positions or list(range(len(s.ids))))[n:])
-
-
-def split_lead(lm: LoadedModel, seqs: list[_Seq], min_share: float = 0.05) -> tuple[list[int], list[_Seq]]:
+def split_lead(lm: LoadedModel, seqs: list[Seq], min_share: float = 0.05) -> tuple[list[int], list[Seq]]:
     """The lead every sequence starts with, and the sequences without it (their positions kept).
 
     The lead is run once per evaluation (:func:`_lead_cache`) and every row attends to its keys and values,
@@ -179,40 +132,10 @@ def split_lead(lm: LoadedModel, seqs: list[_Seq], min_share: float = 0.05) -> tu
     """
     if lm.kind != "causal" or len(seqs) < 2:
         return [], seqs
-    n = _lead_length(seqs)
+    n = lead_length(seqs)
     if n < 2 or n * (len(seqs) - 1) < min_share * sum(len(s.ids) for s in seqs) or not lead_sharing_ok(lm):
         return [], seqs
-    return seqs[0].ids[:n], [_without_lead(s, n) for s in seqs]
-
-
-def _batches(lm: LoadedModel, seqs: list[_Seq], max_tokens: int, max_batch: int = 64, lead: int = 0) -> list[list[int]]:
-    """Batches of sequence indices, sorted by length, cut where the padded tokens plus a per-batch overhead are
-    least (dynamic programming over the cut points); a batch holds at most ``max_tokens`` padded tokens (or one
-    longer sequence) and ``max_batch`` rows. Rows that follow a cached lead of ``lead`` tokens each hold a copy
-    of its keys and values: a batch holds at most ``2 * max_tokens`` of rows x (lead + width), which bounds its
-    memory where the lead is long (a long few-shot preamble on a large model).
-
-    The overhead of one more batch, in tokens, is small on a CPU (compute-bound: padding costs as much as real
-    tokens) and large on a GPU (a forward's launch cost is worth thousands of tokens), so a GPU gets few
-    full batches and a CPU gets batches of near-equal lengths.
-    """
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
-    lengths = [len(seqs[i].ids) for i in order]
-    overhead = 32 if lm.device.type == "cpu" else max_tokens // 2
-    n = len(order)
-    cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: least cost of the j longest; cut[j]: its last batch's start
-    for j in range(1, n + 1):
-        for i in range(j - 1, max(-1, j - 1 - max_batch), -1):  # last batch = order[i:j], width lengths[i]
-            padded = lengths[i] * (j - i)
-            if j - i > 1 and (padded > max_tokens or (j - i) * (lengths[i] + lead) > 2 * max_tokens):
-                break  # a longer batch only gets wider
-            if cost[i] + padded + overhead < cost[j]:
-                cost[j], cut[j] = cost[i] + padded + overhead, i
-    batches, j = [], n
-    while j > 0:
-        batches.append(order[cut[j]:j])
-        j = cut[j]
-    return batches[::-1]
+    return seqs[0].ids[:n], [without_lead(s, n) for s in seqs]
 
 
 def _body_and_head(model: torch.nn.Module, kind: str):
@@ -242,7 +165,7 @@ class PrefixStates:
         self.layer = layer
         self.seqs, self.fast = build_sequences(lm, examples)
         self.lead, self.seqs = split_lead(lm, self.seqs)
-        self.batches = _batches(lm, self.seqs, max_tokens, lead=len(self.lead))
+        self.batches = least_padded_batches(lm, self.seqs, max_tokens, lead=len(self.lead))
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
         self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
         self.matrices: dict[str, PrefixStates] = {}
@@ -314,7 +237,7 @@ class PrefixStates:
         return entry
 
 
-def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
+def _scored_logprobs(lm: LoadedModel, batch: list[Seq], start: tuple | None = None,
                      lean: bool | None = None, lead: LeadCache | None = None) -> list[torch.Tensor]:
     """For each sequence: log-probs at its scored positions, over ``rows`` (fast path) or of ``tgt`` tokens.
 
@@ -328,7 +251,7 @@ def _scored_logprobs(lm: LoadedModel, batch: list[_Seq], start: tuple | None = N
     return _head_logprobs(lm, batch, _scored_rows(lm, batch, start, lean, lead))
 
 
-def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None, lean: bool | None = None,
+def _scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, lean: bool | None = None,
                  lead: LeadCache | None = None, fill=None) -> torch.Tensor:
     """The last hidden state at every scored position of ``batch``, in order, for the head to finish; the logits
     there where the model has no separable head (see ``_body_and_head``). Arguments as for ``_scored_logprobs``;
@@ -343,7 +266,7 @@ def _scored_rows(lm: LoadedModel, batch: list[_Seq], start: tuple | None = None,
         mask[b, :len(s.ids)] = 1
     extra = {"use_cache": False} if lm.kind == "causal" else {}
     if lead is not None or fill is not None or any(s.groups is not None for s in batch):
-        mask, positions = _attention(batch, width, next(model.parameters()).dtype, lead.length if lead else 0)
+        mask, positions = tree_mask(batch, width, next(model.parameters()).dtype, lead.length if lead else 0)
         extra["position_ids"] = positions.to(dev)
     if lead is not None or fill is not None:
         extra.update(use_cache=True, past_key_values=lead.past(model, len(batch)) if lead is not None else fill)
@@ -373,13 +296,13 @@ def _lead_cache(lm: LoadedModel, lead: list[int], start: tuple | None = None) ->
 
     cache = DynamicCache(config=lm.model.config)
     try:
-        _scored_rows(lm, [_Seq(list(lead), [], [])], start, lean=False, fill=cache)
+        _scored_rows(lm, [Seq(list(lead), [], [])], start, lean=False, fill=cache)
     except StopForward:
         pass
     return LeadCache(len(lead), cache)
 
 
-def _head_logprobs(lm: LoadedModel, batch: list[_Seq], rows: torch.Tensor) -> list[torch.Tensor]:
+def _head_logprobs(lm: LoadedModel, batch: list[Seq], rows: torch.Tensor) -> list[torch.Tensor]:
     """Per sequence of ``batch``, the log-probs of :func:`_scored_logprobs` from its :func:`_scored_rows`; the
     output head runs only at those rows (the lean head)."""
     model, dev = lm.model, lm.device
@@ -396,30 +319,6 @@ def _head_logprobs(lm: LoadedModel, batch: list[_Seq], rows: torch.Tensor) -> li
         out.append(rows[0, s.rows] if s.rows is not None else rows.gather(1, torch.tensor(s.tgt, device=dev)[:, None])[:, 0])
         k += n
     return out
-
-
-def _attention(batch: list[_Seq], width: int, dtype: torch.dtype, lead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive 4-D mask (batch, 1, width, lead + width) and position ids for rows that may hold packed choices
-    and follow a cached lead of ``lead`` tokens.
-
-    Token i sees the lead, and token k <= i when k is in the prompt or in i's own choice; a padding token sees
-    the lead and itself only.
-    """
-    n = len(batch)
-    groups = torch.full((n, width), -1, dtype=torch.long)
-    positions = torch.zeros((n, width), dtype=torch.long)
-    for b, s in enumerate(batch):
-        m = len(s.ids)
-        groups[b, :m] = torch.tensor(s.groups) if s.groups is not None else 0
-        positions[b, :m] = torch.tensor(s.positions) if s.positions is not None else torch.arange(lead, lead + m)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    gq, gk = groups[:, :, None], groups[:, None, :]
-    allowed = causal & (gk >= 0) & ((gk == 0) | (gk == gq))
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows: no row may be fully masked
-    allowed = torch.cat([torch.ones((n, width, lead), dtype=torch.bool), allowed], dim=2)
-    mask = torch.zeros((n, 1, width, lead + width), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return mask, positions
 
 
 _PROBE = [Example("Question: is the sky blue on a clear day?\nAnswer:", ("yes, it is", "no", "it depends"), 0)]
@@ -466,8 +365,8 @@ def lead_sharing_ok(lm: LoadedModel) -> bool:
     if lm.lead_sharing is None:
         lm.lead_sharing = False  # no lead inside the probe itself
         seqs = build_sequences(lm, _LEAD_PROBE, share_prompt=False)[0]
-        n = _lead_length(seqs)
-        rest = [_without_lead(s, n) for s in seqs]
+        n = lead_length(seqs)
+        rest = [without_lead(s, n) for s in seqs]
         lm.lead_sharing = lm.kind == "causal" and n >= 2 and _probe_matches(
             lm, lambda: torch.cat(_scored_logprobs(lm, seqs)),
             lambda: torch.cat(_scored_logprobs(lm, rest, lead=_lead_cache(lm, seqs[0].ids[:n]))), "lead sharing")
@@ -505,7 +404,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
     lead, seqs = split_lead(lm, seqs)
     ex = list(examples)
     total = 0.0
-    batches = _batches(lm, seqs, max_tokens, lead=len(lead))
+    batches = least_padded_batches(lm, seqs, max_tokens, lead=len(lead))
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
@@ -553,7 +452,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     else:
         seqs, fast = build_sequences(lm, examples)
         lead_ids, seqs = split_lead(lm, seqs)
-        batches = _batches(lm, seqs, max_tokens, lead=len(lead_ids))
+        batches = least_padded_batches(lm, seqs, max_tokens, lead=len(lead_ids))
         lead = _lead_cache(lm, lead_ids) if lead_ids else None
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
@@ -561,7 +460,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
     done_correct, done = 0, 0
     stopped = False
-    pending: list[_Seq] = []  # sequences of the batches whose head has not run yet, and their scored rows
+    pending: list[Seq] = []  # sequences of the batches whose head has not run yet, and their scored rows
     pending_rows: list[torch.Tensor] = []
     for bn, idx in enumerate(batches):
         if cancel:
@@ -613,7 +512,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompts = [_prompt_ids(lm, e.prompt) for e in examples]
+    prompts = [prompt_ids(lm, e.prompt) for e in examples]
     texts: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), 32):
@@ -634,7 +533,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     correct = [any(a.strip().lower() in ans.lower() for a in e.targets) for ans, e in zip(answers, examples)]
     seqs, _ = build_sequences(lm, examples)
     nll = [0.0] * len(examples)
-    for bidx in _batches(lm, seqs, max_tokens):
+    for bidx in least_padded_batches(lm, seqs, max_tokens):
         batch = [seqs[i] for i in bidx]
         for s, lp in zip(batch, _scored_logprobs(lm, batch)):
             nll[s.example] = -float(lp.mean())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from laser_core import ConfigError, Edit
-from laser_core.evaluate import _batches, _Seq
+from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
 from laser_core.models import MatrixRef
 from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
@@ -117,9 +117,9 @@ def _padded(seqs, batches) -> int:
 @pytest.mark.parametrize("seed", range(5))
 def test_batches_are_the_least_padded_cut_of_the_sorted_lengths_within_the_limits(seed):
     rng = random.Random(seed)
-    seqs = [_Seq([0] * rng.randint(3, 60), [0], []) for _ in range(9)]
+    seqs = [Seq([0] * rng.randint(3, 60), [0], []) for _ in range(9)]
     cpu, overhead, max_tokens, max_batch = SimpleNamespace(device=torch.device("cpu")), 32, 150, 4
-    batches = _batches(cpu, seqs, max_tokens, max_batch)
+    batches = least_padded_batches(cpu, seqs, max_tokens, max_batch)
     assert sorted(i for idx in batches for i in idx) == list(range(len(seqs)))
     for idx in batches:
         assert len(idx) <= max_batch and (len(idx) == 1 or _padded(seqs, [idx]) <= max_tokens)
@@ -135,9 +135,9 @@ def test_batches_are_the_least_padded_cut_of_the_sorted_lengths_within_the_limit
 
 def test_rows_after_a_long_cached_lead_make_smaller_batches():
     rng = random.Random(0)
-    seqs = [_Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
+    seqs = [Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
     cpu = SimpleNamespace(device=torch.device("cpu"))
-    plain, after_lead = _batches(cpu, seqs, 2048), _batches(cpu, seqs, 2048, lead=500)
+    plain, after_lead = least_padded_batches(cpu, seqs, 2048), least_padded_batches(cpu, seqs, 2048, lead=500)
     assert sorted(i for idx in after_lead for i in idx) == list(range(len(seqs)))
     for idx in after_lead:  # each row holds the lead's keys and values: rows x (lead + width) is bounded
         assert len(idx) * (500 + max(len(seqs[i].ids) for i in idx)) <= 2 * 2048
@@ -147,8 +147,8 @@ def test_rows_after_a_long_cached_lead_make_smaller_batches():
 
 def test_a_gpu_gets_fewer_fuller_batches_than_a_cpu():
     rng = random.Random(0)
-    seqs = [_Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
-    cpu = _batches(SimpleNamespace(device=torch.device("cpu")), seqs, 8192)
-    gpu = _batches(SimpleNamespace(device=torch.device("cuda")), seqs, 8192)
+    seqs = [Seq([0] * rng.randint(20, 60), [0], []) for _ in range(200)]
+    cpu = least_padded_batches(SimpleNamespace(device=torch.device("cpu")), seqs, 8192)
+    gpu = least_padded_batches(SimpleNamespace(device=torch.device("cuda")), seqs, 8192)
     assert len(gpu) < len(cpu) and _padded(seqs, cpu) < _padded(seqs, gpu)
     assert _padded(seqs, cpu) < 1.05 * sum(len(s.ids) for s in seqs)

@@ -185,8 +185,8 @@ def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, m
         n = len(batch)
         return torch.zeros_like(mask).masked_fill_(~torch.ones(width, width, dtype=torch.bool).tril(),
                                                    torch.finfo(dtype).min).expand(n, 1, width, width), pos
-    real = ev._attention
-    monkeypatch.setattr(ev, "_attention", causal_only)
+    real = ev.tree_mask
+    monkeypatch.setattr(ev, "tree_mask", causal_only)
     assert not ev.prompt_sharing_ok(lm)
     res = evaluate(lm, MULTI)
     assert res.choice_logprobs == ref.choice_logprobs  # same rows as the reference: bit-identical
