@@ -29,8 +29,8 @@ import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
 from .models import LoadedModel
-from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, from_layer, last_mlp, lean_last_block,
-                     record_until, stubbable, stubbed, tensor_bytes)
+from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, empty_cache, from_layer, last_mlp,
+                     lean_last_block, record_until, stubbable, stubbed, tensor_bytes)
 from .sequences import (Seq, encode, lead_length, least_padded_batches, packed_row, prompt_ids, tree_mask,
                         without_lead)
 from .tasks import Example
@@ -123,6 +123,14 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
     return seqs, fast
 
 
+def _rows_and_batches(lm: LoadedModel, examples: Sequence[Example], max_tokens: int,
+                      gold_only: bool = False) -> tuple[list[Seq], bool, list[int], list[list[int]]]:
+    """For one evaluation: the sequences (without their shared lead), the fast-path flag, the lead and the batches."""
+    seqs, fast = build_sequences(lm, examples, gold_only=gold_only)
+    lead, seqs = split_lead(lm, seqs)
+    return seqs, fast, lead, least_padded_batches(lm, seqs, max_tokens, lead=len(lead))
+
+
 def split_lead(lm: LoadedModel, seqs: list[Seq], min_share: float = 0.05) -> tuple[list[int], list[Seq]]:
     """The lead every sequence starts with, and the sequences without it (their positions kept).
 
@@ -163,9 +171,7 @@ class PrefixStates:
             raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
         blocks = found[2]
         self.layer = layer
-        self.seqs, self.fast = build_sequences(lm, examples)
-        self.lead, self.seqs = split_lead(lm, self.seqs)
-        self.batches = least_padded_batches(lm, self.seqs, max_tokens, lead=len(self.lead))
+        self.seqs, self.fast, self.lead, self.batches = _rows_and_batches(lm, examples, max_tokens)
         self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
         self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
         self.matrices: dict[str, PrefixStates] = {}
@@ -265,11 +271,12 @@ def _scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, 
         ids[b, :len(s.ids)] = torch.tensor(s.ids)
         mask[b, :len(s.ids)] = 1
     extra = {"use_cache": False} if lm.kind == "causal" else {}
-    if lead is not None or fill is not None or any(s.groups is not None for s in batch):
+    past = lead.past(model, len(batch)) if lead is not None else fill
+    if past is not None or any(s.groups is not None for s in batch):
         mask, positions = tree_mask(batch, width, next(model.parameters()).dtype, lead.length if lead else 0)
         extra["position_ids"] = positions.to(dev)
-    if lead is not None or fill is not None:
-        extra.update(use_cache=True, past_key_values=lead.past(model, len(batch)) if lead is not None else fill)
+    if past is not None:
+        extra.update(use_cache=True, past_key_values=past)
     ids, mask = ids.to(dev), mask.to(dev)
     bi = torch.tensor([b for b, s in enumerate(batch) for _ in s.pos], dtype=torch.long, device=dev)
     pi = torch.tensor([p for s in batch for p in s.pos], dtype=torch.long, device=dev)
@@ -292,9 +299,7 @@ def _lead_cache(lm: LoadedModel, lead: list[int], start: tuple | None = None) ->
     A capture hook that stops the forward at a block (see :class:`PrefixStates`) leaves the blocks before it
     filled, all that the batches stopped at the same block need.
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
+    cache = empty_cache(lm.model)
     try:
         _scored_rows(lm, [Seq(list(lead), [], [])], start, lean=False, fill=cache)
     except StopForward:
@@ -363,7 +368,6 @@ def lead_sharing_ok(lm: LoadedModel) -> bool:
     needs a causal model whose attention takes a transformers cache with a custom 4-D mask and position ids.
     """
     if lm.lead_sharing is None:
-        lm.lead_sharing = False  # no lead inside the probe itself
         seqs = build_sequences(lm, _LEAD_PROBE, share_prompt=False)[0]
         n = lead_length(seqs)
         rest = [without_lead(s, n) for s in seqs]
@@ -400,11 +404,9 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
 
     Runs batch by batch (backward after each) so memory stays that of one batch. Returns the log-loss.
     """
-    seqs, fast = build_sequences(lm, examples, gold_only=True)
-    lead, seqs = split_lead(lm, seqs)
+    seqs, fast, lead, batches = _rows_and_batches(lm, examples, max_tokens, gold_only=True)
     ex = list(examples)
     total = 0.0
-    batches = least_padded_batches(lm, seqs, max_tokens, lead=len(lead))
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
@@ -450,9 +452,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
         lead = _lead_cache(lm, prefix.lead, (prefix.layer, prefix.lead_state, None)) if prefix.lead else None
     else:
-        seqs, fast = build_sequences(lm, examples)
-        lead_ids, seqs = split_lead(lm, seqs)
-        batches = least_padded_batches(lm, seqs, max_tokens, lead=len(lead_ids))
+        seqs, fast, lead_ids, batches = _rows_and_batches(lm, examples, max_tokens)
         lead = _lead_cache(lm, lead_ids) if lead_ids else None
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]

@@ -71,6 +71,13 @@ def from_layer(lm: "LoadedModel", layer: int, states: torch.Tensor):
         handle.remove()
 
 
+def empty_cache(model: torch.nn.Module):
+    """An empty transformers cache of the kind this model's layers fill (one per layer type of its config)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 class LeadCache:
     """Keys and values of the lead, per layer that ran, from one forward of the lead alone (one row)."""
 
@@ -81,9 +88,7 @@ class LeadCache:
 
     def past(self, model: torch.nn.Module, rows: int):
         """A fresh cache holding the lead once per row, as the past of a batch of ``rows`` rows."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+        cache = empty_cache(model)
         for i, keys, values in self.layers:
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
         return cache
