@@ -154,9 +154,9 @@ class LoadedModel:
     matrices: list[MatrixRef]
     fingerprint: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.prompt_sharing_ok
-    lean_block: bool | None = field(default=None, repr=False)  # probed once by evaluate.lean_block_ok
-    lead_sharing: bool | None = field(default=None, repr=False)  # probed once by evaluate.lead_sharing_ok
+    prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.prompt_sharing_ok
+    lean_block: bool | None = field(default=None, repr=False)  # probed once by forward.lean_block_ok
+    lead_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.lead_sharing_ok
 
     @property
     def n_layers(self) -> int:

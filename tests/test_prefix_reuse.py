@@ -99,7 +99,8 @@ def test_matrix_entry_equals_the_full_forward_for_every_matrix_of_a_block(tiny_l
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lean_last_block_gives_the_same_log_probs_and_gradients(tiny_lm, arch):
-    from laser_core.evaluate import lean_block_ok, loss_backward
+    from laser_core.evaluate import loss_backward
+    from laser_core.forward import lean_block_ok
 
     lm = tiny_lm(arch)
     assert lean_block_ok(lm)
@@ -123,15 +124,14 @@ def test_lean_last_block_gives_the_same_log_probs_and_gradients(tiny_lm, arch):
 
 
 def test_a_model_whose_lean_block_differs_runs_the_last_block_whole(tiny_lm, monkeypatch):
-    import importlib
+    from laser_core import forward as fw
 
-    ev = importlib.import_module("laser_core.evaluate")
     lm = tiny_lm("llama")
-    mlp = ev.block_list(lm)[2][-1].mlp
+    mlp = fw.block_list(lm)[2][-1].mlp
     monkeypatch.setattr(type(mlp), "forward", lambda self, x: x.cumsum(1) * 0.01)  # mixes positions
-    assert not ev.lean_block_ok(lm)
+    assert not fw.lean_block_ok(lm)
     ref = _reference(lm, MULTI, "lean_block").choice_logprobs
-    assert not ev.lean_block_ok(lm) and evaluate(lm, MULTI).choice_logprobs == ref
+    assert not fw.lean_block_ok(lm) and evaluate(lm, MULTI).choice_logprobs == ref
 
 
 def test_search_with_prefix_reuse_gives_the_same_candidates_as_without(tiny_lm, mc_task):
@@ -151,7 +151,7 @@ def test_search_with_prefix_reuse_gives_the_same_candidates_as_without(tiny_lm, 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tiny_lm, arch):
-    from laser_core.evaluate import build_sequences, prompt_sharing_ok
+    from laser_core.forward import build_sequences, prompt_sharing_ok
 
     lm = tiny_lm(arch)
     assert prompt_sharing_ok(lm)
@@ -174,9 +174,8 @@ def test_shared_prompt_rows_equal_one_row_per_choice_with_padding_and_prefix(tin
 
 
 def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, monkeypatch):
-    import importlib
+    from laser_core import forward as fw
 
-    ev = importlib.import_module("laser_core.evaluate")  # the package re-exports a function of that name
     lm = tiny_lm("llama")
     ref = _reference(lm, MULTI, "prompt_sharing")
 
@@ -185,12 +184,12 @@ def test_a_model_that_fails_the_sharing_probe_runs_one_row_per_choice(tiny_lm, m
         n = len(batch)
         return torch.zeros_like(mask).masked_fill_(~torch.ones(width, width, dtype=torch.bool).tril(),
                                                    torch.finfo(dtype).min).expand(n, 1, width, width), pos
-    real = ev.tree_mask
-    monkeypatch.setattr(ev, "tree_mask", causal_only)
-    assert not ev.prompt_sharing_ok(lm)
+    real = fw.tree_mask
+    monkeypatch.setattr(fw, "tree_mask", causal_only)
+    assert not fw.prompt_sharing_ok(lm)
     res = evaluate(lm, MULTI)
     assert res.choice_logprobs == ref.choice_logprobs  # same rows as the reference: bit-identical
-    assert ev.build_sequences(lm, MULTI)[0][0].spans is None  # left to the probe: not packed
+    assert fw.build_sequences(lm, MULTI)[0][0].spans is None  # left to the probe: not packed
 
 
 def test_one_token_choices_never_run_the_sharing_probe(tiny_lm):
@@ -204,14 +203,14 @@ def test_one_token_choices_never_run_the_sharing_probe(tiny_lm):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
 @pytest.mark.parametrize("examples", [ONE_TOKEN, MULTI], ids=["one-token", "multi-token"])
 def test_the_head_runs_once_over_many_batches_with_the_same_log_probs(tiny_lm, arch, examples):
-    from laser_core.evaluate import _body_and_head
+    from laser_core.forward import body_and_head
 
     lm = tiny_lm(arch)
     if lm.kind == "masked" and examples is MULTI:
         examples = ONE_TOKEN
     prefix = PrefixStates(lm, examples, 1, max_tokens=1)  # one sequence a batch (and the model's probes run)
     calls = []
-    handle = _body_and_head(lm.model, lm.kind)[1].register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    handle = body_and_head(lm.model, lm.kind)[1].register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     try:
         pooled = evaluate(lm, examples, prefix=prefix)
         assert len(prefix.batches) == len(prefix.seqs) > 1 and len(calls) == 1
@@ -230,7 +229,7 @@ def test_the_head_runs_once_over_many_batches_with_the_same_log_probs(tiny_lm, a
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("examples", [LEAD_ONE, LEAD_MULTI], ids=["one-token", "multi-token"])
 def test_a_shared_lead_run_once_equals_running_it_in_every_row(tiny_lm, arch, examples):
-    from laser_core.evaluate import build_sequences, split_lead
+    from laser_core.forward import build_sequences, split_lead
 
     lm = tiny_lm(arch)
     seqs = build_sequences(lm, examples)[0]
@@ -280,21 +279,19 @@ def test_gradients_through_a_shared_lead_equal_those_without(tiny_lm, arch):
 
 
 def test_a_model_that_fails_the_lead_probe_runs_the_lead_in_every_row(tiny_lm, monkeypatch):
-    import importlib
-
+    from laser_core import forward as fw
     from laser_core.prefix import LeadCache
 
-    ev = importlib.import_module("laser_core.evaluate")
     lm = tiny_lm("llama")
     ref = _reference(lm, LEAD_ONE, "lead_sharing")
     monkeypatch.setattr(LeadCache, "past", lambda self, model, rows: None)  # a model that drops the past
-    assert not ev.lead_sharing_ok(lm)
-    assert ev.split_lead(lm, ev.build_sequences(lm, LEAD_ONE)[0])[0] == []
+    assert not fw.lead_sharing_ok(lm)
+    assert fw.split_lead(lm, fw.build_sequences(lm, LEAD_ONE)[0])[0] == []
     assert evaluate(lm, LEAD_ONE).choice_logprobs == ref.choice_logprobs  # the same rows: bit-identical
 
 
 def test_no_lead_is_split_off_where_it_saves_little_or_the_model_is_masked(tiny_lm):
-    from laser_core.evaluate import build_sequences, split_lead
+    from laser_core.forward import build_sequences, split_lead
 
     lm = tiny_lm("llama")
     assert split_lead(lm, build_sequences(lm, MULTI)[0])[0] == []  # no common start
