@@ -30,6 +30,7 @@ class LaserTiming:
     measured_seconds: float
     candidates_total: int
     note: str
+    candidates_distinct: int  # edits that change the weights differently (rhos with the same ranks are one)
 
 
 def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layers: Sequence[int] | None = None,
@@ -48,8 +49,11 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
                      null_store(), progress)
     measured = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
     total_candidates = len(lm.matrices) * len(rhos)
+    per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
+                                   for rho in rhos}) for layer in range(n_layers)}
+    distinct = sum(per_layer_count.values())
     if layers is None or set(layers) >= set(range(n_layers)):
-        return LaserTiming(rep, measured, measured, total_candidates, "all layers measured")
+        return LaserTiming(rep, measured, measured, total_candidates, "all layers measured", distinct)
     per_layer: dict[int, list[float]] = {}
     for c in rep.candidates:
         if "same_as_rho" not in c:  # a rho with the same ranks as another costs nothing (see run_search)
@@ -71,13 +75,11 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         return lo[i] if hi[0] == lo[0] else lo[i] + (hi[i] - lo[i]) * (layer - lo[0]) / (hi[0] - lo[0])
 
     overhead = measured - sum(c["seconds"] for c in rep.candidates)
-    per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
-                                   for rho in rhos}) for layer in range(n_layers)}
     seconds = overhead + sum(per_layer_count[layer] * interp(layer, 1) + interp(layer, 2) for layer in range(n_layers))
     note = (f"LASER measured on layers {sorted(set(layers))} ({len(rep.candidates)} of {total_candidates} candidates), "
             f"per-candidate time probed at layers {[k[0] for k in known]} (cached states built first, counted once "
             "per layer) and interpolated; best of measured layers only")
-    return LaserTiming(rep, seconds, measured, total_candidates, note)
+    return LaserTiming(rep, seconds, measured, total_candidates, note, distinct)
 
 
 def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
