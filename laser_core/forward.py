@@ -158,8 +158,8 @@ def scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, l
 def lead_cache(lm: LoadedModel, lead: list[int], start: tuple | None = None) -> LeadCache:
     """Run the lead alone (one row, from ``start`` as in :func:`scored_logprobs`) and keep its keys and values.
 
-    A capture hook that stops the forward at a block (see :class:`laser_core.evaluate.PrefixStates`) leaves the blocks before it
-    filled, all that the batches stopped at the same block need.
+    A capture hook that stops the forward at a block (see :class:`laser_core.evaluate.PrefixStates`) leaves the
+    blocks before it filled, all that the batches stopped at the same block need.
     """
     cache = empty_cache(lm.model)
     try:
