@@ -279,7 +279,8 @@ def _slim(doc: dict | None) -> dict | None:
 
 
 def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store | None = None,
-               progress: Progress | None = None, cancel: CancelToken | None = None) -> SearchReport:
+               progress: Progress | None = None, cancel: CancelToken | None = None,
+               held_out: bool = True) -> SearchReport:
     """Run a C2I search (``cfg.method == "c2i"``) or a LASER sweep (``"laser"``) and report it.
 
     C2I: score every matrix from one calibration gradient, take the top ``q``, evaluate each (K, rho) on the
@@ -288,6 +289,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
 
     Progress events are dicts with ``phase``, ``done``, ``total``, ``message`` and, for candidates, ``row``.
     A cancel returns what was done with ``status="partial"``; the weights are always restored.
+    ``held_out=False`` leaves the test split alone (``base_test`` and ``best_test`` None), for a caller that
+    evaluates it itself (the paper table evaluates the base once for all methods).
     """
     store = store or null_store()
     counts0 = dict(store.counts)
@@ -364,7 +367,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         status = "partial"
         log.info("search cancelled after %d candidates", len(candidates))
     base_test = best_test = None
-    if status == "complete":
+    if status == "complete" and held_out:
         t0 = time.perf_counter()
         _emit(progress, phase="test", done=0, total=2, message="held-out test: base and best")
         base_test = evaluate_candidate(lm, None, splits, "test", store, cancel)

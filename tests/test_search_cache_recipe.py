@@ -226,16 +226,26 @@ def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc
     assert len(cached_results(store, lm, b)) == 1 + 2 + 2
 
 
-def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path):
-    from laser_core import ModelSpec
+def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, monkeypatch):
+    from laser_core import ModelSpec, report, search
     from laser_core.report import paper_table, table_markdown
     from conftest import write_mc_jsonl
     task = write_mc_jsonl(tmp_path / "even.jsonl", 200)
-    seen = []
+    seen, on_test = [], []
+    real = search.evaluate_candidate
+
+    def counted(lm, edit, splits, split, *args, **kwargs):
+        if split == "test":
+            on_test.append(edit)
+        return real(lm, edit, splits, split, *args, **kwargs)
+
+    monkeypatch.setattr(search, "evaluate_candidate", counted)
+    monkeypatch.setattr(report, "evaluate_candidate", counted)
     result = paper_table(ModelSpec(str(tiny_dirs["llama"]), "cpu"), [str(task)], quick=True, n_calib=30, n_test=30,
                          on_row=seen.append)
     row = result["rows"][0]
     assert len(seen) == 1 and row["n_val"] == 40 and row["n_test"] == 30
+    assert len(on_test) == 4 and on_test.count(None) == 1  # the base once, then each method's best once
     for k in ("base_test", "laser_test", "c2i_k1_test", "c2i_kgrid_test"):
         assert 0.0 <= row[k] <= 1.0
     assert row["laser_s"] > row["laser_measured_s"] > 0  # one of two layers measured: the rest extrapolated
