@@ -290,7 +290,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     Progress events are dicts with ``phase``, ``done``, ``total``, ``message`` and, for candidates, ``row``.
     A cancel returns what was done with ``status="partial"``; the weights are always restored.
     ``held_out=False`` leaves the test split alone (``base_test`` and ``best_test`` None), for a caller that
-    evaluates it itself (the paper table evaluates the base once for all methods).
+    evaluates it itself (the paper table evaluates the base once for all methods); such a report is not cached,
+    since the dashboard and CLI reuse a complete report with its held-out results.
     """
     store = store or null_store()
     counts0 = dict(store.counts)
@@ -386,5 +387,6 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],
                             "error": "NaN/inf gradient: matrix not scored"} for m in matrices if not m["finite"]])
-    store.put_json(report_key(store, lm, splits, cfg, status), report.to_dict())
+    if held_out or status != "complete":  # a complete report lacking its held-out results is not one to reuse
+        store.put_json(report_key(store, lm, splits, cfg, status), report.to_dict())
     return report

@@ -226,6 +226,18 @@ def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc
     assert len(cached_results(store, lm, b)) == 1 + 2 + 2
 
 
+def test_a_search_without_held_out_results_is_not_cached_as_a_complete_report(tiny_lm, mc_task, store):
+    from laser_core.search import report_key
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    cfg = SearchConfig(q=1, ks=(1,), rhos=(0.5,))
+    rep = run_search(lm, splits, cfg, store, held_out=False)
+    assert rep.status == "complete" and rep.base_test is None and rep.best_test is None
+    assert store.get_json(report_key(store, lm, splits, cfg)) is None  # the Explore page reads base_test from it
+    rep = run_search(lm, splits, cfg, store)
+    assert store.get_json(report_key(store, lm, splits, cfg))["base_test"]["n"] == 20
+
+
 def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, monkeypatch):
     from laser_core import ModelSpec, report, search
     from laser_core.report import paper_table, table_markdown
