@@ -33,7 +33,7 @@ import torch
 from .errors import Cancelled, ConfigError, NumericsError
 from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows
 from .models import LoadedModel
-from .prefix import StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
+from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
 from .sequences import Seq, least_padded_batches, prompt_ids
 from .tasks import Example
 
@@ -126,6 +126,11 @@ class PrefixStates:
         """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
         return tensor_bytes([self.states, self.stubs, self.lead_state]) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
 
+    def lead_past(self, lm: LoadedModel) -> LeadCache | None:
+        """The lead's keys and values under the model's current weights, run from its states at block ``layer``
+        (None where the sequences have no shared lead)."""
+        return lead_cache(lm, self.lead, (self.layer, self.lead_state, None)) if self.lead else None
+
     def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
                   max_bytes: int | None = None) -> "PrefixStates":
         """These states plus, for an edit of matrix ``name`` (in block ``layer``), the outputs of the modules of
@@ -146,7 +151,7 @@ class PrefixStates:
         stubs: list[dict] = []
         entry = self
         with torch.no_grad():
-            lead = lead_cache(lm, self.lead, (self.layer, self.lead_state, None)) if self.lead else None
+            lead = self.lead_past(lm)
             for bn, idx in enumerate(self.batches):
                 record: dict = {}
                 with record_until(block, target, record):
@@ -226,7 +231,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
-        lead = lead_cache(lm, prefix.lead, (prefix.layer, prefix.lead_state, None)) if prefix.lead else None
+        lead = prefix.lead_past(lm)
     else:
         seqs, fast, lead_ids, batches = rows_and_batches(lm, examples, max_tokens)
         lead = lead_cache(lm, lead_ids) if lead_ids else None
