@@ -292,7 +292,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     if lm.kind != "causal":
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = lm.pad_id
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     texts: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))

@@ -125,9 +125,8 @@ def scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, l
     there where the model has no separable head (see ``body_and_head``). Arguments as for ``scored_logprobs``;
     ``fill``: a cache the forward fills with its keys and values (see :func:`lead_cache`)."""
     model, dev = lm.model, lm.device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     width = max(len(s.ids) for s in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    ids = torch.full((len(batch), width), lm.pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for b, s in enumerate(batch):
         ids[b, :len(s.ids)] = torch.tensor(s.ids)

@@ -168,6 +168,12 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def pad_id(self) -> int:
+        """The token id that fills padded positions (masked out, so any id would do; the tokenizer's if it has one)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    @property
     def machine(self) -> str:
         """The device in words, for benchmark and report output: the GPU's name, or the CPU and its threads."""
         if self.device.type == "cuda":
@@ -293,22 +299,21 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
                              f"(no causal or masked LM head for {config.model_type}): {e}") from e
     except (OSError, RuntimeError, Exception) as e:  # noqa: BLE001 - corrupt files surface in many types
         raise ModelLoadError(f"could not load the weights of {src}: {type(e).__name__}: {str(e)[:300]}") from e
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return LoadedModel(model, tokenizer, spec, kind, locate_matrices(model), weights_fingerprint(model))
+    return _wrap(model.to(device), tokenizer, spec, kind)
 
 
 def from_module(model: torch.nn.Module, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:
     """Wrap an already-built model and tokenizer (tests, notebooks) as a ``LoadedModel``."""
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     kind = "masked" if any("MaskedLM" in a for a in archs) else "causal"
+    return _wrap(model, tokenizer, spec or ModelSpec(source=f"<{type(model).__name__}>"), kind)
+
+
+def _wrap(model: torch.nn.Module, tokenizer, spec: ModelSpec, kind: str) -> LoadedModel:
+    """Freeze ``model`` for inference, give the tokenizer a pad token, and locate and fingerprint the matrices."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return LoadedModel(model, tokenizer, spec or ModelSpec(source=f"<{type(model).__name__}>"), kind,
-                       locate_matrices(model), weights_fingerprint(model))
+    return LoadedModel(model, tokenizer, spec, kind, locate_matrices(model), weights_fingerprint(model))

@@ -138,3 +138,22 @@ def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     generated = res.predictions[0]
     assert res.correct[0] == ("paris" in generated.lower())  # the prompt's "Paris" does not count
     assert res.log_loss > 0
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_scores_as_unpadded(tiny_dirs):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from laser_core.models import from_module
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    tok.pad_token = None  # as gpt2's and many hub tokenizers ship
+    lm = from_module(LlamaForCausalLM.from_pretrained(tiny_dirs["llama"]), tok)
+    assert lm.tokenizer.pad_token == "</s>" and lm.pad_id == tok.eos_token_id
+    ex = [Example("Is the number 4 even? Answer:", (" yes", " no true"), 0),
+          Example("Q: What colour is the sky? A:", (" blue green", " red"), 1),
+          Example("The capital of France is", (" Paris", " blue"), 0)]
+    together, alone = evaluate(lm, ex), [evaluate(lm, [e]) for e in ex]
+    assert together.predictions == [a.predictions[0] for a in alone]
+    assert together.log_loss == pytest.approx(sum(a.log_loss for a in alone) / len(ex), abs=1e-4)
+    tok.pad_token = tok.eos_token = tok.unk_token = None
+    assert lm.pad_id == 0  # nothing to borrow: any id will do, the mask hides it
