@@ -105,11 +105,12 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     rows = []
     for name in tasks:
         ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed)
-        splits = make_splits(load_task(ts), ts)
+        task = load_task(ts)
+        splits = make_splits(task, ts)
         full_val = len(splits.val)
         if quick and full_val > 200:  # LASER's validation capped; its time is scaled back to the full split
             ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed, n_val=200)
-            splits = make_splits(load_task(ts), ts)
+            splits = make_splits(task, ts, warn=False)
         if progress:
             progress(f"{name}: LASER")
         laser = laser_baseline(lm, splits, rhos, laser_layers, held_out=False)

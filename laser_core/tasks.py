@@ -266,9 +266,10 @@ def load_task(spec: TaskSpec) -> Task:
     raise TaskFormatError(f"{path.name}: unknown task format {suffix!r}; use .json (BIG-bench), .jsonl or .csv")
 
 
-def make_splits(task: Task, spec: TaskSpec) -> Splits:
+def make_splits(task: Task, spec: TaskSpec, warn: bool = True) -> Splits:
     """Shuffle with ``spec.seed`` and cut disjoint parts: test first (stable across calibration sizes),
-    then calibration, then validation (``n_val`` or 20% of the task, capped by what remains).
+    then calibration, then validation (``n_val`` or 20% of the task, capped by what remains). Repeated examples
+    are dropped first, with a warning unless ``warn`` is False (a caller splitting the same task again).
 
     Raises:
         TaskFormatError: the task has fewer examples than calibration + test need.
@@ -280,7 +281,7 @@ def make_splits(task: Task, spec: TaskSpec) -> Splits:
         if key not in seen:
             seen.add(key)
             unique.append(i)
-    if len(unique) < len(task):
+    if warn and len(unique) < len(task):
         log.warning("task %s: %d duplicate examples dropped before splitting", task.name, len(task) - len(unique))
     n = len(unique)
     order = list(unique)

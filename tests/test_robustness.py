@@ -57,6 +57,21 @@ def test_duplicate_examples_never_land_in_two_splits(tmp_path):
     assert len(flat) == len(set(flat)) == 26  # 30 distinct prompts: 10 + 10 test/calib, val 6 (20%)
 
 
+def test_dropped_duplicates_are_said_once_per_split_asked_to_warn(tmp_path, caplog):
+    from laser_core import make_splits
+
+    rows = [{"prompt": f"Is {i % 30} even? Answer:", "choices": ["yes", "no"], "answer": i % 2} for i in range(90)]
+    p = tmp_path / "dups.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    spec = TaskSpec(str(p), n_calib=10, n_test=10)
+    task = load_task(spec)
+    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+        first = make_splits(task, spec)
+        again = make_splits(task, spec, warn=False)  # the report re-splits with LASER's validation capped
+    assert [r.getMessage() for r in caplog.records] == ["task dups: 60 duplicate examples dropped before splitting"]
+    assert again == first
+
+
 def test_malformed_csv_row_names_its_line(tmp_path):
     p = tmp_path / "t.csv"
     from laser_core import TaskFormatError
