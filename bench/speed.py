@@ -104,7 +104,7 @@ def summary_a(rows: list[dict], n_layers: int) -> dict:
             "worst_type_layer": worst[0], "worst_type": worst[1], "worst_type_ratio": worst[2]}
 
 
-def part_b(lm, splits, args) -> dict:
+def part_b(lm, splits, args, a: list[dict]) -> dict:
     rhos = tuple(args.rhos)
     t0 = time.perf_counter()
     c2i = run_search(lm, splits, SearchConfig("c2i", q=args.q, ks=tuple(args.ks), rhos=rhos), null_store())
@@ -119,6 +119,10 @@ def part_b(lm, splits, args) -> dict:
            "laser_ms_per_candidate_example": 1000 * laser.seconds / laser_evals,
            "c2i_fixed_s": c2i_time - c2i.timings["search"],
            "c2i_layers": sorted({c["layer"] for c in c2i.candidates})}
+    # context for the ratio: both methods as if every pair ran the full forward of (a)
+    full_ms = 1000 * sum(r["full_s"] for r in a) / len(a) / len(splits.calib)
+    why.update({"full_forward_ms_per_example": full_ms, "no_prefix_laser_s": laser_evals * full_ms / 1000,
+                "no_prefix_c2i_s": c2i_evals * full_ms / 1000 + why["c2i_fixed_s"]})
     return {"c2i_s": c2i_time, "c2i_candidates": len(c2i.candidates), "c2i_timings": c2i.timings, "why": why,
             "c2i_best": c2i.best, "c2i_base_test": c2i.base_test["accuracy"], "c2i_best_test": c2i.best_test["accuracy"],
             "laser_s": laser.seconds, "laser_measured_s": laser.measured_seconds,
@@ -181,13 +185,9 @@ def main() -> None:
           "(a search edits them all). 'blocks from the layer on' is the share of blocks a candidate there would run "
           "whole: the edited block runs only from the edited matrix on and the last block's MLP only at the scored "
           "positions, so ratios can fall below it.\n")
-    b = None if args.skip_b else part_b(lm, splits, args)
-    if b:  # context for the ratio: both methods as if every candidate ran the full forward of (a)
+    b = None if args.skip_b else part_b(lm, splits, args, a)
+    if b:
         w = b["why"]
-        full_ms = 1000 * sum(r["full_s"] for r in a) / len(a) / len(splits.calib)
-        w.update({"full_forward_ms_per_example": full_ms,
-                  "no_prefix_laser_s": w["laser_candidate_examples"] * full_ms / 1000,
-                  "no_prefix_c2i_s": w["c2i_candidate_examples"] * full_ms / 1000 + w["c2i_fixed_s"]})
         print("## (b) end to end: C2I vs LASER brute force\n")
         print("| method | candidates | wall time (s) | best held-out accuracy |\n|---|---|---|---|")
         print(f"| base | - | - | {b['c2i_base_test']:.3f} |")
