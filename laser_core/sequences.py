@@ -1,6 +1,6 @@
 """Token rows for scoring: examples become sequences (a prompt with its choices packed behind it, or one row per
 choice), a shared lead is cut off, rows are grouped into least-padded batches, and the tree-shaped attention
-mask and position ids of a batch are built. Pure bookkeeping on token ids: no model runs here (see evaluate).
+mask and position ids of a batch are built. Pure bookkeeping on token ids: no model runs here (see forward).
 """
 from __future__ import annotations
 
