@@ -261,6 +261,8 @@ def candidates_frame(rows: list[dict]) -> pd.DataFrame:
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if not df.empty:
         df["ranks"] = df["ranks"].astype(str)
+    if "same_as_rho" in df.columns:  # text, blank on the rows that ran (a float column shows them as a grey None)
+        df["same_as_rho"] = df["same_as_rho"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
     return df
 
 

@@ -166,3 +166,12 @@ def test_app_entry_point_opens_the_model_and_task_page(app_env):
     at = page("app.py")
     assert at.title[0].value == "LASER Lab · Model & task"
     assert metrics(at)["Matrices"] == "14"
+
+
+def test_candidates_table_leaves_same_as_rho_blank_on_rows_that_ran():
+    import laser_ui
+    ran = {"layer": 0, "type": "k", "k": 1, "rho": 0.05, "accuracy": 0.5, "ranks": [1], "name": "m"}
+    same = dict(ran, rho=0.01, same_as_rho=0.05)
+    df = laser_ui.candidates_frame([ran, same])
+    assert df["same_as_rho"].tolist() == ["", "0.05"]
+    assert "same_as_rho" not in laser_ui.candidates_frame([ran]).columns
