@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
@@ -109,7 +109,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
         splits = make_splits(task, ts)
         full_val = len(splits.val)
         if quick and full_val > 200:  # LASER's validation capped; its time is scaled back to the full split
-            ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed, n_val=200)
+            ts = replace(ts, n_val=200)
             splits = make_splits(task, ts, warn=False)
         if progress:
             progress(f"{name}: LASER")

@@ -263,3 +263,16 @@ def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, mo
     assert row["laser_s"] > row["laser_measured_s"] > 0  # one of two layers measured: the rest extrapolated
     text = table_markdown(result)
     assert text.startswith("| task | base | LASER | C2I K=1 | C2I K grid |") and "quick mode" in text
+
+
+def test_quick_report_caps_laser_validation_and_scales_its_time_back(tiny_dirs, tmp_path, monkeypatch):
+    from laser_core import ModelSpec, report
+    from laser_core.report import paper_table
+    from conftest import write_mc_jsonl
+    sweeps, real = [], report.laser_baseline
+    monkeypatch.setattr(report, "laser_baseline", lambda *a, **kw: sweeps.append(real(*a, **kw)) or sweeps[-1])
+    task = write_mc_jsonl(tmp_path / "even.jsonl", 1250)  # 20% validation = 250 examples, over the quick cap of 200
+    row = paper_table(ModelSpec(str(tiny_dirs["llama"]), "cpu"), [str(task)], quick=True, n_calib=30, n_test=30)["rows"][0]
+    assert (row["n_val"], row["n_val_full"], row["n_calib"], row["n_test"]) == (200, 250, 30, 30)
+    assert sweeps[0].report.candidates[0]["n"] == 200
+    assert row["laser_s"] == pytest.approx(sweeps[0].seconds * 250 / 200)  # scaled back to the full split
