@@ -28,7 +28,10 @@ st.dataframe(df, hide_index=True, width="stretch", key="all_rows")
 
 c1, c2 = st.columns(2)
 with c1:
-    matrix = st.selectbox("Accuracy vs ρ for matrix", sorted(df["name"].unique()), key="res_matrix")
+    best_of = df.drop_duplicates("name").set_index("name")["accuracy"]  # df is sorted best first
+    matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of.index), key="res_matrix",
+                          format_func=lambda n: f"{n} (best {best_of[n]:.3f})",
+                          help="Matrices in order of their best accuracy on this split")
     sub = df[df["name"] == matrix].sort_values("rho")
     fig = px.line(sub, x="rho", y="accuracy", color=sub["k"].astype(str), markers=True, log_x=True,
                   labels={"color": "K"}, title=matrix)

@@ -142,6 +142,9 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 2
+    table = at.dataframe[0].value
+    assert at.selectbox(key="res_matrix").value == table.iloc[0]["name"]  # the best row's matrix is shown first
+    assert table["accuracy"].is_monotonic_decreasing
     at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[1])
     click(at, "Compare on held-out test")
     wait_for(at, lambda a: "B accuracy (test)" in metrics(a))
