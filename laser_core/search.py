@@ -22,6 +22,7 @@ from .tasks import Splits
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
+SEARCH_SPLIT = {"c2i": "calib", "laser": "val"}  # where each method scores its candidates (LASER: its 20% validation)
 
 
 def _emit(progress: Progress | None, **event) -> None:
@@ -163,7 +164,7 @@ def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: 
 
 def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig, status: str = "complete") -> str:
     """Cache key of a search report: model, task, the searched split's examples, the settings, its status."""
-    split = "calib" if cfg.method == "c2i" else "val"
+    split = SEARCH_SPLIT[cfg.method]
     return store.key("report", lm.fingerprint, splits.task.digest,
                      {"cfg": to_dict(cfg), "split": splits.key(split), "status": status})
 
@@ -298,7 +299,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     t_start = time.perf_counter()
     timings: dict = {}
     method = cfg.method
-    split = "calib" if method == "c2i" else "val"
+    split = SEARCH_SPLIT[method]
     if not getattr(splits, split):
         raise TaskFormatError(f"task {splits.task.name!r} has no examples left for a validation split; "
                               "lower n_calib or n_test, or use the c2i method")

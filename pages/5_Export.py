@@ -10,6 +10,7 @@ import yaml
 import laser_ui as ui
 from laser_core import Edit, LaserError, edited
 from laser_core.recipe import make_recipe, save_model_atomic
+from laser_core.search import SEARCH_SPLIT
 
 st.set_page_config(page_title="LASER Lab · Export", layout="wide")
 st.title("Export")
@@ -37,8 +38,30 @@ choice = st.selectbox("Candidate", range(len(options)), index=default, key="expo
 d = options[choice]
 edit = Edit(d["name"], int(d["k"]), float(d["rho"]))
 base = ui.cached_result(lm, splits, d["split"])
+tests = {"base_test": ui.cached_result(lm, splits, "test"), "edited_test": ui.cached_result(lm, splits, "test", edit)}
+job = ui.session_job("export_test")
+done = job.result if job is not None and job.status == "done" else None
+if not all(tests.values()) and done and [done["edited_test"][k] for k in ("name", "k", "rho")] == [edit.name, edit.k, edit.rho]:
+    tests = dict(done)  # cache switched off or unwritable: the job's own result
 pick = lambda r: None if r is None else {"accuracy": r["accuracy"], "log_loss": r["log_loss"], "n": r["n"]}  # noqa: E731
-recipe = make_recipe(lm, [edit], splits.spec, {"search_split": d["split"], "base": pick(base), "edited": pick(d)})
+method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
+recipe = make_recipe(lm, [edit], splits.spec, {"search_split": d["split"], "base": pick(base), "edited": pick(d),
+                                               **{k: pick(r) for k, r in tests.items()}}, method=method)
+
+if all(tests.values()):
+    m = st.columns(2)
+    m[0].metric("Base (held-out test)", f"{tests['base_test']['accuracy']:.3f}")
+    m[1].metric("Edited (held-out test)", f"{tests['edited_test']['accuracy']:.3f}",
+                f"{tests['edited_test']['accuracy'] - tests['base_test']['accuracy']:+.3f}")
+else:
+    st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
+            "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
+    if st.button("Evaluate on held-out test"):
+        ui.start_eval_job("export_test", "held-out test", lm, splits,
+                          [("base_test", None, "test"), ("edited_test", edit, "test")])
+    job = ui.session_job("export_test")
+    if job is not None and job.status != "done":  # once done, the page reruns and reads the result
+        ui.live_job("export_test")
 
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
 text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)

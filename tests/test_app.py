@@ -165,6 +165,27 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_p
     assert any("already exists" in e.value for e in at.error)
 
 
+def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app_env, tmp_path):
+    import json
+    from laser_core.recipe import apply_recipe
+    at = page("pages/5_Export.py")
+    for i in range(len(at.selectbox(key="export_pick").options)):  # a candidate without a cached held-out result
+        at.selectbox(key="export_pick").set_value(i).run()
+        if any(b.label == "Evaluate on held-out test" for b in at.button):
+            break
+    else:
+        pytest.fail("every candidate already has a held-out result; the test needs one without")
+    recipe = json.loads(at.code[0].value)
+    assert recipe["method"] == "c2i" and recipe["metrics"]["edited_test"] is None
+    click(at, "Evaluate on held-out test")
+    wait_for(at, lambda a: "Edited (held-out test)" in metrics(a))
+    recipe = json.loads(at.code[0].value)
+    assert metrics(at)["Edited (held-out test)"] == f"{recipe['metrics']['edited_test']['accuracy']:.3f}"
+    assert recipe["metrics"]["base_test"]["n"] == recipe["metrics"]["edited_test"]["n"] == recipe["task"]["n_test"]
+    check = apply_recipe(recipe, tmp_path / "edited")["check"]
+    assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
+
+
 def test_app_entry_point_opens_the_model_and_task_page(app_env):
     at = page("app.py")
     assert at.title[0].value == "LASER Lab · Model & task"
