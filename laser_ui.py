@@ -291,7 +291,9 @@ def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
                                          marker={"symbol": "square-open", "size": 18, "color": "black", "line": {"width": 3}},
                                          showlegend=False))
     fig.update_layout(height=max(350, 18 * len(layers)), yaxis_title="layer", xaxis_title="matrix type",
-                      margin={"t": 30, "b": 40}, yaxis={"autorange": "reversed", "dtick": 1 if len(layers) <= 40 else 2})
+                      margin={"t": 30, "b": 40},  # explicit ranges: the click markers would pad the autorange
+                      xaxis={"range": [-0.5, len(types) - 0.5]},
+                      yaxis={"range": [layers[-1] + 0.5, layers[0] - 0.5], "dtick": 1 if len(layers) <= 40 else 2})
     return fig
 
 

@@ -199,3 +199,11 @@ def test_candidates_table_leaves_same_as_rho_blank_on_rows_that_ran():
     df = laser_ui.candidates_frame([ran, same])
     assert df["same_as_rho"].tolist() == ["", "0.05"]
     assert "same_as_rho" not in laser_ui.candidates_frame([ran]).columns
+
+
+def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
+    import laser_ui
+    table = [{"layer": l, "type": t, "score": l - 1.0, "name": f"layers.{l}.{t}"} for l in range(3) for t in ("q", "down")]
+    fig = laser_ui.score_heatmap(table, selected="layers.1.q")
+    assert tuple(fig.layout.yaxis.range) == (2.5, -0.5) and tuple(fig.layout.xaxis.range) == (-0.5, 1.5)
+    assert list(fig.data[0].x) == ["q", "down"] and fig.data[0].zmid == 0
