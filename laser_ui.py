@@ -49,9 +49,12 @@ class Job:
     result: Any = None
     error: str | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
+    phase_started: float = field(default_factory=time.time)  # when the current phase began, and its done count then
+    phase_done0: int = 0
 
     def on_progress(self, ev: dict) -> None:
-        self.phase = ev.get("phase", self.phase)
+        if ev.get("phase", self.phase) != self.phase:
+            self.phase, self.phase_started, self.phase_done0 = ev["phase"], time.time(), ev.get("done", 0)
         self.done, self.total = ev.get("done", self.done), max(1, ev.get("total", self.total))
         self.message = ev.get("message", "")
         if ev.get("row"):
@@ -60,6 +63,14 @@ class Job:
     @property
     def elapsed(self) -> float:
         return (self.finished or time.time()) - self.started
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left in the current phase at its pace so far (None until one step of it is done)."""
+        steps = self.done - self.phase_done0
+        if self.status != "running" or steps <= 0:
+            return None
+        return (time.time() - self.phase_started) / steps * max(0, self.total - self.done)
 
 
 class JobManager:
@@ -240,7 +251,9 @@ def render_job(job: Job | None) -> None:
         return
     frac = min(1.0, job.done / max(1, job.total))
     if job.status == "running":
-        st.progress(frac, text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s · {job.message}")
+        eta = job.eta
+        left = f" · about {eta:.0f} s left" if eta is not None else ""
+        st.progress(frac, text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s{left} · {job.message}")
         if st.button("Cancel", key=f"cancel-{job.id}"):
             job.cancel.cancel()
             st.info("Cancelling: stops after the current step; finished candidates are kept.")

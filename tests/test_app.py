@@ -207,3 +207,19 @@ def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
     fig = laser_ui.score_heatmap(table, selected="layers.1.q")
     assert tuple(fig.layout.yaxis.range) == (2.5, -0.5) and tuple(fig.layout.xaxis.range) == (-0.5, 1.5)
     assert list(fig.data[0].x) == ["q", "down"] and fig.data[0].zmid == 0
+
+
+def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch):
+    import laser_ui
+    now = [1000.0]
+    monkeypatch.setattr(laser_ui.time, "time", lambda: now[0])
+    job = laser_ui.Job("id", "search", "search", "cpu")
+    job.on_progress({"phase": "gradients", "done": 0, "total": 1})
+    now[0] += 50  # a slow first phase must not weigh on the next one's estimate
+    job.on_progress({"phase": "search", "done": 1, "total": 11})
+    assert job.eta is None  # no step of this phase timed yet
+    now[0] += 6
+    job.on_progress({"phase": "search", "done": 3, "total": 11})
+    assert job.eta == pytest.approx(24.0)  # 3 s a step, 8 steps left
+    job.status = "done"
+    assert job.eta is None
