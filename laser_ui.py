@@ -1,7 +1,7 @@
 """Every Streamlit helper of the dashboard: cached loaders, the background job manager, render functions.
 
 Pages in ``pages/`` only lay out and display; ``laser_core`` never imports streamlit. Worker threads never
-call Streamlit: they write progress into a ``Job`` that pages poll from an ``st.fragment(run_every=...)``.
+call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``) while it runs.
 """
 from __future__ import annotations
 
@@ -208,13 +208,19 @@ def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any
     return start_job(kind, label, lm, work)
 
 
-def live_job(kind: str, rerun_when_done: bool = True) -> None:
-    """Poll this session's ``kind`` job every second; once it is done, rerun the page to show its result."""
-    @st.fragment(run_every=1.0)
+def live_job(kind: str, show: Callable[[Job | None], None] | None = None) -> None:
+    """Draw this session's ``kind`` job (``show``, default :func:`render_job`). While it runs the drawing is
+    redone every second; when it ends (done, cancelled or failed) the page reruns once to show its result, and
+    from then on nothing polls."""
+    show = show or render_job
+    job = session_job(kind)
+    running = job is not None and job.status == "running"
+
+    @st.fragment(run_every=1.0 if running else None)
     def poll() -> None:
-        job = session_job(kind)
-        render_job(job)
-        if rerun_when_done and job is not None and job.status == "done":
+        now = session_job(kind)
+        show(now)
+        if running and now is not None and now.status != "running":
             st.rerun()
     poll()
 

@@ -50,18 +50,12 @@ if st.button("Run", type="primary", disabled=bool(cached)):
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))
 
 
-@st.fragment(run_every=1.0)
-def live():
-    job = ui.session_job("search")
-    ui.render_job(job)
-    if job is not None and job.status in ("done", "cancelled") and job.result is not None \
-            and st.session_state.get("shown_job") != job.id:
-        st.session_state["last_report"] = job.result.to_dict()
-        st.session_state["shown_job"] = job.id
-        st.rerun()  # once: redraw the whole page with the finished report
-
-
-live()
+job = ui.session_job("search")
+if job is not None and job.status in ("done", "cancelled") and job.result is not None \
+        and st.session_state.get("shown_job") != job.id:  # once: its report replaces the one shown
+    st.session_state["last_report"] = job.result.to_dict()
+    st.session_state["shown_job"] = job.id
+ui.live_job("search")
 report = st.session_state.get("last_report")
 if report and report.get("best"):
     b = report["best"]

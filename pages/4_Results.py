@@ -71,9 +71,7 @@ if st.button("Compare on held-out test", type="primary"):
     ui.start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
 
 
-@st.fragment(run_every=1.0)
-def compare():
-    job = ui.session_job("compare")
+def compare(job):
     ui.render_job(job)
     if job is None or job.status != "done":
         return
@@ -95,4 +93,4 @@ def compare():
         st.dataframe(flips, hide_index=True, width="stretch")
 
 
-compare()
+ui.live_job("compare", compare)

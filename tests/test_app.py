@@ -223,3 +223,25 @@ def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch)
     assert job.eta == pytest.approx(24.0)  # 3 s a step, 8 steps left
     job.status = "done"
     assert job.eta is None
+
+
+@pytest.mark.parametrize("at_start, at_poll, polls, reruns", [
+    ("running", "running", 1.0, 0),  # redrawn every second while it runs
+    ("running", "cancelled", 1.0, 1),  # ended between two polls: the page reruns once to show the outcome
+    ("done", "done", None, 0),  # finished: drawn once, nothing polls any more
+    ("error", "error", None, 0),
+])
+def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, polls, reruns):
+    import laser_ui
+    seen = {"run_every": "unset", "reruns": 0, "shown": []}
+    states = iter([at_start, at_poll])
+
+    def fragment(run_every=None):
+        seen["run_every"] = run_every
+        return lambda fn: fn
+
+    monkeypatch.setattr(laser_ui.st, "fragment", fragment)
+    monkeypatch.setattr(laser_ui.st, "rerun", lambda: seen.__setitem__("reruns", seen["reruns"] + 1))
+    monkeypatch.setattr(laser_ui, "session_job", lambda kind: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
+    laser_ui.live_job("search", lambda job: seen["shown"].append(job.status))
+    assert (seen["run_every"], seen["reruns"], seen["shown"]) == (polls, reruns, [at_poll])
