@@ -48,10 +48,18 @@ def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
     edit = report.best_edit()
     if edit is None:
         raise LaserError("the search evaluated no candidate, so there is no edit to export")
-    pick = lambda d: None if d is None else {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}  # noqa: E731
-    metrics = {"search_split": report.search_split, "base": pick(report.base), "edited": pick(report.best),
-               "base_test": pick(report.base_test), "edited_test": pick(report.best_test)}
+    metrics = recipe_metrics(report.search_split, report.base, report.best, report.base_test, report.best_test)
     return make_recipe(lm, [edit], task, metrics, method=report.method)
+
+
+def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, base_test: dict | None = None,
+                   edited_test: dict | None = None) -> dict:
+    """A recipe's ``metrics``: accuracy, log-loss and size of each evaluation given (None where not computed),
+    base and edited on the split the search scored, and on held-out test (what ``apply`` re-checks)."""
+    def pick(d: dict | None) -> dict | None:
+        return None if d is None else {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}
+    return {"search_split": search_split, "base": pick(base), "edited": pick(edited),
+            "base_test": pick(base_test), "edited_test": pick(edited_test)}
 
 
 def save_recipe(recipe: dict, path: str | Path) -> Path:

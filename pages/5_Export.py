@@ -9,7 +9,7 @@ import yaml
 
 import laser_ui as ui
 from laser_core import Edit, LaserError, edited
-from laser_core.recipe import make_recipe, save_model_atomic
+from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
 st.set_page_config(page_title="LASER Lab · Export", layout="wide")
@@ -43,10 +43,8 @@ job = ui.session_job("export_test")
 done = job.result if job is not None and job.status == "done" else None
 if not all(tests.values()) and done and [done["edited_test"][k] for k in ("name", "k", "rho")] == [edit.name, edit.k, edit.rho]:
     tests = dict(done)  # cache switched off or unwritable: the job's own result
-pick = lambda r: None if r is None else {"accuracy": r["accuracy"], "log_loss": r["log_loss"], "n": r["n"]}  # noqa: E731
 method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
-recipe = make_recipe(lm, [edit], splits.spec, {"search_split": d["split"], "base": pick(base), "edited": pick(d),
-                                               **{k: pick(r) for k, r in tests.items()}}, method=method)
+recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests), method=method)
 
 if all(tests.values()):
     m = st.columns(2)
