@@ -279,6 +279,41 @@ def _slim(doc: dict | None) -> dict | None:
     return None if doc is None else {k: v for k, v in doc.items() if k not in ("correct", "predictions")}
 
 
+def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectrum],
+             matrices: list[dict]) -> list[tuple[Edit, float | None]]:
+    """C2I's candidates in search order: the top-``q`` matrices of the ``score_table`` rows ``matrices``, each
+    over the K and rho grids, with the first-order predicted gain where the spectra hold that K (else None).
+
+    Raises:
+        ConfigError: a K of the grid is larger than a chosen matrix's rows.
+    """
+    plan: list[tuple[Edit, float | None]] = []
+    for name in top_q({m["name"]: m["score"] for m in matrices}, cfg.q):
+        rows = lm.ref(name).shape[0]
+        for k in cfg.ks:
+            if k > rows:
+                raise ConfigError(f"K={k} is larger than the {rows} rows of {name}; use K <= {rows}")
+            for rho in cfg.rhos:
+                gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
+                plan.append((Edit(name, k, rho), gain))
+    return plan
+
+
+def laser_plan(lm: LoadedModel, cfg: SearchConfig) -> list[tuple[Edit, None]]:
+    """LASER's candidates in sweep order: every matrix of ``cfg.layers`` x ``cfg.types`` x rho, K=1.
+
+    Raises:
+        ConfigError: no matrix matches the layers and types.
+    """
+    refs = [r for r in lm.matrices
+            if (cfg.layers is None or r.layer in cfg.layers) and (cfg.types is None or r.type in cfg.types)]
+    if not refs:
+        raise ConfigError(f"no matrices match layers={cfg.layers} types={cfg.types}; "
+                          f"the model has layers 0-{lm.matrices[-1].layer} and types "
+                          f"{sorted({r.type for r in lm.matrices})}")
+    return [(Edit(r.name, 1, rho), None) for r in refs for rho in cfg.rhos]
+
+
 def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store | None = None,
                progress: Progress | None = None, cancel: CancelToken | None = None,
                held_out: bool = True) -> SearchReport:
@@ -313,31 +348,15 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     try:
         base = evaluate_candidate(lm, None, splits, split, store, cancel)
         _emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}")
-        plan: list[tuple[Edit, float | None]] = []
         if method == "c2i":
             spectra, _ = load_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,),
                                       cancel, progress, timings)
             t0 = time.perf_counter()
             matrices = score_table(lm, spectra, cfg.score, cfg)
-            chosen = top_q({m["name"]: m["score"] for m in matrices}, cfg.q)
-            for name in chosen:
-                rows = lm.ref(name).shape[0]
-                for k in cfg.ks:
-                    if k > rows:
-                        raise ConfigError(f"K={k} is larger than the {rows} rows of {name}; "
-                                          f"use K <= {rows}")
-                    for rho in cfg.rhos:
-                        gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
-                        plan.append((Edit(name, k, rho), gain))
+            plan = c2i_plan(lm, cfg, spectra, matrices)
             timings["scores"] = time.perf_counter() - t0
         else:
-            refs = [r for r in lm.matrices
-                    if (cfg.layers is None or r.layer in cfg.layers) and (cfg.types is None or r.type in cfg.types)]
-            if not refs:
-                raise ConfigError(f"no matrices match layers={cfg.layers} types={cfg.types}; "
-                                  f"the model has layers 0-{lm.matrices[-1].layer} and types "
-                                  f"{sorted({r.type for r in lm.matrices})}")
-            plan = [(Edit(r.name, 1, rho), None) for r in refs for rho in cfg.rhos]
+            plan = laser_plan(lm, cfg)
         t0 = time.perf_counter()
         prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
         done_ranks: dict[tuple, dict] = {}  # (matrix, K, ranks) -> its result: another rho, the same edit

@@ -1,0 +1,140 @@
+"""How long a search would take here, before it runs, from evaluations already timed in the cache.
+
+Every evaluation stored in the cache carries its wall time. A candidate costs about one full evaluation of the
+searched split times the share of the model's blocks it runs (with prefix reuse: from its layer on); a candidate
+already in the cache, or one with the same ranks as another rho of its matrix, costs nothing. The basis, best
+first: candidates of this split already timed (each scaled back to a full evaluation by its layer's share; the
+median, once there are ``MIN_RUNS``), the base model on this split, the base model on the other scored split
+scaled by the example count. Timings taken on another device, or while the machine was busy, carry over as they
+are: an estimate, not a promise.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from .config import Edit, SearchConfig
+from .models import LoadedModel
+from .prefix import block_list
+from .search import SEARCH_SPLIT, c2i_plan, cached_results, cached_spectra, edit_identity, laser_plan, score_table
+from .store import Store
+from .tasks import Splits
+
+
+SPLIT_WORDS = {"calib": "calibration", "val": "validation", "test": "held-out test"}
+MIN_RUNS = 8  # candidate timings needed before their median is the basis (a layer's first one also builds its states)
+
+
+@dataclass(frozen=True)
+class SearchEstimate:
+    """What a search still has to run, and about how long it takes on this machine."""
+
+    seconds: float  # the base and the candidates to run, the hidden states they start from, the held-out tests
+    candidates: int  # in the search's plan
+    to_run: int  # neither in the cache nor a copy of another rho with the same ranks
+    cached: int
+    same_ranks: int
+    full_eval_s: float  # one full evaluation of the searched split: the unit of the estimate
+    basis: str  # where ``full_eval_s`` comes from, in words
+    scores_cached: bool  # c2i: False means the gradient step and SVDs come on top, and every candidate is
+    #                      counted as a full evaluation (its layer is not known before the scores are)
+    upper_bound: bool  # early stop on (a candidate may stop early), or c2i's layers not known yet
+
+    def summary(self, rho: str = "ρ") -> str:
+        """One line: 'about 9 min (150 to run, …; one full evaluation of this split takes about 4.6 s, from …)'."""
+        parts = [f"{self.to_run} to run"] + ([f"{self.cached} in the cache"] if self.cached else []) + \
+            ([f"{self.same_ranks} with the same ranks as another {rho}"] if self.same_ranks else [])
+        return (f"{'at most ' if self.upper_bound else ''}about {human_seconds(self.seconds)} ({', '.join(parts)}; "
+                f"one full evaluation of this split takes about {self.full_eval_s:.1f} s, from {self.basis})"
+                + ("" if self.scores_cached else ", plus the gradient step and the SVDs, not cached yet"))
+
+
+def block_share(lm: LoadedModel, splits: Splits, cfg: SearchConfig, layer: int | None) -> float:
+    """The share of a full evaluation that a candidate at ``layer`` runs (1 when prefix reuse does not apply)."""
+    reuse = cfg.prefix_reuse and splits.task.kind == "mc" and block_list(lm) is not None
+    if layer is None or not reuse:
+        return 1.0
+    return (lm.n_layers - layer) / lm.n_layers
+
+
+def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[dict],
+                      cfg: SearchConfig) -> tuple[float, str] | None:
+    """(seconds of one full evaluation of ``split``, where that figure comes from), or None with no timing.
+
+    ``docs``: the cached evaluations of this model on these splits (``search.cached_results``).
+    """
+    runs = [d["seconds"] / block_share(lm, splits, cfg, d["layer"]) for d in docs
+            if d["split"] == split and d.get("name") and d.get("seconds") and not d.get("stopped_early")
+            and d.get("same_as_rho") is None]
+    if len(runs) >= MIN_RUNS:
+        return statistics.median(runs), f"{len(runs)} candidates already timed on this split"
+    n = len(getattr(splits, split))
+    for other in (split, *(s for s in SEARCH_SPLIT.values() if s != split)):
+        base = next((d for d in docs if d["split"] == other and not d.get("name") and d.get("seconds")), None)
+        if base is not None:
+            scale = n / max(1, len(getattr(splits, other)))
+            note = "" if other == split else f", scaled to {n} examples"
+            return base["seconds"] * scale, f"the base model's evaluation of the {SPLIT_WORDS[other]} split{note}"
+    return None
+
+
+def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store) -> SearchEstimate | None:
+    """About how long ``run_search(lm, splits, cfg, store)`` takes here; None when nothing in the cache is timed.
+
+    Raises:
+        ConfigError: the plan itself is invalid (no matrix matches a LASER range, K larger than a matrix's rows).
+    """
+    split = SEARCH_SPLIT[cfg.method]
+    docs = cached_results(store, lm, splits)
+    found = full_eval_seconds(lm, splits, split, docs, cfg)
+    if found is None:
+        return None
+    full, basis = found
+    spectra = cached_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,)) \
+        if cfg.method == "c2i" else None
+    if cfg.method == "laser":
+        plan: list[Edit | None] = [e for e, _ in laser_plan(lm, cfg)]
+    elif spectra is not None:
+        plan = [e for e, _ in c2i_plan(lm, cfg, spectra[0], score_table(lm, spectra[0], cfg.score, cfg))]
+    else:
+        plan = [None] * (cfg.q * len(cfg.ks) * len(cfg.rhos))  # matrices unknown until the gradient step
+    done = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == split and d.get("name")
+            and not d.get("stopped_early")}
+    seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
+    for edit in plan:
+        if edit is not None:
+            ident = edit_identity(lm, edit)
+            if ident in seen:
+                same += 1
+                continue
+            seen.add(ident)
+            if (edit.name, edit.k, edit.rho) in done:
+                cached += 1
+                continue
+            layers.add(lm.ref(edit.name).layer)
+        seconds += full * block_share(lm, splits, cfg, lm.ref(edit.name).layer if edit else None)
+    if not any(d["split"] == split and not d.get("name") for d in docs):
+        seconds += full  # the base model on the searched split, which a search evaluates first
+    # the hidden states entering each edited layer are built once per search: a forward up to that layer
+    seconds += sum(full * (1 - block_share(lm, splits, cfg, layer)) for layer in layers)
+    test = full * len(splits.test) / max(1, len(getattr(splits, split)))
+    tested = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == "test" and not d.get("stopped_early")}
+    if (None, None, None) not in tested:
+        seconds += test  # the base model on the held-out test split
+    planned = {(e.name, e.k, e.rho) for e in plan if e is not None} if len(plan) == cached + same else set()
+    ran = [d for d in docs if d["split"] == split and (d["name"], d["k"], d["rho"]) in planned]
+    best = min(ran, key=lambda d: (-d["accuracy"], d["log_loss"]), default=None)  # known once every one is cached
+    if best is None or (best["name"], best["k"], best["rho"]) not in tested:
+        seconds += test  # the best candidate on it
+    return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
+                          scores_cached=cfg.method == "laser" or spectra is not None,
+                          upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None))
+
+
+def human_seconds(s: float) -> str:
+    """A duration as people say it: 40 s, 9 min, 2.5 h."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"

@@ -1,0 +1,66 @@
+"""The run-time estimate of a search, from the timings the cache holds, on a tiny model."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import pytest
+
+from laser_core import SearchConfig, TaskSpec, load_task, make_splits, run_search
+from laser_core.estimate import MIN_RUNS, estimate_search, human_seconds
+from laser_core.search import cached_results, evaluate_candidate
+
+SMALL = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1))
+
+
+@pytest.fixture
+def llama_splits(tiny_lm, mc_task):
+    ts = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    return tiny_lm("llama"), make_splits(load_task(ts), ts)
+
+
+def test_nothing_timed_in_the_cache_gives_no_estimate(llama_splits, store):
+    lm, splits = llama_splits
+    assert estimate_search(lm, splits, SMALL, store) is None
+
+
+def test_a_candidate_costs_the_share_of_blocks_it_runs_of_the_base_evaluation(llama_splits, store):
+    lm, splits = llama_splits
+    assert lm.n_layers == 2
+    base = evaluate_candidate(lm, None, splits, "calib", store)["seconds"]
+    full_val = base * len(splits.val) / len(splits.calib)
+    test = full_val * len(splits.test) / len(splits.val)
+    cfg = SearchConfig("laser", rhos=(0.5, 0.1), layers=(1,))
+    est = estimate_search(lm, splits, cfg, store)
+    assert est.candidates == 7 * 2 and est.cached == 0 and est.to_run + est.same_ranks == 14
+    assert "calibration split, scaled to" in est.basis and est.full_eval_s == pytest.approx(full_val)
+    # layer 1 of 2: half the blocks per candidate, half a forward once to build its states, the base on the
+    # validation split, then the base and the best on the held-out test split
+    assert est.seconds == pytest.approx(full_val * (0.5 * est.to_run + 0.5 + 1) + 2 * test)
+    whole = estimate_search(lm, splits, dataclasses.replace(cfg, prefix_reuse=False), store)
+    assert whole.seconds == pytest.approx(full_val * (est.to_run + 1) + 2 * test)
+    assert estimate_search(lm, splits, dataclasses.replace(cfg, layers=(0,)), store).seconds > est.seconds
+    # C2I before its gradient step: which matrices is not known, so every candidate counts as a full evaluation
+    c2i = estimate_search(lm, splits, SMALL, store)
+    assert c2i.upper_bound and not c2i.scores_cached and c2i.to_run == 8
+    assert c2i.seconds == pytest.approx(base * 8 + 2 * base * len(splits.test) / len(splits.calib))
+    assert estimate_search(lm, splits, dataclasses.replace(cfg, early_stop=True), store).upper_bound
+
+
+def test_after_a_search_its_candidates_cost_nothing_and_their_timings_become_the_basis(llama_splits, store):
+    lm, splits = llama_splits
+    run_search(lm, splits, SMALL, store)
+    again = estimate_search(lm, splits, SMALL, store)
+    assert (again.to_run, again.cached + again.same_ranks, again.seconds) == (0, 8, 0.0)
+    assert again.scores_cached and not again.upper_bound
+    timed = [d for d in cached_results(store, lm, splits)
+             if d["split"] == "calib" and d["name"] and d["seconds"] and d.get("same_as_rho") is None]
+    assert len(timed) >= MIN_RUNS and f"{len(timed)} candidates already timed" in again.basis
+    assert again.full_eval_s == pytest.approx(statistics.median(d["seconds"] * 2 / (2 - d["layer"]) for d in timed))
+    more = estimate_search(lm, splits, dataclasses.replace(SMALL, q=3), store)
+    assert more.candidates == 12 and more.cached == again.cached and more.to_run == 12 - more.cached - more.same_ranks
+    assert more.to_run > 0 and more.seconds > 0 and not more.upper_bound
+
+
+def test_durations_read_as_people_say_them():
+    assert [human_seconds(s) for s in (40, 540, 52000)] == ["40 s", "9 min", "14.4 h"]
