@@ -21,6 +21,7 @@ import streamlit as st
 from laser_core import (CancelToken, Cancelled, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
+from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
@@ -258,7 +259,7 @@ def render_job(job: Job | None) -> None:
     frac = min(1.0, job.done / max(1, job.total))
     if job.status == "running":
         eta = job.eta
-        left = f" · about {eta:.0f} s left" if eta is not None else ""
+        left = f" · about {human_seconds(eta)} left" if eta is not None else ""
         st.progress(frac, text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s{left} · {job.message}")
         if st.button("Cancel", key=f"cancel-{job.id}"):
             job.cancel.cancel()
@@ -271,6 +272,19 @@ def render_job(job: Job | None) -> None:
         st.error(f"{job.label} failed: {job.error}")
     if job.rows:
         st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
+
+
+def render_estimate(est) -> None:
+    """The run time a search would take here (a ``laser_core.estimate.SearchEstimate``, or None: no basis yet)."""
+    if est is None:
+        st.caption("Run time: compute the baseline accuracy on Model & task (or run any search) and this page "
+                   "estimates it from that timing.")
+        return
+    text = f"Estimated run time here: {est.summary()}."
+    if est.seconds > 3600:
+        st.warning(text + " Narrow the layers, types or grids, or run it on a GPU.")
+    else:
+        st.caption(text)
 
 
 def candidates_frame(rows: list[dict]) -> pd.DataFrame:

@@ -164,6 +164,7 @@ def _cmd_scores(args) -> int:
 
 
 def _cmd_search(args, method: str) -> int:
+    from .estimate import estimate_search
     from .evaluate import CancelToken
     from .recipe import recipe_from_report, save_recipe
     from .search import run_search
@@ -175,6 +176,9 @@ def _cmd_search(args, method: str) -> int:
         cfg = SearchConfig("laser", ks=(1,), rhos=args.rhos, layers=args.layers, types=args.types,
                            early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse)
     lm, tspec, splits, store = _setup(args)
+    est = estimate_search(lm, splits, cfg, store)
+    if est is not None and est.to_run:
+        print(f"estimated run time: {est.summary('rho')}; Ctrl-C stops it and keeps what is done", file=sys.stderr)
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bars = _Bars()

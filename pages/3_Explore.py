@@ -5,6 +5,7 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import ConfigError, SearchConfig, run_search
+from laser_core.estimate import estimate_search
 
 st.set_page_config(page_title="LASER Lab · Explore", layout="wide")
 st.title("Explore")
@@ -45,6 +46,11 @@ cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
 if cached:
     st.success("This configuration is already in the cache — shown without running anything.")
     st.session_state["last_report"] = cached
+else:
+    try:
+        ui.render_estimate(estimate_search(lm, splits, cfg, ui.store()))
+    except ConfigError as e:  # e.g. a K larger than a chosen matrix's rows: say so before a run would
+        ui.user_error(str(e))
 if st.button("Run", type="primary", disabled=bool(cached)):
     ui.start_job("search", f"{cfg.method} search", lm,
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))

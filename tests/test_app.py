@@ -126,6 +126,10 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     _small_grid(again).run()
     assert any("already in the cache" in s.value for s in again.success)
     assert "Best (calib)" in metrics(again)
+    # one more matrix: its 4 candidates are priced from the timings of the 8 in the cache, before any run
+    again.slider(key="explore_q").set_value(3).run()
+    estimate = next(c.value for c in again.caption if c.value.startswith("Estimated run time here: about "))
+    assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
 
 
 def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
