@@ -347,9 +347,14 @@ def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
     return fig
 
 
-def grid_inputs(prefix: str = "") -> dict:
-    """Sliders and grids shared by the Explore page."""
-    return {"ks": st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], default=list(PAPER_KS), key=prefix + "ks"),
+def grid_inputs(prefix: str = "", ks: bool = True) -> dict:
+    """The K and ρ grids of the Explore page; ``ks=False`` (LASER: whole matrices) says K=1 instead of asking."""
+    if ks:
+        k_grid = st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], default=list(PAPER_KS), key=prefix + "ks")
+    else:
+        k_grid = [1]
+        st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
+    return {"ks": k_grid,
             "rhos": st.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True),
                                    default=list(PAPER_RHOS), key=prefix + "rhos")}
 

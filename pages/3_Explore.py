@@ -17,7 +17,7 @@ types = sorted({r.type for r in lm.matrices})
 method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute force)"], horizontal=True, key="method")
 c1, c2 = st.columns(2)
 with c1:
-    grid = ui.grid_inputs()
+    grid = ui.grid_inputs(ks=method.startswith("C2I"))
     early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
 with c2:
     if method.startswith("C2I"):

@@ -135,6 +135,8 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
 def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
     at = page("pages/3_Explore.py")
     at.radio(key="method").set_value("LASER sweep (brute force)").run()
+    assert "ks" not in [m.key for m in at.multiselect]  # LASER reduces whole matrices: no K grid to pick
+    assert any(c.value.startswith("K = 1") for c in at.caption)
     at.multiselect(key="types").set_value([]).run()
     assert any("at least one matrix type" in e.value for e in at.error)
     at.multiselect(key="types").set_value(["up"]).run()
