@@ -129,10 +129,29 @@ def _setup(args):
     store = null_store() if args.no_cache else Store(Path(args.cache_dir) if args.cache_dir else None)
     if store.disabled_reason and not args.no_cache:
         print(f"note: {store.disabled_reason}", file=sys.stderr)
-    lm = load_model(ModelSpec(args.model, args.device, args.dtype), progress=lambda m: print(m, file=sys.stderr))
-    tspec = TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col,
-                     args.choices_col, args.answer_col, args.targets_col)
+    mspec, tspec = specs_of(args)
+    lm = load_model(mspec, progress=lambda m: print(m, file=sys.stderr))
     return lm, tspec, make_splits(load_task(tspec), tspec), store
+
+
+def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
+    """The model and task specs that parsed command-line ``args`` name."""
+    return ModelSpec(args.model, args.device, args.dtype), \
+        TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
+                 args.answer_col, args.targets_col)
+
+
+def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
+    """Command-line flags that load ``model`` and split ``task`` exactly so (``--model`` and ``--task`` always,
+    others where they differ from the default), for a page to print an equivalent command."""
+    out = ["--model", model.source]
+    out += [x for f in ("device", "dtype") if getattr(model, f) != getattr(ModelSpec, f)
+            for x in (f"--{f}", str(getattr(model, f)))]
+    out += ["--task", task.source]
+    for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col"):
+        if getattr(task, f) != getattr(TaskSpec, f):
+            out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
+    return out
 
 
 def _fmt(d: dict | None) -> str:

@@ -9,6 +9,7 @@ import yaml
 
 import laser_ui as ui
 from laser_core import Edit, LaserError, edited
+from laser_core.cli import spec_args
 from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
@@ -68,9 +69,8 @@ st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{f
 st.code(text, language=fmt.lower())
 st.subheader("Equivalent CLI command")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
-st.caption("or re-run the search: " + " ".join(["python -m laser_core search", "--model", shlex.quote(lm.spec.source),
-                                               "--task", shlex.quote(splits.spec.source), "--n-calib",
-                                               str(splits.spec.n_calib), "--seed", str(splits.spec.seed)]))
+st.caption("or re-run the search: " + shlex.join(["python", "-m", "laser_core", "laser" if method == "laser" else "search",
+                                                  *spec_args(lm.spec, splits.spec)]))
 
 st.subheader("Save the edited model")
 out = st.text_input("Folder", value=str(ui.cache_dir() / "edited" / f"{splits.task.name}-{lm.fingerprint[:8]}"), key="out")

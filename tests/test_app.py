@@ -161,6 +161,8 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_p
     at = page("pages/5_Export.py")
     assert len(at.get("download_button")) == 1
     assert '"laser_lab_recipe": 1' in at.code[0].value
+    assert any(c.value == "or re-run the search: python -m laser_core search --model " + app_env["LASER_LAB_DEFAULT_MODEL"]
+               + " --task " + app_env["LASER_LAB_DEFAULT_TASK"] for c in at.caption)
     at.radio(key="fmt").set_value("YAML").run()
     assert "laser_lab_recipe: 1" in at.code[0].value
     at.text_input(key="out").set_value(str(tmp_path / "edited"))

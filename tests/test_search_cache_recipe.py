@@ -215,6 +215,18 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert "model not found" in capsys.readouterr().err
 
 
+def test_spec_args_give_the_cli_the_same_model_and_task_specs():
+    from laser_core import ModelSpec
+    from laser_core.cli import _parser, spec_args, specs_of
+
+    for m, t in [(ModelSpec(), TaskSpec()),
+                 (ModelSpec("/m dir", "cpu", "bfloat16"),
+                  TaskSpec("x.csv", 50, 80, 30, 7, "q", "opts", "gold", "refs"))]:
+        args = spec_args(m, t)
+        assert specs_of(_parser().parse_args(["search", *args])) == (m, t)
+    assert spec_args(ModelSpec(), TaskSpec(n_test=200)) == ["--model", "demo", "--task", "fever", "--n-test", "200"]
+
+
 def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc_task, store):
     from laser_core.search import cached_results
     lm = tiny_lm("llama")
