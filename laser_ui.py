@@ -287,6 +287,14 @@ def render_estimate(est) -> None:
         st.caption(text)
 
 
+def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict) -> None:
+    """Two evaluations' accuracies in ``cols[0]`` and ``cols[1]``, the second with its change from the first; each
+    metric's help gives its log-loss (the search's tie-breaker)."""
+    cols[0].metric(label_a, f"{a['accuracy']:.3f}", help=f"log-loss {a['log_loss']:.4f}")
+    cols[1].metric(label_b, f"{b['accuracy']:.3f}", f"{b['accuracy'] - a['accuracy']:+.3f}",
+                   help=f"log-loss {b['log_loss']:.4f}")
+
+
 def candidates_frame(rows: list[dict]) -> pd.DataFrame:
     cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
             "predicted_gain", "same_as_rho", "cached", "name"]

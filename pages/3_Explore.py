@@ -67,13 +67,11 @@ if report and report.get("best"):
     b = report["best"]
     st.subheader("Best candidate")
     m = st.columns(4)
-    m[0].metric(f"Base ({report['search_split']})", f"{report['base']['accuracy']:.3f}")
-    m[1].metric(f"Best ({report['search_split']})", f"{b['accuracy']:.3f}",
-                f"{b['accuracy'] - report['base']['accuracy']:+.3f}")
+    split = report["search_split"]
+    ui.render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b)
     if report.get("best_test"):
-        m[2].metric("Base (held-out test)", f"{report['base_test']['accuracy']:.3f}")
-        m[3].metric("Best (held-out test)", f"{report['best_test']['accuracy']:.3f}",
-                    f"{report['best_test']['accuracy'] - report['base_test']['accuracy']:+.3f}")
+        ui.render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
+                                report["best_test"])
     st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']}, ranks {b['ranks']}")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(ui.candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")

@@ -76,9 +76,7 @@ def compare(job):
     if job is None or job.status != "done":
         return
     ra, rb = job.result["A"], job.result["B"]
-    m = st.columns(2)
-    m[0].metric("A accuracy (test)", f"{ra['accuracy']:.3f}", help=f"log-loss {ra['log_loss']:.4f}")
-    m[1].metric("B accuracy (test)", f"{rb['accuracy']:.3f}", f"{rb['accuracy'] - ra['accuracy']:+.3f}")
+    ui.render_accuracy_pair(st.columns(2), "A accuracy (test)", ra, "B accuracy (test)", rb)
     ex = splits.examples("test")
     flips = []
     for i, e in enumerate(ex):

@@ -48,10 +48,8 @@ method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
 recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests), method=method)
 
 if all(tests.values()):
-    m = st.columns(2)
-    m[0].metric("Base (held-out test)", f"{tests['base_test']['accuracy']:.3f}")
-    m[1].metric("Edited (held-out test)", f"{tests['edited_test']['accuracy']:.3f}",
-                f"{tests['edited_test']['accuracy'] - tests['base_test']['accuracy']:+.3f}")
+    ui.render_accuracy_pair(st.columns(2), "Base (held-out test)", tests["base_test"], "Edited (held-out test)",
+                            tests["edited_test"])
 else:
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
