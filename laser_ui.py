@@ -287,6 +287,64 @@ def render_estimate(est) -> None:
         st.caption(text)
 
 
+ONE_RHOS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 0.9, 1.0)
+
+
+def render_one_candidate(lm, splits) -> None:
+    """One (matrix, K, ρ) from sliders: its ranks and size at once, the first-order predicted loss change where
+    the scores are cached, and its calibration (and held-out) accuracy against the base, from the cache or from a
+    background evaluation. The matrix chosen on Layer scores is preselected; what is evaluated joins Results."""
+    from laser_core import Edit
+    from laser_core.gradients import first_order_gain
+    from laser_core.search import cached_spectra, params_kept
+
+    names = [r.name for r in lm.matrices]
+    chosen = st.session_state.get("selected_matrix")  # set by Layer scores; follow it when it changes
+    if chosen in names and (chosen != st.session_state.get("one_follows") or "one_matrix" not in st.session_state):
+        st.session_state["one_matrix"] = st.session_state["one_follows"] = chosen
+    elif st.session_state.get("one_matrix") not in names:
+        st.session_state["one_matrix"] = names[0]
+    c1, c2, c3 = st.columns([3, 1, 2])
+    name = c1.selectbox("Matrix", names, key="one_matrix", help="Preselected: the matrix chosen on Layer scores")
+    ref = lm.ref(name)
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= ref.shape[0]]
+    if st.session_state.get("one_k") not in ks:
+        st.session_state["one_k"] = 1
+    k = c2.select_slider("K (row blocks)", ks, key="one_k")
+    rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, value=0.1, key="one_rho")
+    edit, short = Edit(name, k, rho), f"L{ref.layer}.{ref.type} K={k} ρ={rho}"
+    ranks, kept = params_kept(ref, k, rho)
+    full = ref.shape[0] * ref.shape[1]
+    line = (f"layer {ref.layer}, {ref.type}, {ref.shape[0]}×{ref.shape[1]}: rank kept per block {ranks}; "
+            f"{kept:,} of {full:,} parameters in factored form ({kept / full:.1%})")
+    spectra = cached_spectra(lm, splits, store(), (1, 2, 4, 8)) or cached_spectra(lm, splits, store(), (1,))
+    if spectra is not None and k in spectra[0][name].S:
+        change = -first_order_gain(spectra[0][name], k, rho)
+        line += f"; first-order predicted change of the calibration log-loss {change:+.4f}"
+    st.caption(line + ".")
+    wanted = {"base": (None, "calib"), "edit": (edit, "calib"), "base_test": (None, "test"), "edit_test": (edit, "test")}
+    got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
+    job = session_job("one")
+    if job is not None and job.status == "done":  # cache switched off or unwritable: the job's own results
+        for key, doc in job.result.items():
+            e = wanted[key][0]
+            if got[key] is None and (doc["name"], doc["k"], doc["rho"]) == ((e.name, e.k, e.rho) if e else (None,) * 3):
+                got[key] = doc
+    if got["base"] and got["edit"]:
+        cols = st.columns(4)
+        render_accuracy_pair(cols[:2], "Base (calib)", got["base"], "This edit (calib)", got["edit"])
+        if got["base_test"] and got["edit_test"]:
+            render_accuracy_pair(cols[2:], "Base (held-out test)", got["base_test"], "This edit (held-out test)",
+                                 got["edit_test"])
+    calib = [(key, *wanted[key]) for key in ("base", "edit") if not got[key]]
+    test = [(key, *wanted[key]) for key in ("base_test", "edit_test") if not got[key]]
+    if calib and st.button(f"Evaluate on calibration ({len(splits.calib)} examples)", type="primary"):
+        start_eval_job("one", f"{short} (calibration)", lm, splits, calib)
+    elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)"):
+        start_eval_job("one", f"{short} (held-out test)", lm, splits, test)
+    live_job("one")
+
+
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict) -> None:
     """Two evaluations' accuracies in ``cols[0]`` and ``cols[1]``, the second with its change from the first; each
     metric's help gives its log-loss (the search's tie-breaker)."""

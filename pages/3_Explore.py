@@ -14,7 +14,11 @@ lm, splits = ui.current_model(), ui.current_splits()
 layers = sorted({r.layer for r in lm.matrices})
 types = sorted({r.type for r in lm.matrices})
 
-method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute force)"], horizontal=True, key="method")
+method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute force)", "One candidate (sliders)"],
+                  horizontal=True, key="method")
+if method.startswith("One"):
+    ui.render_one_candidate(lm, splits)
+    st.stop()
 c1, c2 = st.columns(2)
 with c1:
     grid = ui.grid_inputs(ks=method.startswith("C2I"))

@@ -144,6 +144,34 @@ def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
     assert any("rho grid is empty" in e.value for e in at.error)
 
 
+def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_env):
+    from laser_core import Edit, ModelSpec, TaskSpec, edited, load_model, load_task, make_splits
+    from laser_core.evaluate import evaluate
+    from laser_core.reduction import block_ranks
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at.session_state["selected_matrix"] = name  # as the Layer scores page leaves it
+    at.run()
+    at.radio(key="method").set_value("One candidate (sliders)").run()
+    assert at.selectbox(key="one_matrix").value == name
+    at.select_slider(key="one_k").set_value(2)
+    at.select_slider(key="one_rho").set_value(0.25).run()
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
+    assert f"rank kept per block {block_ranks(lm.ref(name).shape, 2, 0.25)}" in at.caption[0].value
+    click(at, "Evaluate on calibration (100 examples)")
+    wait_for(at, lambda a: "This edit (calib)" in metrics(a))
+    click(at, "Evaluate on held-out test (300 examples)")
+    wait_for(at, lambda a: "This edit (held-out test)" in metrics(a))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    splits = make_splits(load_task(ts), ts)
+    with edited(lm, [Edit(name, 2, 0.25)]):  # the same edit, evaluated here without the app or its cache
+        calib, test = evaluate(lm, splits.examples("calib")), evaluate(lm, splits.examples("test"))
+    shown = metrics(at)
+    assert shown["This edit (calib)"] == f"{calib.accuracy:.3f}"
+    assert shown["This edit (held-out test)"] == f"{test.accuracy:.3f}"
+
+
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
