@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 import laser_ui as ui
-from laser_core import ConfigError, SearchConfig, run_search
+from laser_core import ConfigError, LaserError, SearchConfig, run_search
 from laser_core.estimate import estimate_search
 
 st.set_page_config(page_title="LASER Lab · Explore", layout="wide")
@@ -53,7 +53,7 @@ if cached:
 else:
     try:
         ui.render_estimate(estimate_search(lm, splits, cfg, ui.store()))
-    except ConfigError as e:  # e.g. a K larger than a chosen matrix's rows: say so before a run would
+    except LaserError as e:  # e.g. a K larger than a chosen matrix's rows: say so before a run would
         ui.user_error(str(e))
 if st.button("Run", type="primary", disabled=bool(cached)):
     ui.start_job("search", f"{cfg.method} search", lm,
