@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from .config import Edit, SearchConfig
 from .models import LoadedModel
-from .prefix import block_list
-from .search import SEARCH_SPLIT, c2i_plan, cached_results, cached_spectra, edit_identity, laser_plan, score_table
+from .search import (SEARCH_SPLIT, c2i_plan, cached_results, cached_spectra, edit_identity, laser_plan,
+                     prefix_reuse_applies, score_table)
 from .store import Store
 from .tasks import Splits
 
@@ -49,21 +49,22 @@ class SearchEstimate:
                 + ("" if self.scores_cached else ", plus the gradient step and the SVDs, not cached yet"))
 
 
-def block_share(lm: LoadedModel, splits: Splits, cfg: SearchConfig, layer: int | None) -> float:
-    """The share of a full evaluation that a candidate at ``layer`` runs (1 when prefix reuse does not apply)."""
-    reuse = cfg.prefix_reuse and splits.task.kind == "mc" and block_list(lm) is not None
+def block_share(lm: LoadedModel, layer: int | None, reuse: bool) -> float:
+    """The share of a full evaluation that a candidate at ``layer`` runs: its layer on with prefix reuse
+    (``reuse``: on and applicable, see ``search.prefix_reuse_applies``), else all of it."""
     if layer is None or not reuse:
         return 1.0
     return (lm.n_layers - layer) / lm.n_layers
 
 
 def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[dict],
-                      cfg: SearchConfig) -> tuple[float, str] | None:
+                      reuse: bool) -> tuple[float, str] | None:
     """(seconds of one full evaluation of ``split``, where that figure comes from), or None with no timing.
 
-    ``docs``: the cached evaluations of this model on these splits (``search.cached_results``).
+    ``docs``: the cached evaluations of this model on these splits (``search.cached_results``); ``reuse``: whether
+    their candidates ran with prefix reuse (see :func:`block_share`).
     """
-    runs = [d["seconds"] / block_share(lm, splits, cfg, d["layer"]) for d in docs
+    runs = [d["seconds"] / block_share(lm, d["layer"], reuse) for d in docs
             if d["split"] == split and d.get("name") and d.get("seconds") and not d.get("stopped_early")
             and d.get("same_as_rho") is None]
     if len(runs) >= MIN_RUNS:
@@ -86,7 +87,8 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     """
     split = SEARCH_SPLIT[cfg.method]
     docs = cached_results(store, lm, splits)
-    found = full_eval_seconds(lm, splits, split, docs, cfg)
+    reuse = cfg.prefix_reuse and prefix_reuse_applies(lm, splits)
+    found = full_eval_seconds(lm, splits, split, docs, reuse)
     if found is None:
         return None
     full, basis = found
@@ -102,6 +104,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
             and not d.get("stopped_early")}
     seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
     for edit in plan:
+        layer = None  # unknown: a full evaluation
         if edit is not None:
             ident = edit_identity(lm, edit)
             if ident in seen:
@@ -111,12 +114,13 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
             if (edit.name, edit.k, edit.rho) in done:
                 cached += 1
                 continue
-            layers.add(lm.ref(edit.name).layer)
-        seconds += full * block_share(lm, splits, cfg, lm.ref(edit.name).layer if edit else None)
+            layer = lm.ref(edit.name).layer
+            layers.add(layer)
+        seconds += full * block_share(lm, layer, reuse)
     if not any(d["split"] == split and not d.get("name") for d in docs):
         seconds += full  # the base model on the searched split, which a search evaluates first
     # the hidden states entering each edited layer are built once per search: a forward up to that layer
-    seconds += sum(full * (1 - block_share(lm, splits, cfg, layer)) for layer in layers)
+    seconds += sum(full * (1 - block_share(lm, layer, reuse)) for layer in layers)
     test = full * len(splits.test) / max(1, len(getattr(splits, split)))
     tested = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == "test" and not d.get("stopped_early")}
     if (None, None, None) not in tested:

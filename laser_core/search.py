@@ -124,6 +124,12 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store) -> BlockFactor
     return f
 
 
+def prefix_reuse_applies(lm: LoadedModel, splits: Splits) -> bool:
+    """Can candidates on ``splits`` start from cached hidden states? Only where the model's blocks are found and
+    the task is scored by forward passes (generation decodes with its own cache)."""
+    return block_list(lm) is not None and splits.task.kind == "mc"
+
+
 class PrefixPool:
     """Hidden states entering each edited layer (and, per edited matrix, the outputs of its block's modules that
     run before it), per split, kept in RAM up to ``budget_bytes`` (LRU by layer).
@@ -134,12 +140,11 @@ class PrefixPool:
     def __init__(self, lm: LoadedModel, budget_bytes: int) -> None:
         self.lm, self.budget = lm, budget_bytes
         self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
-        self.enabled = block_list(lm) is not None
 
     def get(self, splits: Splits, split: str, layer: int, matrix: str | None = None) -> PrefixStates | None:
         """States entering block ``layer`` for ``split``; with ``matrix``, also what of that block precedes it."""
-        if not self.enabled or (layer == 0 and matrix is None) or splits.task.kind != "mc":
-            return None  # nothing to skip; generation decodes with its own cache
+        if (layer == 0 and matrix is None) or not prefix_reuse_applies(self.lm, splits):
+            return None  # nothing to skip
         key = (split, layer)
         if key in self.items:
             self.items.move_to_end(key)
