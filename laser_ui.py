@@ -329,13 +329,7 @@ def render_one_candidate(lm, splits) -> None:
         line += f"; first-order predicted change of the calibration log-loss {change:+.4f}"
     st.caption(line + ".")
     wanted = {"base": (None, "calib"), "edit": (edit, "calib"), "base_test": (None, "test"), "edit_test": (edit, "test")}
-    got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
-    job = session_job("one")
-    if job is not None and job.status == "done":  # cache switched off or unwritable: the job's own results
-        for key, doc in job.result.items():
-            e = wanted[key][0]
-            if got[key] is None and (doc["name"], doc["k"], doc["rho"]) == ((e.name, e.k, e.rho) if e else (None,) * 3):
-                got[key] = doc
+    got = results_of("one", lm, splits, wanted)
     if got["base"] and got["edit"]:
         cols = st.columns(4)
         render_accuracy_pair(cols[:2], "Base (calib)", got["base"], "This edit (calib)", got["edit"])
@@ -441,6 +435,22 @@ def cached_result(lm, splits, split: str, edit=None) -> dict | None:
     """One cached evaluation (None: not computed yet)."""
     from laser_core.search import result_key
     return store().get_json(result_key(store(), lm, splits, split, edit))
+
+
+def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dict[str, dict | None]:
+    """Per name in ``wanted`` (name -> (edit, or None for the base; split)): its cached evaluation, else, where the
+    cache has none (switched off or unwritable), the result under that name of this session's finished ``kind``
+    evaluation job (:func:`start_eval_job`) if it is of that edit; None when neither has it."""
+    got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
+    job = session_job(kind)
+    if job is not None and job.status == "done":
+        for key, doc in job.result.items():
+            if key not in wanted or got[key] is not None:
+                continue
+            e = wanted[key][0]
+            if (doc["name"], doc["k"], doc["rho"]) == ((e.name, e.k, e.rho) if e else (None, None, None)):
+                got[key] = doc
+    return got
 
 
 def report_key(lm, splits, cfg: SearchConfig) -> str:

@@ -39,11 +39,8 @@ choice = st.selectbox("Candidate", range(len(options)), index=default, key="expo
 d = options[choice]
 edit = Edit(d["name"], int(d["k"]), float(d["rho"]))
 base = ui.cached_result(lm, splits, d["split"])
-tests = {"base_test": ui.cached_result(lm, splits, "test"), "edited_test": ui.cached_result(lm, splits, "test", edit)}
-job = ui.session_job("export_test")
-done = job.result if job is not None and job.status == "done" else None
-if not all(tests.values()) and done and [done["edited_test"][k] for k in ("name", "k", "rho")] == [edit.name, edit.k, edit.rho]:
-    tests = dict(done)  # cache switched off or unwritable: the job's own result
+wanted = {"base_test": (None, "test"), "edited_test": (edit, "test")}
+tests = ui.results_of("export_test", lm, splits, wanted)  # from the cache, or the finished job's own results
 method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
 recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests), method=method)
 
@@ -54,8 +51,7 @@ else:
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
     if st.button("Evaluate on held-out test"):
-        ui.start_eval_job("export_test", "held-out test", lm, splits,
-                          [("base_test", None, "test"), ("edited_test", edit, "test")])
+        ui.start_eval_job("export_test", "held-out test", lm, splits, [(k, *v) for k, v in wanted.items()])
     job = ui.session_job("export_test")
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
         ui.live_job("export_test")

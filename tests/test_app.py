@@ -281,3 +281,26 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
     monkeypatch.setattr(laser_ui, "session_job", lambda kind: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
     laser_ui.live_job("search", lambda job: seen["shown"].append(job.status))
     assert (seen["run_every"], seen["reruns"], seen["shown"]) == (polls, reruns, [at_poll])
+
+
+def test_results_of_takes_the_cache_else_the_finished_jobs_result_for_the_same_edit(monkeypatch):
+    import laser_ui
+    from laser_core import Edit
+
+    def doc(e, acc=0.5):
+        return {"name": e and e.name, "k": e and e.k, "rho": e and e.rho, "accuracy": acc}
+
+    mine, other = Edit("m.w", 2, 0.1), Edit("m.w", 2, 0.5)
+    job = laser_ui.Job("j1", "one", "eval", "cpu", status="done", result={"base": doc(None), "edit": doc(other)})
+    cache = {}
+    monkeypatch.setattr(laser_ui, "cached_result", lambda lm, splits, split, edit=None: cache.get((split, edit)))
+    monkeypatch.setattr(laser_ui, "session_job", lambda kind: job)
+    wanted = {"base": (None, "calib"), "edit": (mine, "calib")}
+    assert laser_ui.results_of("one", None, None, wanted) == {"base": doc(None), "edit": None}  # job: another rho
+    job.result["edit"] = doc(mine)
+    assert laser_ui.results_of("one", None, None, wanted)["edit"] == doc(mine)
+    cache[("calib", mine)] = doc(mine, 0.7)  # the cache comes first
+    assert laser_ui.results_of("one", None, None, wanted)["edit"]["accuracy"] == 0.7
+    job.status = "running"
+    cache.clear()
+    assert laser_ui.results_of("one", None, None, wanted) == {"base": None, "edit": None}
