@@ -183,10 +183,10 @@ def _cmd_scores(args) -> int:
 
 
 def _cmd_search(args, method: str) -> int:
-    from .estimate import estimate_search
+    from .estimate import SPLIT_WORDS, estimate_search
     from .evaluate import CancelToken
     from .recipe import recipe_from_report, save_recipe
-    from .search import run_search
+    from .search import SEARCH_SPLIT, run_search
 
     if method == "c2i":  # settings are checked before the (slow) model load
         cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction,
@@ -206,7 +206,7 @@ def _cmd_search(args, method: str) -> int:
     finally:
         bars.close()
         signal.signal(signal.SIGINT, previous)
-    split = "calibration" if method == "c2i" else "validation"
+    split = SPLIT_WORDS[SEARCH_SPLIT[method]]
     print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
           f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}")
     print(f"base   {split:<11} {_fmt(report.base)}")

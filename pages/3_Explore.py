@@ -5,7 +5,8 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import ConfigError, LaserError, SearchConfig, run_search
-from laser_core.estimate import estimate_search
+from laser_core.estimate import SPLIT_WORDS, estimate_search
+from laser_core.search import SEARCH_SPLIT
 
 st.set_page_config(page_title="LASER Lab · Explore", layout="wide")
 st.title("Explore")
@@ -43,8 +44,8 @@ except ConfigError as e:
     ui.user_error(str(e))
 if method.startswith("LASER") and not sel_types:
     ui.user_error("Choose at least one matrix type.")
-st.caption(f"{n} candidates, each evaluated on the {'calibration' if cfg.method == 'c2i' else 'validation'} split "
-           f"({len(splits.calib) if cfg.method == 'c2i' else len(splits.val)} examples).")
+searched = SEARCH_SPLIT[cfg.method]
+st.caption(f"{n} candidates, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
 
 cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
 if cached:

@@ -117,7 +117,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     at = page("pages/3_Explore.py")
     at.slider(key="explore_q").set_value(2)
     _small_grid(at).run()
-    assert "8 candidates" in at.caption[0].value
+    assert at.caption[0].value == "8 candidates, each evaluated on the calibration split (100 examples)."
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
@@ -137,6 +137,7 @@ def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
     at.radio(key="method").set_value("LASER sweep (brute force)").run()
     assert "ks" not in [m.key for m in at.multiselect]  # LASER reduces whole matrices: no K grid to pick
     assert any(c.value.startswith("K = 1") for c in at.caption)
+    assert any(" candidates, each evaluated on the validation split (100 examples)." in c.value for c in at.caption)
     at.multiselect(key="types").set_value([]).run()
     assert any("at least one matrix type" in e.value for e in at.error)
     at.multiselect(key="types").set_value(["up"]).run()

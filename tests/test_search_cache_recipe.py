@@ -202,6 +202,7 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "best   held-out" in out and "chosen edit: transformer.h." in out and "candidates from cache 0/1" in out
+    assert "1 candidates on the calibration split (20 examples)" in out and "best   calibration accuracy" in out
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     assert "candidates from cache 1/1" in capsys.readouterr().out
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5,0.25", "--recipe-out", str(recipe)]) == 0
