@@ -129,7 +129,7 @@ class PrefixStates:
     def lead_past(self, lm: LoadedModel) -> LeadCache | None:
         """The lead's keys and values under the model's current weights, run from its states at block ``layer``
         (None where the sequences have no shared lead)."""
-        return lead_cache(lm, self.lead, (self.layer, self.lead_state, None)) if self.lead else None
+        return lead_cache(lm, self.lead, (self.layer, self.lead_state, None))
 
     def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
                   max_bytes: int | None = None) -> "PrefixStates":
@@ -192,7 +192,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
-        lps = scored_logprobs(lm, batch, lead=lead_cache(lm, lead) if lead else None)  # per batch: one graph each
+        lps = scored_logprobs(lm, batch, lead=lead_cache(lm, lead))  # per batch: one graph each
         terms = []
         for s, lp in zip(batch, lps):
             e = ex[s.example]
@@ -234,7 +234,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         lead = prefix.lead_past(lm)
     else:
         seqs, fast, lead_ids, batches = rows_and_batches(lm, examples, max_tokens)
-        lead = lead_cache(lm, lead_ids) if lead_ids else None
+        lead = lead_cache(lm, lead_ids)
     n = len(examples)
     scores = [[-math.inf] * len(e.choices) for e in examples]
     gold_nll = [0.0] * n

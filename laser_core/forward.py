@@ -154,12 +154,15 @@ def scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, l
         return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
 
 
-def lead_cache(lm: LoadedModel, lead: list[int], start: tuple | None = None) -> LeadCache:
-    """Run the lead alone (one row, from ``start`` as in :func:`scored_logprobs`) and keep its keys and values.
+def lead_cache(lm: LoadedModel, lead: list[int] | None, start: tuple | None = None) -> LeadCache | None:
+    """Run the lead alone (one row, from ``start`` as in :func:`scored_logprobs`) and keep its keys and values;
+    None where there is no lead (the sequences share none).
 
     A capture hook that stops the forward at a block (see :class:`laser_core.evaluate.PrefixStates`) leaves the
     blocks before it filled, all that the batches stopped at the same block need.
     """
+    if not lead:
+        return None
     cache = empty_cache(lm.model)
     try:
         scored_rows(lm, [Seq(list(lead), [], [])], start, lean=False, fill=cache)
