@@ -75,12 +75,14 @@ class MatrixSpectrum:
 
 
 def spectrum(w: torch.Tensor, grad: torch.Tensor, ks: Sequence[int]) -> tuple[dict, dict]:
-    """Block singular values and singular-value gradients of ``w`` for each K in ``ks``."""
+    """Block singular values and singular-value gradients of ``w`` for each K in ``ks``, computed on ``w``'s
+    device and returned on the CPU."""
+    grad = grad.to(w.device)
     S, g = {}, {}
     for k in ks:
         f = block_svd(w, k)
-        S[k] = [s for s in f.S]
-        g[k] = [singular_value_gradients(u, grad[a:b], vh)
+        S[k] = [s.cpu() for s in f.S]
+        g[k] = [singular_value_gradients(u, grad[a:b], vh).cpu()
                 for (a, b), u, vh in zip(row_blocks(w.shape[0], k), f.U, f.Vh)]
     return S, g
 
@@ -136,7 +138,7 @@ def compute_spectra(lm: LoadedModel, grads: dict[str, torch.Tensor], ks: Sequenc
             cancel.check()
         grad = grads[r.name]
         finite = bool(torch.isfinite(grad).all())
-        w = matrix_of(params[r.name], r).detach().float().cpu()
+        w = matrix_of(params[r.name], r).detach().float()  # the SVD runs where the model is
         usable_ks = [k for k in ks if k <= r.shape[0]]
         if finite:
             S, g = spectrum(w, grad, usable_ks)

@@ -6,6 +6,7 @@ Rows of W (out x in) are split into K contiguous blocks; block k keeps rank
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -15,6 +16,8 @@ import torch
 from .config import Edit, check_k, check_rho
 from .errors import JobBusy
 from .models import LoadedModel, matrix_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,12 +63,25 @@ def block_ranks(shape: tuple[int, int], k: int, rho: float) -> list[int]:
     return [block_rank(e - s, shape[1], rho) for s, e in row_blocks(shape[0], k)]
 
 
+def _svd(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd`` on the block's own device; where an accelerator's solver fails to converge (it can on
+    ill-conditioned blocks), the CPU's LAPACK solver takes over and the factors go back to that device."""
+    try:
+        return torch.linalg.svd(block, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if block.device.type == "cpu":
+            raise
+        log.warning("SVD did not converge on %s: computing it on the CPU", block.device)
+        return tuple(t.to(block.device) for t in torch.linalg.svd(block.cpu(), full_matrices=False))
+
+
 def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
-    """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``."""
+    """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``, on
+    ``w``'s device (a GPU computes the SVDs of a large model's matrices far faster than a few CPU cores)."""
     w32 = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     us, ss, vhs = [], [], []
     for s, e in row_blocks(w32.shape[0], k):
-        u, sv, vh = torch.linalg.svd(w32[s:e], full_matrices=False)
+        u, sv, vh = _svd(w32[s:e])
         us.append(u)
         ss.append(sv)
         vhs.append(vh)
