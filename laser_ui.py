@@ -148,14 +148,14 @@ def task_spec() -> TaskSpec:
 
 def switch_to(model: ModelSpec, task: TaskSpec) -> None:
     """Load ``model`` and ``task`` and make them the session's; on failure show why and keep the old ones."""
+    try:  # the task first: it loads in seconds, a model can take minutes
+        splits = _splits_of(task)
+    except LaserError as e:
+        user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}", status=True)
     try:
         lm = _cached_model(model.source, model.device, model.dtype)
     except LaserError as e:
         user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}", status=True)
-    try:
-        splits = _splits_of(task)
-    except LaserError as e:
-        user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}", status=True)
     if splits.task.kind == "gen" and lm.kind != "causal":
         user_error("Generation tasks need a causal LM; this model is a masked LM.", status=True)
     st.session_state["model_spec"], st.session_state["task_spec"] = model, task

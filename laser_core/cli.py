@@ -130,8 +130,9 @@ def _setup(args):
     if store.disabled_reason and not args.no_cache:
         print(f"note: {store.disabled_reason}", file=sys.stderr)
     mspec, tspec = specs_of(args)
+    splits = make_splits(load_task(tspec), tspec)  # first: a bad task fails in seconds, not after a model load
     lm = load_model(mspec, progress=lambda m: print(m, file=sys.stderr))
-    return lm, tspec, make_splits(load_task(tspec), tspec), store
+    return lm, tspec, splits, store
 
 
 def specs_of(args) -> tuple[ModelSpec, TaskSpec]:

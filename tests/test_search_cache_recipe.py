@@ -212,8 +212,10 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--rhos", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: rho must be in (0, 1], got 1.5"]
-    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task)]) == 2
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task), "--n-calib", "20"]) == 2
     assert "model not found" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dirs["gpt2"]), "--task", str(tmp_path / "missing.json")]) == 2
+    assert "task not found" in (err := capsys.readouterr().err) and "loading" not in err  # before any model load
 
 
 def test_spec_args_give_the_cli_the_same_model_and_task_specs():
