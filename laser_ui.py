@@ -45,6 +45,7 @@ class Job:
     total: int = 1
     message: str = ""
     rows: list = field(default_factory=list)
+    base: dict | None = None  # a search's base result on its search split, once evaluated
     started: float = field(default_factory=time.time)
     finished: float | None = None
     result: Any = None
@@ -60,6 +61,8 @@ class Job:
         self.message = ev.get("message", "")
         if ev.get("row"):
             self.rows.append(ev["row"])
+        if ev.get("base"):
+            self.base = ev["base"]
 
     @property
     def elapsed(self) -> float:
@@ -258,8 +261,8 @@ def render_sidebar_status() -> None:
         st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
 
 
-def render_job(job: Job | None) -> None:
-    """Progress bar, elapsed time, rows so far and a Cancel button for ``job``."""
+def render_job(job: Job | None, table: bool = True) -> None:
+    """Progress bar, elapsed time, a Cancel button and (``table``) the rows so far of ``job``."""
     if job is None:
         return
     frac = min(1.0, job.done / max(1, job.total))
@@ -276,8 +279,29 @@ def render_job(job: Job | None) -> None:
         st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {len(job.rows)} finished candidates kept")
     elif job.status == "error":
         st.error(f"{job.label} failed: {job.error}")
-    if job.rows:
+    if job.rows and table:
         st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
+
+
+def render_search_job(job: Job | None, lm) -> None:
+    """A search job: its progress and, while it runs, :func:`render_search_rows` of the candidates so far (once it
+    ends, the page draws its report instead)."""
+    running = job is not None and job.status == "running"
+    render_job(job, table=running or (job is not None and job.result is None))
+    if running and job.rows:
+        render_search_rows(lm, job.rows, job.base)
+
+
+def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
+    """The best of a search's ``rows`` so far against the ``base`` result, and each matrix's best on the
+    layers x types heatmap."""
+    best = best_by_matrix(rows)
+    if best:
+        b = max(best, key=lambda r: (r["accuracy"], -r["log_loss"]))
+        vs = f" (base {base['accuracy']:.3f})" if base else ""
+        st.caption(f"Best so far: `{b['name']}` K={b['k']}, ρ={b['rho']:g}: {b['split']} accuracy "
+                   f"{b['accuracy']:.3f}{vs} · {len(best)} matrices evaluated")
+    st.plotly_chart(accuracy_heatmap(lm, rows, base["accuracy"] if base else None))
 
 
 def render_estimate(est) -> None:
@@ -365,15 +389,29 @@ def candidates_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
-    """Layers x matrix types coloured by score: diverging, centred at 0, values on hover."""
-    types = sorted({r["type"] for r in table}, key=lambda t: (TYPE_ORDER + [t]).index(t))
-    layers = sorted({r["layer"] for r in table})
+def _layer_type_grid(cells: list[dict], value: str) -> tuple[list, list, list, list]:
+    """(layers, types, z, names): ``cells`` (dicts with layer, type, name and ``value``) laid out layers x types."""
+    types = sorted({r["type"] for r in cells}, key=lambda t: (TYPE_ORDER + [t]).index(t))
+    layers = sorted({r["layer"] for r in cells})
     z = [[None] * len(types) for _ in layers]
     names = [[""] * len(types) for _ in layers]
-    for r in table:
-        z[layers.index(r["layer"])][types.index(r["type"])] = r["score"]
+    for r in cells:
+        z[layers.index(r["layer"])][types.index(r["type"])] = r[value]
         names[layers.index(r["layer"])][types.index(r["type"])] = r["name"]
+    return layers, types, z, names
+
+
+def _layer_type_layout(fig: go.Figure, layers: list, types: list) -> go.Figure:
+    fig.update_layout(height=max(350, 18 * len(layers)), yaxis_title="layer", xaxis_title="matrix type",
+                      margin={"t": 30, "b": 40},  # explicit ranges: markers on the cells would pad the autorange
+                      xaxis={"range": [-0.5, len(types) - 0.5]},
+                      yaxis={"range": [layers[-1] + 0.5, layers[0] - 0.5], "dtick": 1 if len(layers) <= 40 else 2})
+    return fig
+
+
+def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
+    """Layers x matrix types coloured by score: diverging, centred at 0, values on hover."""
+    layers, types, z, names = _layer_type_grid(table, "score")
     fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdBu_r", zmid=0, customdata=names,
                                hovertemplate="layer %{y} · %{x}<br>score %{z:.4g}<br>%{customdata}<extra></extra>",
                                colorbar={"title": "score"}))
@@ -389,11 +427,38 @@ def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
                 fig.add_trace(go.Scatter(x=[r["type"]], y=[r["layer"]], mode="markers", hoverinfo="skip",
                                          marker={"symbol": "square-open", "size": 18, "color": "black", "line": {"width": 3}},
                                          showlegend=False))
-    fig.update_layout(height=max(350, 18 * len(layers)), yaxis_title="layer", xaxis_title="matrix type",
-                      margin={"t": 30, "b": 40},  # explicit ranges: the click markers would pad the autorange
-                      xaxis={"range": [-0.5, len(types) - 0.5]},
-                      yaxis={"range": [layers[-1] + 0.5, layers[0] - 0.5], "dtick": 1 if len(layers) <= 40 else 2})
-    return fig
+    return _layer_type_layout(fig, layers, types)
+
+
+def best_by_matrix(rows: list[dict]) -> list[dict]:
+    """Per matrix, its best evaluated candidate (accuracy, then log-loss), as in the search. Candidates stopped
+    early are left out: their numbers cover only the examples seen, and they could not win."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("name") and not r.get("stopped_early"):
+            b = best.get(r["name"])
+            if b is None or (r["accuracy"], -r["log_loss"]) > (b["accuracy"], -b["log_loss"]):
+                best[r["name"]] = r
+    return list(best.values())
+
+
+def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Figure:
+    """Every matrix of ``lm``, layers x types, coloured by its best accuracy among ``rows`` minus the base model's
+    (green: better; blank: not evaluated), with that candidate's K and ρ on hover: LASER's layer-by-layer view."""
+    best = {r["name"]: r for r in best_by_matrix(rows)}
+    base = base_accuracy or 0.0
+    cells = [{"layer": m.layer, "type": m.type, "name": m.name,
+              "gain": best[m.name]["accuracy"] - base if m.name in best else None} for m in lm.matrices]
+    layers, types, z, names = _layer_type_grid(cells, "gain")
+    hover = [[""] * len(types) for _ in layers]
+    for r in best.values():
+        hover[layers.index(r["layer"])][types.index(r["type"])] = \
+            f"accuracy {r['accuracy']:.3f} at K={r['k']}, ρ={r['rho']:g}<br>{r['name']}"
+    label = "accuracy − base" if base_accuracy is not None else "accuracy"
+    fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdYlGn", zmid=0 if base_accuracy is not None else None,
+                               customdata=hover, colorbar={"title": label}, hoverongaps=False,
+                               hovertemplate=f"layer %{{y}} · %{{x}}<br>{label} %{{z:+.3f}}<br>%{{customdata}}<extra></extra>"))
+    return _layer_type_layout(fig, layers, types)
 
 
 def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:

@@ -352,7 +352,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     status = "complete"
     try:
         base = evaluate_candidate(lm, None, splits, split, store, cancel)
-        _emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}")
+        _emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}", base=_slim(base))
         if method == "c2i":
             spectra, _ = load_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,),
                                       cancel, progress, timings)

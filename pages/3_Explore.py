@@ -66,7 +66,7 @@ if job is not None and job.status in ("done", "cancelled") and job.result is not
         and st.session_state.get("shown_job") != job.id:  # once: its report replaces the one shown
     st.session_state["last_report"] = job.result.to_dict()
     st.session_state["shown_job"] = job.id
-ui.live_job("search")
+ui.live_job("search", lambda job: ui.render_search_job(job, lm))
 report = st.session_state.get("last_report")
 if report and report.get("best"):
     b = report["best"]
@@ -78,5 +78,6 @@ if report and report.get("best"):
         ui.render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
                                 report["best_test"])
     st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']}, ranks {b['ranks']}")
+    st.plotly_chart(ui.accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(ui.candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")

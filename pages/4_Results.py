@@ -52,6 +52,8 @@ with c2:
         fig.add_scatter(x=[r["params_kept_%"] for r in front], y=[r["accuracy"] for r in front], mode="lines",
                         name="Pareto front", line={"color": "black", "dash": "dash"})
     st.plotly_chart(fig, key="pareto")
+st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")
+st.caption(f"Each matrix's best candidate on the {split} split (blank: not evaluated); hover for its K and ρ.")
 
 st.subheader("Compare two on held-out test")
 labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]

@@ -54,6 +54,16 @@ def wait_for(at: AppTest, cond, timeout: float = 60) -> AppTest:
     raise AssertionError("condition not reached; errors: " + str([e.value for e in at.error]))
 
 
+def heatmap_z(at: AppTest, colorbar: str = "accuracy − base") -> list[list]:
+    """The z grid of the page's plotly heatmap whose colour bar reads ``colorbar``."""
+    import json
+    for chart in at.get("plotly_chart"):
+        trace = json.loads(chart.proto.spec)["data"][0]
+        if trace.get("type") == "heatmap" and trace.get("colorbar", {}).get("title", {}).get("text") == colorbar:
+            return trace["z"]
+    raise AssertionError(f"no heatmap with colour bar {colorbar!r}")
+
+
 def click(at: AppTest, label: str) -> AppTest:
     next(b for b in at.button if b.label == label).click().run()
     return at
@@ -121,6 +131,9 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
+    shown = metrics(at)
+    z = [v for line in heatmap_z(at) for v in line if v is not None]  # each of the q=2 matrices' best vs the base
+    assert len(z) == 2 and max(z) == pytest.approx(float(shown["Best (calib)"]) - float(shown["Base (calib)"]), abs=1e-3)
     again = page("pages/3_Explore.py")
     again.slider(key="explore_q").set_value(2)
     _small_grid(again).run()
@@ -176,8 +189,11 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
-    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("plotly_chart")) == 3
     table = at.dataframe[0].value
+    base = float(metrics(at)["Base accuracy (calib)"])
+    z = [v for line in heatmap_z(at) for v in line if v is not None]  # one cell per evaluated matrix
+    assert len(z) == table["name"].nunique() and max(z) == pytest.approx(table["accuracy"].max() - base)
     assert at.selectbox(key="res_matrix").value == table.iloc[0]["name"]  # the best row's matrix is shown first
     assert table["accuracy"].is_monotonic_decreasing
     at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[1])
@@ -244,6 +260,28 @@ def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
     fig = laser_ui.score_heatmap(table, selected="layers.1.q")
     assert tuple(fig.layout.yaxis.range) == (2.5, -0.5) and tuple(fig.layout.xaxis.range) == (-0.5, 1.5)
     assert list(fig.data[0].x) == ["q", "down"] and fig.data[0].zmid == 0
+
+
+def test_accuracy_heatmap_shows_each_matrixs_best_candidate_against_the_base_and_blanks_the_rest():
+    import json
+    from types import SimpleNamespace as NS
+
+    import laser_ui
+    lm = NS(matrices=[NS(layer=l, type=t, name=f"layers.{l}.{t}") for l in range(2) for t in ("q", "down")])
+
+    def row(name, acc, loss, rho, **kw):
+        layer, typ = name.split(".")[1:]
+        return {"name": name, "layer": int(layer), "type": typ, "k": 1, "rho": rho, "accuracy": acc, "log_loss": loss,
+                "split": "calib", **kw}
+    rows = [row("layers.0.q", 0.5, 2.0, 0.5), row("layers.0.q", 0.6, 3.0, 0.1), row("layers.0.q", 0.6, 2.5, 0.25),
+            row("layers.1.down", 0.9, 1.0, 0.1, stopped_early=True), row("layers.1.down", 0.3, 1.0, 0.5),
+            {"name": None, "accuracy": 0.45, "log_loss": 2.0}]  # the base row of a split is not a matrix
+    best = {r["name"]: r for r in laser_ui.best_by_matrix(rows)}
+    assert (best["layers.0.q"]["rho"], best["layers.1.down"]["rho"]) == (0.25, 0.5)  # accuracy, then log-loss
+    fig = laser_ui.accuracy_heatmap(lm, rows, 0.45)
+    z = json.loads(fig.to_json())["data"][0]["z"]  # layers x types, types in model order (q before down)
+    assert z == [[pytest.approx(0.15), None], [None, pytest.approx(-0.15)]]
+    assert "K=1, ρ=0.25" in fig.data[0].customdata[0][0] and fig.data[0].zmid == 0
 
 
 def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch):
