@@ -240,6 +240,21 @@ def session_job(kind: str) -> Job | None:
     return job_manager().jobs.get(jid) if jid else None
 
 
+def use_app_navigation() -> None:
+    """Make a page opened by a direct link run under app.py's navigation.
+
+    Streamlit treats a ``pages/`` folder beside the entry script as its older automatic navigation until the entry
+    script has called ``st.navigation`` once in the server process. Until then, a link straight to a page (a
+    bookmark of /Explore opened right after ``streamlit run``) ran that page alone under a sidebar of file names
+    with an extra "app" entry, and kept doing so for every such link until someone opened the home page. Called
+    first on every page: it switches that mode off and reruns, so app.py runs, names the pages and shows this one.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def user_error(msg: str, status: bool = False) -> None:
     """Show a user's mistake and stop the page; ``status``: also draw the sidebar status first (for pages that
     stop before they would draw it: what is loaded stays loaded, and the sidebar says so)."""

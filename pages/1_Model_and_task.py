@@ -9,6 +9,7 @@ import streamlit as st
 import laser_ui as ui
 from laser_core import ConfigError, ModelSpec, TaskSpec
 
+ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab", layout="wide")
 st.title("LASER Lab · Model & task")
 st.caption("Gradient-guided low-rank reduction (Compress to Impress) and the LASER baseline.")

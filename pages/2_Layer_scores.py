@@ -8,6 +8,7 @@ import laser_ui as ui
 from laser_core import SearchConfig
 from laser_core.search import cached_spectra, load_spectra, score_table
 
+ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Layer scores", layout="wide")
 st.title("Layer scores")
 st.caption("g_i = ∂L/∂σ_i for every singular value (L: calibration log-loss). **g_i > 0 means gradient descent "

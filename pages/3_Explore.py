@@ -8,6 +8,7 @@ from laser_core import ConfigError, LaserError, SearchConfig, run_search
 from laser_core.estimate import SPLIT_WORDS, estimate_search
 from laser_core.search import SEARCH_SPLIT
 
+ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Explore", layout="wide")
 st.title("Explore")
 ui.render_sidebar_status()

@@ -7,6 +7,7 @@ import streamlit as st
 import laser_ui as ui
 from laser_core import Edit
 
+ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Results", layout="wide")
 st.title("Results")
 ui.render_sidebar_status()

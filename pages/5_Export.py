@@ -13,6 +13,7 @@ from laser_core.cli import spec_args
 from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
+ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Export", layout="wide")
 st.title("Export")
 ui.render_sidebar_status()

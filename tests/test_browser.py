@@ -81,6 +81,19 @@ def click_if_there(page, name: str, done) -> None:
         button.click()
 
 
+def test_a_link_straight_to_a_page_on_a_fresh_server_gets_the_apps_navigation(server, browser):
+    # First in this module: nobody has opened the home page of this server yet (that is what used to matter).
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(120_000)
+    page.goto(server + "/Explore")
+    page.get_by_text("candidates, each evaluated").wait_for()
+    sidebar = page.get_by_test_id("stSidebarNav")
+    sidebar.get_by_text("Model & task", exact=True).wait_for()
+    assert page.locator("h1").first.inner_text() == "Explore"
+    assert sidebar.get_by_text("app", exact=True).count() == 0  # the file-name sidebar of a bare pages/ folder
+    page.close()
+
+
 def test_load_scores_search_results_export_in_a_real_browser(server, browser, tmp_path):
     timeout = float(os.environ.get("LASER_LAB_BROWSER_TIMEOUT", 120)) * 1000
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
