@@ -470,8 +470,11 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
         hover[layers.index(r["layer"])][types.index(r["type"])] = \
             f"accuracy {r['accuracy']:.3f} at K={r['k']}, ρ={r['rho']:g}<br>{r['name']}"
     label = "accuracy − base" if base_accuracy is not None else "accuracy"
-    fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdYlGn", zmid=0 if base_accuracy is not None else None,
-                               customdata=hover, colorbar={"title": label}, hoverongaps=False,
+    # Against the base: a symmetric scale of at least ±5 points, so that a gain of an example or two stays pale
+    span = max([0.05] + [abs(v) for line in z for v in line if v is not None]) if base_accuracy is not None else None
+    fig = go.Figure(go.Heatmap(z=z, x=types, y=layers, colorscale="RdYlGn", zmid=0 if span else None,
+                               zmin=-span if span else None, zmax=span, customdata=hover, colorbar={"title": label},
+                               hoverongaps=False,
                                hovertemplate=f"layer %{{y}} · %{{x}}<br>{label} %{{z:+.3f}}<br>%{{customdata}}<extra></extra>"))
     return _layer_type_layout(fig, layers, types)
 

@@ -69,9 +69,10 @@ if job is not None and job.status in ("done", "cancelled") and job.result is not
     st.session_state["shown_job"] = job.id
 ui.live_job("search", lambda job: ui.render_search_job(job, lm))
 report = st.session_state.get("last_report")
-if report and report.get("best"):
+if report and report.get("best") and not (job is not None and job.status == "running"):  # running: the live view
     b = report["best"]
-    st.subheader("Best candidate")
+    st.subheader(f"Best candidate · {'C2I search' if report['method'] == 'c2i' else 'LASER sweep'}"
+                 + (" (cancelled: of the candidates it finished)" if report.get("status") == "partial" else ""))
     m = st.columns(4)
     split = report["search_split"]
     ui.render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b)

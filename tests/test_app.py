@@ -131,6 +131,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
+    assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
     shown = metrics(at)
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # each of the q=2 matrices' best vs the base
     assert len(z) == 2 and max(z) == pytest.approx(float(shown["Best (calib)"]) - float(shown["Base (calib)"]), abs=1e-3)
@@ -282,6 +283,9 @@ def test_accuracy_heatmap_shows_each_matrixs_best_candidate_against_the_base_and
     z = json.loads(fig.to_json())["data"][0]["z"]  # layers x types, types in model order (q before down)
     assert z == [[pytest.approx(0.15), None], [None, pytest.approx(-0.15)]]
     assert "K=1, ρ=0.25" in fig.data[0].customdata[0][0] and fig.data[0].zmid == 0
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (pytest.approx(-0.15), pytest.approx(0.15))
+    small = laser_ui.accuracy_heatmap(lm, [row("layers.0.q", 0.46, 2.0, 0.5)], 0.45)
+    assert (small.data[0].zmin, small.data[0].zmax) == (-0.05, 0.05)  # one example's gain stays pale
 
 
 def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch):
