@@ -6,6 +6,7 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import Edit
+from laser_core.estimate import SPLIT_WORDS
 
 ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Results", layout="wide")
@@ -16,7 +17,8 @@ docs = ui.cached_results(lm, splits)
 if not docs:
     ui.user_error("No results for this model and task yet: run a search on the Explore page.")
 
-split = st.radio("Split", sorted({d["split"] for d in docs}), horizontal=True, key="res_split")
+split = st.radio("Split", sorted({d["split"] for d in docs}), horizontal=True, key="res_split",
+                 format_func=lambda s: SPLIT_WORDS.get(s, s), help="calibration: C2I's search; validation: LASER's")
 rows = [d for d in docs if d["split"] == split]
 df = ui.candidates_frame([d for d in rows if d["name"]])
 base = next((d for d in rows if d["name"] is None), None)

@@ -191,6 +191,7 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 3
+    assert at.radio(key="res_split").value == "calib" and "calibration" in at.radio(key="res_split").options
     table = at.dataframe[0].value
     base = float(metrics(at)["Base accuracy (calib)"])
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # one cell per evaluated matrix
