@@ -464,7 +464,7 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
     base = base_accuracy or 0.0
     cells = [{"layer": m.layer, "type": m.type, "name": m.name,
               "gain": best[m.name]["accuracy"] - base if m.name in best else None} for m in lm.matrices]
-    layers, types, z, names = _layer_type_grid(cells, "gain")
+    layers, types, z, _ = _layer_type_grid(cells, "gain")
     hover = [[""] * len(types) for _ in layers]
     for r in best.values():
         hover[layers.index(r["layer"])][types.index(r["type"])] = \
