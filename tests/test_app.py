@@ -146,6 +146,29 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
 
 
+def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_report(app_env):
+    import laser_ui
+    name = "model.layers.1.mlp.down_proj.weight"
+    rows = [{"name": name, "layer": 1, "type": "down", "k": 1, "rho": rho, "accuracy": acc, "log_loss": 1.0,
+             "split": "val", "ranks": [1]} for rho, acc in ((0.5, 0.52), (0.1, 0.58))]
+    job = laser_ui.Job("running-search", "laser search", "search", "elsewhere", rows=rows,
+                       base={"name": None, "accuracy": 0.5, "log_loss": 1.0})
+    jobs = laser_ui.job_manager().jobs
+    jobs[job.id] = job
+    try:
+        at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+        at.session_state["job_search"] = job.id
+        at.session_state["last_report"] = {"best": {"name": "an earlier search's best"}, "method": "c2i"}
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not [h.value for h in at.subheader]  # no "Best candidate" of the earlier search under the live one
+        assert any(c.value.startswith(f"Best so far: `{name}` K=1, ρ=0.1: val accuracy 0.580 (base 0.500)")
+                   for c in at.caption)
+        assert [v for line in heatmap_z(at) for v in line if v is not None] == [pytest.approx(0.08)]
+    finally:
+        del jobs[job.id]
+
+
 def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
     at = page("pages/3_Explore.py")
     at.radio(key="method").set_value("LASER sweep (brute force)").run()
