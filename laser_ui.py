@@ -23,6 +23,7 @@ from laser_core import (CancelToken, Cancelled, LaserError, ModelSpec, SearchCon
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
+from laser_core.search import merit
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -312,7 +313,7 @@ def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
     layers x types heatmap."""
     best = best_by_matrix(rows)
     if best:
-        b = max(best, key=lambda r: (r["accuracy"], -r["log_loss"]))
+        b = max(best, key=merit)
         vs = f" (base {base['accuracy']:.3f})" if base else ""
         st.caption(f"Best so far: `{b['name']}` K={b['k']}, ρ={b['rho']:g}: {b['split']} accuracy "
                    f"{b['accuracy']:.3f}{vs} · {len(best)} matrices evaluated")
@@ -452,7 +453,7 @@ def best_by_matrix(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r.get("name") and not r.get("stopped_early"):
             b = best.get(r["name"])
-            if b is None or (r["accuracy"], -r["log_loss"]) > (b["accuracy"], -b["log_loss"]):
+            if b is None or merit(r) > merit(b):
                 best[r["name"]] = r
     return list(best.values())
 

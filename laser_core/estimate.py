@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import Edit, SearchConfig
 from .models import LoadedModel
-from .search import (SEARCH_SPLIT, c2i_plan, cached_results, cached_spectra, edit_identity, laser_plan,
+from .search import (SEARCH_SPLIT, c2i_plan, cached_results, cached_spectra, edit_identity, laser_plan, merit,
                      prefix_reuse_applies, score_table)
 from .store import Store
 from .tasks import Splits
@@ -127,7 +127,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
         seconds += test  # the base model on the held-out test split
     planned = {(e.name, e.k, e.rho) for e in plan if e is not None} if len(plan) == cached + same else set()
     ran = [d for d in docs if d["split"] == split and (d["name"], d["k"], d["rho"]) in planned]
-    best = min(ran, key=lambda d: (-d["accuracy"], d["log_loss"]), default=None)  # known once every one is cached
+    best = max(ran, key=merit, default=None)  # known once every one is cached
     if best is None or (best["name"], best["k"], best["rho"]) not in tested:
         seconds += test  # the best candidate on it
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,

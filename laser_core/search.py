@@ -242,9 +242,14 @@ def same_result(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: 
     return doc
 
 
+def merit(doc: dict) -> tuple[float, float]:
+    """How a search ranks an evaluation: higher accuracy, then lower log-loss (larger tuples are better)."""
+    return doc["accuracy"], -doc["log_loss"]
+
+
 def _better(a: dict, b: dict | None) -> bool:
-    """Is result ``a`` better than ``b``: higher accuracy, then lower log-loss."""
-    return b is None or (a["accuracy"], -a["log_loss"]) > (b["accuracy"], -b["log_loss"])
+    """Is result ``a`` better than ``b`` (see :func:`merit`)."""
+    return b is None or merit(a) > merit(b)
 
 
 # ---------------------------------------------------------------- reports
