@@ -37,10 +37,13 @@ def singular_value_gradients(u: torch.Tensor, grad: torch.Tensor, vh: torch.Tens
 
 def calibration_gradients(lm: LoadedModel, examples: Sequence[Example], cancel: CancelToken | None = None,
                           progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """One batched forward+backward over ``examples``: ``G = dL/dW`` (out x in, float32, CPU) for every matrix.
+    """One batched forward+backward over ``examples``: ``G = dL/dW`` (out x in) for every matrix.
 
-    Only the located matrices get gradients. The model's weights are not changed; ``requires_grad`` and
-    ``.grad`` are reset on exit. Returns (gradients by parameter name, calibration log-loss).
+    Only the located matrices get gradients. Each gradient is left where autograd made it, on the model's
+    device in the weight's dtype, and not copied: on a GPU, copying every gradient to the host in float32
+    would take twice a bf16 model's size of host RAM (about 26 GB for 7B parameters) for nothing, since
+    :func:`compute_spectra` uses them on the model's device. The model's weights are not changed;
+    ``requires_grad`` and ``.grad`` are reset on exit. Returns (gradients by parameter name, log-loss).
     """
     params = dict(lm.model.named_parameters())
     names = [r.name for r in lm.matrices]
@@ -56,7 +59,7 @@ def calibration_gradients(lm: LoadedModel, examples: Sequence[Example], cancel: 
                 g = params[r.name].grad
                 if g is None:
                     g = torch.zeros_like(params[r.name])
-                grads[r.name] = matrix_of(g, r).detach().float().cpu().contiguous()
+                grads[r.name] = matrix_of(g, r).detach()
         finally:
             for n in names:
                 params[n].requires_grad_(False)
@@ -76,8 +79,8 @@ class MatrixSpectrum:
 
 def spectrum(w: torch.Tensor, grad: torch.Tensor, ks: Sequence[int]) -> tuple[dict, dict]:
     """Block singular values and singular-value gradients of ``w`` for each K in ``ks``, computed on ``w``'s
-    device and returned on the CPU."""
-    grad = grad.to(w.device)
+    device (``grad`` in float32, one matrix at a time) and returned on the CPU."""
+    grad = grad.to(w.device, torch.float32)
     S, g = {}, {}
     for k in ks:
         f = block_svd(w, k)

@@ -63,6 +63,26 @@ def test_rho_outside_unit_interval_is_rejected_with_its_value(rho):
         Edit("x", 1, rho)
 
 
+def test_gradients_stay_in_the_weights_dtype_and_the_spectra_come_out_float32(tiny_dirs, mc_task):
+    """No float32 copy of every gradient: on a GPU that copy went to host RAM (2x a bf16 model's size)."""
+    from laser_core import ModelSpec, TaskSpec, load_model, load_task, make_splits
+    from laser_core.gradients import calibration_gradients, compute_spectra
+
+    ts = TaskSpec(str(mc_task), n_calib=20, n_test=10)
+    ex = make_splits(load_task(ts), ts).examples("calib")
+    spectra = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(ModelSpec(str(tiny_dirs["llama"]), device="cpu", dtype=dtype))
+        grads, _ = calibration_gradients(lm, ex)
+        assert {g.dtype for g in grads.values()} == {getattr(torch, dtype)}
+        spectra[dtype] = compute_spectra(lm, grads, ks=(1, 2))
+    name = "model.layers.1.mlp.up_proj.weight"
+    for k in (1, 2):
+        for g32, g16 in zip(spectra["float32"][name].g[k], spectra["bfloat16"][name].g[k]):
+            assert g16.dtype == torch.float32
+            assert torch.corrcoef(torch.stack([g32, g16]))[0, 1] > 0.9  # same signal through bf16 rounding
+
+
 def test_k_larger_than_rows_is_rejected():
     with pytest.raises(ConfigError, match="K=20 is larger than the matrix's 10 rows"):
         block_svd(torch.randn(10, 4), 20)
