@@ -34,40 +34,47 @@ def _parser() -> argparse.ArgumentParser:
         g = sp.add_argument_group("model")
         g.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
         g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights' dtype (default float32; on a CPU keep it: bf16 matmul is ~100x slower)")
         g.add_argument("--cache-dir", default=None, help="cache folder (default: <repo>/cache/store)")
         g.add_argument("--no-cache", action="store_true", help="compute everything, store nothing")
         if task:
             t = sp.add_argument_group("task")
             t.add_argument("--task", default="fever", help="bundled name (fever, epistemic_reasoning, qa_wikidata, "
                                                            "truthful_qa), a task.json, .jsonl, .csv or hf:<dataset>")
-            t.add_argument("--n-calib", type=int, default=100)
-            t.add_argument("--n-test", type=int, default=300)
+            t.add_argument("--n-calib", type=int, default=100, help="calibration examples: gradients and C2I's search (default 100)")
+            t.add_argument("--n-test", type=int, default=300, help="held-out test examples, never searched on (default 300)")
             t.add_argument("--n-val", type=int, default=None, help="LASER validation size (default 20%% of the task)")
-            t.add_argument("--seed", type=int, default=0)
-            t.add_argument("--prompt-col", default="prompt")
-            t.add_argument("--choices-col", default="choices")
-            t.add_argument("--answer-col", default="answer")
-            t.add_argument("--targets-col", default="targets")
+            t.add_argument("--seed", type=int, default=0, help="shuffles the task before it is split (default 0)")
+            t.add_argument("--prompt-col", default="prompt", help="JSONL/CSV/HF column of the prompt (default prompt)")
+            t.add_argument("--choices-col", default="choices", help="column of the answer choices (default choices)")
+            t.add_argument("--answer-col", default="answer", help="column of the correct choice: its index or text (default answer)")
+            t.add_argument("--targets-col", default="targets", help="column of accepted answers for generation tasks (default targets)")
 
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
         sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
         sp.add_argument("--no-prefix-reuse", action="store_true", help="run the full forward for every candidate")
+        sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
+                        help="RAM for prefix reuse's cached hidden states; least recently used layers are dropped "
+                             "(default %(default)s)")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml)")
+
+    def scoring(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--score", default="paper", help="paper | first_order (default paper)")
+        sp.add_argument("--tail-fraction", type=float, default=SearchConfig.tail_fraction,
+                        help="paper score: trailing share of each spectrum that is summed (default %(default)s)")
 
     sp = sub.add_parser("scores", help="singular-value gradient scores of every matrix")
     common(sp)
-    sp.add_argument("--score", default="paper", help="paper | first_order")
-    sp.add_argument("--top", type=int, default=10)
-    sp.add_argument("--tail-fraction", type=float, default=0.9)
+    scoring(sp)
+    sp.add_argument("--top", type=int, default=10, help="how many of the best-scored matrices to print (default 10)")
     sp = sub.add_parser("search", help="C2I: gradient-selected top-q matrices x K x rho on the calibration split")
     common(sp)
     grid(sp)
-    sp.add_argument("--q", type=int, default=5)
-    sp.add_argument("--ks", type=_ints, default=PAPER_KS, help="block counts, e.g. 1,2,4,8")
-    sp.add_argument("--score", default="paper", help="paper | first_order")
-    sp.add_argument("--tail-fraction", type=float, default=0.9)
+    sp.add_argument("--q", type=int, default=5, help="how many top-scored matrices to try (default 5)")
+    sp.add_argument("--ks", type=_ints, default=PAPER_KS, help="block counts K, e.g. 1,2,4,8 (the default)")
+    scoring(sp)
     sp = sub.add_parser("laser", help="LASER baseline: layers x types x rho, K=1, on the validation split")
     common(sp)
     grid(sp)
@@ -76,23 +83,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="e.g. up,down (default: all)")
     sp = sub.add_parser("eval", help="accuracy and log-loss of the model (or a recipe's edit) on a split")
     common(sp)
-    sp.add_argument("--recipe", default=None)
-    sp.add_argument("--split", default="test", choices=["calib", "val", "test"])
+    sp.add_argument("--recipe", default=None, help="a recipe (.json/.yaml) whose edit to evaluate (default: the base model)")
+    sp.add_argument("--split", default="test", choices=["calib", "val", "test"], help="which split (default test)")
     sp = sub.add_parser("report", help="the paper's Table 1: base, LASER, C2I K=1, C2I K grid on bundled tasks")
-    sp.add_argument("--model", default="demo")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--tasks", default="epistemic_reasoning,qa_wikidata,fever,truthful_qa")
+    sp.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    sp.add_argument("--tasks", default="epistemic_reasoning,qa_wikidata,fever,truthful_qa",
+                    help="comma-separated bundled tasks (default: all four)")
     sp.add_argument("--quick", action="store_true", help="CPU-sized: smaller grids, LASER on its last layer, extrapolated")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--n-calib", type=int, default=100)
-    sp.add_argument("--n-test", type=int, default=300)
+    sp.add_argument("--seed", type=int, default=0, help="shuffles each task before it is split (default 0)")
+    sp.add_argument("--n-calib", type=int, default=100, help="calibration examples per task (default 100)")
+    sp.add_argument("--n-test", type=int, default=300, help="held-out test examples per task (default 300)")
     sp.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
-    sp.add_argument("--recipe", required=True)
+    sp.add_argument("--recipe", required=True, help="the recipe (.json/.yaml) to apply")
     sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
     sp.add_argument("--model", default=None, help="override the recipe's model source")
-    sp.add_argument("--device", default=None)
-    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--device", default=None, help="override the recipe's device: auto | cpu | cuda | cuda:N | mps")
+    sp.add_argument("--overwrite", action="store_true", help="replace the --out folder if it exists")
     sp.add_argument("--force", action="store_true", help="apply even if the model fingerprint differs")
     sp.add_argument("--no-check", action="store_true", help="skip re-evaluating the edited model")
     return p
@@ -155,6 +163,15 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
     return out
 
 
+def search_config_of(args, method: str) -> SearchConfig:
+    """The search settings that parsed ``search`` (method "c2i") or ``laser`` arguments name."""
+    shared = dict(rhos=args.rhos, early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse,
+                  prefix_budget_mb=args.prefix_budget_mb)
+    if method == "c2i":
+        return SearchConfig("c2i", args.score, args.q, args.ks, tail_fraction=args.tail_fraction, **shared)
+    return SearchConfig("laser", ks=(1,), layers=args.layers, types=args.types, **shared)
+
+
 def _fmt(d: dict | None) -> str:
     return "n/a" if d is None else f"accuracy {d['accuracy']:.3f}  log-loss {d['log_loss']:.4f}  (n={d['n']})"
 
@@ -189,12 +206,7 @@ def _cmd_search(args, method: str) -> int:
     from .recipe import recipe_from_report, save_recipe
     from .search import SEARCH_SPLIT, run_search
 
-    if method == "c2i":  # settings are checked before the (slow) model load
-        cfg = SearchConfig("c2i", args.score, args.q, args.ks, args.rhos, args.tail_fraction,
-                           early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse)
-    else:
-        cfg = SearchConfig("laser", ks=(1,), rhos=args.rhos, layers=args.layers, types=args.types,
-                           early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse)
+    cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
     lm, tspec, splits, store = _setup(args)
     est = estimate_search(lm, splits, cfg, store)
     if est is not None and est.to_run:

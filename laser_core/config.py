@@ -131,6 +131,8 @@ class SearchConfig:
             check_k(k)
         for r in self.rhos:
             check_rho(r)
+        if self.prefix_budget_mb < 0:
+            raise ConfigError(f"prefix_budget_mb must be >= 0, got {self.prefix_budget_mb}")
         if not 0.0 < self.tail_fraction <= 1.0:
             raise ConfigError(f"tail_fraction must be in (0, 1], got {self.tail_fraction}")
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))

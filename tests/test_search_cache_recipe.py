@@ -230,6 +230,26 @@ def test_spec_args_give_the_cli_the_same_model_and_task_specs():
     assert spec_args(ModelSpec(), TaskSpec(n_test=200)) == ["--model", "demo", "--task", "fever", "--n-test", "200"]
 
 
+def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config():
+    import argparse
+
+    from laser_core.cli import _parser, search_config_of
+
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{cmd} {opt.option_strings[-1]}" for cmd, sp in subs.items() for opt in sp._actions
+               if opt.option_strings and opt.dest != "help" and not opt.help]
+    assert missing == []
+    cfg = search_config_of(parser.parse_args(["search", "--q", "3", "--ks", "1-2", "--rhos", "0.5,0.1", "--score",
+                                              "first_order", "--tail-fraction", "0.5", "--early-stop",
+                                              "--prefix-budget-mb", "64"]), "c2i")
+    assert cfg == SearchConfig("c2i", "first_order", 3, (1, 2), (0.5, 0.1), 0.5, early_stop=True, prefix_budget_mb=64)
+    cfg = search_config_of(parser.parse_args(["laser", "--layers", "0,2", "--types", "up", "--no-prefix-reuse"]), "laser")
+    assert cfg == SearchConfig("laser", ks=(1,), layers=(0, 2), types=("up",), prefix_reuse=False)
+    with pytest.raises(ConfigError, match="prefix_budget_mb must be >= 0, got -1"):
+        search_config_of(parser.parse_args(["laser", "--prefix-budget-mb", "-1"]), "laser")
+
+
 def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc_task, store):
     from laser_core.search import cached_results
     lm = tiny_lm("llama")
