@@ -165,6 +165,44 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
     st.session_state["model_spec"], st.session_state["task_spec"] = model, task
 
 
+MODEL_KINDS = ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"]
+TASK_KINDS = ["bundled", "task file path", "upload JSONL/CSV", "HF dataset"]
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
+    """The Model & task form's widget values that name ``model`` and ``task`` (by widget key)."""
+    if model.source == "demo":
+        kind = MODEL_KINDS[0]
+    elif model.source.endswith(".gguf"):
+        kind = MODEL_KINDS[2]
+    else:
+        kind = MODEL_KINDS[1] if Path(model.source).exists() else MODEL_KINDS[3]
+    out: dict[str, Any] = {"model_kind": kind, "model_path": "" if model.source == "demo" else model.source,
+                           "dtype": model.dtype}
+    if model.device in DEVICES:  # "cuda:1" has no entry: the box keeps its default
+        out["device"] = model.device
+    if task.source in BUNDLED:
+        out.update(task_kind="bundled", bundled=task.source)
+    elif task.source.startswith("hf:"):
+        out.update(task_kind="HF dataset", task_path=task.source[3:])
+    else:  # an uploaded file was saved to disk: it reloads from that path
+        out.update(task_kind="task file path", task_path=task.source)
+    out.update({f: getattr(task, f) for f in ("prompt_col", "choices_col", "answer_col", "targets_col",
+                                              "n_calib", "n_test", "n_val", "seed")})
+    return out
+
+
+def seed_setup_form() -> None:
+    """Fill the Model & task form from what is loaded, for every widget that has no value yet: on a first visit,
+    and on coming back from another page (Streamlit drops a page's widget values when it is left). Otherwise
+    the form showed its defaults beside a sidebar naming another task, and "Load" reset a seed or a split size
+    that the user had not touched."""
+    for key, value in setup_form_state(model_spec(), task_spec()).items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
 def current_model():
     """The loaded model of the session's spec (loaded once per spec, device and dtype), or st.error + stop."""
     spec = model_spec()
@@ -270,7 +308,8 @@ def user_error(msg: str, status: bool = False) -> None:
 def render_sidebar_status() -> None:
     spec, tspec = model_spec(), task_spec()
     st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
-                       f"(calib {tspec.n_calib}, test {tspec.n_test}, seed {tspec.seed})")
+                       f"(calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, "
+                       f"test {tspec.n_test}, seed {tspec.seed})")
     jm = job_manager()
     running = [j for j in jm.jobs.values() if j.status == "running"]
     if running:

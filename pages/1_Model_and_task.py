@@ -14,33 +14,34 @@ st.set_page_config(page_title="LASER Lab", layout="wide")
 st.title("LASER Lab · Model & task")
 st.caption("Gradient-guided low-rank reduction (Compress to Impress) and the LASER baseline.")
 
+ui.seed_setup_form()
 with st.form("setup"):
     c1, c2 = st.columns(2)
     with c1:
         st.subheader("Model")
-        kind = st.radio("Source", ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"],
-                        horizontal=True, key="model_kind")
-        path = st.text_input("Folder, .gguf file or hub id (not needed for demo)",
-                             value="" if ui.DEFAULT_MODEL == "demo" else ui.DEFAULT_MODEL, key="model_path")
-        device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
+        kind = st.radio("Source", ui.MODEL_KINDS, horizontal=True, key="model_kind")
+        path = st.text_input("Folder, .gguf file or hub id (not needed for demo)", key="model_path")
+        device = st.selectbox("Device", ui.DEVICES, key="device")
         dtype = st.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype",
                              help="On CPU keep float32: bf16 matmul is ~100x slower there.")
     with c2:
         st.subheader("Task")
-        tkind = st.radio("Task source", ["bundled", "BIG-bench task.json", "upload JSONL/CSV", "HF dataset"],
-                         horizontal=True, key="task_kind")
+        tkind = st.radio("Task source", ui.TASK_KINDS, horizontal=True, key="task_kind")
         bundled = st.selectbox("Bundled task", ui.BUNDLED, key="bundled")
-        tpath = st.text_input("task.json path, or HF dataset name[:split]", key="task_path")
+        tpath = st.text_input("Task file path (BIG-bench task.json, .jsonl, .csv), or HF dataset name[:split]",
+                              key="task_path")
         upload = st.file_uploader("JSONL / CSV file", type=["jsonl", "csv"], key="upload")
         m1, m2, m3, m4 = st.columns(4)
-        cols = {"prompt_col": m1.text_input("prompt column", "prompt"),
-                "choices_col": m2.text_input("choices column", "choices"),
-                "answer_col": m3.text_input("answer column", "answer"),
-                "targets_col": m4.text_input("targets column", "targets")}
-        s1, s2, s3 = st.columns(3)
-        n_calib = s1.number_input("calibration", 1, 5000, 100, key="n_calib")
-        n_test = s2.number_input("held-out test", 1, 20000, 300, key="n_test")
-        seed = s3.number_input("seed", 0, 10**6, 0, key="seed")
+        cols = {"prompt_col": m1.text_input("prompt column", key="prompt_col"),
+                "choices_col": m2.text_input("choices column", key="choices_col"),
+                "answer_col": m3.text_input("answer column", key="answer_col"),
+                "targets_col": m4.text_input("targets column", key="targets_col")}
+        s1, s2, s3, s4 = st.columns(4)
+        n_calib = s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
+        n_test = s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
+        n_val = s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20% of the task",
+                                help="LASER's search split; blank: 20% of the task")
+        seed = s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
     submitted = st.form_submit_button("Load model and task", type="primary")
 
 if submitted:
@@ -64,7 +65,8 @@ if submitted:
         ui.user_error("Give a task: a task.json path or a dataset name.", status=True)
     try:
         new_model = ModelSpec(source, device, dtype)
-        new_task = TaskSpec(tsource, int(n_calib), int(n_test), None, int(seed), **cols)
+        new_task = TaskSpec(tsource, int(n_calib), int(n_test), None if n_val is None else int(n_val), int(seed),
+                            **cols)
     except ConfigError as e:
         ui.user_error(str(e), status=True)
     ui.switch_to(new_model, new_task)  # on a bad model or task: an error, and the previous ones stay loaded

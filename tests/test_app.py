@@ -98,11 +98,35 @@ def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")
     at = page("pages/1_Model_and_task.py")
-    at.radio(key="task_kind").set_value("BIG-bench task.json")
+    at.radio(key="task_kind").set_value("task file path")
     at.text_input(key="task_path").set_value(str(bad))
     at.button[0].click().run()
     assert not at.exception
     assert any("not valid JSON" in e.value for e in at.error)
+
+
+def test_model_page_form_shows_what_is_loaded_so_load_changes_only_what_the_user_edits(app_env):
+    from laser_core import ModelSpec, TaskSpec
+    loaded = (ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], "cpu"),
+              TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"], n_calib=30, n_test=40, n_val=50, seed=3))
+    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at.session_state["model_spec"], at.session_state["task_spec"] = loaded  # as after a visit to another page
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.radio(key="model_kind").value, at.text_input(key="model_path").value,
+            at.selectbox(key="device").value) == ("local folder", app_env["LASER_LAB_DEFAULT_MODEL"], "cpu")
+    assert (at.radio(key="task_kind").value, at.text_input(key="task_path").value) == \
+        ("task file path", app_env["LASER_LAB_DEFAULT_TASK"])
+    assert [at.number_input(key=k).value for k in ("n_calib", "n_test", "n_val", "seed")] == [30, 40, 50, 3]
+    assert "validation 50" in " ".join(c.value for c in at.caption)
+    at.number_input(key="seed").set_value(4)
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["model_spec"] == loaded[0]
+    assert at.session_state["task_spec"] == TaskSpec(loaded[1].source, n_calib=30, n_test=40, n_val=50, seed=4)
+    at.number_input(key="n_val").set_value(None)  # blank: LASER's split is 20% of the task again
+    at.button[0].click().run()
+    assert at.session_state["task_spec"].n_val is None and "validation 100" in " ".join(c.value for c in at.caption)
 
 
 def test_layer_scores_page_computes_scores_and_draws_heatmap_and_profile(app_env):
