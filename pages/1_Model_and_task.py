@@ -39,7 +39,7 @@ with st.form("setup"):
         s1, s2, s3, s4 = st.columns(4)
         n_calib = s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
         n_test = s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
-        n_val = s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20% of the task",
+        n_val = s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                                 help="LASER's search split; blank: 20% of the task")
         seed = s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
     submitted = st.form_submit_button("Load model and task", type="primary")
