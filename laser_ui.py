@@ -279,16 +279,36 @@ def session_job(kind: str) -> Job | None:
     return job_manager().jobs.get(jid) if jid else None
 
 
+# Settings that stay as the user left them on leaving a page and coming back (Streamlit drops the value of a
+# widget whose page is not shown): widget key -> default. The widgets get their default from here, not from a
+# value= of their own. Layer scores and Explore share "score", "tail" and "q": the matrices Layer scores lists
+# as its top q are the ones a C2I search on Explore tries.
+SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
+                            "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
+                            "early": False, "one_rho": 0.1, "fmt": "JSON"}
+MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
+
+
+def keep_settings() -> None:
+    """Re-assign every setting to itself (or its default): what keeps a widget's value across pages."""
+    for key, default in SETTINGS.items():
+        st.session_state[key] = st.session_state.get(key, default)
+    for key in MODEL_SETTINGS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
 def use_app_navigation() -> None:
     """Make a page opened by a direct link run under app.py's navigation.
 
-    Streamlit treats a ``pages/`` folder beside the entry script as its older automatic navigation until the entry
+    Also keeps the pages' settings (:func:`keep_settings`). Streamlit treats a ``pages/`` folder beside the entry script as its older automatic navigation until the entry
     script has called ``st.navigation`` once in the server process. Until then, a link straight to a page (a
     bookmark of /Explore opened right after ``streamlit run``) ran that page alone under a sidebar of file names
     with an extra "app" entry, and kept doing so for every such link until someone opened the home page. Called
     first on every page: it switches that mode off and reruns, so app.py runs, names the pages and shows this one.
     """
     from streamlit.runtime.pages_manager import PagesManager
+    keep_settings()
     if getattr(PagesManager, "uses_pages_directory", None):
         PagesManager.uses_pages_directory = False
         st.rerun()
@@ -359,6 +379,18 @@ def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
     st.plotly_chart(accuracy_heatmap(lm, rows, base["accuracy"] if base else None))
 
 
+def score_inputs(lm) -> tuple[str, float, int]:
+    """Score rule, trailing fraction and q: the same three settings on Layer scores and on Explore."""
+    c1, c2, c3 = st.columns(3)
+    score = c1.selectbox("Score", ["paper", "first_order"], key="score",
+                         help="paper: the push toward zero over the trailing part of the spectrum; first_order: the "
+                              "predicted loss decrease of the best (K, ρ) reduction")
+    tail = c2.slider("Trailing fraction (paper score)", 0.05, 1.0, step=0.05, key="tail", disabled=score != "paper")
+    st.session_state["q"] = min(st.session_state["q"], min(30, len(lm.matrices)))  # a smaller model than before
+    q = c3.slider("q (top-scored matrices to try)", 1, min(30, len(lm.matrices)), key="q")
+    return score, tail if score == "paper" else SearchConfig.tail_fraction, q
+
+
 def render_estimate(est) -> None:
     """The run time a search would take here (a ``laser_core.estimate.SearchEstimate``, or None: no basis yet)."""
     if est is None:
@@ -396,7 +428,7 @@ def render_one_candidate(lm, splits) -> None:
     if st.session_state.get("one_k") not in ks:
         st.session_state["one_k"] = 1
     k = c2.select_slider("K (row blocks)", ks, key="one_k")
-    rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, value=0.1, key="one_rho")
+    rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, key="one_rho")
     edit, short = Edit(name, k, rho), f"L{ref.layer}.{ref.type} K={k} ρ={rho}"
     ranks, kept = params_kept(ref, k, rho)
     full = ref.shape[0] * ref.shape[1]
@@ -536,16 +568,16 @@ def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
     return fig
 
 
-def grid_inputs(prefix: str = "", ks: bool = True) -> dict:
+def grid_inputs(ks: bool = True) -> dict:
     """The K and ρ grids of the Explore page; ``ks=False`` (LASER: whole matrices) says K=1 instead of asking."""
     if ks:
-        k_grid = st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], default=list(PAPER_KS), key=prefix + "ks")
+        k_grid = st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], key="ks")
     else:
         k_grid = [1]
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
     return {"ks": k_grid,
             "rhos": st.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True),
-                                   default=list(PAPER_RHOS), key=prefix + "rhos")}
+                                   key="rhos")}
 
 
 def cached_results(lm, splits) -> list[dict]:

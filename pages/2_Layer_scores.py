@@ -17,10 +17,7 @@ st.caption("g_i = ∂L/∂σ_i for every singular value (L: calibration log-loss
 ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
 
-c1, c2, c3 = st.columns(3)
-score = c1.selectbox("Score", ["paper", "first_order"], key="score")
-tail = c2.slider("Trailing fraction (paper score)", 0.05, 1.0, 0.9, 0.05, key="tail")
-q = c3.slider("q (top matrices to try)", 1, min(30, len(lm.matrices)), 5, key="q")
+score, tail, q = ui.score_inputs(lm)
 ks = (1, 2, 4, 8) if score == "first_order" else (1,)
 cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
 

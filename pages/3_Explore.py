@@ -21,21 +21,25 @@ method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute forc
 if method.startswith("One"):
     ui.render_one_candidate(lm, splits)
     st.stop()
+if method.startswith("C2I"):
+    score, tail, q = ui.score_inputs(lm)  # shared with Layer scores: its top q are the matrices tried here
 c1, c2 = st.columns(2)
 with c1:
     grid = ui.grid_inputs(ks=method.startswith("C2I"))
     early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
-with c2:
-    if method.startswith("C2I"):
-        q = st.slider("q (top-scored matrices)", 1, min(30, len(lm.matrices)), 5, key="explore_q")
-        score = st.selectbox("Score", ["paper", "first_order"], key="explore_score")
-    else:
-        lo, hi = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]), key="layer_range")
-        sel_types = st.multiselect("Matrix types", types, default=types, key="types")
+if method.startswith("LASER"):
+    kept = st.session_state.get("laser_layers", ())  # a range slider takes its default from value= only
+    if not set(st.session_state.get("types", ["?"])) <= set(types):  # none yet, or another model's
+        st.session_state["types"] = types
+    with c2:
+        lo, hi = st.select_slider("Layers", options=layers, key="layer_range",
+                                  value=kept if kept and set(kept) <= set(layers) else (layers[0], layers[-1]))
+        st.session_state["laser_layers"] = (lo, hi)
+        sel_types = st.multiselect("Matrix types", types, key="types")
 try:
     if method.startswith("C2I"):
         cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),
-                           early_stop=early)
+                           tail, early_stop=early)
         n = q * len(grid["ks"]) * len(grid["rhos"])
     else:
         cfg = SearchConfig("laser", ks=(1,), rhos=tuple(sorted(grid["rhos"], reverse=True)),
@@ -46,7 +50,7 @@ except ConfigError as e:
 if method.startswith("LASER") and not sel_types:
     ui.user_error("Choose at least one matrix type.")
 searched = SEARCH_SPLIT[cfg.method]
-st.caption(f"{n} candidates, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
+st.caption(f"{n} candidate{'' if n == 1 else 's'}, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
 
 cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
 if cached:

@@ -149,7 +149,7 @@ def _small_grid(at: AppTest) -> AppTest:
 
 def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_env):
     at = page("pages/3_Explore.py")
-    at.slider(key="explore_q").set_value(2)
+    at.slider(key="q").set_value(2)
     _small_grid(at).run()
     assert at.caption[0].value == "8 candidates, each evaluated on the calibration split (100 examples)."
     click(at, "Run")
@@ -160,14 +160,62 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # each of the q=2 matrices' best vs the base
     assert len(z) == 2 and max(z) == pytest.approx(float(shown["Best (calib)"]) - float(shown["Base (calib)"]), abs=1e-3)
     again = page("pages/3_Explore.py")
-    again.slider(key="explore_q").set_value(2)
+    again.slider(key="q").set_value(2)
     _small_grid(again).run()
     assert any("already in the cache" in s.value for s in again.success)
     assert "Best (calib)" in metrics(again)
     # one more matrix: its 4 candidates are priced from the timings of the 8 in the cache, before any run
-    again.slider(key="explore_q").set_value(3).run()
+    again.slider(key="q").set_value(3).run()
     estimate = next(c.value for c in again.caption if c.value.startswith("Estimated run time here: about "))
     assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
+
+
+def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_with_explore(app_env):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/2_Layer_scores.py").run()
+    at.slider(key="tail").set_value(0.3)
+    at.slider(key="q").set_value(2).run()
+    at.switch_page("pages/3_Explore.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.slider(key="tail").value, at.slider(key="q").value) == (0.3, 2)  # the same settings here
+    at.multiselect(key="ks").set_value([1])
+    at.multiselect(key="rhos").set_value([0.5]).run()
+    at.switch_page("pages/4_Results.py").run()  # a page without these widgets: Streamlit drops their values
+    at.switch_page("pages/3_Explore.py").run()
+    assert (at.multiselect(key="ks").value, at.multiselect(key="rhos").value, at.slider(key="q").value,
+            at.slider(key="tail").value) == ([1], [0.5], 2, 0.3)
+    at.radio(key="method").set_value("LASER sweep (brute force)").run()
+    at.select_slider(key="layer_range").set_value((1, 1))
+    at.multiselect(key="types").set_value(["up"]).run()
+    at.switch_page("pages/5_Export.py").run()
+    at.switch_page("pages/3_Explore.py").run()
+    assert (at.radio(key="method").value, at.select_slider(key="layer_range").value,
+            at.multiselect(key="types").value) == ("LASER sweep (brute force)", (1, 1), ["up"])
+    assert "1 candidate, each evaluated on the validation split (100 examples)." in [c.value for c in at.caption]
+    at.switch_page("pages/2_Layer_scores.py").run()
+    assert (at.slider(key="tail").value, at.slider(key="q").value) == (0.3, 2)
+
+
+def test_a_c2i_search_on_explore_tries_the_top_q_that_layer_scores_lists_under_its_settings(app_env):
+    scores = page("pages/2_Layer_scores.py")
+    if any(b.label == "Compute scores" for b in scores.button):
+        click(scores, "Compute scores")
+    wait_for(scores, lambda a: len(a.get("plotly_chart")) == 2)
+    scores.slider(key="q").set_value(3).run()
+    top_default = scores.session_state["top_q"]
+    scores.slider(key="tail").set_value(0.1).run()
+    top = scores.session_state["top_q"]
+    assert top != top_default  # else this test could not tell which trailing fraction Explore used
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    for key in ("score", "tail", "q"):  # as Layer scores leaves them
+        at.session_state[key] = scores.session_state[key]
+    at.run()
+    _small_grid(at)
+    at.multiselect(key="ks").set_value([1])
+    at.multiselect(key="rhos").set_value([0.5]).run()
+    click(at, "Run")
+    wait_for(at, lambda a: any("finished" in s.value for s in a.success))
+    assert [c["name"] for c in at.session_state["last_report"]["candidates"]] == top
 
 
 def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_report(app_env):
