@@ -391,6 +391,18 @@ def score_inputs(lm) -> tuple[str, float, int]:
     return score, tail if score == "paper" else SearchConfig.tail_fraction, q
 
 
+def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> None:
+    """Which matrices a C2I search with ``cfg`` tries, where the scores are cached (else when they come)."""
+    from laser_core.search import c2i_matrices, cached_spectra, score_table
+    found = cached_spectra(lm, splits, store(), cfg.ks if cfg.score == "first_order" else (1,))
+    if found is None:
+        st.caption(f"Tries the top {cfg.q} matrices by the {cfg.score} score: the run computes the scores first "
+                   "(or compute them on Layer scores to see which).")
+        return
+    refs = [lm.ref(n) for n in c2i_matrices(score_table(lm, found[0], cfg.score, cfg), cfg.q)]
+    st.caption(f"Tries the top {cfg.q} by the {cfg.score} score: " + ", ".join(f"layer {r.layer} {r.type}" for r in refs))
+
+
 def render_estimate(est) -> None:
     """The run time a search would take here (a ``laser_core.estimate.SearchEstimate``, or None: no basis yet)."""
     if est is None:

@@ -289,6 +289,11 @@ def _slim(doc: dict | None) -> dict | None:
     return None if doc is None else {k: v for k, v in doc.items() if k not in ("correct", "predictions")}
 
 
+def c2i_matrices(matrices: list[dict], q: int) -> list[str]:
+    """Names of the top-``q`` of the ``score_table`` rows ``matrices``, best first: the ones a C2I search tries."""
+    return top_q({m["name"]: m["score"] for m in matrices}, q)
+
+
 def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectrum],
              matrices: list[dict]) -> list[tuple[Edit, float | None]]:
     """C2I's candidates in search order: the top-``q`` matrices of the ``score_table`` rows ``matrices``, each
@@ -298,7 +303,7 @@ def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectr
         ConfigError: a K of the grid is larger than a chosen matrix's rows.
     """
     plan: list[tuple[Edit, float | None]] = []
-    for name in top_q({m["name"]: m["score"] for m in matrices}, cfg.q):
+    for name in c2i_matrices(matrices, cfg.q):
         rows = lm.ref(name).shape[0]
         for k in cfg.ks:
             if k > rows:

@@ -49,6 +49,8 @@ except ConfigError as e:
     ui.user_error(str(e))
 if method.startswith("LASER") and not sel_types:
     ui.user_error("Choose at least one matrix type.")
+if cfg.method == "c2i":
+    ui.render_c2i_matrices(lm, splits, cfg)
 searched = SEARCH_SPLIT[cfg.method]
 st.caption(f"{n} candidate{'' if n == 1 else 's'}, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
 

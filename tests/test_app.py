@@ -151,7 +151,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     at = page("pages/3_Explore.py")
     at.slider(key="q").set_value(2)
     _small_grid(at).run()
-    assert at.caption[0].value == "8 candidates, each evaluated on the calibration split (100 examples)."
+    assert "8 candidates, each evaluated on the calibration split (100 examples)." in [c.value for c in at.caption]
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
@@ -213,6 +213,8 @@ def test_a_c2i_search_on_explore_tries_the_top_q_that_layer_scores_lists_under_i
     _small_grid(at)
     at.multiselect(key="ks").set_value([1])
     at.multiselect(key="rhos").set_value([0.5]).run()
+    said = ", ".join("layer {} {}".format(*n.split(".")[2:5:2]).replace("_proj", "") for n in top)
+    assert f"Tries the top 3 by the paper score: {said}" in [c.value for c in at.caption]
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert [c["name"] for c in at.session_state["last_report"]["candidates"]] == top
