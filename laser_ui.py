@@ -481,6 +481,9 @@ def candidates_frame(rows: list[dict]) -> pd.DataFrame:
             "predicted_gain", "same_as_rho", "cached", "name"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
+    if any(r.get("stopped_early") for r in rows):  # their accuracy counts only the examples seen before the stop
+        df.insert(df.columns.get_loc("accuracy") + 1, "stopped_early",
+                  ["yes" if r.get("stopped_early") else "" for r in rows])
     if not df.empty:
         df["ranks"] = df["ranks"].astype(str)
     if "same_as_rho" in df.columns:  # text, blank on the rows that ran (a float column shows them as a grey None)

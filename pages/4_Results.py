@@ -7,6 +7,7 @@ import streamlit as st
 import laser_ui as ui
 from laser_core import Edit
 from laser_core.estimate import SPLIT_WORDS
+from laser_core.search import merit
 
 ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Results", layout="wide")
@@ -31,10 +32,12 @@ st.dataframe(df, hide_index=True, width="stretch", key="all_rows")
 
 c1, c2 = st.columns(2)
 with c1:
-    best_of = df.drop_duplicates("name").set_index("name")["accuracy"]  # df is sorted best first
-    matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of.index), key="res_matrix",
-                          format_func=lambda n: f"{n} (best {best_of[n]:.3f})",
-                          help="Matrices in order of their best accuracy on this split")
+    best_of = {b["name"]: f"best {b['accuracy']:.3f}" for b in sorted(ui.best_by_matrix(rows), key=merit, reverse=True)}
+    best_of.update({n: "stopped early only" for n in df["name"] if n not in best_of})
+    matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of), key="res_matrix",
+                          format_func=lambda n: f"{n} ({best_of[n]})",
+                          help="Matrices in order of their best accuracy on this split (of candidates that ran to "
+                               "the end: one stopped early counts only the examples it saw)")
     sub = df[df["name"] == matrix].sort_values("rho")
     fig = px.line(sub, x="rho", y="accuracy", color=sub["k"].astype(str), markers=True, log_x=True,
                   labels={"color": "K"}, title=matrix)

@@ -353,6 +353,17 @@ def test_candidates_table_leaves_same_as_rho_blank_on_rows_that_ran():
     assert "same_as_rho" not in laser_ui.candidates_frame([ran]).columns
 
 
+def test_candidates_table_marks_rows_stopped_early_beside_their_accuracy():
+    import laser_ui
+    ran = {"layer": 0, "type": "k", "k": 1, "rho": 0.05, "accuracy": 0.5, "ranks": [1], "name": "m",
+           "stopped_early": False}
+    stopped = dict(ran, rho=0.01, accuracy=0.2, stopped_early=True)
+    df = laser_ui.candidates_frame([ran, stopped])
+    assert df["stopped_early"].tolist() == ["", "yes"]
+    assert list(df.columns).index("stopped_early") == list(df.columns).index("accuracy") + 1
+    assert "stopped_early" not in laser_ui.candidates_frame([ran]).columns
+
+
 def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
     import laser_ui
     table = [{"layer": l, "type": t, "score": l - 1.0, "name": f"layers.{l}.{t}"} for l in range(3) for t in ("q", "down")]
