@@ -403,6 +403,15 @@ def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> None:
     st.caption(f"Tries the top {cfg.q} by the {cfg.score} score: " + ", ".join(f"layer {r.layer} {r.type}" for r in refs))
 
 
+def cli_command(lm, splits, cfg: SearchConfig | None = None) -> str:
+    """The shell command that runs ``cfg`` (default: C2I with its defaults) on this model and task."""
+    import shlex
+
+    from laser_core.cli import search_args, spec_args
+    return shlex.join(["python", "-m", "laser_core", *search_args(cfg or SearchConfig()),
+                       *spec_args(lm.spec, splits.spec)])
+
+
 def render_estimate(est) -> None:
     """The run time a search would take here (a ``laser_core.estimate.SearchEstimate``, or None: no basis yet)."""
     if est is None:

@@ -172,6 +172,22 @@ def search_config_of(args, method: str) -> SearchConfig:
     return SearchConfig("laser", ks=(1,), layers=args.layers, types=args.types, **shared)
 
 
+def search_args(cfg: SearchConfig) -> list[str]:
+    """The ``search`` (c2i) or ``laser`` command and its flags that give ``cfg`` back through
+    :func:`search_config_of` (flags only where a setting differs from the command's default)."""
+    default = SearchConfig(cfg.method) if cfg.method == "c2i" else SearchConfig("laser", ks=(1,))
+    out = ["search" if cfg.method == "c2i" else "laser"]
+    text = {"ks": lambda v: ",".join(map(str, v)), "rhos": lambda v: ",".join(f"{r:g}" for r in v),
+            "layers": lambda v: ",".join(map(str, v)), "types": ",".join}
+    fields = ("q", "ks", "score", "tail_fraction") if cfg.method == "c2i" else ("layers", "types")
+    for f in (*fields, "rhos", "prefix_budget_mb"):
+        value = getattr(cfg, f)
+        if value != getattr(default, f) and value is not None:
+            out += ["--" + f.replace("_", "-"), text.get(f, str)(value)]
+    out += ["--early-stop"] * cfg.early_stop + ["--no-prefix-reuse"] * (not cfg.prefix_reuse)
+    return out
+
+
 def _fmt(d: dict | None) -> str:
     return "n/a" if d is None else f"accuracy {d['accuracy']:.3f}  log-loss {d['log_loss']:.4f}  (n={d['n']})"
 

@@ -63,6 +63,8 @@ else:
         ui.render_estimate(estimate_search(lm, splits, cfg, ui.store()))
     except LaserError as e:  # e.g. a K larger than a chosen matrix's rows: say so before a run would
         ui.user_error(str(e))
+with st.expander("The same search from the command line"):
+    st.code(ui.cli_command(lm, splits, cfg), language="bash")
 if st.button("Run", type="primary", disabled=bool(cached)):
     ui.start_job("search", f"{cfg.method} search", lm,
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))

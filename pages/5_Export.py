@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import shlex
 
 import streamlit as st
 import yaml
 
 import laser_ui as ui
-from laser_core import Edit, LaserError, edited
-from laser_core.cli import spec_args
+from laser_core import Edit, LaserError, SearchConfig, edited
 from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
@@ -64,8 +62,10 @@ st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{f
 st.code(text, language=fmt.lower())
 st.subheader("Equivalent CLI command")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
-st.caption("or re-run the search: " + shlex.join(["python", "-m", "laser_core", "laser" if method == "laser" else "search",
-                                                  *spec_args(lm.spec, splits.spec)]))
+found_by = report if report and report.get("search_split") == d["split"] and any(
+    (c["name"], c["k"], c["rho"]) == (d["name"], d["k"], d["rho"]) for c in report["candidates"]) else None
+cfg = SearchConfig(**found_by["config"]) if found_by else SearchConfig("laser", ks=(1,)) if method == "laser" else SearchConfig()
+st.caption(("or re-run the search that found it: " if found_by else "or run a search: ") + f"`{ui.cli_command(lm, splits, cfg)}`")
 
 st.subheader("Save the edited model")
 out = st.text_input("Folder", value=str(ui.cache_dir() / "edited" / f"{splits.task.name}-{lm.fingerprint[:8]}"), key="out")

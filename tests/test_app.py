@@ -152,6 +152,8 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     at.slider(key="q").set_value(2)
     _small_grid(at).run()
     assert "8 candidates, each evaluated on the calibration split (100 examples)." in [c.value for c in at.caption]
+    assert at.code[0].value == ("python -m laser_core search --q 2 --ks 1,2 --rhos 0.5,0.1 --model "
+                                f"{app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}")
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
@@ -305,8 +307,20 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_p
     at = page("pages/5_Export.py")
     assert len(at.get("download_button")) == 1
     assert '"laser_lab_recipe": 1' in at.code[0].value
-    assert any(c.value == "or re-run the search: python -m laser_core search --model " + app_env["LASER_LAB_DEFAULT_MODEL"]
-               + " --task " + app_env["LASER_LAB_DEFAULT_TASK"] for c in at.caption)
+    spec_flags = f"--model {app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}"
+    assert f"or run a search: `python -m laser_core search {spec_flags}`" in [c.value for c in at.caption]
+    import json
+    from laser_core import SearchConfig
+    from laser_core.config import to_dict
+    e = json.loads(at.code[0].value)["edits"][0]
+    found = {"name": e["name"], "k": e["k"], "rho": e["rho"]}
+    found_by = AppTest.from_file(str(ROOT / "pages/5_Export.py"), default_timeout=120)
+    found_by.session_state["last_report"] = {  # as Explore leaves a search that found this candidate
+        "search_split": "calib", "best": found, "candidates": [found],
+        "config": to_dict(SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), tail_fraction=0.3))}
+    found_by.run()
+    assert ("or re-run the search that found it: `python -m laser_core search --q 2 --ks 1,2 --tail-fraction 0.3 "
+            f"--rhos 0.5,0.1 {spec_flags}`") in [c.value for c in found_by.caption]
     at.radio(key="fmt").set_value("YAML").run()
     assert "laser_lab_recipe: 1" in at.code[0].value
     at.text_input(key="out").set_value(str(tmp_path / "edited"))

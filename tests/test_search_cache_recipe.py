@@ -250,6 +250,17 @@ def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config
         search_config_of(parser.parse_args(["laser", "--prefix-budget-mb", "-1"]), "laser")
 
 
+def test_search_args_give_the_cli_the_same_search_settings():
+    from laser_core.cli import _parser, search_args, search_config_of
+
+    for cfg in [SearchConfig(), SearchConfig("laser", ks=(1,)),
+                SearchConfig("c2i", "first_order", 3, (1, 4), (0.5, 0.01), 0.3, early_stop=True, prefix_budget_mb=64),
+                SearchConfig("laser", ks=(1,), rhos=(0.25,), layers=(0, 2), types=("up", "down"), prefix_reuse=False)]:
+        args = search_args(cfg)
+        assert search_config_of(_parser().parse_args(args), cfg.method) == cfg, args
+    assert search_args(SearchConfig(q=2, rhos=(0.1, 0.005))) == ["search", "--q", "2", "--rhos", "0.1,0.005"]
+
+
 def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc_task, store):
     from laser_core.search import cached_results
     lm = tiny_lm("llama")
