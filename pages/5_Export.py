@@ -34,7 +34,8 @@ if report and report.get("best"):
     default = next((i for i, d in enumerate(options) if (d["name"], d["k"], d["rho"]) == (b["name"], b["k"], b["rho"])), 0)
 choice = st.selectbox("Candidate", range(len(options)), index=default, key="export_pick",
                       format_func=lambda i: f"{options[i]['name']} K={options[i]['k']} ρ={options[i]['rho']} "
-                                            f"({options[i]['split']} acc {options[i]['accuracy']:.3f})")
+                                            f"({options[i]['split']} acc {options[i]['accuracy']:.3f}"
+                                            + (", stopped early)" if options[i].get("stopped_early") else ")"))
 d = options[choice]
 edit = Edit(d["name"], int(d["k"]), float(d["rho"]))
 base = ui.cached_result(lm, splits, d["split"])
