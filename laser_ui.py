@@ -593,15 +593,17 @@ def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
 
 
 def grid_inputs(ks: bool = True) -> dict:
-    """The K and ρ grids of the Explore page; ``ks=False`` (LASER: whole matrices) says K=1 instead of asking."""
+    """The K and ρ grids of the Explore page, side by side; ``ks=False`` (LASER: whole matrices) asks for the ρ
+    grid only and says K=1."""
     if ks:
-        k_grid = st.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], key="ks")
+        c1, c2 = st.columns(2)
+        k_grid = c1.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], key="ks")
     else:
-        k_grid = [1]
+        c2, k_grid = st.container(), [1]
+    rhos = c2.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True), key="rhos")
+    if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
-    return {"ks": k_grid,
-            "rhos": st.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True),
-                                   key="rhos")}
+    return {"ks": k_grid, "rhos": rhos}
 
 
 def cached_results(lm, splits) -> list[dict]:

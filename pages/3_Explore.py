@@ -23,11 +23,11 @@ if method.startswith("One"):
     st.stop()
 if method.startswith("C2I"):
     score, tail, q = ui.score_inputs(lm)  # shared with Layer scores: its top q are the matrices tried here
-c1, c2 = st.columns(2)
-with c1:
-    grid = ui.grid_inputs(ks=method.startswith("C2I"))
-    early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
-if method.startswith("LASER"):
+    grid = ui.grid_inputs(ks=True)
+else:
+    c1, c2 = st.columns(2)
+    with c1:
+        grid = ui.grid_inputs(ks=False)
     kept = st.session_state.get("laser_layers", ())  # a range slider takes its default from value= only
     if not set(st.session_state.get("types", ["?"])) <= set(types):  # none yet, or another model's
         st.session_state["types"] = types
@@ -36,6 +36,7 @@ if method.startswith("LASER"):
                                   value=kept if kept and set(kept) <= set(layers) else (layers[0], layers[-1]))
         st.session_state["laser_layers"] = (lo, hi)
         sel_types = st.multiselect("Matrix types", types, key="types")
+early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
 try:
     if method.startswith("C2I"):
         cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),

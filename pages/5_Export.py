@@ -60,8 +60,9 @@ fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
 text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)
 st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{fmt.lower()}",
                    mime="application/json" if fmt == "JSON" else "application/yaml", type="primary")
-st.code(text, language=fmt.lower())
-st.subheader("Equivalent CLI command")
+with st.expander(f"The recipe ({fmt})"):
+    st.code(text, language=fmt.lower())
+st.subheader("From the command line")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
 found_by = report if report and report.get("search_split") == d["split"] and any(
     (c["name"], c["k"], c["rho"]) == (d["name"], d["k"], d["rho"]) for c in report["candidates"]) else None
