@@ -6,6 +6,7 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 import traceback
@@ -18,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from laser_core import (CancelToken, Cancelled, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
+from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
@@ -201,6 +202,36 @@ def seed_setup_form() -> None:
     for key, value in setup_form_state(model_spec(), task_spec()).items():
         if key not in st.session_state:
             st.session_state[key] = value
+
+
+def load_setup_form() -> None:
+    """Load the model and task that the Model & task form's widgets name (read by key from the session state);
+    a missing or invalid value is shown as an error and what is loaded stays loaded."""
+    f = st.session_state
+    source = "demo" if f["model_kind"] == MODEL_KINDS[0] else f["model_path"].strip()
+    if not source:
+        user_error("Give a folder, a .gguf file or a hub id for this model source.", status=True)
+    path = f["task_path"].strip()
+    if f["task_kind"] == "bundled":
+        tsource = f["bundled"]
+    elif f["task_kind"] == "upload JSONL/CSV":
+        if f["upload"] is None:
+            user_error("Choose a JSONL or CSV file to upload first.", status=True)
+        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / f["upload"].name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(f["upload"].getvalue())
+        tsource = str(dest)
+    else:
+        tsource = ("hf:" + path if path else "") if f["task_kind"] == "HF dataset" else path
+    if not tsource:
+        user_error("Give a task: a task.json path or a dataset name.", status=True)
+    try:
+        model = ModelSpec(source, f["device"], f["dtype"])
+        task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
+                        int(f["seed"]), **{c: f[c] for c in ("prompt_col", "choices_col", "answer_col", "targets_col")})
+    except ConfigError as e:
+        user_error(str(e), status=True)
+    switch_to(model, task)
 
 
 def current_model():
@@ -604,6 +635,18 @@ def grid_inputs(ks: bool = True) -> dict:
     if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
     return {"ks": k_grid, "rhos": rhos}
+
+
+def laser_inputs(layers: list[int], types: list[str]) -> tuple[int, int, list[str]]:
+    """A LASER sweep's layer range and matrix types (first layer, last layer, types), as left on the last visit
+    where they fit this model's ``layers`` and ``types``, else all of them."""
+    kept = st.session_state.get("laser_layers", ())  # a range slider takes its default from value= only
+    if not set(st.session_state.get("types", ["?"])) <= set(types):  # none yet, or another model's
+        st.session_state["types"] = types
+    lo, hi = st.select_slider("Layers", options=layers, key="layer_range",
+                              value=kept if kept and set(kept) <= set(layers) else (layers[0], layers[-1]))
+    st.session_state["laser_layers"] = (lo, hi)
+    return lo, hi, st.multiselect("Matrix types", types, key="types")
 
 
 def cached_results(lm, splits) -> list[dict]:

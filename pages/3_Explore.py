@@ -28,14 +28,8 @@ else:
     c1, c2 = st.columns(2)
     with c1:
         grid = ui.grid_inputs(ks=False)
-    kept = st.session_state.get("laser_layers", ())  # a range slider takes its default from value= only
-    if not set(st.session_state.get("types", ["?"])) <= set(types):  # none yet, or another model's
-        st.session_state["types"] = types
     with c2:
-        lo, hi = st.select_slider("Layers", options=layers, key="layer_range",
-                                  value=kept if kept and set(kept) <= set(layers) else (layers[0], layers[-1]))
-        st.session_state["laser_layers"] = (lo, hi)
-        sel_types = st.multiselect("Matrix types", types, key="types")
+        lo, hi, sel_types = ui.laser_inputs(layers, types)
 early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
 try:
     if method.startswith("C2I"):
