@@ -35,6 +35,16 @@ def app_env(tiny_dirs, tmp_path_factory):
     laser_ui.store.clear()
 
 
+@pytest.fixture
+def searched(app_env):
+    """A C2I search's candidates in the app's cache, as Explore's search test leaves them (then this is read from
+    the cache at once), so that the Results and Export tests also pass when run alone."""
+    from laser_core import ModelSpec, SearchConfig, Store, TaskSpec, load_model, load_task, make_splits, run_search
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    run_search(lm, make_splits(load_task(ts), ts), SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store())
+
+
 def page(name: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / name), default_timeout=120)
     at.run()
@@ -286,7 +296,7 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     assert shown["This edit (held-out test)"] == f"{test.accuracy:.3f}"
 
 
-def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
+def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 3
@@ -303,7 +313,7 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env):
     assert any("flipped" in md.value for md in at.markdown)
 
 
-def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_path):
+def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searched, tmp_path):
     at = page("pages/5_Export.py")
     assert len(at.get("download_button")) == 1
     assert '"laser_lab_recipe": 1' in at.code[0].value
@@ -331,7 +341,7 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, tmp_p
     assert any("already exists" in e.value for e in at.error)
 
 
-def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app_env, tmp_path):
+def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app_env, searched, tmp_path):
     import json
     from laser_core.recipe import apply_recipe
     at = page("pages/5_Export.py")
