@@ -16,6 +16,8 @@ def _ints(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         if "-" in part.strip()[1:]:
             a, b = part.split("-", 1)
+            if int(b) < int(a):
+                raise argparse.ArgumentTypeError(f"the range {part.strip()} is empty: write the lower number first")
             out.extend(range(int(a), int(b) + 1))
         elif part.strip():
             out.append(int(part))

@@ -355,6 +355,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                               "lower n_calib or n_test, or use the c2i method")
     if method == "c2i" and cfg.q > len(lm.matrices):
         raise ConfigError(f"q={cfg.q} is larger than the model's {len(lm.matrices)} matrices")
+    plan = laser_plan(lm, cfg) if method == "laser" else []  # a range that matches nothing: before any evaluation
     base = best = None
     candidates: list[dict] = []
     skipped: list[dict] = []
@@ -370,8 +371,6 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             matrices = score_table(lm, spectra, cfg.score, cfg)
             plan = c2i_plan(lm, cfg, spectra, matrices)
             timings["scores"] = time.perf_counter() - t0
-        else:
-            plan = laser_plan(lm, cfg)
         t0 = time.perf_counter()
         prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
         done_ranks: dict[tuple, dict] = {}  # (matrix, K, ranks) -> its result: another rho, the same edit

@@ -152,8 +152,10 @@ def test_laser_sweep_covers_layers_times_types_times_rhos_on_validation(tiny_lm,
     assert report.search_split == "val" and report.base["n"] == len(splits.val) == 12
     assert {(c["layer"], c["type"], c["k"], c["rho"]) for c in report.candidates} == \
         {(1, t, 1, r) for t in ("up", "down") for r in (0.5, 0.1)}
+    events = []
     with pytest.raises(ConfigError, match="no matrices match"):
-        run_search(lm, splits, SearchConfig("laser", layers=(7,)), store)
+        run_search(lm, splits, SearchConfig("laser", layers=(7,)), store, progress=events.append)
+    assert events == []  # refused before the base model is evaluated
 
 
 def test_q_larger_than_matrix_count_is_refused(tiny_lm, mc_task, store):
@@ -230,7 +232,7 @@ def test_spec_args_give_the_cli_the_same_model_and_task_specs():
     assert spec_args(ModelSpec(), TaskSpec(n_test=200)) == ["--model", "demo", "--task", "fever", "--n-test", "200"]
 
 
-def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config():
+def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config(capsys):
     import argparse
 
     from laser_core.cli import _parser, search_config_of
@@ -248,6 +250,10 @@ def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config
     assert cfg == SearchConfig("laser", ks=(1,), layers=(0, 2), types=("up",), prefix_reuse=False)
     with pytest.raises(ConfigError, match="prefix_budget_mb must be >= 0, got -1"):
         search_config_of(parser.parse_args(["laser", "--prefix-budget-mb", "-1"]), "laser")
+    assert parser.parse_args(["laser", "--layers", "0-2,5"]).layers == (0, 1, 2, 5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["laser", "--layers", "5-2"])
+    assert "the range 5-2 is empty" in capsys.readouterr().err
 
 
 def test_search_args_give_the_cli_the_same_search_settings():
