@@ -220,6 +220,31 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert "task not found" in (err := capsys.readouterr().err) and "loading" not in err  # before any model load
 
 
+def test_cli_progress_is_one_line_per_phase_in_a_log_and_bars_on_a_terminal():
+    import io
+
+    from laser_core.cli import _Bars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    events = [{"phase": "gradients", "done": d, "total": 3, "message": "forward+backward"} for d in range(4)] + \
+             [{"phase": "svd", "done": d, "total": 2, "message": "SVD of every matrix"} for d in range(3)] + \
+             [{"phase": "test", "done": 0, "total": 2, "message": "held-out test"}]  # its last event comes before the work
+    for stream in (io.StringIO(), Terminal()):
+        bars = _Bars(stream)
+        for ev in events:
+            bars(ev)
+        bars.close()
+        if not stream.isatty():
+            lines = stream.getvalue().splitlines()
+            assert [line.split(" in ")[0] for line in lines] == ["gradients: 3/3", "svd: 2/2", "test:"]
+            assert lines[1].endswith("s (SVD of every matrix)")
+        else:
+            assert "\r" in stream.getvalue() and "gradients: 3/3 in" not in stream.getvalue()
+
+
 def test_spec_args_give_the_cli_the_same_model_and_task_specs():
     from laser_core import ModelSpec
     from laser_core.cli import _parser, spec_args, specs_of
