@@ -123,7 +123,7 @@ class _Bars:
         from tqdm import tqdm
 
         if ev.get("phase") != self.phase:
-            self.close()
+            self.close(at=self.t_last)  # the work after a phase's last event belongs to the next phase
             self.phase, self.t0 = ev.get("phase"), self.t_last  # a phase's work began when the last one ended
             if self.live:
                 self.bar = tqdm(total=ev.get("total", 1), desc=self.phase, file=self.stream, leave=False)
@@ -133,14 +133,14 @@ class _Bars:
             self.bar.n = ev.get("done", 0)
             self.bar.set_postfix_str(str(ev.get("message", ""))[:60], refresh=True)
 
-    def close(self) -> None:
+    def close(self, at: float | None = None) -> None:
         if self.bar:
             self.bar.close()
             self.bar = None
         elif self.phase is not None and not self.live:
             done, total = self.last.get("done", 0), self.last.get("total", 1)
             print(f"{self.phase}: " + (f"{done}/{total} " if done == total else "")
-                  + f"in {time.perf_counter() - self.t0:.1f} s ({str(self.last.get('message', ''))[:60]})", file=self.stream)
+                  + f"in {(at or time.perf_counter()) - self.t0:.1f} s ({str(self.last.get('message', ''))[:60]})", file=self.stream)
         self.phase = None
 
 

@@ -437,9 +437,17 @@ def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch)
     assert job.eta is None
 
 
+def test_a_running_job_is_redrawn_every_second_on_4_cores_or_more_and_every_3_s_on_fewer(monkeypatch):
+    import laser_ui
+    monkeypatch.delenv("LASER_LAB_POLL_S", raising=False)
+    assert [laser_ui.poll_seconds(n) for n in (1, 2, 3, 4, 16)] == [3.0, 3.0, 3.0, 1.0, 1.0]
+    monkeypatch.setenv("LASER_LAB_POLL_S", "0.5")
+    assert laser_ui.poll_seconds(2) == 0.5
+
+
 @pytest.mark.parametrize("at_start, at_poll, polls, reruns", [
-    ("running", "running", 1.0, 0),  # redrawn every second while it runs
-    ("running", "cancelled", 1.0, 1),  # ended between two polls: the page reruns once to show the outcome
+    ("running", "running", 2.5, 0),  # redrawn every poll_seconds() while it runs
+    ("running", "cancelled", 2.5, 1),  # ended between two polls: the page reruns once to show the outcome
     ("done", "done", None, 0),  # finished: drawn once, nothing polls any more
     ("error", "error", None, 0),
 ])
@@ -453,6 +461,7 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
         return lambda fn: fn
 
     monkeypatch.setattr(laser_ui.st, "fragment", fragment)
+    monkeypatch.setenv("LASER_LAB_POLL_S", "2.5")
     monkeypatch.setattr(laser_ui.st, "rerun", lambda: seen.__setitem__("reruns", seen["reruns"] + 1))
     monkeypatch.setattr(laser_ui, "session_job", lambda kind: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
     laser_ui.live_job("search", lambda job: seen["shown"].append(job.status))
