@@ -66,6 +66,8 @@ def browser():
 
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]') \
+        .first.wait_for(state="hidden")  # the page's script has finished: no "Stop" mid-capture
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
