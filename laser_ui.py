@@ -343,11 +343,12 @@ def keep_settings() -> None:
 def use_app_navigation() -> None:
     """Make a page opened by a direct link run under app.py's navigation.
 
-    Also keeps the pages' settings (:func:`keep_settings`). Streamlit treats a ``pages/`` folder beside the entry script as its older automatic navigation until the entry
-    script has called ``st.navigation`` once in the server process. Until then, a link straight to a page (a
-    bookmark of /Explore opened right after ``streamlit run``) ran that page alone under a sidebar of file names
-    with an extra "app" entry, and kept doing so for every such link until someone opened the home page. Called
-    first on every page: it switches that mode off and reruns, so app.py runs, names the pages and shows this one.
+    Also keeps the pages' settings (:func:`keep_settings`). Streamlit treats a ``pages/`` folder beside the entry
+    script as its older automatic navigation until the entry script has called ``st.navigation`` once in the server
+    process. Until then, a link straight to a page (a bookmark of /Explore opened right after ``streamlit run``) ran
+    that page alone under a sidebar of file names with an extra "app" entry, and kept doing so for every such link
+    until someone opened the home page. Called first on every page: it switches that mode off and reruns, so app.py
+    runs, names the pages and shows this one.
     """
     from streamlit.runtime.pages_manager import PagesManager
     keep_settings()
