@@ -356,6 +356,10 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     if method == "c2i" and cfg.q > len(lm.matrices):
         raise ConfigError(f"q={cfg.q} is larger than the model's {len(lm.matrices)} matrices")
     plan = laser_plan(lm, cfg) if method == "laser" else []  # a range that matches nothing: before any evaluation
+    most = max(r.shape[0] for r in lm.matrices)
+    if method == "c2i" and max(cfg.ks) > most:  # no matrix could take it: say so before the gradient step
+        raise ConfigError(f"K={max(cfg.ks)} is larger than the rows of every matrix of this model (at most {most}); "
+                          f"use K <= {most}")
     base = best = None
     candidates: list[dict] = []
     skipped: list[dict] = []

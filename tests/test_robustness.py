@@ -100,6 +100,14 @@ def test_k_larger_than_a_chosen_matrix_is_refused_before_any_edit(tiny_lm, mc_ta
         run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(32,), rhos=(0.5,)), None)
 
 
+def test_k_larger_than_every_matrix_is_refused_before_the_gradient_step(tiny_lm, mc_task):
+    events = []
+    with pytest.raises(ConfigError, match=r"K=4096 is larger than the rows of every matrix of this model \(at most 64\)"):
+        run_search(tiny_lm("llama"), _splits(mc_task), SearchConfig(q=1, ks=(1, 4096), rhos=(0.5,)), None,
+                   progress=events.append)
+    assert events == []
+
+
 def test_nan_gradient_matrix_is_skipped_and_reported(tiny_lm, mc_task, monkeypatch):
     import laser_core.search as search
     real = search.calibration_gradients
