@@ -169,6 +169,7 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
 MODEL_KINDS = ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"]
 TASK_KINDS = ["bundled", "task file path", "upload JSONL/CSV", "HF dataset"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+TASK_COLUMNS = ("prompt_col", "choices_col", "answer_col", "targets_col")  # TaskSpec's column mapping
 
 
 def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
@@ -189,8 +190,7 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in ("prompt_col", "choices_col", "answer_col", "targets_col",
-                                              "n_calib", "n_test", "n_val", "seed")})
+    out.update({f: getattr(task, f) for f in (*TASK_COLUMNS, "n_calib", "n_test", "n_val", "seed")})
     return out
 
 
@@ -228,7 +228,7 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **{c: f[c] for c in ("prompt_col", "choices_col", "answer_col", "targets_col")})
+                        int(f["seed"]), **{c: f[c] for c in TASK_COLUMNS})
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)
@@ -446,12 +446,12 @@ def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> None:
     st.caption(f"Tries the top {cfg.q} by the {cfg.score} score: " + ", ".join(f"layer {r.layer} {r.type}" for r in refs))
 
 
-def cli_command(lm, splits, cfg: SearchConfig | None = None) -> str:
-    """The shell command that runs ``cfg`` (default: C2I with its defaults) on this model and task."""
+def cli_command(lm, splits, cfg: SearchConfig) -> str:
+    """The shell command that runs ``cfg`` on this model and task."""
     import shlex
 
     from laser_core.cli import search_args, spec_args
-    return shlex.join(["python", "-m", "laser_core", *search_args(cfg or SearchConfig()),
+    return shlex.join(["python", "-m", "laser_core", *search_args(cfg),
                        *spec_args(lm.spec, splits.spec)])
 
 

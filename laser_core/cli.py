@@ -187,10 +187,15 @@ def search_config_of(args, method: str) -> SearchConfig:
     return SearchConfig("laser", ks=(1,), layers=args.layers, types=args.types, **shared)
 
 
+def command_defaults(method: str) -> SearchConfig:
+    """The settings of ``search`` (method "c2i") or ``laser`` run with no grid flags (LASER: whole matrices, K=1)."""
+    return SearchConfig("c2i") if method == "c2i" else SearchConfig("laser", ks=(1,))
+
+
 def search_args(cfg: SearchConfig) -> list[str]:
     """The ``search`` (c2i) or ``laser`` command and its flags that give ``cfg`` back through
-    :func:`search_config_of` (flags only where a setting differs from the command's default)."""
-    default = SearchConfig(cfg.method) if cfg.method == "c2i" else SearchConfig("laser", ks=(1,))
+    :func:`search_config_of` (flags only where a setting differs from :func:`command_defaults`)."""
+    default = command_defaults(cfg.method)
     out = ["search" if cfg.method == "c2i" else "laser"]
     text = {"ks": lambda v: ",".join(map(str, v)), "rhos": lambda v: ",".join(f"{r:g}" for r in v),
             "layers": lambda v: ",".join(map(str, v)), "types": ",".join}

@@ -26,10 +26,8 @@ with st.form("setup"):  # every widget has a key: ui.load_setup_form reads them 
         st.selectbox("Bundled task", ui.BUNDLED, key="bundled")
         st.text_input("Task file path (BIG-bench task.json, .jsonl, .csv), or HF dataset name[:split]", key="task_path")
         st.file_uploader("JSONL / CSV file", type=["jsonl", "csv"], key="upload")
-        m = st.columns(4)
-        for col, (key, label) in zip(m, [("prompt_col", "prompt"), ("choices_col", "choices"),
-                                         ("answer_col", "answer"), ("targets_col", "targets")]):
-            col.text_input(f"{label} column", key=key)
+        for col, key in zip(st.columns(4), ui.TASK_COLUMNS):
+            col.text_input(f"{key.removesuffix('_col')} column", key=key)
         s1, s2, s3, s4 = st.columns(4)
         s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
         s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")

@@ -8,6 +8,7 @@ import yaml
 
 import laser_ui as ui
 from laser_core import Edit, LaserError, SearchConfig, edited
+from laser_core.cli import command_defaults
 from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
@@ -66,7 +67,7 @@ st.subheader("From the command line")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
 found_by = report if report and report.get("search_split") == d["split"] and any(
     (c["name"], c["k"], c["rho"]) == (d["name"], d["k"], d["rho"]) for c in report["candidates"]) else None
-cfg = SearchConfig(**found_by["config"]) if found_by else SearchConfig("laser", ks=(1,)) if method == "laser" else SearchConfig()
+cfg = SearchConfig(**found_by["config"]) if found_by else command_defaults(method or "c2i")
 st.caption(("or re-run the search that found it: " if found_by else "or run a search: ") + f"`{ui.cli_command(lm, splits, cfg)}`")
 
 st.subheader("Save the edited model")
