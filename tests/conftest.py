@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 CORPUS = ["Is the number {n} even? Answer: yes no", "The capital of France is Paris.", "true false claim",
           "Q: What colour is the sky? A: blue green red", "entailment non-entailment premise hypothesis"]
 ARCHS = ("llama", "gpt2", "roberta")
+# the device the tiny models of `tiny_lm` run on: cpu in CI; LASER_LAB_TEST_DEVICE=cuda re-runs those tests on a GPU
+TEST_DEVICE = os.environ.get("LASER_LAB_TEST_DEVICE", "cpu")
 
 
 def make_tokenizer():
@@ -67,11 +70,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def tiny_lm(tiny_dirs):
-    """Load a tiny model by architecture name (fresh copy per call)."""
+    """Load a tiny model by architecture name (fresh copy per call), on ``LASER_LAB_TEST_DEVICE`` (default cpu)."""
     from laser_core import ModelSpec, load_model
 
     def _load(arch: str = "llama"):
-        return load_model(ModelSpec(str(tiny_dirs[arch]), device="cpu"))
+        return load_model(ModelSpec(str(tiny_dirs[arch]), device=TEST_DEVICE))
     return _load
 
 
