@@ -39,6 +39,10 @@ class BlockFactors:
             out[f"U{i}"], out[f"S{i}"], out[f"Vh{i}"] = self.U[i], self.S[i], self.Vh[i]
         return out
 
+    def to(self, device: torch.device) -> "BlockFactors":
+        """The same factors on ``device`` (where the weight they truncate lives)."""
+        return BlockFactors(*([t.to(device) for t in ts] for ts in (self.U, self.S, self.Vh)))
+
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "BlockFactors":
         k = sum(1 for name in t if name.startswith("S"))

@@ -111,16 +111,27 @@ def params_kept(ref: MatrixRef, k: int, rho: float) -> tuple[list[int], int]:
     return ranks, sum(r * ((b - a) + ref.shape[1]) for r, (a, b) in zip(ranks, blocks))
 
 
-def get_factors(lm: LoadedModel, name: str, k: int, store: Store) -> BlockFactors:
-    """Block-SVD factors of matrix ``name`` for K blocks: one SVD per (matrix, K) serves every rho (cached)."""
-    ref = lm.ref(name)
+def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None) -> BlockFactors:
+    """Block-SVD factors of matrix ``name`` for K blocks, on the model's device: one SVD per (matrix, K) serves
+    every rho (cached in ``store``).
+
+    ``memo`` (a dict a search passes to every candidate) keeps the last (matrix, K)'s factors in memory, so
+    that the candidates of one matrix's rho grid neither read them back from the store one by one nor, where
+    the store caches nothing (``--no-cache``, the benchmark), compute the SVD again.
+    """
+    if memo is not None and (name, k) in memo:
+        return memo[(name, k)]
     key = store.key("factors", lm.fingerprint, "-", {"name": name, "k": k})
     t = store.get_tensors(key)
     if t is not None:
-        return BlockFactors.from_tensors(t)
-    store.counts["svd"] += 1
-    f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], ref), k)
-    store.put_tensors(key, f.tensors())
+        f = BlockFactors.from_tensors(t).to(lm.device)
+    else:
+        store.counts["svd"] += 1
+        f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
+        store.put_tensors(key, f.tensors())
+    if memo is not None:
+        memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
+        memo[(name, k)] = f
     return f
 
 
@@ -191,8 +202,10 @@ def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
 
 def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split: str, store: Store,
                        cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
-                       prefixes: PrefixPool | None = None) -> dict:
+                       prefixes: PrefixPool | None = None, factors: dict | None = None) -> dict:
     """Evaluate the model with ``edit`` (None = base) on ``split``; cached per (model, task split, edit).
+
+    ``factors``: a search's in-memory memo of SVD factors (see :func:`get_factors`).
 
     Returns a plain dict: the edit, its layer/type/ranks, accuracy, log_loss, per-example outcomes, seconds.
     """
@@ -211,9 +224,9 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     else:
         ref = lm.ref(edit.name)
         store.counts["eval"] += 1
-        factors = {(edit.name, edit.k): get_factors(lm, edit.name, edit.k, store)}
+        f = get_factors(lm, edit.name, edit.k, store, factors)
         prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
-        with edited(lm, [edit], factors):
+        with edited(lm, [edit], {(edit.name, edit.k): f}):
             res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix)
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
@@ -362,6 +375,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                           f"use K <= {most}")
     base = best = None
     candidates: list[dict] = []
+    factors: dict = {}  # the last (matrix, K)'s SVD factors, for the rest of its rho grid
     skipped: list[dict] = []
     matrices: list[dict] = []
     status = "complete"
@@ -386,7 +400,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             same = done_ranks.get(ident)
             try:
                 doc = same_result(lm, edit, splits, split, store, same) if same else \
-                    evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes)
+                    evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors)
             except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
                 log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
                 ref = lm.ref(edit.name)
@@ -411,7 +425,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         _emit(progress, phase="test", done=0, total=2, message="held-out test: base and best")
         base_test = evaluate_candidate(lm, None, splits, "test", store, cancel)
         if best is not None:
-            best_test = evaluate_candidate(lm, Edit(best["name"], best["k"], best["rho"]), splits, "test", store, cancel)
+            best_test = evaluate_candidate(lm, Edit(best["name"], best["k"], best["rho"]), splits, "test", store, cancel,
+                                           factors=factors)
         timings["test"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     counts = {k: store.counts.get(k, 0) - counts0.get(k, 0) for k in set(store.counts) | set(counts0)}

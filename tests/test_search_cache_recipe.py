@@ -75,6 +75,25 @@ def test_second_identical_run_reads_everything_from_cache(tiny_lm, mc_task, stor
     assert [c["accuracy"] for c in first.candidates] == [c["accuracy"] for c in second.candidates]
 
 
+def test_one_svd_per_matrix_and_k_serves_its_rho_grid_with_no_cache(tiny_lm, mc_task, monkeypatch):
+    import laser_core.search as search_mod
+    from laser_core.search import evaluate_candidate
+    from laser_core.store import null_store
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    calls = []
+    real = search_mod.block_svd
+    monkeypatch.setattr(search_mod, "block_svd", lambda w, k: calls.append((tuple(w.shape), k)) or real(w, k))
+    rep = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25)), null_store(), held_out=False)
+    pairs = {(c["name"], c["k"]) for c in rep.candidates}
+    evaluated = [c for c in rep.candidates if "same_as_rho" not in c]
+    assert len(evaluated) > len(pairs)  # each (matrix, K) had rhos with different ranks to evaluate
+    assert len(calls) == len(pairs) == rep.cache["svd"]
+    for c in evaluated[-2:]:  # the same numbers as an evaluation that computes its own SVD
+        alone = evaluate_candidate(lm, Edit(c["name"], c["k"], c["rho"]), splits, "calib", null_store())
+        assert (alone["accuracy"], alone["log_loss"]) == (c["accuracy"], c["log_loss"])
+
+
 def test_corrupt_or_foreign_cache_entries_are_recomputed_not_executed(tiny_lm, mc_task, store):
     import pickle
     lm = tiny_lm("llama")
