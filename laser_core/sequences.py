@@ -68,7 +68,8 @@ def without_lead(s: Seq, n: int) -> Seq:
                    positions=(s.positions or list(range(len(s.ids))))[n:])
 
 
-def least_padded_batches(lm: LoadedModel, seqs: list[Seq], max_tokens: int, max_batch: int = 64, lead: int = 0) -> list[list[int]]:
+def least_padded_batches(lm: LoadedModel, seqs: list[Seq], max_tokens: int, max_batch: int | None = None,
+                         lead: int = 0) -> list[list[int]]:
     """Batches of sequence indices, sorted by length, cut where the padded tokens plus a per-batch overhead are
     least (dynamic programming over the cut points); a batch holds at most ``max_tokens`` padded tokens (or one
     longer sequence) and ``max_batch`` rows. Rows that follow a cached lead of ``lead`` tokens each hold a copy
@@ -77,8 +78,12 @@ def least_padded_batches(lm: LoadedModel, seqs: list[Seq], max_tokens: int, max_
 
     The overhead of one more batch, in tokens, is small on a CPU (compute-bound: padding costs as much as real
     tokens) and large on a GPU (a forward's launch cost is worth thousands of tokens), so a GPU gets few
-    full batches and a CPU gets batches of near-equal lengths.
+    full batches and a CPU gets batches of near-equal lengths. ``max_batch`` (rows) is 64 on a CPU and 256 on an
+    accelerator by default: on an H100, FEVER's 1305 validation examples ran in 6 batches instead of 21 and
+    took 0.61 s instead of 0.80 (0.37 s instead of 0.60 from layer 2's cached states); 1024 rows gave no more.
     """
+    if max_batch is None:
+        max_batch = 64 if lm.device.type == "cpu" else 256
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
     lengths = [len(seqs[i].ids) for i in order]
     overhead = 32 if lm.device.type == "cpu" else max_tokens // 2

@@ -172,3 +172,6 @@ def test_a_gpu_gets_fewer_fuller_batches_than_a_cpu():
     gpu = least_padded_batches(SimpleNamespace(device=torch.device("cuda")), seqs, 8192)
     assert len(gpu) < len(cpu) and _padded(seqs, cpu) < _padded(seqs, gpu)
     assert _padded(seqs, cpu) < 1.05 * sum(len(s.ids) for s in seqs)
+    assert max(len(b) for b in cpu) <= 64 and max(len(b) for b in gpu) > 64  # a GPU's rows are not capped at 64
+    short = [Seq([0] * 20, [0], []) for _ in range(300)]  # 6000 tokens: within the token cap, 256 rows at most
+    assert [len(b) for b in least_padded_batches(SimpleNamespace(device=torch.device("cuda")), short, 8192)] == [256, 44]
