@@ -174,6 +174,14 @@ class PrefixStates:
         return entry
 
 
+def _on_host(lps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 1-D log-prob tensors ``lps`` on the CPU, copied in one transfer: reading each sequence's values from an
+    accelerator one by one would wait for the device once per sequence."""
+    if not lps or lps[0].device.type == "cpu":
+        return lps
+    return list(torch.cat(lps).cpu().split([len(x) for x in lps]))
+
+
 def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise NumericsError(f"{what} is NaN or infinite (the model's output overflowed; try float32)")
@@ -252,7 +260,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         pending_rows.append(scored_rows(lm, batch, start, lead=lead))
         if sum(len(r) for r in pending_rows) < head_rows and bn + 1 < len(batches) and beat is None:
             continue  # the head reads its whole weight once per call: run it over many batches' rows at once
-        together, lps = pending, head_logprobs(lm, pending, torch.cat(pending_rows))
+        together, lps = pending, _on_host(head_logprobs(lm, pending, torch.cat(pending_rows)))
         pending, pending_rows = [], []
         for s, lp in zip(together, lps):
             e = examples[s.example]
