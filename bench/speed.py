@@ -152,6 +152,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights' dtype (float32 by default, as on a CPU; bf16 is the GPU's fast type)")
     ap.add_argument("--task", default="fever")
     ap.add_argument("--quick", action="store_true", help="LASER on --laser-layers only, the rest extrapolated")
     ap.add_argument("--laser-layers", type=int, nargs="+", default=[29])
@@ -162,12 +164,13 @@ def main() -> None:
     ap.add_argument("--skip-b", action="store_true", help="only (a) and (c)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lm = load_model(ModelSpec(args.model, args.device))
+    lm = load_model(ModelSpec(args.model, args.device, args.dtype))
     ts = TaskSpec(args.task, n_calib=100, n_test=300, seed=0)
     splits = make_splits(load_task(ts), ts)
     dev = lm.machine
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# LASER Lab speed benchmark — {args.model} on {args.task}, {dev}, {stamp}\n")
+    print(f"# LASER Lab speed benchmark — {args.model} ({args.dtype}) on {args.task}, {dev}, torch {torch.__version__}, "
+          f"{stamp}\n")
     a = part_a(lm, splits, args.repeat)
     print("## (a) per-candidate evaluation, 100 calibration examples\n")
     types = list(a[0]["types"])
@@ -216,7 +219,7 @@ def main() -> None:
     print("## (c) cache\n")
     print(f"revisit a cached candidate: {c['revisit_ms']:.1f} ms (target < 50 ms); SVD of {c['svd_matrix']} (K=4): "
           f"recompute {c['svd_recompute_ms']:.1f} ms vs cache hit {c['svd_cache_hit_ms']:.1f} ms")
-    out = Path(args.out or Path(__file__).parent / "results" / f"speed-{lm.device.type}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"speed-{lm.device.type}{'' if args.dtype == 'float32' else '-' + args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "date": stamp, "args": vars(args), "a": a, "a_summary": sa,
                                "b": b, "c": c}, indent=2, default=str))
