@@ -324,6 +324,6 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     nll = [0.0] * len(examples)
     for bidx in least_padded_batches(lm, seqs, max_tokens):
         batch = [seqs[i] for i in bidx]
-        for s, lp in zip(batch, scored_logprobs(lm, batch)):
+        for s, lp in zip(batch, _on_host(scored_logprobs(lm, batch))):
             nll[s.example] = -float(lp.mean())
     return EvalResult(sum(correct) / len(examples), sum(nll) / len(examples), len(examples), correct, answers)
