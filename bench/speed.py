@@ -8,7 +8,9 @@
 (b) end to end: C2I (gradient + scores + q x K x rho search on the calibration split) vs LASER brute force
     (layers x matrix types x the same rho grid, K=1, on the 20% validation split), wall time and held-out
     test accuracy of each best candidate;
-(c) revisiting a cached candidate, and an SVD read from the cache vs recomputed.
+(c) revisiting a cached candidate, and an SVD read from the cache vs recomputed;
+(d) the physical limit: the floating-point operations one evaluation executes (counted by torch's
+    FlopCounterMode) over its time in (a), against this machine's matmul throughput at the model's own shapes.
 Every ratio comes from timings taken in this one run. Nothing is cached between (a), (b) and (c) except
 where (c) measures the cache itself.
 """
@@ -148,6 +150,55 @@ def part_c(lm, splits) -> dict:
             "svd_matrix": ref.name}
 
 
+def counted_flops(fn) -> tuple[int, list[str]]:
+    """Floating-point operations that ``fn()`` executes as torch's FlopCounterMode counts them (matrix products,
+    and attention where its kernel is registered), and the names of the ops it counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), sorted(str(op) for op in counter.get_flop_counts().get("Global", {}))
+
+
+def matmul_peak(lm, rows: int, repeat: int = 20) -> dict:
+    """This machine's matmul throughput (GFLOP/s, best of ``repeat``) for ``rows`` token rows times each distinct
+    shape of the model's block matrices, in the weights' dtype on their device: the ceiling an evaluation can reach."""
+    dtype = next(lm.model.parameters()).dtype
+    shapes = sorted({tuple(r.shape) for r in lm.matrices})
+    out = {}
+    for n_out, n_in in shapes:
+        x = torch.randn(rows, n_in, dtype=dtype, device=lm.device)
+        w = torch.randn(n_in, n_out, dtype=dtype, device=lm.device)
+        t, _ = timed(lm, lambda: x @ w, repeat)
+        out[f"{n_out}x{n_in}"] = 2 * rows * n_in * n_out / t / 1e9
+    return out
+
+
+def part_d(lm, splits, a: list[dict]) -> dict:
+    """GFLOP of one evaluation of the calibration split, full forward and prefix path at the last layer, their
+    achieved GFLOP/s from (a)'s timings, and the matmul throughput of this machine at the model's shapes."""
+    ex = splits.examples("calib")
+    last = lm.n_layers - 1
+    ref = next(r for r in lm.matrices if r.layer == last)
+    full, ops = counted_flops(lambda: evaluate(lm, ex))
+    prefix = PrefixStates(lm, ex, last)
+    entry = prefix.at_matrix(lm, ref.name)  # from the unedited model, as in (a)
+    with edited(lm, [Edit(ref.name, 1, 0.1)]):
+        tail, _ = counted_flops(lambda: evaluate(lm, ex, prefix=entry))
+    rows = max(len(b) for b in prefix.batches) * max(len(s.ids) for s in prefix.seqs)  # a batch's token rows
+    peak = matmul_peak(lm, rows)
+    # the throughput of the forward's mix of products: its work over the time each product takes at its own rate
+    weighted = sum(r.shape[0] * r.shape[1] for r in lm.matrices) / \
+        sum(r.shape[0] * r.shape[1] / peak[f"{r.shape[0]}x{r.shape[1]}"] for r in lm.matrices)
+    by = {r["layer"]: r for r in a}
+    t_full = min(r["full_s"] for r in a)
+    t_tail = by[last]["types"][ref.type]["prefix_s"]
+    return {"counted_ops": ops, "full_gflop": full / 1e9, "full_s": t_full, "full_gflops": full / t_full / 1e9,
+            "tail_layer": last, "tail_matrix": ref.name, "tail_gflop": tail / 1e9, "tail_s": t_tail,
+            "tail_gflops": tail / t_tail / 1e9, "tokens": sum(len(s.ids) for s in prefix.seqs) + len(prefix.lead),
+            "matmul_rows": rows, "matmul_gflops": peak, "matmul_gflops_model_mix": weighted,
+            "full_share_of_peak": full / t_full / 1e9 / weighted, "tail_share_of_peak": tail / t_tail / 1e9 / weighted}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -161,7 +212,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005])
     ap.add_argument("--repeat", type=int, default=2, help="(a): best of this many timings of each evaluation")
-    ap.add_argument("--skip-b", action="store_true", help="only (a) and (c)")
+    ap.add_argument("--skip-b", action="store_true", help="only (a), (c) and (d)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     lm = load_model(ModelSpec(args.model, args.device, args.dtype))
@@ -219,10 +270,22 @@ def main() -> None:
     print("## (c) cache\n")
     print(f"revisit a cached candidate: {c['revisit_ms']:.1f} ms (target < 50 ms); SVD of {c['svd_matrix']} (K=4): "
           f"recompute {c['svd_recompute_ms']:.1f} ms vs cache hit {c['svd_cache_hit_ms']:.1f} ms")
+    d = part_d(lm, splits, a)
+    print("\n## (d) the physical limit\n")
+    print(f"One evaluation of the {len(splits.calib)} calibration examples ({d['tokens']} tokens) executes "
+          f"{d['full_gflop']:.1f} GFLOP with the full forward and {d['tail_gflop']:.2f} GFLOP with prefix reuse at layer "
+          f"{d['tail_layer']} (counted by torch's FlopCounterMode; ops counted: {', '.join(d['counted_ops'])}; where the "
+          "attention kernel is not among them its products, a few percent of a short prompt's work, go uncounted). In (a)'s timings that is "
+          f"{d['full_gflops']:.0f} GFLOP/s and {d['tail_gflops']:.0f} GFLOP/s. This machine's matmul throughput at the "
+          f"model's shapes ({d['matmul_rows']} token rows, best of 20): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in d["matmul_gflops"].items())
+          + f" GFLOP/s, {d['matmul_gflops_model_mix']:.0f} GFLOP/s for the model's mix of matrices. The full forward "
+          f"runs at {100 * d['full_share_of_peak']:.0f}% of that ceiling, the last layer's prefix path at "
+          f"{100 * d['tail_share_of_peak']:.0f}% (its fixed costs weigh more on little work).")
     out = Path(args.out or Path(__file__).parent / "results" / f"speed-{lm.device.type}{'' if args.dtype == 'float32' else '-' + args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "date": stamp, "args": vars(args), "a": a, "a_summary": sa,
-                               "b": b, "c": c}, indent=2, default=str))
+                               "b": b, "c": c, "d": d}, indent=2, default=str))
     print(f"\nJSON: {out}")
 
 
