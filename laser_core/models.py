@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -216,11 +217,27 @@ def weight_hashes(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+# Where a model was loaded from and which transformers version wrote its config are not what the model is: the
+# same weights in another folder (a moved or re-cloned repository, a copied cache, a recipe applied on another
+# machine) keep their cached results and recipes.
+_NOT_IDENTITY = frozenset({"_name_or_path", "transformers_version", "_commit_hash"})
+
+
+def _identity_config(d):
+    """A config dict without the ``_NOT_IDENTITY`` keys, nested configs (e.g. a ``text_config``) included."""
+    if isinstance(d, dict):
+        return {k: _identity_config(v) for k, v in d.items() if k not in _NOT_IDENTITY}
+    return d
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """One short hash over the config and every weight: the model's identity for caches and recipes."""
+    """One short hash over the config (less where it was loaded from) and every weight: the model's identity for
+    caches and recipes."""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
-    h.update((cfg.to_json_string(use_diff=False) if cfg is not None else type(model).__name__).encode())
+    text = json.dumps(_identity_config(json.loads(cfg.to_json_string(use_diff=False))), sort_keys=True) \
+        if cfg is not None else type(model).__name__
+    h.update(text.encode())
     for name, t in model.state_dict().items():
         data = t.detach().contiguous().cpu()
         h.update(name.encode())

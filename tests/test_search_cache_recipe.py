@@ -202,6 +202,36 @@ def test_recipe_apply_writes_a_loadable_model_that_reproduces_the_edited_accurac
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_same_weights_in_another_folder_keep_their_fingerprint_cache_and_recipes(tiny_lm, tiny_dirs, mc_task,
+                                                                                  store, tmp_path):
+    # the config's _name_or_path (the folder it was loaded from) used to enter the fingerprint: a moved repository
+    # or a copied cache lost every cached result, and a recipe refused the same weights loaded from elsewhere
+    import shutil
+
+    from conftest import TEST_DEVICE
+    from laser_core import ModelSpec, load_model
+    from laser_core.models import weights_fingerprint
+    from laser_core.recipe import check_recipe_fits
+
+    lm = tiny_lm("llama")
+    moved = load_model(ModelSpec(str(shutil.copytree(tiny_dirs["llama"], tmp_path / "moved copy")), device=TEST_DEVICE))
+    assert moved.model.config._name_or_path != lm.model.config._name_or_path
+    assert moved.fingerprint == lm.fingerprint
+    ts, splits = _splits(mc_task)
+    report = run_search(lm, splits, SMALL, store)
+    again = run_search(moved, splits, SMALL, store)
+    assert again.candidates and all(c["cached"] for c in again.candidates)
+    check_recipe_fits(moved, recipe_from_report(lm, report, ts))  # no "fingerprint" refusal
+    # what the model is still counts: one weight, or one config value, changes the fingerprint
+    moved.model.config.rms_norm_eps *= 10
+    assert weights_fingerprint(moved.model) != lm.fingerprint
+    moved.model.config.rms_norm_eps /= 10
+    assert weights_fingerprint(moved.model) == lm.fingerprint
+    with torch.no_grad():
+        dict(moved.model.named_parameters())[lm.matrices[0].name][0, 0] += 1.0
+    assert weights_fingerprint(moved.model) != lm.fingerprint
+
+
 def test_recipe_for_other_weights_is_refused(tiny_lm, mc_task, tmp_path):
     lm = tiny_lm("llama")
     recipe = {"laser_lab_recipe": 1, "model": {"source": "x", "fingerprint": "0" * 16},
