@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelSpec
+from .config import ModelSpec, canonical_json
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     caches and recipes."""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
-    text = json.dumps(_identity_config(json.loads(cfg.to_json_string(use_diff=False))), sort_keys=True) \
+    text = canonical_json(_identity_config(json.loads(cfg.to_json_string(use_diff=False)))) \
         if cfg is not None else type(model).__name__
     h.update(text.encode())
     for name, t in model.state_dict().items():
