@@ -434,16 +434,35 @@ def score_inputs(lm) -> tuple[str, float, int]:
     return score, tail if score == "paper" else SearchConfig.tail_fraction, q
 
 
-def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> None:
-    """Which matrices a C2I search with ``cfg`` tries, where the scores are cached (else when they come)."""
-    from laser_core.search import c2i_matrices, cached_spectra, score_table
+def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> int | None:
+    """Which matrices a C2I search with ``cfg`` tries, and the K each is too small for, where the scores are cached
+    (else when they come). Returns the number of candidates where known; a grid that fits none stops the page."""
+    from laser_core.search import c2i_matrices, c2i_plan, cached_spectra, score_table
     found = cached_spectra(lm, splits, store(), cfg.ks if cfg.score == "first_order" else (1,))
     if found is None:
         st.caption(f"Tries the top {cfg.q} matrices by the {cfg.score} score: the run computes the scores first "
                    "(or compute them on Layer scores to see which).")
-        return
-    refs = [lm.ref(n) for n in c2i_matrices(score_table(lm, found[0], cfg.score, cfg), cfg.q)]
+        return None
+    table = score_table(lm, found[0], cfg.score, cfg)
+    refs = [lm.ref(n) for n in c2i_matrices(table, cfg.q)]
     st.caption(f"Tries the top {cfg.q} by the {cfg.score} score: " + ", ".join(f"layer {r.layer} {r.type}" for r in refs))
+    try:
+        plan, unfit = c2i_plan(lm, cfg, found[0], table)
+    except ConfigError as e:
+        user_error(str(e))
+    if unfit:
+        st.info("Left out, K larger than the matrix's rows: "
+                + "; ".join(f"layer {u['layer']} {u['type']} K={u['k']}" for u in unfit))
+    return len(plan)
+
+
+def render_skipped(report: dict) -> None:
+    """What a search report left out (a K too large for a matrix, an edit or gradient with NaN/inf), and why."""
+    from laser_core.search import skip_text
+    skipped = report.get("skipped") or []
+    if skipped:
+        with st.expander(f"{len(skipped)} left out of this search"):
+            st.markdown("\n".join(f"- `{skip_text(s)}`" for s in skipped))
 
 
 def cli_command(lm, splits, cfg: SearchConfig) -> str:

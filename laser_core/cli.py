@@ -240,7 +240,7 @@ def _cmd_search(args, method: str) -> int:
     from .estimate import SPLIT_WORDS, estimate_search
     from .evaluate import CancelToken
     from .recipe import recipe_from_report, save_recipe
-    from .search import SEARCH_SPLIT, run_search
+    from .search import SEARCH_SPLIT, run_search, skip_text
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
     lm, tspec, splits, store = _setup(args)
@@ -262,10 +262,15 @@ def _cmd_search(args, method: str) -> int:
     print(f"best   {split:<11} {_fmt(report.best)}")
     print(f"base   held-out    {_fmt(report.base_test)}")
     print(f"best   held-out    {_fmt(report.best_test)}")
+    for entry in report.skipped:
+        print(f"skipped: {skip_text(entry)}")
     if report.status != "complete":
         print(f"cancelled: {len(report.candidates)} candidates kept in the cache; no test evaluation")
         return 130
     b = report.best
+    if b is None:
+        print("no candidate finished (each was skipped, see above): no edit to export", file=sys.stderr)
+        return 1
     print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']} ranks={b['ranks']}"
           + ("" if report.improves else "  [does not beat the base model on the search split]"))
     t = report.timings

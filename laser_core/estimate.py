@@ -83,7 +83,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     """About how long ``run_search(lm, splits, cfg, store)`` takes here; None when nothing in the cache is timed.
 
     Raises:
-        ConfigError: the plan itself is invalid (no matrix matches a LASER range, K larger than a matrix's rows).
+        ConfigError: the plan itself is invalid (no matrix matches a LASER range, no K of the grid fits the chosen matrices).
     """
     split = SEARCH_SPLIT[cfg.method]
     docs = cached_results(store, lm, splits)
@@ -97,7 +97,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     if cfg.method == "laser":
         plan: list[Edit | None] = [e for e, _ in laser_plan(lm, cfg)]
     elif spectra is not None:
-        plan = [e for e, _ in c2i_plan(lm, cfg, spectra[0], score_table(lm, spectra[0], cfg.score, cfg))]
+        plan = [e for e, _ in c2i_plan(lm, cfg, spectra[0], score_table(lm, spectra[0], cfg.score, cfg))[0]]
     else:
         plan = [None] * (cfg.q * len(cfg.ks) * len(cfg.rhos))  # matrices unknown until the gradient step
     done = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == split and d.get("name")

@@ -308,23 +308,40 @@ def c2i_matrices(matrices: list[dict], q: int) -> list[str]:
 
 
 def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectrum],
-             matrices: list[dict]) -> list[tuple[Edit, float | None]]:
-    """C2I's candidates in search order: the top-``q`` matrices of the ``score_table`` rows ``matrices``, each
-    over the K and rho grids, with the first-order predicted gain where the spectra hold that K (else None).
+             matrices: list[dict]) -> tuple[list[tuple[Edit, float | None]], list[dict]]:
+    """C2I's candidates in search order, and the (matrix, K) pairs left out.
+
+    The candidates: the top-``q`` matrices of the ``score_table`` rows ``matrices``, each over the K and rho grids,
+    with the first-order predicted gain where the spectra hold that K (else None). A K larger than a chosen
+    matrix's rows is left out for that matrix: one entry per such pair, in the form of a report's ``skipped``.
 
     Raises:
-        ConfigError: a K of the grid is larger than a chosen matrix's rows.
+        ConfigError: no K of the grid fits any chosen matrix (nothing would be tried).
     """
     plan: list[tuple[Edit, float | None]] = []
+    unfit: list[dict] = []
     for name in c2i_matrices(matrices, cfg.q):
-        rows = lm.ref(name).shape[0]
+        ref = lm.ref(name)
+        rows = ref.shape[0]
         for k in cfg.ks:
             if k > rows:
-                raise ConfigError(f"K={k} is larger than the {rows} rows of {name}; use K <= {rows}")
+                unfit.append({"name": name, "layer": ref.layer, "type": ref.type, "k": k, "rho": None,
+                              "error": f"K={k} is larger than its {rows} rows: not tried (K <= {rows} fits it)"})
+                continue
             for rho in cfg.rhos:
                 gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
                 plan.append((Edit(name, k, rho), gain))
-    return plan
+    if not plan:
+        raise ConfigError("no K of the grid fits the chosen matrices (" + "; ".join(map(skip_text, unfit))
+                          + "); add a smaller K: K=1 fits every matrix")
+    return plan, unfit
+
+
+def skip_text(entry: dict) -> str:
+    """One line for a report's ``skipped`` entry: which matrix (and K, rho) and why."""
+    what = " ".join([entry["name"]] + [f"{key}={entry[key]:g}" if key == "rho" else f"K={entry[key]}"
+                                       for key in ("k", "rho") if entry.get(key) is not None])
+    return f"{what}: {entry['error']}"
 
 
 def laser_plan(lm: LoadedModel, cfg: SearchConfig) -> list[tuple[Edit, None]]:
@@ -387,7 +404,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                                       cancel, progress, timings)
             t0 = time.perf_counter()
             matrices = score_table(lm, spectra, cfg.score, cfg)
-            plan = c2i_plan(lm, cfg, spectra, matrices)
+            plan, unfit = c2i_plan(lm, cfg, spectra, matrices)
+            skipped += unfit
             timings["scores"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None

@@ -45,7 +45,7 @@ except ConfigError as e:
 if method.startswith("LASER") and not sel_types:
     ui.user_error("Choose at least one matrix type.")
 if cfg.method == "c2i":
-    ui.render_c2i_matrices(lm, splits, cfg)
+    n = ui.render_c2i_matrices(lm, splits, cfg) or n
 searched = SEARCH_SPLIT[cfg.method]
 st.caption(f"{n} candidate{'' if n == 1 else 's'}, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
 
@@ -56,7 +56,7 @@ if cached:
 else:
     try:
         ui.render_estimate(estimate_search(lm, splits, cfg, ui.store()))
-    except LaserError as e:  # e.g. a K larger than a chosen matrix's rows: say so before a run would
+    except LaserError as e:  # e.g. a LASER range that matches no matrix: say so before a run would
         ui.user_error(str(e))
 with st.expander("The same search from the command line"):
     st.code(ui.cli_command(lm, splits, cfg), language="bash")
@@ -72,7 +72,11 @@ if job is not None and job.status in ("done", "cancelled") and job.result is not
     st.session_state["shown_job"] = job.id
 ui.live_job("search", lambda job: ui.render_search_job(job, lm))
 report = st.session_state.get("last_report")
-if report and report.get("best") and not (job is not None and job.status == "running"):  # running: the live view
+running = job is not None and job.status == "running"  # running: the live view instead
+if report and not running and not report.get("best") and report.get("status") == "complete" and report.get("skipped"):
+    st.warning("No candidate of this search finished: each was left out (below).")
+    ui.render_skipped(report)
+if report and report.get("best") and not running:
     b = report["best"]
     st.subheader(f"Best candidate · {'C2I search' if report['method'] == 'c2i' else 'LASER sweep'}"
                  + (" (cancelled: of the candidates it finished)" if report.get("status") == "partial" else ""))
@@ -86,3 +90,4 @@ if report and report.get("best") and not (job is not None and job.status == "run
     st.plotly_chart(ui.accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(ui.candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
+    ui.render_skipped(report)

@@ -255,6 +255,24 @@ def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_repo
         del jobs[job.id]
 
 
+def test_explore_says_what_a_search_left_out_and_why(app_env):
+    left = [{"name": "model.layers.0.self_attn.k_proj.weight", "layer": 0, "type": "k", "k": 32, "rho": None,
+             "error": "K=32 is larger than its 16 rows: not tried (K <= 16 fits it)"},
+            {"name": "model.layers.1.mlp.up_proj.weight", "layer": 1, "type": "up", "k": 1, "rho": 0.5,
+             "error": "the log-loss is NaN or infinite"}]
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at.session_state["last_report"] = {"method": "c2i", "status": "complete", "best": None, "candidates": [],
+                                       "skipped": left}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("No candidate of this search finished" in w.value for w in at.warning)
+    assert [e.label for e in at.expander if "left out" in e.label] == ["2 left out of this search"]
+    said = "\n".join(m.value for m in at.markdown)
+    assert ("`model.layers.0.self_attn.k_proj.weight K=32: K=32 is larger than its 16 rows: not tried (K <= 16 fits it)`"
+            in said)
+    assert "`model.layers.1.mlp.up_proj.weight K=1 rho=0.5: the log-loss is NaN or infinite`" in said
+
+
 def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
     at = page("pages/3_Explore.py")
     at.radio(key="method").set_value("LASER sweep (brute force)").run()

@@ -94,10 +94,32 @@ def test_bad_search_settings_name_the_bad_value(kwargs, match):
         SearchConfig(**kwargs)
 
 
-def test_k_larger_than_a_chosen_matrix_is_refused_before_any_edit(tiny_lm, mc_task):
+def test_k_larger_than_some_chosen_matrices_is_left_out_for_those_and_listed(tiny_lm, mc_task):
     lm = tiny_lm("llama")
-    with pytest.raises(ConfigError, match=r"K=32 is larger than the 16 rows of model\.layers\.\d\.self_attn\.[kv]_proj\.weight; use K <= 16"):
-        run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(32,), rhos=(0.5,)), None)
+    report = run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(1, 32), rhos=(0.5,)), None)
+    small = {r.name for r in lm.matrices if r.shape[0] < 32}
+    assert small and small == {r.name for r in lm.matrices if r.type in ("k", "v")}  # 16 rows each
+    tried = {(c["name"], c["k"]) for c in report.candidates}
+    assert tried == {(r.name, k) for r in lm.matrices for k in (1, 32) if (r.name not in small or k == 1)}
+    assert sorted((s["name"], s["k"]) for s in report.skipped) == sorted((n, 32) for n in small)
+    assert all(s["error"] == "K=32 is larger than its 16 rows: not tried (K <= 16 fits it)" and s["rho"] is None
+               for s in report.skipped)
+    assert report.status == "complete" and report.best_test is not None
+
+
+def test_a_k_grid_that_fits_no_chosen_matrix_is_refused_by_name(tiny_lm, mc_task):
+    from laser_core.search import c2i_plan, load_spectra, score_table
+    from laser_core.store import null_store
+
+    lm, splits = tiny_lm("llama"), _splits(mc_task)
+    cfg = SearchConfig(q=2, ks=(32,), rhos=(0.5,))
+    spectra, _ = load_spectra(lm, splits, null_store(), (1,))
+    table = score_table(lm, spectra, cfg.score, cfg)
+    for row in table:  # the k and v matrices of layer 0 (16 rows each) come first
+        row["score"] = 1.0 if row["layer"] == 0 and row["type"] in ("k", "v") else 0.0
+    with pytest.raises(ConfigError, match=r"no K of the grid fits the chosen matrices \(model\.layers\.0\.self_attn\."
+                                          r"[kv]_proj\.weight K=32: K=32 is larger than its 16 rows.*; add a smaller K"):
+        c2i_plan(lm, cfg, spectra, table)
 
 
 def test_k_larger_than_every_matrix_is_refused_before_the_gradient_step(tiny_lm, mc_task):
@@ -134,6 +156,27 @@ def test_candidate_that_produces_nan_is_skipped_not_a_crash(tiny_lm, mc_task, mo
     assert len(report.candidates) == 4 and len(report.skipped) == 4
     assert all(s["rho"] == 0.1 and "NaN or infinite" in s["error"] for s in report.skipped)
     assert weight_hashes(lm.model) == before
+
+
+def test_cli_search_lists_what_it_left_out_and_fails_clearly_when_nothing_finished(tiny_dirs, mc_task, tmp_path,
+                                                                                   capsys, monkeypatch):
+    from laser_core.cli import main
+    args = ["search", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+            "--n-test", "20", "--no-cache", "--q", "14", "--rhos", "0.5", "--recipe-out", str(tmp_path / "r.json")]
+    assert main([*args, "--ks", "1,32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    left = [line for line in out if line.startswith("skipped: ")]
+    assert sorted(left) == sorted(f"skipped: model.layers.{i}.self_attn.{m}_proj.weight K=32: K=32 is larger than "
+                                  f"its 16 rows: not tried (K <= 16 fits it)" for i in (0, 1) for m in "kv")
+    assert any(line.startswith("chosen edit: model.layers.") for line in out)
+    import laser_core.reduction as reduction
+    real = reduction.block_truncate
+    monkeypatch.setattr(reduction, "block_truncate", lambda f, rho: real(f, rho) * float("inf"))
+    assert main([*args, "--q", "1", "--ks", "1", "--recipe-out", str(tmp_path / "none.json")]) == 1
+    captured = capsys.readouterr()
+    assert "skipped: model.layers." in captured.out and "rho=0.5: " in captured.out
+    assert "no candidate finished (each was skipped, see above): no edit to export" in captured.err
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_nan_calibration_loss_is_reported_clearly(tiny_lm, mc_task):
