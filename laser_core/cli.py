@@ -15,18 +15,26 @@ from .errors import LaserError
 def _ints(text: str) -> tuple[int, ...]:
     out = []
     for part in text.split(","):
-        if "-" in part.strip()[1:]:
-            a, b = part.split("-", 1)
-            if int(b) < int(a):
-                raise argparse.ArgumentTypeError(f"the range {part.strip()} is empty: write the lower number first")
-            out.extend(range(int(a), int(b) + 1))
-        elif part.strip():
-            out.append(int(part))
+        try:
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise argparse.ArgumentTypeError(f"the range {part.strip()} is empty: write the lower number first")
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a whole number: give numbers separated by "
+                                             "commas, e.g. 1,2,4 (ranges as 20-29)") from None
     return tuple(out)
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers: give them separated by commas, "
+                                         "e.g. 0.5,0.1") from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -135,12 +135,13 @@ class SearchConfig:
             raise ConfigError(f"prefix_budget_mb must be >= 0, got {self.prefix_budget_mb}")
         if not 0.0 < self.tail_fraction <= 1.0:
             raise ConfigError(f"tail_fraction must be in (0, 1], got {self.tail_fraction}")
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        object.__setattr__(self, "rhos", tuple(float(r) for r in self.rhos))
+        # grids as tuples of one type, each value once (a repeated value would be evaluated, and cached, twice)
+        object.__setattr__(self, "ks", tuple(dict.fromkeys(int(k) for k in self.ks)))
+        object.__setattr__(self, "rhos", tuple(dict.fromkeys(float(r) for r in self.rhos)))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            object.__setattr__(self, "layers", tuple(dict.fromkeys(int(x) for x in self.layers)))
         if self.types is not None:
-            object.__setattr__(self, "types", tuple(self.types))
+            object.__setattr__(self, "types", tuple(dict.fromkeys(self.types)))
 
 
 def to_dict(obj: Any) -> dict:

@@ -94,6 +94,21 @@ def test_bad_search_settings_name_the_bad_value(kwargs, match):
         SearchConfig(**kwargs)
 
 
+def test_a_value_repeated_in_a_grid_is_searched_once():
+    cfg = SearchConfig(ks=(1, 4, 1), rhos=(0.5, 0.1, 0.5), layers=(3, 2, 3), types=("up", "up"))
+    assert (cfg.ks, cfg.rhos, cfg.layers, cfg.types) == ((1, 4), (0.5, 0.1), (3, 2), ("up",))
+    assert cfg == SearchConfig(ks=(1, 4), rhos=(0.5, 0.1), layers=(3, 2), types=("up",))  # the same cache keys
+
+
+@pytest.mark.parametrize("flag,value,said", [("--ks", "1,x", "argument --ks: 'x' is not a whole number"),
+                                             ("--rhos", "0.5,b", "argument --rhos: '0.5,b' is not a list of numbers")])
+def test_cli_names_a_grid_value_that_is_not_a_number(flag, value, said, capsys):
+    from laser_core.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "--model", "demo", "--task", "fever", flag, value])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_k_larger_than_some_chosen_matrices_is_left_out_for_those_and_listed(tiny_lm, mc_task):
     lm = tiny_lm("llama")
     report = run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(1, 32), rhos=(0.5,)), None)
