@@ -43,6 +43,17 @@ def check_k(k: int, rows: int | None = None) -> int:
     return k
 
 
+def check_one_per_matrix(edits) -> list:
+    """Return ``edits`` as a list, or raise ``ConfigError`` if two of them reduce the same matrix (each is
+    computed from the unedited weight, so one would silently replace the other)."""
+    edits = list(edits)
+    names = [e.name for e in edits]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"two edits reduce the same matrix: {', '.join(twice)}; keep one edit per matrix")
+    return edits
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to load and where to run it."""

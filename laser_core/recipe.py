@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import Edit, ModelSpec, TaskSpec, to_dict
+from .config import Edit, ModelSpec, TaskSpec, check_one_per_matrix, to_dict
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
 from .reduction import reduced_weight
@@ -104,9 +104,10 @@ def load_recipe(path: str | Path) -> dict:
 def recipe_edits(recipe: dict) -> list[Edit]:
     """The recipe's edits as ``Edit`` objects (validated)."""
     try:
-        return [Edit(e["name"], int(e["k"]), float(e["rho"])) for e in recipe["edits"]]
+        edits = [Edit(e["name"], int(e["k"]), float(e["rho"])) for e in recipe["edits"]]
     except (KeyError, TypeError) as e:
         raise ConfigError(f"a recipe edit lacks a field: {e}") from e
+    return check_one_per_matrix(edits)
 
 
 def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False) -> list[Edit]:
@@ -124,6 +125,7 @@ def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False) -> lis
 def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
     """Write the reduced weights into ``lm.model`` for good (only for a model about to be saved)."""
     params = dict(lm.model.named_parameters())
+    edits = check_one_per_matrix(edits)
     with lm.lock, torch.no_grad():
         new = {e.name: reduced_weight(lm, e) for e in edits}
         for name, value in new.items():

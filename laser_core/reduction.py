@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import Edit, check_k, check_rho
+from .config import Edit, check_k, check_one_per_matrix, check_rho
 from .errors import JobBusy
 from .models import LoadedModel, matrix_of
 
@@ -123,8 +123,10 @@ def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int]
 
     Raises:
         JobBusy: ``blocking=False`` and another edit holds the model.
-        ConfigError: a parameter name is not a block matrix of this model, or K/rho are invalid.
+        ConfigError: a parameter name is not a block matrix of this model, K/rho are invalid, or two edits
+            reduce the same matrix (which one would hold is not said by either).
     """
+    edits = check_one_per_matrix(edits)
     if not lm.lock.acquire(blocking=blocking):
         raise JobBusy("another job is editing this model; wait for it to finish or cancel it")
     saved: dict[str, torch.Tensor] = {}

@@ -1,6 +1,7 @@
 """Search, restore-on-exit edits, the disk cache, recipes and the CLI, on tiny models."""
 from __future__ import annotations
 
+import concurrent.futures
 
 import pytest
 import torch
@@ -242,6 +243,26 @@ def test_recipe_for_other_weights_is_refused(tiny_lm, mc_task, tmp_path):
     recipe["edits"][0]["name"] = "model.layers.9.mlp.nope.weight"
     with pytest.raises(ConfigError, match="no block matrix named"):
         check_recipe_fits(lm, recipe, force=True)
+
+
+def test_two_edits_of_one_matrix_are_refused_everywhere_and_leave_the_model_as_it_was(tiny_lm, mc_task, tmp_path):
+    from laser_core.recipe import apply_edits_permanently, make_recipe
+    lm = tiny_lm("llama")
+    name = "model.layers.1.mlp.up_proj.weight"
+    twice = [Edit(name, 1, 0.5), Edit("model.layers.0.mlp.down_proj.weight", 1, 0.5), Edit(name, 2, 0.1)]
+    said = f"two edits reduce the same matrix: {name}; keep one edit per matrix"
+    before = weight_hashes(lm.model)
+    with pytest.raises(ConfigError, match=said):
+        with edited(lm, twice):
+            pass
+    with pytest.raises(ConfigError, match=said):
+        apply_edits_permanently(lm, twice)
+    path = save_recipe(make_recipe(lm, twice), tmp_path / "twice.json")
+    with pytest.raises(ConfigError, match=said):
+        load_recipe(path)
+    assert weight_hashes(lm.model) == before
+    with concurrent.futures.ThreadPoolExecutor(1) as other:  # the lock (re-entrant) is free for another thread
+        assert other.submit(lambda: lm.lock.acquire(blocking=False) and (lm.lock.release() or True)).result()
 
 
 def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, mc_task, tmp_path, capsys):
