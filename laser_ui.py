@@ -370,9 +370,13 @@ def user_error(msg: str, status: bool = False) -> None:
 
 def render_sidebar_status() -> None:
     spec, tspec = model_spec(), task_spec()
+    try:  # the sizes the splits have: a small task has fewer test (or validation) examples than asked
+        s = _splits_of(tspec)
+        sizes = f"calib {len(s.calib)}, val {len(s.val)}, test {len(s.test)}"
+    except LaserError:  # the page says why when it loads the task
+        sizes = f"calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, test {tspec.n_test}"
     st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
-                       f"(calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, "
-                       f"test {tspec.n_test}, seed {tspec.seed})")
+                       f"({sizes}, seed {tspec.seed})")
     jm = job_manager()
     running = [j for j in jm.jobs.values() if j.status == "running"]
     if running:

@@ -293,6 +293,9 @@ def make_splits(task: Task, spec: TaskSpec, warn: bool = True) -> Splits:
     # small tasks: the test split shrinks first so that validation keeps its share (LASER needs it)
     n_test = max(1, min(spec.n_test, n - spec.n_calib - n_val))
     n_val = min(n_val, n - spec.n_calib - n_test)
+    if warn and (n_test < spec.n_test or (spec.n_val is not None and n_val < spec.n_val)):
+        log.warning("task %s has %d distinct examples: calibration %d, validation %d (%s asked), held-out test %d "
+                    "(%d asked)", task.name, n, spec.n_calib, n_val, spec.n_val or "20%", n_test, spec.n_test)
     test = order[:n_test]
     calib = order[n_test:n_test + spec.n_calib]
     val = order[n_test + spec.n_calib:n_test + spec.n_calib + n_val]  # may be empty: LASER then says so

@@ -104,6 +104,14 @@ def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
     assert f"Model: `{app_env['LASER_LAB_DEFAULT_MODEL']}`" in status  # the sidebar still says what is loaded
 
 
+def test_sidebar_says_the_split_sizes_the_task_has_not_the_ones_asked(app_env):
+    from laser_core import TaskSpec
+    at = AppTest.from_file(str(ROOT / "pages/2_Layer_scores.py"), default_timeout=120)
+    at.session_state["task_spec"] = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"], n_test=1000)  # 500 examples
+    at.run()
+    assert "(calib 100, val 100, test 300, seed 0)" in " ".join(c.value for c in at.sidebar.caption)
+
+
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")

@@ -14,6 +14,8 @@ from laser_core import (CancelToken, ConfigError, Edit, JobBusy, ModelLoadError,
 from laser_core.models import weight_hashes
 from laser_core.store import _MAGIC_JSON
 
+from conftest import write_mc_jsonl
+
 SMALL = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1))
 
 
@@ -70,6 +72,21 @@ def test_dropped_duplicates_are_said_once_per_split_asked_to_warn(tmp_path, capl
         again = make_splits(task, spec, warn=False)  # the report re-splits with LASER's validation capped
     assert [r.getMessage() for r in caplog.records] == ["task dups: 60 duplicate examples dropped before splitting"]
     assert again == first
+
+
+def test_a_task_too_small_for_the_sizes_asked_says_what_it_cut(tmp_path, caplog):
+    from laser_core import make_splits
+
+    spec = TaskSpec(str(write_mc_jsonl(tmp_path / "small.jsonl", 200)), n_calib=20, n_test=20, n_val=1000)
+    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+        s = make_splits(load_task(spec), spec)
+    assert (len(s.calib), len(s.val), len(s.test)) == (20, 179, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "task small has 200 distinct examples: calibration 20, validation 179 (1000 asked), held-out test 1 (20 asked)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+        make_splits(load_task(spec), TaskSpec(spec.source, n_calib=20, n_test=20))  # 20% validation: all fits
+    assert not caplog.records
 
 
 def test_malformed_csv_row_names_its_line(tmp_path):
