@@ -29,6 +29,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -79,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("scores", help="singular-value gradient scores of every matrix")
     common(sp)
     scoring(sp)
-    sp.add_argument("--top", type=int, default=10, help="how many of the best-scored matrices to print (default 10)")
+    sp.add_argument("--top", type=_positive, default=10, help="how many of the best-scored matrices to print (default 10)")
     sp = sub.add_parser("search", help="C2I: gradient-selected top-q matrices x K x rho on the calibration split")
     common(sp)
     grid(sp)
@@ -300,9 +310,10 @@ def _cmd_eval(args) -> int:
     from .recipe import check_recipe_fits, load_recipe
     from .search import evaluate_candidate
 
+    recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)
-    if args.recipe:
-        edits = check_recipe_fits(lm, load_recipe(args.recipe))
+    if recipe:
+        edits = check_recipe_fits(lm, recipe)
         if len(edits) != 1:
             from .evaluate import evaluate
             from .reduction import edited

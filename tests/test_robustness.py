@@ -117,13 +117,23 @@ def test_a_value_repeated_in_a_grid_is_searched_once():
     assert cfg == SearchConfig(ks=(1, 4), rhos=(0.5, 0.1), layers=(3, 2), types=("up",))  # the same cache keys
 
 
-@pytest.mark.parametrize("flag,value,said", [("--ks", "1,x", "argument --ks: 'x' is not a whole number"),
-                                             ("--rhos", "0.5,b", "argument --rhos: '0.5,b' is not a list of numbers")])
-def test_cli_names_a_grid_value_that_is_not_a_number(flag, value, said, capsys):
+@pytest.mark.parametrize("cmd,flag,value,said", [
+    ("search", "--ks", "1,x", "argument --ks: 'x' is not a whole number"),
+    ("search", "--rhos", "0.5,b", "argument --rhos: '0.5,b' is not a list of numbers"),
+    ("scores", "--top", "0", "argument --top: '0' is not a whole number >= 1")])
+def test_cli_names_a_setting_that_is_not_a_number_it_takes(cmd, flag, value, said, capsys):
     from laser_core.cli import main
     with pytest.raises(SystemExit) as stop:
-        main(["search", "--model", "demo", "--task", "fever", flag, value])
+        main([cmd, "--model", "demo", "--task", "fever", flag, value])
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_cli_eval_reads_the_recipe_before_loading_the_model(tmp_path, capsys):
+    from laser_core.cli import main
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"laser_lab_recipe": 1, "edits": [{"name": "m.layers.0.w", "k": 1, "rho": 2}]}))
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--task", "fever", "--recipe", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == "error: rho must be in (0, 1], got 2.0"  # not "model not found"
 
 
 def test_k_larger_than_some_chosen_matrices_is_left_out_for_those_and_listed(tiny_lm, mc_task):
