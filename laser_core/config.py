@@ -6,13 +6,26 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, LaserError
 
 ALGO_VERSION = 1  # bump when a cached quantity would change meaning
 PAPER_RHOS = (0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005)  # LASER's grid: 10%..99.5% of rank removed
 PAPER_KS = (1, 2, 4, 8)
+
+
+def read_text(path: Path, error: type[LaserError]) -> str:
+    """A user's text file (UTF-8; a leading byte-order mark, as some editors and spreadsheet exports write, is
+    dropped), or ``error`` naming the file where it cannot be read or is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path.name} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                    "save it as UTF-8") from e
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def canonical_json(obj: Any) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import Edit, ModelSpec, TaskSpec, check_one_per_matrix, to_dict
+from .config import Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
 from .reduction import reduced_weight
@@ -82,7 +82,7 @@ def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, ConfigError)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -93,6 +93,8 @@ def load_recipe(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from e
     if not isinstance(recipe, dict) or "laser_lab_recipe" not in recipe:
         raise ConfigError(f"{path} is not a LASER Lab recipe (no 'laser_lab_recipe' version field)")
+    if not isinstance(recipe["laser_lab_recipe"], int):
+        raise ConfigError(f"{path}: the recipe version must be a whole number, got {recipe['laser_lab_recipe']!r}")
     if recipe["laser_lab_recipe"] > RECIPE_VERSION:
         raise ConfigError(f"{path} was written by a newer LASER Lab (recipe v{recipe['laser_lab_recipe']}); upgrade")
     if not isinstance(recipe.get("edits"), list) or not recipe["edits"]:

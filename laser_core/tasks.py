@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TaskSpec, stable_hash
+from .config import TaskSpec, read_text, stable_hash
 from .errors import TaskFormatError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def load_bigbench(path: str | Path, name: str | None = None) -> Task:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, TaskFormatError))
     except json.JSONDecodeError as e:
         raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
@@ -190,7 +190,7 @@ def load_jsonl(path: str | Path, spec: TaskSpec) -> Task:
     """Read JSON Lines: one object per line with the columns named in ``spec``."""
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path, TaskFormatError).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -208,7 +208,7 @@ def load_jsonl(path: str | Path, spec: TaskSpec) -> Task:
 def load_csv(path: str | Path, spec: TaskSpec) -> Task:
     """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as index or choice text."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, TaskFormatError)
     if not text.strip():
         raise TaskFormatError(f"{path.name}: the file is empty")
     reader = csv.DictReader(text.splitlines())

@@ -100,6 +100,34 @@ def test_malformed_csv_row_names_its_line(tmp_path):
         load_task(TaskSpec(str(p)))
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_task_files_with_a_byte_order_mark_load_and_non_utf8_ones_are_named(tmp_path, suffix):
+    from laser_core import TaskFormatError
+    rows = [{"prompt": f"Is {i} even? Answer:", "choices": ["yes", "no"], "answer": i % 2} for i in range(6)]
+    text = {".csv": "prompt,choices,answer\n" + "".join(f'"{r["prompt"]}","yes|no",{r["answer"]}\n' for r in rows),
+            ".jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+            ".json": json.dumps({"examples": [{"input": r["prompt"], "target_scores": {"yes": 1 - r["answer"],
+                                                                                     "no": r["answer"]}} for r in rows]})}[suffix]
+    p = tmp_path / f"t{suffix}"
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as a spreadsheet's "CSV UTF-8" export writes it
+    task = load_task(TaskSpec(str(p)))
+    assert len(task) == 6 and "Is 0 even? Answer:" in task.examples[0].prompt
+    p.write_bytes(text.replace("Is 3", "Is \xe9").encode("latin-1"))
+    with pytest.raises(TaskFormatError, match=rf"t\{suffix} is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        load_task(TaskSpec(str(p)))
+
+
+def test_a_recipe_that_is_not_utf8_or_has_a_text_version_is_refused_by_name(tmp_path):
+    from laser_core.recipe import load_recipe
+    p = tmp_path / "r.json"
+    p.write_bytes(b'{"laser_lab_recipe": 1, "note": "\xe9"}')
+    with pytest.raises(ConfigError, match=r"r\.json is not UTF-8 text \(byte 0xe9"):
+        load_recipe(p)
+    p.write_text('{"laser_lab_recipe": "1", "edits": []}')
+    with pytest.raises(ConfigError, match="the recipe version must be a whole number, got '1'"):
+        load_recipe(p)
+
+
 # ---- settings and numerics
 
 @pytest.mark.parametrize("kwargs,match", [({"q": 0}, "q \\(matrices to try\\) must be >= 1, got 0"),
