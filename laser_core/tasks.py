@@ -94,6 +94,11 @@ def _mc_example(prompt, choices, answer, where: str) -> Example:
     if not isinstance(choices, (list, tuple)) or len(choices) < 2:
         raise TaskFormatError(f"{where}: a multiple-choice example needs a list of at least 2 choices, got {choices!r}")
     choices = [str(c) for c in choices]
+    repeated = sorted({c for c in choices if choices.count(c) > 1})
+    if repeated:  # the model cannot tell them apart: which one is right would be decided by their order
+        raise TaskFormatError(f"{where}: the choices repeat {', '.join(map(repr, repeated))}; give each choice once")
+    if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
+        raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}")
     if isinstance(answer, str) and not answer.lstrip("-").isdigit():
         if answer not in choices:
             raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
