@@ -310,12 +310,16 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
     loader = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except ValueError as e:
         raise ModelLoadError(f"{src} is not a language model LASER Lab can use "
                              f"(no causal or masked LM head for {config.model_type}): {e}") from e
     except (OSError, RuntimeError, Exception) as e:  # noqa: BLE001 - corrupt files surface in many types
         raise ModelLoadError(f"could not load the weights of {src}: {type(e).__name__}: {str(e)[:300]}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a missing or broken tokenizer fails in many ways
+        raise ModelLoadError(f"could not load the tokenizer of {src} (a model folder needs its tokenizer files, "
+                             f"e.g. tokenizer.json): {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
     return _wrap(model.to(device), tokenizer, spec, kind)
 
 

@@ -47,6 +47,17 @@ def test_corrupt_safetensors_and_gguf_files_are_reported(tiny_dirs, tmp_path):
         load_model(ModelSpec(str(gguf), "cpu"))
 
 
+def test_a_model_folder_without_its_tokenizer_is_reported_as_such(tiny_dirs, tmp_path):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dirs["llama"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ModelSpec(str(bare), "cpu"))
+    said = str(err.value)
+    assert said.startswith(f"could not load the tokenizer of {bare} (a model folder needs its tokenizer files, "
+                           "e.g. tokenizer.json): ") and "\n" not in said  # one line, not "not a language model"
+
+
 # ---- tasks
 
 def test_duplicate_examples_never_land_in_two_splits(tmp_path):
