@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
+from .errors import ConfigError
 from .models import LoadedModel
 from .search import PrefixPool, SearchReport, edit_identity, evaluate_candidate, run_search
 from .store import null_store
-from .tasks import Splits, load_task, make_splits
+from .tasks import BUNDLED, Splits, load_task, make_splits
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,14 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     """
     from .models import load_model
 
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ConfigError("no task given: name at least one, e.g. fever (bundled: " + ", ".join(BUNDLED) + ")")
+    prepared = []  # every task is read and split first: a bad name fails in seconds, not after hours of others
+    for name in tasks:
+        ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed)
+        task = load_task(ts)
+        prepared.append((name, ts, task, make_splits(task, ts)))
     lm = load_model(model)
     rhos = (0.25, 0.1, 0.01) if quick else PAPER_RHOS
     ks = (1, 4) if quick else PAPER_KS
@@ -103,10 +112,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
                 "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
                 "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}
     rows = []
-    for name in tasks:
-        ts = TaskSpec(name, n_calib=n_calib, n_test=n_test, seed=seed)
-        task = load_task(ts)
-        splits = make_splits(task, ts)
+    for name, ts, task, splits in prepared:
         full_val = len(splits.val)
         if quick and full_val > 200:  # LASER's validation capped; its time is scaled back to the full split
             ts = replace(ts, n_val=200)

@@ -425,3 +425,14 @@ def test_quick_report_caps_laser_validation_and_scales_its_time_back(tiny_dirs, 
     assert (row["n_val"], row["n_val_full"], row["n_calib"], row["n_test"]) == (200, 250, 30, 30)
     assert sweeps[0].report.candidates[0]["n"] == 200
     assert row["laser_s"] == pytest.approx(sweeps[0].seconds * 250 / 200)  # scaled back to the full split
+
+
+def test_report_reads_every_task_before_loading_the_model_or_running_any(tmp_path, monkeypatch, capsys):
+    import laser_core.models as models
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or pytest.fail("model loaded"))
+    assert main(["report", "--model", str(tmp_path / "m"), "--tasks", "fever,nope", "--quick"]) == 2
+    assert "error: task not found: 'nope' is not a bundled task" in capsys.readouterr().err
+    assert main(["report", "--model", str(tmp_path / "m"), "--tasks", ","]) == 2
+    assert "error: no task given: name at least one, e.g. fever" in capsys.readouterr().err
+    assert not loads
