@@ -134,15 +134,32 @@ def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
             params[name].copy_(value)
 
 
-def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
-    and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
-    ``overwrite``."""
+def check_out_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """The absolute path a model is to be saved to, once it is known that it can be: ``ConfigError`` where ``out``
+    exists (unless ``overwrite``), lies under a file, or its nearest existing folder cannot be written."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot save to {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot save to {out}: {parent} is not writable; choose another folder")
+    return out
+
+
+def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
+    and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
+    ``overwrite`` (see :func:`check_out_folder`); a write that fails (a full disk) is a ``ConfigError`` too."""
+    out = check_out_folder(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise ConfigError(f"cannot save to {out}: {e.strerror or e}") from e
     try:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
@@ -154,8 +171,11 @@ def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"could not save the edited model to {out} (nothing was left there): "
+                              f"{e.strerror or e}") from e
         raise
     return out
 
@@ -168,9 +188,7 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     The loaded copy is private to this call, so no shared model is ever left edited.
     """
     spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
-    out_path = Path(out).expanduser().resolve()
-    if out_path.exists() and not overwrite:
-        raise ConfigError(f"{out_path} already exists; choose another folder or pass --overwrite")
+    out_path = check_out_folder(out, overwrite)  # before the model load and the check, which can take minutes
     lm = load_model(spec, progress)
     edits = check_recipe_fits(lm, recipe, force)
     apply_edits_permanently(lm, edits)

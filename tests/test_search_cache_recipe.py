@@ -436,3 +436,26 @@ def test_report_reads_every_task_before_loading_the_model_or_running_any(tmp_pat
     assert main(["report", "--model", str(tmp_path / "m"), "--tasks", ","]) == 2
     assert "error: no task given: name at least one, e.g. fever" in capsys.readouterr().err
     assert not loads
+
+
+def test_apply_says_where_it_cannot_save_before_loading_and_leaves_nothing_when_a_write_fails(tiny_lm, tmp_path,
+                                                                                            monkeypatch):
+    import laser_core.recipe as recipe_mod
+    lm = tiny_lm("llama")
+    recipe = recipe_mod.make_recipe(lm, [Edit("model.layers.1.mlp.up_proj.weight", 1, 0.5)])
+    (tmp_path / "a-file").write_text("")
+    loads = []
+    monkeypatch.setattr(recipe_mod, "load_model", lambda *a, **kw: loads.append(a) or lm)
+    with pytest.raises(ConfigError, match=f"cannot save to {tmp_path}/a-file/edited: {tmp_path}/a-file is a file"):
+        apply_recipe(recipe, tmp_path / "a-file" / "edited", check=False)
+    assert not loads  # refused before the model load
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    before = weight_hashes(lm.model)
+    monkeypatch.setattr(lm.model, "save_pretrained", full_disk)
+    with pytest.raises(ConfigError, match=f"could not save the edited model to {tmp_path}/out \\(nothing was left "
+                                          "there\\): No space left on device"):
+        with edited(lm, recipe_mod.recipe_edits(recipe)):
+            recipe_mod.save_model_atomic(lm, tmp_path / "out", recipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and weight_hashes(lm.model) == before
