@@ -141,6 +141,13 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} asked for, but no Apple GPU (MPS) is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 

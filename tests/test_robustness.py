@@ -58,6 +58,26 @@ def test_a_model_folder_without_its_tokenizer_is_reported_as_such(tiny_dirs, tmp
                            "e.g. tokenizer.json): ") and "\n" not in said  # one line, not "not a language model"
 
 
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    from laser_core.models import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    for device, said in (("gpu", "unknown device 'gpu'"), ("meta", "unknown device 'meta'"),
+                         ("mps", r"no Apple GPU \(MPS\) is available")):
+        if device == "mps" and torch.backends.mps.is_available():
+            continue
+        with pytest.raises(ModelLoadError, match=said):
+            resolve_device(device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="device 'cuda:0' asked for, but no CUDA GPU is available"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ModelLoadError, match=r"device 'cuda:7' asked for, but this machine has 1 CUDA GPU\(s\): "
+                                             "cuda:0 to cuda:0"):
+        resolve_device("cuda:7")
+
+
 # ---- tasks
 
 def test_duplicate_examples_never_land_in_two_splits(tmp_path):
