@@ -159,6 +159,11 @@ def counted_flops(fn) -> tuple[int, list[str]]:
     return counter.get_total_flops(), sorted(str(op) for op in counter.get_flop_counts().get("Global", {}))
 
 
+def shape_key(shape) -> str:
+    """A matrix shape (out x in) as the key of ``matmul_peak``'s result: "576x1536"."""
+    return "x".join(map(str, shape))
+
+
 def matmul_peak(lm, rows: int, repeat: int = 20) -> dict:
     """This machine's matmul throughput (GFLOP/s, best of ``repeat``) for ``rows`` token rows times each distinct
     shape of the model's block matrices, in the weights' dtype on their device: the ceiling an evaluation can reach."""
@@ -169,7 +174,7 @@ def matmul_peak(lm, rows: int, repeat: int = 20) -> dict:
         x = torch.randn(rows, n_in, dtype=dtype, device=lm.device)
         w = torch.randn(n_in, n_out, dtype=dtype, device=lm.device)
         t, _ = timed(lm, lambda: x @ w, repeat)
-        out[f"{n_out}x{n_in}"] = 2 * rows * n_in * n_out / t / 1e9
+        out[shape_key((n_out, n_in))] = 2 * rows * n_in * n_out / t / 1e9
     return out
 
 
@@ -188,7 +193,7 @@ def part_d(lm, splits, a: list[dict]) -> dict:
     peak = matmul_peak(lm, rows)
     # the throughput of the forward's mix of products: its work over the time each product takes at its own rate
     weighted = sum(r.shape[0] * r.shape[1] for r in lm.matrices) / \
-        sum(r.shape[0] * r.shape[1] / peak[f"{r.shape[0]}x{r.shape[1]}"] for r in lm.matrices)
+        sum(r.shape[0] * r.shape[1] / peak[shape_key(r.shape)] for r in lm.matrices)
     by = {r["layer"]: r for r in a}
     t_full = min(r["full_s"] for r in a)
     t_tail = by[last]["types"][ref.type]["prefix_s"]

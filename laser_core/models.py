@@ -127,27 +127,29 @@ def matrix_of(param: torch.Tensor, ref: MatrixRef) -> torch.Tensor:
     return param.t() if ref.transposed else param
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def resolve_device(device: str) -> torch.device:
     """Map "auto" to cuda, then mps, then cpu; check that an explicit device exists."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if _mps_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ModelLoadError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
                              f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise ModelLoadError(f"device {device!r} asked for, but no Apple GPU (MPS) is available; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 
