@@ -5,6 +5,7 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -130,15 +131,41 @@ def _cached_model(source: str, device: str, dtype: str):
     return load_model(ModelSpec(source, device, dtype))
 
 
+class _ThreadWarnings(logging.Handler):
+    """Collects the warnings ``laser_core`` logs from this thread (not a background job's) while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread, self.messages = threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
 @st.cache_resource(show_spinner="Loading task...")
 def _cached_splits(spec_json: str):
+    """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers)."""
     import json
     spec = TaskSpec(**json.loads(spec_json))
-    return make_splits(load_task(spec), spec)
+    handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
+    logger.addHandler(handler)
+    try:
+        return make_splits(load_task(spec), spec), tuple(handler.messages)
+    finally:
+        logger.removeHandler(handler)
 
 
 def _splits_of(task: TaskSpec):
-    return _cached_splits(canonical_json(task))
+    return _cached_splits(canonical_json(task))[0]
+
+
+def task_warnings(task: TaskSpec) -> tuple[str, ...]:
+    """What loading ``task`` warned about (an empty tuple for a task that cannot be loaded)."""
+    try:
+        return _cached_splits(canonical_json(task))[1]
+    except LaserError:
+        return ()
 
 
 # ------------------------------------------------------------------ session state

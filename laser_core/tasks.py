@@ -83,7 +83,12 @@ def _make_task(name: str, examples: list[Example]) -> Task:
     return Task(name, kinds.pop(), tuple(examples), digest)
 
 
-def _mc_example(prompt, choices, answer, where: str) -> Example:
+def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = None) -> Example:
+    """``answer``: a number is a choice index; a string is a choice's text where it is one, else an index in digits.
+
+    A digit string that is one choice's text and the index of another is read as the text; ``where`` is then
+    appended to ``ambiguous`` (the caller warns once per file).
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise TaskFormatError(f"{where}: the prompt is empty or not text")
     if isinstance(choices, str):
@@ -99,10 +104,13 @@ def _mc_example(prompt, choices, answer, where: str) -> Example:
         raise TaskFormatError(f"{where}: the choices repeat {', '.join(map(repr, repeated))}; give each choice once")
     if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
         raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}")
-    if isinstance(answer, str) and not answer.lstrip("-").isdigit():
-        if answer not in choices:
-            raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
-        answer = choices.index(answer)
+    if isinstance(answer, str) and answer in choices:
+        text_index = choices.index(answer)
+        if ambiguous is not None and answer.isdigit() and int(answer) < len(choices) and int(answer) != text_index:
+            ambiguous.append(where)
+        answer = text_index
+    elif isinstance(answer, str) and not answer.lstrip("-").isdigit():
+        raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
     try:
         answer = int(answer)
     except (TypeError, ValueError):
@@ -173,7 +181,7 @@ def load_bigbench(path: str | Path, name: str | None = None) -> Task:
 
 
 def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
-    examples = []
+    examples, ambiguous = [], []
     for n, row in rows:
         loc = where(n)
         if spec.prompt_col not in row:
@@ -182,12 +190,17 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
         if row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
-            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc))
+            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc, ambiguous))
         elif row.get(spec.targets_col) not in (None, ""):
             examples.append(_gen_example(row[spec.prompt_col], row[spec.targets_col], loc))
         else:
             raise TaskFormatError(f"{loc}: neither a choices column {spec.choices_col!r} nor a targets column "
                                   f"{spec.targets_col!r} (columns: {sorted(row)}); set the column mapping")
+    if ambiguous:
+        log.warning("task %s: %d answers are one choice's text and another choice's index (first: %s); read as the "
+                    "text. Where an index was meant, write that choice's text instead (or, in JSONL, the index as a "
+                    "number)",
+                    name, len(ambiguous), ambiguous[0])
     return _make_task(name, examples)
 
 
@@ -211,7 +224,7 @@ def load_jsonl(path: str | Path, spec: TaskSpec) -> Task:
 
 
 def load_csv(path: str | Path, spec: TaskSpec) -> Task:
-    """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as index or choice text."""
+    """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as the choice text or its index."""
     path = Path(path)
     text = read_text(path, TaskFormatError)
     if not text.strip():

@@ -54,6 +54,8 @@ f[5].metric("dtype", facts["dtype"])
 st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
            f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
            f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+for note in ui.task_warnings(ui.task_spec()):
+    st.warning(note)
 
 st.subheader("Baseline")
 store = ui.store()

@@ -112,6 +112,24 @@ def test_sidebar_says_the_split_sizes_the_task_has_not_the_ones_asked(app_env):
     assert "(calib 100, val 100, test 300, seed 0)" in " ".join(c.value for c in at.sidebar.caption)
 
 
+def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
+    rows = [f'"Q{i}?",2|1|0,2\n' for i in range(3)] + ['"Q0?",2|1|0,2\n']  # answers read as text; one repeat
+    task = tmp_path / "numbers.csv"
+    task.write_text("prompt,choices,answer\n" + "".join(rows))
+    at = page("pages/1_Model_and_task.py")
+    at.radio(key="task_kind").set_value("task file path")
+    at.text_input(key="task_path").set_value(str(task))
+    at.number_input(key="n_calib").set_value(1)
+    at.number_input(key="n_test").set_value(1)
+    at.button[0].click().run()
+    assert not at.exception
+    notes = [w.value for w in at.warning]
+    assert any("4 answers are one choice's text and another choice's index" in w for w in notes), notes
+    assert any("1 duplicate examples dropped" in w for w in notes), notes
+    at = page("pages/1_Model_and_task.py")  # a task that warns about nothing shows no warning
+    assert not [w for w in at.warning if "answers" in w.value or "dropped" in w.value]
+
+
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")

@@ -111,6 +111,20 @@ def test_csv_with_column_mapping_and_choice_text_answer(tmp_path):
     assert [(e.choices, e.answer) for e in task.examples] == [((" yes", " no"), 0), ((" yes", " no"), 1)]
 
 
+def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, caplog):
+    # "How many legs has a spider? 6|8|10" with answer 8 names the choice "8", not index 8 (out of range);
+    # "2|1|0" with answer 2 names "2" (index 0), not index 2 ("0"), and the file gets one warning for it.
+    p = tmp_path / "t.csv"
+    p.write_text('prompt,choices,answer\n"Legs of a spider?",6|8|10,8\n"Two?",2|1|0,2\n"Pick",a|b|c,2\n')
+    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+        task = load_task(TaskSpec(str(p)))
+    assert [e.answer for e in task.examples] == [1, 0, 2]
+    assert "1 answers are one choice's text and another choice's index (first: t.csv: line 3)" in caplog.text
+    p = tmp_path / "t.jsonl"  # a JSON number is always an index
+    p.write_text('{"prompt": "Two?", "choices": ["2", "1", "0"], "answer": 2}\n')
+    assert load_task(TaskSpec(str(p))).examples[0].answer == 2
+
+
 def test_multiple_choice_fast_path_equals_summed_logprob_of_full_forward(tiny_lm):
     lm = tiny_lm("llama")
     tok = lm.tokenizer
