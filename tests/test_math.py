@@ -49,6 +49,32 @@ def test_block_svd_truncates_each_contiguous_block_separately():
         assert torch.linalg.matrix_rank(out[a:b]) == r
 
 
+def test_an_svd_that_fails_to_converge_on_an_accelerator_is_computed_on_the_cpu(monkeypatch, caplog):
+    from laser_core import reduction
+    real_svd, w = torch.linalg.svd, torch.randn(6, 4)
+
+    class OnAccelerator:  # a block on a device whose solver fails ("meta" stands in for a GPU here)
+        device = torch.device("meta")
+
+        def cpu(self):
+            return w
+
+    def svd(a, full_matrices=True):
+        if not isinstance(a, torch.Tensor):
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    with caplog.at_level("WARNING", logger="laser_core.reduction"):
+        u, s, vh = reduction._svd(OnAccelerator())
+    assert "SVD did not converge on meta: computing it on the CPU" in caplog.text
+    assert [(t.device.type, tuple(t.shape)) for t in (u, s, vh)] == [("meta", (6, 4)), ("meta", (4,)), ("meta", (4, 4))]
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True: (_ for _ in ()).throw(
+        torch.linalg.LinAlgError("the algorithm failed to converge")))
+    with pytest.raises(torch.linalg.LinAlgError):  # on the CPU there is nothing to fall back to
+        reduction._svd(w)
+
+
 def test_block_rank_rule_is_floor_of_rho_times_min_side_at_least_one():
     assert block_rank(100, 50, 0.1) == 5
     assert block_rank(100, 50, 0.005) == 1
