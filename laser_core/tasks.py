@@ -86,8 +86,9 @@ def _make_task(name: str, examples: list[Example]) -> Task:
 def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = None) -> Example:
     """``answer``: a number is a choice index; a string is a choice's text where it is one, else an index in digits.
 
-    A digit string that is one choice's text and the index of another is read as the text; ``where`` is then
-    appended to ``ambiguous`` (the caller warns once per file).
+    An answer that could name two choices (a digit string that is one choice's text and another's index, or a
+    number that is one choice's index and another's text) is read by that rule; ``where`` is then appended to
+    ``ambiguous`` (the caller warns once per file).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise TaskFormatError(f"{where}: the prompt is empty or not text")
@@ -104,6 +105,7 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
         raise TaskFormatError(f"{where}: the choices repeat {', '.join(map(repr, repeated))}; give each choice once")
     if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
         raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}")
+    as_number = not isinstance(answer, str)
     if isinstance(answer, str) and answer in choices:
         text_index = choices.index(answer)
         if ambiguous is not None and answer.isdigit() and int(answer) < len(choices) and int(answer) != text_index:
@@ -116,7 +118,11 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
     except (TypeError, ValueError):
         raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}") from None
     if not 0 <= answer < len(choices):
-        raise TaskFormatError(f"{where}: answer index {answer} is out of range for {len(choices)} choices")
+        hint = f" ({str(answer)!r} is a choice's text: write the answer as the string \"{answer}\" to mean it)" \
+            if str(answer) in choices else ""
+        raise TaskFormatError(f"{where}: answer index {answer} is out of range for {len(choices)} choices{hint}")
+    if ambiguous is not None and as_number and str(answer) in choices and choices[answer] != str(answer):
+        ambiguous.append(where)
     return _shift_space(Example(prompt, tuple(choices), answer))
 
 
@@ -197,10 +203,9 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
             raise TaskFormatError(f"{loc}: neither a choices column {spec.choices_col!r} nor a targets column "
                                   f"{spec.targets_col!r} (columns: {sorted(row)}); set the column mapping")
     if ambiguous:
-        log.warning("task %s: %d answers are one choice's text and another choice's index (first: %s); read as the "
-                    "text. Where an index was meant, write that choice's text instead (or, in JSONL, the index as a "
-                    "number)",
-                    name, len(ambiguous), ambiguous[0])
+        log.warning("task %s: %d answers could name two choices, as one choice's text and as another's index "
+                    "(first: %s). A string was read as the text, a number as the index; to mean the other, write "
+                    "the answer as that choice's text", name, len(ambiguous), ambiguous[0])
     return _make_task(name, examples)
 
 

@@ -124,7 +124,7 @@ def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
     at.button[0].click().run()
     assert not at.exception
     notes = [w.value for w in at.warning]
-    assert any("4 answers are one choice's text and another choice's index" in w for w in notes), notes
+    assert any("4 answers could name two choices" in w for w in notes), notes
     assert any("1 duplicate examples dropped" in w for w in notes), notes
     at = page("pages/1_Model_and_task.py")  # a task that warns about nothing shows no warning
     assert not [w for w in at.warning if "answers" in w.value or "dropped" in w.value]

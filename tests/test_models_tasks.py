@@ -119,10 +119,18 @@ def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, capl
     with caplog.at_level("WARNING", logger="laser_core.tasks"):
         task = load_task(TaskSpec(str(p)))
     assert [e.answer for e in task.examples] == [1, 0, 2]
-    assert "1 answers are one choice's text and another choice's index (first: t.csv: line 3)" in caplog.text
-    p = tmp_path / "t.jsonl"  # a JSON number is always an index
-    p.write_text('{"prompt": "Two?", "choices": ["2", "1", "0"], "answer": 2}\n')
-    assert load_task(TaskSpec(str(p))).examples[0].answer == 2
+    assert "1 answers could name two choices, as one choice's text and as another's index (first: t.csv: line 3)" \
+        in caplog.text
+    caplog.clear()
+    p = tmp_path / "t.jsonl"  # a JSON number is always an index, and warned about where it is also a choice's text
+    p.write_text('{"prompt": "Two?", "choices": [2, 1, 0], "answer": 2}\n{"prompt": "Pick", "choices": ["a", "b"], "answer": 1}\n')
+    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+        assert [e.answer for e in load_task(TaskSpec(str(p))).examples] == [2, 1]
+    assert "1 answers could name two choices" in caplog.text and "(first: t.jsonl: line 1)" in caplog.text
+    p.write_text('{"prompt": "Legs of a spider?", "choices": [6, 8, 10], "answer": 8}\n')
+    with pytest.raises(TaskFormatError, match="answer index 8 is out of range for 3 choices \\('8' is a choice's text: "
+                                              "write the answer as the string \"8\" to mean it\\)"):
+        load_task(TaskSpec(str(p)))
 
 
 def test_multiple_choice_fast_path_equals_summed_logprob_of_full_forward(tiny_lm):
