@@ -144,8 +144,9 @@ class _ThreadWarnings(logging.Handler):
 
 
 @st.cache_resource(show_spinner="Loading task...")
-def _cached_splits(spec_json: str):
-    """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers)."""
+def _cached_splits(spec_json: str, stamp: tuple | None):
+    """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers).
+    ``stamp``: the task file's :func:`_file_stamp`, so that a file edited or uploaded again is read again."""
     import json
     spec = TaskSpec(**json.loads(spec_json))
     handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
@@ -156,14 +157,29 @@ def _cached_splits(spec_json: str):
         logger.removeHandler(handler)
 
 
+def _file_stamp(source: str) -> tuple | None:
+    """(modification time, size) of the file a task source names (a folder's task.json); None for a bundled
+    name, a dataset or a path that is not there (loading it says why)."""
+    path = Path(source).expanduser()
+    try:
+        st_ = (path / "task.json" if path.is_dir() else path).stat()
+    except OSError:
+        return None
+    return st_.st_mtime_ns, st_.st_size
+
+
+def _loaded_task(task: TaskSpec) -> tuple:
+    return _cached_splits(canonical_json(task), _file_stamp(task.source.strip()))
+
+
 def _splits_of(task: TaskSpec):
-    return _cached_splits(canonical_json(task))[0]
+    return _loaded_task(task)[0]
 
 
 def task_warnings(task: TaskSpec) -> tuple[str, ...]:
     """What loading ``task`` warned about (an empty tuple for a task that cannot be loaded)."""
     try:
-        return _cached_splits(canonical_json(task))[1]
+        return _loaded_task(task)[1]
     except LaserError:
         return ()
 

@@ -130,6 +130,21 @@ def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
     assert not [w for w in at.warning if "answers" in w.value or "dropped" in w.value]
 
 
+def test_a_task_file_changed_on_disk_is_read_again_when_loaded(app_env, tmp_path):
+    task = write_mc_jsonl(tmp_path / "grows.jsonl", 40)
+    at = page("pages/1_Model_and_task.py")
+    at.radio(key="task_kind").set_value("task file path")
+    at.text_input(key="task_path").set_value(str(task))
+    at.number_input(key="n_calib").set_value(10)
+    at.number_input(key="n_test").set_value(10)
+    at.button[0].click().run()
+    assert "grows` (mc, 40 examples)" in " ".join(c.value for c in at.caption)
+    write_mc_jsonl(task, 60)  # the user fixes the file (or uploads a new one of that name) and loads it again
+    at.button[0].click().run()
+    assert not at.exception
+    assert "grows` (mc, 60 examples)" in " ".join(c.value for c in at.caption)
+
+
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")
