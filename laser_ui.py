@@ -126,9 +126,27 @@ def store() -> Store:
     return Store()
 
 
+def _path_stamp(source: str) -> tuple | None:
+    """What changes when the file or folder a model or task source names is written again: (name, modification
+    time, size) of the file, or of each file directly in the folder; None for a name that is no path here (the
+    demo, a bundled task, a hub id or dataset, a missing path: loading it says why)."""
+    path = Path(source.strip()).expanduser()
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    except OSError:
+        return None
+
+
 @st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
-def _cached_model(source: str, device: str, dtype: str):
+def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
+    """``stamp``: the source's :func:`_path_stamp`, so that a model folder saved again (an Export to the same
+    folder) is loaded again."""
     return load_model(ModelSpec(source, device, dtype))
+
+
+def _model_of(spec: ModelSpec):
+    return _cached_model(spec.source, spec.device, spec.dtype, _path_stamp(spec.source))
 
 
 class _ThreadWarnings(logging.Handler):
@@ -146,7 +164,7 @@ class _ThreadWarnings(logging.Handler):
 @st.cache_resource(show_spinner="Loading task...")
 def _cached_splits(spec_json: str, stamp: tuple | None):
     """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers).
-    ``stamp``: the task file's :func:`_file_stamp`, so that a file edited or uploaded again is read again."""
+    ``stamp``: the source's :func:`_path_stamp`, so that a file edited or uploaded again is read again."""
     import json
     spec = TaskSpec(**json.loads(spec_json))
     handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
@@ -157,19 +175,8 @@ def _cached_splits(spec_json: str, stamp: tuple | None):
         logger.removeHandler(handler)
 
 
-def _file_stamp(source: str) -> tuple | None:
-    """(modification time, size) of the file a task source names (a folder's task.json); None for a bundled
-    name, a dataset or a path that is not there (loading it says why)."""
-    path = Path(source).expanduser()
-    try:
-        st_ = (path / "task.json" if path.is_dir() else path).stat()
-    except OSError:
-        return None
-    return st_.st_mtime_ns, st_.st_size
-
-
 def _loaded_task(task: TaskSpec) -> tuple:
-    return _cached_splits(canonical_json(task), _file_stamp(task.source.strip()))
+    return _cached_splits(canonical_json(task), _path_stamp(task.source))
 
 
 def _splits_of(task: TaskSpec):
@@ -201,7 +208,7 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
     except LaserError as e:
         user_error(f"Cannot load the task (still using `{task_spec().source}`): {e}", status=True)
     try:
-        lm = _cached_model(model.source, model.device, model.dtype)
+        lm = _model_of(model)
     except LaserError as e:
         user_error(f"Cannot load the model (still using `{model_spec().source}`): {e}", status=True)
     if splits.task.kind == "gen" and lm.kind != "causal":
@@ -281,7 +288,7 @@ def current_model():
     """The loaded model of the session's spec (loaded once per spec, device and dtype), or st.error + stop."""
     spec = model_spec()
     try:
-        return _cached_model(spec.source, spec.device, spec.dtype)
+        return _model_of(spec)
     except LaserError as e:
         st.error(f"Cannot load the model: {e}")
         st.stop()

@@ -145,6 +145,29 @@ def test_a_task_file_changed_on_disk_is_read_again_when_loaded(app_env, tmp_path
     assert "grows` (mc, 60 examples)" in " ".join(c.value for c in at.caption)
 
 
+def test_a_model_folder_saved_again_is_loaded_again(app_env, tiny_dirs, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path / "exported"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    at = page("pages/1_Model_and_task.py")
+    at.radio(key="model_kind").set_value("local folder")
+    at.text_input(key="model_path").set_value(str(folder))
+    at.button[0].click().run()
+    before = " ".join(c.value for c in at.caption)
+    model = AutoModelForCausalLM.from_pretrained(folder)  # another edit exported to the same folder
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    model.save_pretrained(folder)
+    at.button[0].click().run()
+    assert not at.exception
+    after = " ".join(c.value for c in at.caption)
+    fingerprint = lambda text: text.split("fingerprint `")[1].split("`")[0]  # noqa: E731
+    assert fingerprint(before) != fingerprint(after)
+
+
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")
