@@ -134,12 +134,24 @@ def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
             params[name].copy_(value)
 
 
-def check_out_folder(out: str | Path, overwrite: bool = False) -> Path:
+RECIPE_FILE = "laser_recipe.json"  # beside every model LASER Lab saves; what marks a folder it may overwrite
+
+
+def check_out_folder(out: str | Path, overwrite: bool = False, source: str | None = None) -> Path:
     """The absolute path a model is to be saved to, once it is known that it can be: ``ConfigError`` where ``out``
-    exists (unless ``overwrite``), lies under a file, or its nearest existing folder cannot be written."""
+    is or holds the model ``source`` being edited, exists (unless ``overwrite``, which replaces only an empty
+    folder or one LASER Lab saved a model into: anything else would be deleted), lies under a file, or its
+    nearest existing folder cannot be written."""
     out = Path(out).expanduser().resolve()
+    src = Path(source).expanduser() if source else None
+    if src is not None and src.exists() and (src.resolve() == out or out in src.resolve().parents):
+        raise ConfigError(f"{out} holds the model being edited ({src.resolve()}); save the edited model to another "
+                          "folder, so that the original stays")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another folder or pass --overwrite")
+    if out.exists() and not (out.is_dir() and ((out / RECIPE_FILE).is_file() or not any(out.iterdir()))):
+        raise ConfigError(f"{out} is not a model folder saved by LASER Lab (it has no {RECIPE_FILE}), so overwrite "
+                          "leaves it as it is: replacing it would delete what it holds; choose another folder")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -153,8 +165,9 @@ def check_out_folder(out: str | Path, overwrite: bool = False) -> Path:
 def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
     """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
     and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
-    ``overwrite`` (see :func:`check_out_folder`); a write that fails (a full disk) is a ``ConfigError`` too."""
-    out = check_out_folder(out, overwrite)
+    ``overwrite``, and the folder of the model itself (see :func:`check_out_folder`); a write that fails (a full
+    disk) is a ``ConfigError`` too."""
+    out = check_out_folder(out, overwrite, lm.spec.source)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -163,7 +176,7 @@ def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite:
     try:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        save_recipe(recipe, tmp / "laser_recipe.json")
+        save_recipe(recipe, tmp / RECIPE_FILE)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             os.replace(out, old)
@@ -188,7 +201,7 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     The loaded copy is private to this call, so no shared model is ever left edited.
     """
     spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
-    out_path = check_out_folder(out, overwrite)  # before the model load and the check, which can take minutes
+    out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check, which can take minutes
     lm = load_model(spec, progress)
     edits = check_recipe_fits(lm, recipe, force)
     apply_edits_permanently(lm, edits)

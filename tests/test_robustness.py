@@ -306,6 +306,32 @@ def test_cancel_during_gradient_computation_restores_everything(tiny_lm, mc_task
     assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
 
 
+def test_overwrite_replaces_only_a_model_laser_lab_saved_and_never_the_model_being_edited(tiny_dirs, tmp_path):
+    import shutil
+
+    from conftest import TEST_DEVICE
+    from laser_core import load_model
+    from laser_core.recipe import make_recipe, save_model_atomic
+    models = tmp_path / "models"
+    lm = load_model(ModelSpec(str(shutil.copytree(tiny_dirs["llama"], models / "llama")), device=TEST_DEVICE))
+    recipe = make_recipe(lm, [Edit(lm.matrices[0].name, 1, 0.5)])
+    before = sorted(p.name for p in (models / "llama").iterdir())
+    for out in (models / "llama", models):  # the model's own folder, or one that holds it: the original would go
+        with pytest.raises(ConfigError, match="holds the model being edited"):
+            save_model_atomic(lm, out, recipe, overwrite=True)
+    assert sorted(p.name for p in (models / "llama").iterdir()) == before
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="is not a model folder saved by LASER Lab .*overwrite leaves it as it is"):
+        save_model_atomic(lm, notes, recipe, overwrite=True)
+    assert (notes / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "empty"):  # an empty folder, then the model saved there before
+        save_model_atomic(lm, out, recipe, overwrite=True)
+        assert (out / "laser_recipe.json").is_file()
+
+
 def test_interrupted_save_leaves_no_half_model_and_no_temp_files(tiny_lm, tmp_path, monkeypatch):
     from laser_core.recipe import make_recipe, save_model_atomic
     lm = tiny_lm("llama")
