@@ -257,10 +257,12 @@ def _cmd_scores(args) -> int:
 def _cmd_search(args, method: str) -> int:
     from .estimate import SPLIT_WORDS, estimate_search
     from .evaluate import CancelToken
-    from .recipe import recipe_from_report, save_recipe
+    from .recipe import check_out_file, recipe_from_report, save_recipe
     from .search import SEARCH_SPLIT, run_search, skip_text
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
+    if args.recipe_out:
+        check_out_file(args.recipe_out)
     lm, tspec, splits, store = _setup(args)
     est = estimate_search(lm, splits, cfg, store)
     if est is not None and est.to_run:
@@ -350,15 +352,22 @@ def _cmd_apply(args) -> int:
 def _cmd_report(args) -> int:
     import json
 
+    from .recipe import check_out_file
     from .report import paper_table, table_markdown
 
     tasks = [t for t in args.tasks.split(",") if t]
+    json_out = check_out_file(args.json_out) if args.json_out else None  # not after the first task's tens of minutes
+
     def on_row(partial: dict) -> None:  # each finished task is printed and saved at once
         last = partial["rows"][-1]
         print(f"{last['task']}: base {last['base_test']:.3f}, LASER {last['laser_test']:.3f}, "
               f"C2I K=1 {last['c2i_k1_test']:.3f}, C2I K grid {last['c2i_kgrid_test']:.3f}", file=sys.stderr, flush=True)
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(partial, indent=2))
+        if json_out:
+            try:
+                json_out.parent.mkdir(parents=True, exist_ok=True)
+                json_out.write_text(json.dumps(partial, indent=2))
+            except OSError as e:  # the table is still printed at the end
+                print(f"warning: could not write {json_out}: {e.strerror or e}", file=sys.stderr, flush=True)
 
     result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
                          progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row)

@@ -64,16 +64,23 @@ def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, ba
 
 def save_recipe(recipe: dict, path: str | Path) -> Path:
     """Write ``recipe`` as YAML (``.yaml``/``.yml``) or JSON (anything else), sorted keys, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_out_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
     if path.suffix in (".yaml", ".yml"):
         import yaml
         text = yaml.safe_dump(recipe, sort_keys=True)
     else:
         text = json.dumps(recipe, indent=2, sort_keys=True) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
     return path
 
 
@@ -152,6 +159,21 @@ def check_out_folder(out: str | Path, overwrite: bool = False, source: str | Non
     if out.exists() and not (out.is_dir() and ((out / RECIPE_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} is not a model folder saved by LASER Lab (it has no {RECIPE_FILE}), so overwrite "
                           "leaves it as it is: replacing it would delete what it holds; choose another folder")
+    return _check_parent(out)
+
+
+def check_out_file(path: str | Path) -> Path:
+    """The absolute path of a file to be written at the end of a run (a recipe, a report's JSON): ``ConfigError``
+    now, not after the run, where it is a folder, a read-only file, lies under a file or cannot be created."""
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise ConfigError(f"cannot save to {out}: it is a folder; give a file name")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ConfigError(f"cannot save to {out}: the file is read-only; choose another file")
+    return _check_parent(out)
+
+
+def _check_parent(out: Path) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent

@@ -195,6 +195,32 @@ def test_cli_eval_reads_the_recipe_before_loading_the_model(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: rho must be in (0, 1], got 2.0"  # not "model not found"
 
 
+@pytest.mark.parametrize("cmd,flag", [("search", "--recipe-out"), ("laser", "--recipe-out"), ("report", "--json-out")])
+def test_cli_refuses_an_output_file_it_could_not_write_before_the_run(cmd, flag, tmp_path, capsys):
+    # these files are written at the end of a run (a report's after its first task): a bad path used to
+    # end minutes or hours of work in a traceback
+    from laser_core.cli import main
+    (tmp_path / "a file").write_text("x")
+    model = ["--model", str(tmp_path / "no-model")]  # never reached: the path is refused first
+    for path, said in ((tmp_path, "it is a folder; give a file name"),
+                       (tmp_path / "a file" / "r.json", "a file is a file, not a folder")):
+        assert main([cmd, *model, flag, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: cannot save to {path}") and "model not found" not in err, err
+        assert err.endswith(said), err
+
+
+def test_a_recipe_that_cannot_be_written_is_one_error_line_and_no_temp_file(tmp_path, monkeypatch):
+    from laser_core.recipe import save_recipe
+
+    def full_disk(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(tmp_path), "write_text", full_disk)
+    with pytest.raises(ConfigError, match="could not write the recipe to .*r.json: No space left on device"):
+        save_recipe({"laser_lab_recipe": 1}, tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_k_larger_than_some_chosen_matrices_is_left_out_for_those_and_listed(tiny_lm, mc_task):
     lm = tiny_lm("llama")
     report = run_search(lm, _splits(mc_task), SearchConfig(q=14, ks=(1, 32), rhos=(0.5,)), None)
