@@ -138,17 +138,6 @@ def _path_stamp(source: str) -> tuple | None:
         return None
 
 
-@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
-def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
-    """``stamp``: the source's :func:`_path_stamp`, so that a model folder saved again (an Export to the same
-    folder) is loaded again."""
-    return load_model(ModelSpec(source, device, dtype))
-
-
-def _model_of(spec: ModelSpec):
-    return _cached_model(spec.source, spec.device, spec.dtype, _path_stamp(spec.source))
-
-
 class _ThreadWarnings(logging.Handler):
     """Collects the warnings ``laser_core`` logs from this thread (not a background job's) while it is attached."""
 
@@ -161,18 +150,38 @@ class _ThreadWarnings(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
+    """(what ``fn()`` returns, the warnings ``laser_core`` logged meanwhile), for the page to show."""
+    handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
+    logger.addHandler(handler)
+    try:
+        return fn(), tuple(handler.messages)
+    finally:
+        logger.removeHandler(handler)
+
+
+@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
+def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
+    """The model and what loading it warned about (a half-precision dtype on a CPU). ``stamp``: the source's
+    :func:`_path_stamp`, so that a model folder saved again (an Export to the same folder) is loaded again."""
+    return _with_warnings(lambda: load_model(ModelSpec(source, device, dtype)))
+
+
+def _loaded_model(spec: ModelSpec) -> tuple:
+    return _cached_model(spec.source, spec.device, spec.dtype, _path_stamp(spec.source))
+
+
+def _model_of(spec: ModelSpec):
+    return _loaded_model(spec)[0]
+
+
 @st.cache_resource(show_spinner="Loading task...")
 def _cached_splits(spec_json: str, stamp: tuple | None):
     """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers).
     ``stamp``: the source's :func:`_path_stamp`, so that a file edited or uploaded again is read again."""
     import json
     spec = TaskSpec(**json.loads(spec_json))
-    handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
-    logger.addHandler(handler)
-    try:
-        return make_splits(load_task(spec), spec), tuple(handler.messages)
-    finally:
-        logger.removeHandler(handler)
+    return _with_warnings(lambda: make_splits(load_task(spec), spec))
 
 
 def _loaded_task(task: TaskSpec) -> tuple:
@@ -183,12 +192,15 @@ def _splits_of(task: TaskSpec):
     return _loaded_task(task)[0]
 
 
-def task_warnings(task: TaskSpec) -> tuple[str, ...]:
-    """What loading ``task`` warned about (an empty tuple for a task that cannot be loaded)."""
-    try:
-        return _loaded_task(task)[1]
-    except LaserError:
-        return ()
+def load_warnings() -> tuple[str, ...]:
+    """What loading the session's model and task warned about (nothing for one that cannot be loaded)."""
+    notes: tuple[str, ...] = ()
+    for load, spec in ((_loaded_model, model_spec()), (_loaded_task, task_spec())):
+        try:
+            notes += load(spec)[1]
+        except LaserError:
+            pass
+    return notes
 
 
 # ------------------------------------------------------------------ session state

@@ -276,6 +276,9 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
 
     dtype = getattr(torch, spec.dtype)
     device = resolve_device(spec.device)
+    if device.type == "cpu" and dtype != torch.float32:
+        log.warning("%s on the CPU: its matrix products run about 100x slower than float32's here, so every "
+                    "evaluation does too; use float32 on a CPU", spec.dtype)
     src = str(spec.source).strip()
     kwargs: dict = {}
     if src == "demo":

@@ -54,7 +54,7 @@ f[5].metric("dtype", facts["dtype"])
 st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
            f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
            f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
-for note in ui.task_warnings(ui.task_spec()):
+for note in ui.load_warnings():
     st.warning(note)
 
 st.subheader("Baseline")

@@ -130,6 +130,16 @@ def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
     assert not [w for w in at.warning if "answers" in w.value or "dropped" in w.value]
 
 
+def test_model_page_warns_that_half_precision_is_slow_on_a_cpu(app_env):
+    at = page("pages/1_Model_and_task.py")
+    assert not [w for w in at.warning if "slower than float32" in w.value]
+    at.selectbox(key="device").set_value("cpu")
+    at.selectbox(key="dtype").set_value("bfloat16")
+    at.button[0].click().run()
+    assert not at.exception and metrics(at)["dtype"] == "bfloat16"
+    assert any(w.value.startswith("bfloat16 on the CPU: its matrix products run about 100x slower") for w in at.warning)
+
+
 def test_a_task_file_changed_on_disk_is_read_again_when_loaded(app_env, tmp_path):
     task = write_mc_jsonl(tmp_path / "grows.jsonl", 40)
     at = page("pages/1_Model_and_task.py")
