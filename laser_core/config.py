@@ -159,6 +159,9 @@ class SearchConfig:
             raise ConfigError(f"prefix_budget_mb must be >= 0, got {self.prefix_budget_mb}")
         if not 0.0 < self.tail_fraction <= 1.0:
             raise ConfigError(f"tail_fraction must be in (0, 1], got {self.tail_fraction}")
+        if self.method == "c2i" and (self.layers is not None or self.types is not None):
+            raise ConfigError("layers and types choose the matrices of a LASER sweep; a C2I search picks its q "
+                              "matrices by score among all of them (leave layers and types unset)")
         # grids as tuples of one type, each value once (a repeated value would be evaluated, and cached, twice)
         object.__setattr__(self, "ks", tuple(dict.fromkeys(int(k) for k in self.ks)))
         object.__setattr__(self, "rhos", tuple(dict.fromkeys(float(r) for r in self.rhos)))

@@ -171,9 +171,11 @@ def test_bad_search_settings_name_the_bad_value(kwargs, match):
 
 
 def test_a_value_repeated_in_a_grid_is_searched_once():
-    cfg = SearchConfig(ks=(1, 4, 1), rhos=(0.5, 0.1, 0.5), layers=(3, 2, 3), types=("up", "up"))
-    assert (cfg.ks, cfg.rhos, cfg.layers, cfg.types) == ((1, 4), (0.5, 0.1), (3, 2), ("up",))
-    assert cfg == SearchConfig(ks=(1, 4), rhos=(0.5, 0.1), layers=(3, 2), types=("up",))  # the same cache keys
+    cfg = SearchConfig(ks=(1, 4, 1), rhos=(0.5, 0.1, 0.5))
+    assert (cfg.ks, cfg.rhos) == ((1, 4), (0.5, 0.1))
+    assert cfg == SearchConfig(ks=(1, 4), rhos=(0.5, 0.1))  # the same cache keys
+    cfg = SearchConfig("laser", ks=(1,), layers=(3, 2, 3), types=("up", "up"))
+    assert (cfg.layers, cfg.types) == ((3, 2), ("up",))
 
 
 @pytest.mark.parametrize("cmd,flag,value,said", [

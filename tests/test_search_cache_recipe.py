@@ -178,6 +178,13 @@ def test_laser_sweep_covers_layers_times_types_times_rhos_on_validation(tiny_lm,
     assert events == []  # refused before the base model is evaluated
 
 
+def test_a_c2i_config_with_laser_layers_or_types_is_refused_not_silently_ignored():
+    for extra in ({"layers": (20, 21)}, {"types": ("down",)}):
+        with pytest.raises(ConfigError, match="layers and types choose the matrices of a LASER sweep"):
+            SearchConfig("c2i", **extra)
+    assert SearchConfig("laser", ks=(1,), layers=(20, 21), types=("down",)).layers == (20, 21)
+
+
 def test_q_larger_than_matrix_count_is_refused(tiny_lm, mc_task, store):
     _, splits = _splits(mc_task)
     with pytest.raises(ConfigError, match="q=99 is larger than the model's 14 matrices"):
