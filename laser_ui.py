@@ -5,6 +5,7 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -279,9 +280,12 @@ def load_setup_form() -> None:
     elif f["task_kind"] == "upload JSONL/CSV":
         if f["upload"] is None:
             user_error("Choose a JSONL or CSV file to upload first.", status=True)
-        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / f["upload"].name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(f["upload"].getvalue())
+        data = f["upload"].getvalue()  # a folder per content: another upload of that name (another session's,
+        # or a fixed file) is another task, and the file keeps its name, which names the task
+        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / hashlib.sha256(data).hexdigest()[:16] / f["upload"].name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
         tsource = str(dest)
     else:
         tsource = ("hf:" + path if path else "") if f["task_kind"] == "HF dataset" else path

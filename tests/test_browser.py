@@ -161,3 +161,31 @@ def test_a_bad_model_path_shows_a_message_not_a_traceback(server, browser):
     page.get_by_test_id("stSidebarNav").get_by_text("Layer scores", exact=True).click()
     page.get_by_role("heading", name="Layer scores").wait_for()  # the previous model is still the session's
     expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)  # retries past the old page's fade-out
+
+
+def test_an_uploaded_task_stays_the_sessions_task_when_another_session_uploads_a_file_of_its_name(server, browser,
+                                                                                                 tmp_path):
+    # uploads used to be saved under their file name alone: a later upload of that name in another session
+    # replaced the file this session's task was read from
+    def upload(n: int):
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(120_000)
+        page.goto(server)
+        page.get_by_text("Model facts").wait_for()
+        page.get_by_text("upload JSONL/CSV").click()
+        (tmp_path / str(n)).mkdir()
+        task = write_mc_jsonl(tmp_path / str(n) / "mine.jsonl", n, seed=n)
+        with page.expect_response(lambda r: "upload_file" in r.url and r.request.method == "PUT"):  # on the server
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(task))
+        page.get_by_role("button", name="Load model and task").click()
+        page.get_by_text(f"task mine (mc, {n} examples)").wait_for()  # `mine` is set as code
+        return page
+
+    first = upload(500)
+    upload(450).close()
+    nav(first, "Layer scores")
+    first.get_by_role("heading", name="Layer scores").wait_for()
+    nav(first, "Model & task")
+    first.get_by_text("task mine (mc, 500 examples)").wait_for()
+    assert not first.get_by_test_id("stException").count()
+    shot(first, "7_uploaded_task")
