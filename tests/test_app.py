@@ -460,6 +460,35 @@ def test_app_entry_point_opens_the_model_and_task_page(app_env):
     assert metrics(at)["Matrices"] == "14"
 
 
+def test_the_readme_start_command_does_not_stop_at_streamlits_first_run_email_prompt(tmp_path):
+    # a fresh user on a machine with a display: Streamlit's first run asks for an email in the terminal, and the
+    # dashboard waits for an answer (.streamlit/config.toml turns that prompt off)
+    import pty
+    import select
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HOME": str(tmp_path), "DISPLAY": ":0", "BROWSER": "true"}  # BROWSER: open no browser
+    env.pop("STREAMLIT_SERVER_HEADLESS", None)
+    main, child = pty.openpty()  # a terminal, as a user's
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1"], cwd=ROOT, env=env, stdin=child, stdout=child, stderr=child)
+    out, deadline = b"", time.time() + 60
+    try:
+        while time.time() < deadline and b"view your Streamlit app" not in out and b"Email" not in out:
+            if select.select([main], [], [], 1)[0]:
+                out += os.read(main, 4096)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main)
+        os.close(child)
+    assert b"Email" not in out and b"view your Streamlit app" in out, out.decode(errors="replace")
+
+
 def test_candidates_table_leaves_same_as_rho_blank_on_rows_that_ran():
     import laser_ui
     ran = {"layer": 0, "type": "k", "k": 1, "rho": 0.05, "accuracy": 0.5, "ranks": [1], "name": "m"}
