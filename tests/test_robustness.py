@@ -5,6 +5,7 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,6 +359,27 @@ def test_overwrite_replaces_only_a_model_laser_lab_saved_and_never_the_model_bei
     for out in (tmp_path / "empty", tmp_path / "empty"):  # an empty folder, then the model saved there before
         save_model_atomic(lm, out, recipe, overwrite=True)
         assert (out / "laser_recipe.json").is_file()
+
+
+def test_a_demo_conversion_finishing_second_keeps_the_first_ones_folder(tmp_path):
+    # the dashboard and the CLI started together on a fresh machine both convert the demo model: the one that
+    # finished second used to delete the first one's folder, which the first may have been loading from
+    from laser_core.demo import _install
+
+    def converted(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(name)
+        (d / "model.safetensors").write_text(name)
+        return d
+
+    target = tmp_path / "demo"
+    _install(converted("first"), target)
+    _install(converted("second"), target)
+    assert (target / "config.json").read_text() == "first" and (tmp_path / "second").exists()
+    (target / "model.safetensors").unlink()  # an interrupted copy is replaced
+    _install(converted("third"), target)
+    assert (target / "config.json").read_text() == "third" and not (tmp_path / "third").exists()
 
 
 def test_interrupted_save_leaves_no_half_model_and_no_temp_files(tiny_lm, tmp_path, monkeypatch):
