@@ -282,7 +282,8 @@ def load_setup_form() -> None:
             user_error("Choose a JSONL or CSV file to upload first.", status=True)
         data = f["upload"].getvalue()  # a folder per content: another upload of that name (another session's,
         # or a fixed file) is another task, and the file keeps its name, which names the task
-        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / hashlib.sha256(data).hexdigest()[:16] / f["upload"].name
+        folder = hashlib.sha256(data).hexdigest()[:16]
+        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / folder / f["upload"].name
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)

@@ -223,7 +223,7 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     The loaded copy is private to this call, so no shared model is ever left edited.
     """
     spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
-    out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check, which can take minutes
+    out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check (minutes)
     lm = load_model(spec, progress)
     edits = check_recipe_fits(lm, recipe, force)
     apply_edits_permanently(lm, edits)

@@ -196,7 +196,8 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
         if row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
-            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc, ambiguous))
+            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc,
+                                        ambiguous))
         elif row.get(spec.targets_col) not in (None, ""):
             examples.append(_gen_example(row[spec.prompt_col], row[spec.targets_col], loc))
         else:

@@ -475,7 +475,8 @@ def test_the_readme_start_command_does_not_stop_at_streamlits_first_run_email_pr
     env.pop("STREAMLIT_SERVER_HEADLESS", None)
     main, child = pty.openpty()  # a terminal, as a user's
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1"], cwd=ROOT, env=env, stdin=child, stdout=child, stderr=child)
+                             "--server.address", "127.0.0.1"], cwd=ROOT, env=env,
+                            stdin=child, stdout=child, stderr=child)
     out, deadline = b"", time.time() + 60
     try:
         while time.time() < deadline and b"view your Streamlit app" not in out and b"Email" not in out:

@@ -123,7 +123,8 @@ def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, capl
         in caplog.text
     caplog.clear()
     p = tmp_path / "t.jsonl"  # a JSON number is always an index, and warned about where it is also a choice's text
-    p.write_text('{"prompt": "Two?", "choices": [2, 1, 0], "answer": 2}\n{"prompt": "Pick", "choices": ["a", "b"], "answer": 1}\n')
+    p.write_text('{"prompt": "Two?", "choices": [2, 1, 0], "answer": 2}\n'
+                 '{"prompt": "Pick", "choices": ["a", "b"], "answer": 1}\n')
     with caplog.at_level("WARNING", logger="laser_core.tasks"):
         assert [e.answer for e in load_task(TaskSpec(str(p))).examples] == [2, 1]
     assert "1 answers could name two choices" in caplog.text and "(first: t.jsonl: line 1)" in caplog.text
