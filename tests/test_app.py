@@ -112,16 +112,21 @@ def test_sidebar_says_the_split_sizes_the_task_has_not_the_ones_asked(app_env):
     assert "(calib 100, val 100, test 300, seed 0)" in " ".join(c.value for c in at.sidebar.caption)
 
 
+def load_task_file(at: AppTest, path, **sizes) -> AppTest:
+    """Fill the Model & task form with a task file path and split sizes, and press Load."""
+    at.radio(key="task_kind").set_value("task file path")
+    at.text_input(key="task_path").set_value(str(path))
+    for key, value in sizes.items():
+        at.number_input(key=key).set_value(value)
+    at.button[0].click().run()
+    return at
+
+
 def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
     rows = [f'"Q{i}?",2|1|0,2\n' for i in range(3)] + ['"Q0?",2|1|0,2\n']  # answers read as text; one repeat
     task = tmp_path / "numbers.csv"
     task.write_text("prompt,choices,answer\n" + "".join(rows))
-    at = page("pages/1_Model_and_task.py")
-    at.radio(key="task_kind").set_value("task file path")
-    at.text_input(key="task_path").set_value(str(task))
-    at.number_input(key="n_calib").set_value(1)
-    at.number_input(key="n_test").set_value(1)
-    at.button[0].click().run()
+    at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=1, n_test=1)
     assert not at.exception
     notes = [w.value for w in at.warning]
     assert any("4 answers could name two choices" in w for w in notes), notes
@@ -142,12 +147,7 @@ def test_model_page_warns_that_half_precision_is_slow_on_a_cpu(app_env):
 
 def test_a_task_file_changed_on_disk_is_read_again_when_loaded(app_env, tmp_path):
     task = write_mc_jsonl(tmp_path / "grows.jsonl", 40)
-    at = page("pages/1_Model_and_task.py")
-    at.radio(key="task_kind").set_value("task file path")
-    at.text_input(key="task_path").set_value(str(task))
-    at.number_input(key="n_calib").set_value(10)
-    at.number_input(key="n_test").set_value(10)
-    at.button[0].click().run()
+    at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=10, n_test=10)
     assert "grows` (mc, 40 examples)" in " ".join(c.value for c in at.caption)
     write_mc_jsonl(task, 60)  # the user fixes the file (or uploads a new one of that name) and loads it again
     at.button[0].click().run()
@@ -181,10 +181,7 @@ def test_a_model_folder_saved_again_is_loaded_again(app_env, tiny_dirs, tmp_path
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")
-    at = page("pages/1_Model_and_task.py")
-    at.radio(key="task_kind").set_value("task file path")
-    at.text_input(key="task_path").set_value(str(bad))
-    at.button[0].click().run()
+    at = load_task_file(page("pages/1_Model_and_task.py"), bad)
     assert not at.exception
     assert any("not valid JSON" in e.value for e in at.error)
 
