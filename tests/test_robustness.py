@@ -213,6 +213,17 @@ def test_cli_refuses_an_output_file_it_could_not_write_before_the_run(cmd, flag,
         assert err.endswith(said), err
 
 
+def test_ctrl_c_outside_a_search_ends_the_cli_with_one_line_not_a_traceback(monkeypatch, capsys):
+    from laser_core import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_setup", interrupted)  # Ctrl-C while the model loads
+    assert cli.main(["eval", "--model", "demo", "--task", "fever"]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: evaluations that finished are kept in the cache; "
+                                               "no partial model or recipe was written")
+
+
 def test_a_recipe_that_cannot_be_written_is_one_error_line_and_no_temp_file(tmp_path, monkeypatch):
     from laser_core.recipe import save_recipe
 
