@@ -397,6 +397,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a search's own Ctrl-C handling (a model load, a report, an apply)
-        print("interrupted: evaluations that finished are kept in the cache; no partial model or recipe was written",
-              file=sys.stderr)
+        print("interrupted: stopped here; no partial model or recipe was written", file=sys.stderr)
         return 130

@@ -220,8 +220,7 @@ def test_ctrl_c_outside_a_search_ends_the_cli_with_one_line_not_a_traceback(monk
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_setup", interrupted)  # Ctrl-C while the model loads
     assert cli.main(["eval", "--model", "demo", "--task", "fever"]) == 130
-    assert capsys.readouterr().err.strip() == ("interrupted: evaluations that finished are kept in the cache; "
-                                               "no partial model or recipe was written")
+    assert capsys.readouterr().err.strip() == "interrupted: stopped here; no partial model or recipe was written"
 
 
 def test_a_recipe_that_cannot_be_written_is_one_error_line_and_no_temp_file(tmp_path, monkeypatch):
