@@ -23,7 +23,7 @@ import streamlit as st
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
-from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
+from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 from laser_core.search import merit
@@ -267,6 +267,17 @@ def seed_setup_form() -> None:
             st.session_state[key] = value
 
 
+def saved_upload(uploaded) -> Path:
+    """An uploaded file on disk, in a folder per content: another upload of that name (another session's, or a fixed
+    file) is another file, and the file keeps its name (a task's name comes from it)."""
+    data = uploaded.getvalue()
+    dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / hashlib.sha256(data).hexdigest()[:16] / uploaded.name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return dest
+
+
 def load_setup_form() -> None:
     """Load the model and task that the Model & task form's widgets name (read by key from the session state);
     a missing or invalid value is shown as an error and what is loaded stays loaded."""
@@ -280,14 +291,7 @@ def load_setup_form() -> None:
     elif f["task_kind"] == "upload JSONL/CSV":
         if f["upload"] is None:
             user_error("Choose a JSONL or CSV file to upload first.", status=True)
-        data = f["upload"].getvalue()  # a folder per content: another upload of that name (another session's,
-        # or a fixed file) is another task, and the file keeps its name, which names the task
-        folder = hashlib.sha256(data).hexdigest()[:16]
-        dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / folder / f["upload"].name
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-        tsource = str(dest)
+        tsource = str(saved_upload(f["upload"]))
     else:
         tsource = ("hf:" + path if path else "") if f["task_kind"] == "HF dataset" else path
     if not tsource:
@@ -337,14 +341,16 @@ def start_job(kind: str, label: str, lm, fn: Callable[[Job], Any]) -> Job | None
 
 
 def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any, str]]) -> Job | None:
-    """Background evaluation of (name, edit or None for the base, split) items; result: {name: result doc}."""
-    from laser_core.search import evaluate_candidate
+    """Background evaluation of (name, edit or None for the base or a list of edits applied together, split)
+    items; result: {name: result doc}."""
+    from laser_core.search import evaluate_edits
 
     def work(job: Job) -> dict:
         out = {}
         for i, (name, edit, split) in enumerate(items):
             job.on_progress({"phase": kind, "done": i, "total": len(items), "message": name[:40]})
-            out[name] = evaluate_candidate(lm, edit, splits, split, store(), job.cancel)
+            edits = edit if isinstance(edit, list) else [] if edit is None else [edit]
+            out[name] = evaluate_edits(lm, edits, splits, split, store(), job.cancel)
         return out
     return start_job(kind, label, lm, work)
 
@@ -608,6 +614,47 @@ def render_one_candidate(lm, splits) -> None:
     elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)"):
         start_eval_job("one", f"{short} (held-out test)", lm, splits, test)
     live_job("one")
+
+
+def render_recipe_check(lm, splits) -> None:
+    """Open a recipe file (the CLI's, a colleague's, an earlier export): its edits, whether they fit this model,
+    and their held-out test accuracy on this session's task against the base model."""
+    from laser_core.recipe import check_recipe_fits, load_recipe
+    up = st.file_uploader("Recipe file (JSON or YAML)", type=["json", "yaml", "yml"], key="recipe_upload")
+    if up is None:
+        return
+    path = saved_upload(up)
+    try:
+        recipe = load_recipe(path)
+        edits = check_recipe_fits(lm, recipe)
+    except LaserError as e:
+        st.error(f"Cannot use this recipe: {e}")
+        return
+    st.dataframe([{"matrix": e.name, "K": e.k, "ρ": e.rho} for e in edits], hide_index=True, key="recipe_edits")
+    task = recipe.get("task") or {}
+    recorded = (recipe.get("metrics") or {}).get("edited_test")
+    same_task = task == to_dict(splits.spec)
+    st.caption((f"Made on task `{task.get('source')}`" if task else "The recipe names no task")
+               + (" with this session's splits" if same_task else f"; evaluated here on `{splits.spec.source}`")
+               + (f"; it recorded held-out test accuracy {recorded['accuracy']:.3f}" if recorded else "") + ".")
+    st.code(f"python -m laser_core apply --recipe {up.name} --out edited-model", language="bash")
+    job = session_job("recipe_test")
+    ran = job is not None and st.session_state.get("recipe_test_of") == str(path)
+    if ran and job.status == "done":
+        base, res = job.result["base"], job.result["recipe"]
+        render_accuracy_pair(st.columns(2), "Base (held-out test)", base, "With the recipe (held-out test)", res)
+        if same_task and recorded:
+            agree = abs(res["accuracy"] - recorded["accuracy"]) < 1e-9
+            (st.success if agree else st.warning)(
+                f"The recipe recorded {recorded['accuracy']:.3f} on this task's held-out test split: "
+                + ("the same." if agree else "not the same (other weights, another library version or device?)"))
+        return
+    if st.button("Evaluate the recipe on held-out test", disabled=ran and job.status == "running"):
+        st.session_state["recipe_test_of"] = str(path)
+        start_eval_job("recipe_test", "recipe on held-out test", lm, splits,
+                       [("base", None, "test"), ("recipe", list(edits), "test")])
+    if st.session_state.get("recipe_test_of") == str(path):
+        live_job("recipe_test")
 
 
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict) -> None:

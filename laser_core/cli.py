@@ -310,22 +310,11 @@ def _cmd_search(args, method: str) -> int:
 
 def _cmd_eval(args) -> int:
     from .recipe import check_recipe_fits, load_recipe
-    from .search import evaluate_candidate
+    from .search import evaluate_edits
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)
-    if recipe:
-        edits = check_recipe_fits(lm, recipe)
-        if len(edits) != 1:
-            from .evaluate import evaluate
-            from .reduction import edited
-            with edited(lm, edits):
-                r = evaluate(lm, splits.examples(args.split), tspec.max_new_tokens)
-            print(f"{args.split}: {_fmt(r.to_dict())}")
-            return 0
-        doc = evaluate_candidate(lm, edits[0], splits, args.split, store)
-    else:
-        doc = evaluate_candidate(lm, None, splits, args.split, store)
+    doc = evaluate_edits(lm, check_recipe_fits(lm, recipe) if recipe else [], splits, args.split, store)
     print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else ""))
     return 0
 

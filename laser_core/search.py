@@ -237,6 +237,20 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     return doc
 
 
+def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: str, store: Store,
+                   cancel: CancelToken | None = None) -> dict:
+    """Evaluate the model with all of ``edits`` at once (a recipe's) on ``split``: one edit (or none) goes through
+    :func:`evaluate_candidate` and its cache; several are evaluated together, not cached (the cache holds single
+    edits), and the result's ``edits`` lists them."""
+    if len(edits) <= 1:
+        return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
+    t0 = time.perf_counter()
+    with edited(lm, edits):
+        res = evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, cancel=cancel)
+    return {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
+            **res.to_dict(), "seconds": time.perf_counter() - t0, "cached": False}
+
+
 def edit_identity(lm: LoadedModel, edit: Edit) -> tuple:
     """What an edit does to the weights: two rhos that keep the same rank in every block are one edit."""
     return edit.name, edit.k, tuple(block_ranks(lm.ref(edit.name).shape, edit.k, edit.rho))

@@ -1,4 +1,5 @@
-"""Export: the chosen candidate as a recipe (JSON/YAML), the CLI command, and the edited model on disk."""
+"""Export: the chosen candidate as a recipe (JSON/YAML), the CLI command, and the edited model on disk; and a
+recipe file opened to check its edits on the session's model and task."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,8 @@ st.set_page_config(page_title="LASER Lab · Export", layout="wide")
 st.title("Export")
 ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
+with st.expander("Open a recipe file: check its edits on this model and task"):
+    ui.render_recipe_check(lm, splits)
 docs = [d for d in ui.cached_results(lm, splits) if d["name"]]
 if not docs:
     ui.user_error("Nothing to export yet: run a search on the Explore page first.")

@@ -451,6 +451,35 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
 
 
+def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
+    import json
+
+    from laser_core import Edit, ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core.recipe import make_recipe
+    from laser_core.search import evaluate_edits
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    edits = [Edit(lm.matrices[0].name, 1, 0.5), Edit(lm.matrices[-1].name, 2, 0.25)]  # two edits, applied together
+    want = evaluate_edits(lm, edits, make_splits(load_task(ts), ts), "test", Store())
+    recipe = make_recipe(lm, edits, ts, {"edited_test": {k: want[k] for k in ("accuracy", "log_loss", "n")}})
+    at = page("pages/5_Export.py")
+    at.file_uploader(key="recipe_upload").set_value(("mine.json", json.dumps(recipe).encode(), "application/json"))
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    assert "this session's splits; it recorded held-out test accuracy" in " ".join(c.value for c in at.caption)
+    click(at, "Evaluate the recipe on held-out test")
+    wait_for(at, lambda a: "With the recipe (held-out test)" in metrics(a))
+    assert metrics(at)["With the recipe (held-out test)"] == f"{want['accuracy']:.3f}"
+    assert any("recorded" in s.value and "the same." in s.value for s in at.success)
+    for content, said in ((json.dumps({**recipe, "model": {**recipe["model"], "fingerprint": "0" * 16}}),
+                           "the recipe was made on a model with fingerprint 0000000000000000"),
+                          ("{not json", "is not valid JSON")):
+        at.file_uploader(key="recipe_upload").set_value(("other.json", content.encode(), "application/json"))
+        at.run()
+        assert not at.exception and any(e.value.startswith("Cannot use this recipe: ") and said in e.value
+                                        for e in at.error), [e.value for e in at.error]
+
+
 def test_app_entry_point_opens_the_model_and_task_page(app_env):
     at = page("app.py")
     assert at.title[0].value == "LASER Lab · Model & task"

@@ -185,6 +185,22 @@ def test_a_c2i_config_with_laser_layers_or_types_is_refused_not_silently_ignored
     assert SearchConfig("laser", ks=(1,), layers=(20, 21), types=("down",)).layers == (20, 21)
 
 
+def test_a_recipes_edits_are_evaluated_together_and_one_edit_through_the_cache(tiny_lm, mc_task, store):
+    from laser_core import evaluate
+    from laser_core.search import evaluate_edits
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    edits = [Edit(lm.matrices[0].name, 1, 0.25), Edit(lm.matrices[-1].name, 2, 0.25)]
+    both = evaluate_edits(lm, edits, splits, "test", store)
+    with edited(lm, edits):
+        direct = evaluate(lm, splits.examples("test"))
+    assert (both["accuracy"], both["log_loss"], both["correct"]) == (direct.accuracy, direct.log_loss, direct.correct)
+    assert [e["name"] for e in both["edits"]] == [e.name for e in edits] and not both["cached"]
+    one = evaluate_edits(lm, edits[:1], splits, "test", store)
+    assert one["name"] == edits[0].name and evaluate_edits(lm, edits[:1], splits, "test", store)["cached"]
+    assert abs(one["log_loss"] - both["log_loss"]) > 0  # the second edit counts
+
+
 def test_q_larger_than_matrix_count_is_refused(tiny_lm, mc_task, store):
     _, splits = _splits(mc_task)
     with pytest.raises(ConfigError, match="q=99 is larger than the model's 14 matrices"):
