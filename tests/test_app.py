@@ -220,6 +220,9 @@ def test_layer_scores_page_computes_scores_and_draws_heatmap_and_profile(app_env
     assert at.session_state["selected_matrix"] == "model.layers.1.mlp.down_proj.weight"
     at.slider(key="q").set_value(3).run()
     assert len(at.session_state["top_q"]) == 3
+    every = next(d.value for d in at.dataframe if len(d.value) == 14)  # every matrix, best score first
+    assert list(every["rank"]) == list(range(1, 15)) and list(every["name"][:3]) == at.session_state["top_q"]
+    assert every["score"].is_monotonic_decreasing and set(every["rows × cols"]) >= {"32×32"}
 
 
 def _small_grid(at: AppTest) -> AppTest:
