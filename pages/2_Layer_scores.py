@@ -78,8 +78,8 @@ with left:
 sp = spectra[st.session_state["selected_matrix"]]
 st.plotly_chart(ui.gradient_profile(sp.S[1][0], sp.g[1][0], tail, st.session_state["selected_matrix"]), key="profile")
 with st.expander(f"All {len(table)} matrices by score (sortable; the table's toolbar downloads it as CSV)"):
+    by_rank = sorted(table, key=lambda r: (r["rank"] is None, r["rank"]))  # skipped (NaN) matrices last
     st.dataframe(pd.DataFrame([{"rank": None if r["rank"] is None else r["rank"] + 1, "layer": r["layer"],
                                 "type": r["type"], "rows × cols": "×".join(map(str, r["shape"])), "score": r["score"],
-                                "name": r["name"]} for r in sorted(table, key=lambda r: (r["rank"] is None, r["rank"]))]),
-                 hide_index=True, key="all_scores")
+                                "name": r["name"]} for r in by_rank]), hide_index=True, key="all_scores")
 st.session_state["top_q"] = names[:q]
