@@ -123,7 +123,12 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
         raise TaskFormatError(f"{where}: answer index {answer} is out of range for {len(choices)} choices{hint}")
     if ambiguous is not None and as_number and str(answer) in choices and choices[answer] != str(answer):
         ambiguous.append(where)
-    return _shift_space(Example(prompt, tuple(choices), answer))
+    ex = _shift_space(Example(prompt, tuple(choices), answer))
+    clash = [c for c, shifted in zip(choices, ex.choices) if ex.choices.count(shifted) > 1]
+    if clash:  # e.g. "A" and " A": after the prompt both continue it with " A", and the first would always win
+        raise TaskFormatError(f"{where}: the choices {', '.join(map(repr, clash))} read the same after the prompt "
+                              "(they differ only by a leading space); give each once")
+    return ex
 
 
 def _gen_example(prompt, targets, where: str) -> Example:

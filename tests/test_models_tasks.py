@@ -95,6 +95,8 @@ def test_more_calibration_than_examples_is_refused(mc_task):
     ('{"prompt": "a", "choices": ["x"], "answer": 0}\n', "at least 2 choices"),
     ('{"prompt": "a", "choices": ["x", "y", "x"], "answer": 2}\n', "line 1: the choices repeat 'x'; give each choice once"),
     ('{"prompt": "a", "choices": ["x", "y"], "answer": true}\n', "answer must be a choice index or the choice text, got True"),
+    ('{"prompt": "Pick:", "choices": ["A", " A", "B"], "answer": 2}\n',
+     "line 1: the choices 'A', ' A' read the same after the prompt \\(they differ only by a leading space\\)"),
     ('{"prompt": "a", "choices": ["x", "y"], "answer": 0.5}\n', "answer must be a choice index or the choice text, got 0.5"),
 ])
 def test_malformed_jsonl_names_the_problem_and_line(tmp_path, content, match):
