@@ -4,8 +4,8 @@ Every evaluation stored in the cache carries its wall time. A candidate costs ab
 searched split times the share of the model's blocks it runs (with prefix reuse: from its layer on); a candidate
 already in the cache, or one with the same ranks as another rho of its matrix, costs nothing. The basis, best
 first: candidates of this split already timed (each scaled back to a full evaluation by its layer's share; the
-median, once there are ``MIN_RUNS``), the base model on this split, the base model on the other scored split
-scaled by the example count. Timings taken on another device, or while the machine was busy, carry over as they
+median, once there are ``MIN_RUNS``), the base model on this split, the base model on the other searched split or
+on the held-out test split, scaled by the example count. Timings taken on another device, or while the machine was busy, carry over as they
 are: an estimate, not a promise.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[di
     if len(runs) >= MIN_RUNS:
         return statistics.median(runs), f"{len(runs)} candidates already timed on this split"
     n = len(getattr(splits, split))
-    for other in (split, *(s for s in SEARCH_SPLIT.values() if s != split)):
+    for other in (split, *(s for s in SEARCH_SPLIT.values() if s != split), "test"):  # test: timed on Export/Results
         base = next((d for d in docs if d["split"] == other and not d.get("name") and d.get("seconds")), None)
         if base is not None:
             scale = n / max(1, len(getattr(splits, other)))

@@ -47,6 +47,15 @@ def test_a_candidate_costs_the_share_of_blocks_it_runs_of_the_base_evaluation(ll
     assert estimate_search(lm, splits, dataclasses.replace(cfg, early_stop=True), store).upper_bound
 
 
+def test_a_held_out_test_timing_alone_is_a_basis_too(llama_splits, store):
+    # the base is often first evaluated on the held-out test split (Export, Results' comparison, a recipe check)
+    lm, splits = llama_splits
+    base = evaluate_candidate(lm, None, splits, "test", store)["seconds"]
+    est = estimate_search(lm, splits, SMALL, store)
+    assert est.basis == f"the base model's evaluation of the held-out test split, scaled to {len(splits.calib)} examples"
+    assert est.full_eval_s == pytest.approx(base * len(splits.calib) / len(splits.test))
+
+
 def test_after_a_search_its_candidates_cost_nothing_and_their_timings_become_the_basis(llama_splits, store):
     lm, splits = llama_splits
     run_search(lm, splits, SMALL, store)
