@@ -5,8 +5,8 @@ searched split times the share of the model's blocks it runs (with prefix reuse:
 already in the cache, or one with the same ranks as another rho of its matrix, costs nothing. The basis, best
 first: candidates of this split already timed (each scaled back to a full evaluation by its layer's share; the
 median, once there are ``MIN_RUNS``), the base model on this split, the base model on the other searched split or
-on the held-out test split, scaled by the example count. Timings taken on another device, or while the machine was busy, carry over as they
-are: an estimate, not a promise.
+on the held-out test split, scaled by the example count. Timings taken on another device, or while the machine
+was busy, carry over as they are: an estimate, not a promise.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def test_a_held_out_test_timing_alone_is_a_basis_too(llama_splits, store):
     lm, splits = llama_splits
     base = evaluate_candidate(lm, None, splits, "test", store)["seconds"]
     est = estimate_search(lm, splits, SMALL, store)
-    assert est.basis == f"the base model's evaluation of the held-out test split, scaled to {len(splits.calib)} examples"
+    n = len(splits.calib)
+    assert est.basis == f"the base model's evaluation of the held-out test split, scaled to {n} examples"
     assert est.full_eval_s == pytest.approx(base * len(splits.calib) / len(splits.test))
 
 
