@@ -164,7 +164,7 @@ def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
 @st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
 def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
     """The model and what loading it warned about (a half-precision dtype on a CPU). ``stamp``: the source's
-    :func:`_path_stamp`, so that a model folder saved again (an Export to the same folder) is loaded again."""
+    :func:`_path_stamp`, so that a model folder saved again (``save_pretrained`` into it) is loaded again."""
     return _with_warnings(lambda: load_model(ModelSpec(source, device, dtype)))
 
 
@@ -271,7 +271,8 @@ def saved_upload(uploaded) -> Path:
     """An uploaded file on disk, in a folder per content: another upload of that name (another session's, or a fixed
     file) is another file, and the file keeps its name (a task's name comes from it)."""
     data = uploaded.getvalue()
-    dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / hashlib.sha256(data).hexdigest()[:16] / uploaded.name
+    folder = hashlib.sha256(data).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / "laser-lab-uploads" / folder / uploaded.name
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
@@ -619,7 +620,7 @@ def render_one_candidate(lm, splits) -> None:
 def render_recipe_check(lm, splits) -> None:
     """Open a recipe file (the CLI's, a colleague's, an earlier export): its edits, whether they fit this model,
     and their held-out test accuracy on this session's task against the base model."""
-    from laser_core.recipe import check_recipe_fits, load_recipe
+    from laser_core.recipe import check_recipe_fits, load_recipe, matches_recorded
     up = st.file_uploader("Recipe file (JSON or YAML)", type=["json", "yaml", "yml"], key="recipe_upload")
     if up is None:
         return
@@ -644,7 +645,7 @@ def render_recipe_check(lm, splits) -> None:
         base, res = job.result["base"], job.result["recipe"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base, "With the recipe (held-out test)", res)
         if same_task and recorded:
-            agree = abs(res["accuracy"] - recorded["accuracy"]) < 1e-9
+            agree = matches_recorded(res["accuracy"], recorded)
             (st.success if agree else st.warning)(
                 f"The recipe recorded {recorded['accuracy']:.3f} on this task's held-out test split: "
                 + ("the same." if agree else "not the same (other weights, another library version or device?)"))

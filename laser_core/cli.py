@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("scores", help="singular-value gradient scores of every matrix")
     common(sp)
     scoring(sp)
-    sp.add_argument("--top", type=_positive, default=10, help="how many of the best-scored matrices to print (default 10)")
+    sp.add_argument("--top", type=_positive, default=10,
+                    help="how many of the best-scored matrices to print (default 10)")
     sp = sub.add_parser("search", help="C2I: gradient-selected top-q matrices x K x rho on the calibration split")
     common(sp)
     grid(sp)

@@ -83,7 +83,8 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     """About how long ``run_search(lm, splits, cfg, store)`` takes here; None when nothing in the cache is timed.
 
     Raises:
-        ConfigError: the plan itself is invalid (no matrix matches a LASER range, no K of the grid fits the chosen matrices).
+        ConfigError: the plan itself is invalid (no matrix matches a LASER range, no K of the grid fits the
+            chosen matrices).
     """
     split = SEARCH_SPLIT[cfg.method]
     docs = cached_results(store, lm, splits)

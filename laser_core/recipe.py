@@ -65,10 +65,6 @@ def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, ba
 def save_recipe(recipe: dict, path: str | Path) -> Path:
     """Write ``recipe`` as YAML (``.yaml``/``.yml``) or JSON (anything else), sorted keys, atomically."""
     path = check_out_file(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
     if path.suffix in (".yaml", ".yml"):
         import yaml
         text = yaml.safe_dump(recipe, sort_keys=True)
@@ -76,6 +72,7 @@ def save_recipe(recipe: dict, path: str | Path) -> Path:
         text = json.dumps(recipe, indent=2, sort_keys=True) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
@@ -215,6 +212,11 @@ def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite:
     return out
 
 
+def matches_recorded(accuracy: float, recorded: dict) -> bool:
+    """Whether ``accuracy`` is the one a recipe's ``metrics`` entry ``recorded`` (same weights, same examples)."""
+    return abs(accuracy - recorded["accuracy"]) < 1e-9
+
+
 def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, overwrite: bool = False,
                  force: bool = False, check: bool = True, progress=None) -> dict[str, Any]:
     """Load the recipe's model (or ``model``), apply its edits, optionally re-check the edited accuracy on
@@ -237,6 +239,6 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
         res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens)
         want = (recipe.get("metrics") or {}).get("edited_test")
         result["check"] = {"accuracy": res.accuracy, "log_loss": res.log_loss, "expected": want,
-                           "matches": want is None or abs(res.accuracy - want["accuracy"]) < 1e-9}
+                           "matches": want is None or matches_recorded(res.accuracy, want)}
     result["out"] = str(save_model_atomic(lm, out_path, recipe, overwrite))
     return result

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import TaskSpec, read_text, stable_hash
@@ -100,9 +100,14 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
     if not isinstance(choices, (list, tuple)) or len(choices) < 2:
         raise TaskFormatError(f"{where}: a multiple-choice example needs a list of at least 2 choices, got {choices!r}")
     choices = [str(c) for c in choices]
-    repeated = sorted({c for c in choices if choices.count(c) > 1})
-    if repeated:  # the model cannot tell them apart: which one is right would be decided by their order
-        raise TaskFormatError(f"{where}: the choices repeat {', '.join(map(repr, repeated))}; give each choice once")
+    ex = _shift_space(Example(prompt, tuple(choices), 0))  # the choices as they continue the prompt
+    clash = [c for c, spaced in zip(choices, ex.choices) if ex.choices.count(spaced) > 1]
+    if clash:  # the model cannot tell them apart: which one is right would be decided by their order
+        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        if repeated:
+            raise TaskFormatError(f"{where}: the choices repeat {', '.join(map(repr, repeated))}; give each choice once")
+        raise TaskFormatError(f"{where}: the choices {', '.join(map(repr, clash))} read the same after the prompt "
+                              "(they differ only by a leading space); give each once")
     if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
         raise TaskFormatError(f"{where}: answer must be a choice index or the choice text, got {answer!r}")
     as_number = not isinstance(answer, str)
@@ -123,12 +128,7 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
         raise TaskFormatError(f"{where}: answer index {answer} is out of range for {len(choices)} choices{hint}")
     if ambiguous is not None and as_number and str(answer) in choices and choices[answer] != str(answer):
         ambiguous.append(where)
-    ex = _shift_space(Example(prompt, tuple(choices), answer))
-    clash = [c for c, shifted in zip(choices, ex.choices) if ex.choices.count(shifted) > 1]
-    if clash:  # e.g. "A" and " A": after the prompt both continue it with " A", and the first would always win
-        raise TaskFormatError(f"{where}: the choices {', '.join(map(repr, clash))} read the same after the prompt "
-                              "(they differ only by a leading space); give each once")
-    return ex
+    return replace(ex, answer=answer)
 
 
 def _gen_example(prompt, targets, where: str) -> Example:
