@@ -14,6 +14,7 @@ import torch
 
 from .config import ModelSpec, canonical_json
 from .errors import ModelLoadError
+from .hub import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +298,11 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
             raise ModelLoadError(f"{p} is not a Hugging Face model folder: it has no config.json")
         path = str(p)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", src) and "/" in src:
-        if not _hub_cached(src) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-            raise ModelLoadError(f"hub model {src!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
-        path = src
+        offline = hub_unreachable()
+        if offline and not _hub_cached(src):
+            raise ModelLoadError(f"hub model {src!r} is not in the local Hugging Face cache and cannot be downloaded: "
+                                 f"{offline}. Download it once with network access, or give a local folder.")
+        path, kwargs = src, ({"local_files_only": True} if offline else {})
     else:
         raise ModelLoadError(f"model not found: {src!r} is neither 'demo', an existing folder, a .gguf file "
                              "nor a hub id of the form owner/name")
@@ -314,7 +317,7 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
                 f"(offline?). Download it once with network access, or give a local folder.") from e
         raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
     except Exception as e:  # noqa: BLE001 - a corrupt config.json or .gguf fails in many ways
-        what = "GGUF file" if kwargs else "config.json"
+        what = "GGUF file" if "gguf_file" in kwargs else "config.json"
         raise ModelLoadError(f"cannot read the {what} of {src} (corrupt or not a model file?): "
                              f"{type(e).__name__}: {str(e)[:200]}") from e
     archs = getattr(config, "architectures", None) or []

@@ -1,6 +1,7 @@
 """Tasks: examples of one kind (multiple choice or generation), loaders and seeded disjoint splits."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .config import TaskSpec, read_text, stable_hash
 from .errors import TaskFormatError
+from .hub import hub_unreachable, offline_mode
 
 log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data" / "bigbench"
@@ -259,11 +261,14 @@ def load_hf(ref: str, spec: TaskSpec) -> Task:
 
     parts = ref[3:].split(":")
     name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
+    offline = hub_unreachable()
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with offline_mode() if offline else contextlib.nullcontext():
+            ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not found/offline"
+        why = f"cannot be downloaded: {offline}" if offline else "could not be downloaded"
         raise TaskFormatError(f"could not load Hugging Face dataset {name!r} (split {split!r}): it is not in the "
-                              f"local cache and could not be downloaded ({type(e).__name__}: {str(e)[:200]})") from e
+                              f"local cache and {why} ({type(e).__name__}: {str(e)[:200]})") from e
     return _records_to_task(name.split("/")[-1], enumerate(ds), spec, lambda n: f"{name}: row {n}")
 
 

@@ -1,6 +1,7 @@
 """Loading and locating matrices; task formats, scoring rules and splits."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,72 @@ def test_uncached_hub_id_offline_names_the_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
         load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
+
+
+def _host_does_not_resolve(monkeypatch):
+    """The hub's host name has no address (as offline), whatever the network here; no proxy, offline mode off."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_address(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_address)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_hub_unreachable_when_its_host_does_not_resolve_unless_a_proxy_resolves_it(monkeypatch):
+    from laser_core.hub import hub_unreachable
+
+    _host_does_not_resolve(monkeypatch)
+    assert hub_unreachable() == "huggingface.co does not resolve"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_unreachable() is None  # the proxy looks the name up, not this machine
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert hub_unreachable() == "huggingface.co does not resolve"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+
+
+def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resolve(monkeypatch):
+    """Before, huggingface_hub retried each request 5 times (~27 s) and the message only guessed "offline?"."""
+    from huggingface_hub import constants
+
+    _host_does_not_resolve(monkeypatch)
+    with pytest.raises(ModelLoadError, match="'no-such-org/no-such-model' is not in the local Hugging Face cache "
+                                             "and cannot be downloaded: huggingface.co does not resolve"):
+        load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
+    with pytest.raises(TaskFormatError, match="'no-such-org/no-such-data' .* not in the local cache and cannot be "
+                                              "downloaded: huggingface.co does not resolve"):
+        load_task(TaskSpec("hf:no-such-org/no-such-data"))
+    import datasets.config
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # offline mode restored
+
+
+def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs):
+    """A hub id in the local HF cache, with a hub whose name does not resolve: before, transformers asked it for each
+    optional file (chat template, generation config, ...) with 5 retries each, 2 min 28 s measured for one load."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"
+    shutil.copytree(tiny_dirs["llama"], repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    code = ("from laser_core import ModelSpec, load_model\n"
+            "lm = load_model(ModelSpec('someone/tiny', 'cpu'))\n"
+            "print('loaded', lm.kind, len(lm.matrices))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "loaded causal 14"
+    assert "hub.invalid" not in out.stderr  # no request was tried (each failed one is logged with its URL)
 
 
 def test_bundled_tasks_load_with_bigbench_prompt_format():
