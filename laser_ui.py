@@ -31,6 +31,7 @@ from laser_core.search import merit
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
 BUNDLED = ["fever", "epistemic_reasoning", "qa_wikidata", "truthful_qa"]
+MODELS_KEPT = int(os.environ.get("LASER_LAB_MODELS_KEPT", "2"))  # models the dashboard keeps loaded, across sessions
 
 
 # ------------------------------------------------------------------ jobs
@@ -161,10 +162,14 @@ def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
         logger.removeHandler(handler)
 
 
-@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...")
+@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...", max_entries=MODELS_KEPT)
 def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
     """The model and what loading it warned about (a half-precision dtype on a CPU). ``stamp``: the source's
-    :func:`_path_stamp`, so that a model folder saved again (``save_pretrained`` into it) is loaded again."""
+    :func:`_path_stamp`, so that a model folder saved again (``save_pretrained`` into it) is loaded again.
+
+    At most ``MODELS_KEPT`` models stay loaded, across sessions: the one used longest ago is dropped for a new one
+    (a job still running on it keeps it until it ends), so trying model after model, or saving one folder again
+    and again, does not fill RAM or GPU memory."""
     return _with_warnings(lambda: load_model(ModelSpec(source, device, dtype)))
 
 

@@ -178,6 +178,31 @@ def test_a_model_folder_saved_again_is_loaded_again(app_env, tiny_dirs, tmp_path
     assert fingerprint(before) != fingerprint(after)
 
 
+def test_the_dashboard_keeps_the_models_used_last_and_frees_older_ones(app_env, tiny_dirs):
+    """Before, every model a session had loaded (and every save of a folder) stayed in memory until the server
+    stopped: trying a few models on a GPU ran it out of memory."""
+    import gc
+    import weakref
+
+    import laser_ui
+    from laser_core import ModelSpec
+
+    assert laser_ui.MODELS_KEPT == 2
+    laser_ui._cached_model.clear()
+    llama, gpt2, roberta = (ModelSpec(str(tiny_dirs[a]), "cpu") for a in ("llama", "gpt2", "roberta"))
+    first = weakref.ref(laser_ui._model_of(llama).model)
+    second = laser_ui._model_of(gpt2)
+    assert laser_ui._model_of(llama).model is first()  # kept: used again, it is now the newest
+    laser_ui._model_of(roberta)  # a third model: gpt2, used longest ago, is dropped
+    gc.collect()
+    assert first() is not None and laser_ui._model_of(llama).model is first()
+    kept = weakref.ref(second.model)
+    del second
+    gc.collect()
+    assert kept() is None  # nothing else held it: its memory is free
+    laser_ui._cached_model.clear()
+
+
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     bad = tmp_path / "task.json"
     bad.write_text("{not json")
