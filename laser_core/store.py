@@ -21,8 +21,16 @@ _MAGIC_JSON = b"LLJ1"
 _MAGIC_TENSORS = b"LLT1"
 
 
+FACTORS = "factors"  # the key kind of block-SVD factors: a speed-up, recomputed when dropped
+
+
 class Store:
     """Typed get/put of JSON documents and tensor dicts, with hit/miss/compute counters.
+
+    Two diskcaches in one folder. Results, reports and scores (what a user compares and exports) are never
+    evicted. Block-SVD factors, which a large model makes by the gigabyte and a search recomputes when missing, go
+    to ``<directory>/factors``, bounded by ``size_limit`` and dropped least recently used first. In one bounded
+    cache, a few searches on a 1B-parameter model pushed out the first searches' results.
 
     When the folder cannot be created or written (read-only, disk full), the store disables itself,
     records why in ``disabled_reason``, and every call becomes a miss: runs continue without caching.
@@ -34,7 +42,7 @@ class Store:
         self.directory = Path(directory) if directory else cache_root() / "store"
         self.counts: Counter = Counter()
         self.disabled_reason: str | None = None
-        self._cache = None
+        self._cache = self._factors = None
         try:
             import diskcache
 
@@ -42,19 +50,33 @@ class Store:
             probe = self.directory / ".write-test"
             probe.write_bytes(b"ok")
             probe.unlink()
-            self._cache = diskcache.Cache(str(self.directory), size_limit=size_limit)
+            self._cache = diskcache.Cache(str(self.directory))
+            if self._cache.eviction_policy != "none":  # new, or written before the split: it evicted
+                self._drop_old_factors()
+            self._factors = diskcache.Cache(str(self.directory / FACTORS), size_limit=size_limit, cull_limit=1,
+                                            eviction_policy="least-recently-used")  # one entry out per entry in
         except Exception as e:  # noqa: BLE001 - any failure here means "run without a cache"
             self._disable(f"cache folder {self.directory} is not usable ({type(e).__name__}: {e}); running without a cache")
+
+    def _drop_old_factors(self) -> None:
+        """Once per folder: drop the factors that a store before the split kept beside the results (they are
+        recomputed on use), and switch that cache's eviction off (diskcache keeps the setting in the folder)."""
+        for key in [k for k in self._cache.iterkeys() if isinstance(k, str) and k.startswith(FACTORS + "/")]:
+            self._cache.delete(key)
+        self._cache.reset("eviction_policy", "none")
 
     def _disable(self, why: str) -> None:
         if self.disabled_reason is None:
             log.warning(why)
         self.disabled_reason = why
-        self._cache = None
+        self._cache = self._factors = None
 
     @property
     def enabled(self) -> bool:
         return self._cache is not None
+
+    def _of(self, key: str):
+        return self._factors if key.startswith(FACTORS + "/") else self._cache
 
     @staticmethod
     def key(kind: str, model: str, scope: str, ident: Any) -> str:
@@ -65,7 +87,7 @@ class Store:
         if not self.enabled:
             return None
         try:
-            raw = self._cache.get(key)
+            raw = self._of(key).get(key)
         except Exception as e:  # noqa: BLE001 - sqlite errors, unreadable files
             self._disable(f"cache read failed ({e}); running without a cache")
             return None
@@ -75,7 +97,7 @@ class Store:
         if not self.enabled:
             return
         try:
-            self._cache.set(key, raw)
+            self._of(key).set(key, raw)
         except Exception as e:  # noqa: BLE001 - disk full, read-only
             self._disable(f"cache write failed ({type(e).__name__}: {e}); running without a cache")
 
@@ -83,7 +105,7 @@ class Store:
         log.warning("cache entry %s is unusable (%s): recomputing", key, why)
         self.counts["corrupt"] += 1
         try:
-            self._cache.delete(key)
+            self._of(key).delete(key)
         except Exception:  # noqa: BLE001
             pass
 
@@ -153,14 +175,16 @@ class Store:
     def clear(self) -> None:
         if self.enabled:
             self._cache.clear()
+            self._factors.clear()
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
+        for cache in (self._cache, self._factors):
+            if cache is not None:
+                cache.close()
 
 
 def null_store() -> Store:
     """A store that caches nothing (for tests and ``--no-cache``)."""
     s = Store.__new__(Store)
-    s.directory, s.counts, s.disabled_reason, s._cache = None, Counter(), "caching switched off", None
+    s.directory, s.counts, s.disabled_reason, s._cache, s._factors = None, Counter(), "caching switched off", None, None
     return s

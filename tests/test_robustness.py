@@ -420,6 +420,35 @@ def test_cache_entry_from_another_version_is_recomputed(tiny_lm, mc_task, store)
     assert all(c["accuracy"] < 1.0 or not c["cached"] for c in again.candidates)
 
 
+def test_svd_factors_filling_the_cache_never_push_out_results_or_reports(tmp_path):
+    """Before, one bounded cache dropped what was stored first: a few searches on a large model, whose factors come
+    by the gigabyte, pushed out the earlier searches' results and reports."""
+    s = Store(tmp_path / "store", size_limit=3 * 2**20)
+    s.put_json("result/m/t/1", {"accuracy": 0.5})
+    s.put_json("report/m/t/1", {"best": 1})
+    for i in range(6):  # 1 MiB each: twice the bound
+        s.put_tensors(f"factors/m/-/{i}", {"U": torch.zeros(512, 512)})
+        assert s.get_tensors("factors/m/-/0") is not None  # the one in use stays: least recently used goes first
+    assert s.get_json("result/m/t/1") == {"accuracy": 0.5} and s.get_json("report/m/t/1") == {"best": 1}
+    assert len(s._factors) == 2 and s._factors.volume() < 3 * 2**20
+
+
+def test_a_cache_folder_from_before_the_split_keeps_its_results_and_drops_its_factors(tmp_path):
+    import diskcache
+
+    old = diskcache.Cache(str(tmp_path / "store"))  # one bounded cache, as earlier versions wrote it
+    keep = Store(tmp_path / "elsewhere")
+    keep.put_json("result/m/t/1", {"accuracy": 0.5})
+    keep.put_tensors("factors/m/-/1", {"U": torch.ones(2, 2)})
+    old.set("result/m/t/1", keep._cache.get("result/m/t/1"))
+    old.set("factors/m/-/1", keep._factors.get("factors/m/-/1"))
+    old.close()
+    s = Store(tmp_path / "store")
+    assert s.get_json("result/m/t/1") == {"accuracy": 0.5}
+    assert list(s._cache.iterkeys()) == ["result/m/t/1"] and s._cache.eviction_policy == "none"
+    assert s.get_tensors("factors/m/-/1") is None  # recomputed on use, then kept in the bounded part
+
+
 def test_disk_full_mid_run_continues_without_cache_and_says_so(tiny_lm, mc_task, tmp_path, monkeypatch):
     s = Store(tmp_path / "store")
 
@@ -495,7 +524,7 @@ def test_random_cancellation_points_never_corrupt_weights_or_cache(tiny_lm, mc_t
         report = run_search(lm, splits, SMALL, s, progress=progress, cancel=token)
         statuses.append(report.status)
         assert weight_hashes(lm.model) == before
-        for key in list(s._cache.iterkeys()):  # every entry decodes: nothing half-written
+        for key in [*s._cache.iterkeys(), *s._factors.iterkeys()]:  # every entry decodes: nothing half-written
             assert (s.get_json(key) if key.startswith(("result/", "report/")) else s.get_tensors(key)) is not None
     assert "partial" in statuses
     final = run_search(lm, splits, SMALL, s)

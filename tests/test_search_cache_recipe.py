@@ -100,9 +100,10 @@ def test_corrupt_or_foreign_cache_entries_are_recomputed_not_executed(tiny_lm, m
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task)
     run_search(lm, splits, SMALL, store)
-    keys = [k for k in store._cache.iterkeys()]
-    for i, k in enumerate(keys):  # truncate half, replace the other half with a pickle
-        store._cache.set(k, store._cache.get(k)[:7] if i % 2 else pickle.dumps({"evil": 1}))
+    keys = [(cache, k) for cache in (store._cache, store._factors) for k in cache.iterkeys()]
+    assert {k.split("/")[0] for _, k in keys} == {"spectra", "factors", "result", "report"}
+    for i, (cache, k) in enumerate(keys):  # truncate half, replace the other half with a pickle
+        cache.set(k, cache.get(k)[:7] if i % 2 else pickle.dumps({"evil": 1}))
     again = run_search(lm, splits, SMALL, store)
     assert store.counts["corrupt"] >= len(keys) - 1
     assert again.cache["eval"] == 9
