@@ -30,7 +30,8 @@ class Store:
     Two diskcaches in one folder. Results, reports and scores (what a user compares and exports) are never
     evicted. Block-SVD factors, which a large model makes by the gigabyte and a search recomputes when missing, go
     to ``<directory>/factors``, bounded by ``size_limit`` and dropped least recently used first. In one bounded
-    cache, a few searches on a 1B-parameter model pushed out the first searches' results.
+    cache dropping what was stored first, about five default searches on a 1B-parameter model (some 1.6 GB of
+    factors each, by their shapes) would have pushed out the first search's results.
 
     When the folder cannot be created or written (read-only, disk full), the store disables itself,
     records why in ``disabled_reason``, and every call becomes a miss: runs continue without caching.
