@@ -222,7 +222,7 @@ def weight_hashes(model: torch.nn.Module) -> dict[str, str]:
     """sha256 of every parameter and buffer, by name (bit-exact identity of the weights)."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        data = t.detach().contiguous().cpu()
+        data = t.detach().contiguous().cpu().reshape(-1)  # a 0-d tensor (Gemma's scale) cannot be viewed as bytes
         out[name] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
     return out
 
@@ -249,7 +249,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         if cfg is not None else type(model).__name__
     h.update(text.encode())
     for name, t in model.state_dict().items():
-        data = t.detach().contiguous().cpu()
+        data = t.detach().contiguous().cpu().reshape(-1)  # the same bytes; a 0-d tensor has no byte view
         h.update(name.encode())
         h.update(str(data.dtype).encode())
         if data.numel():

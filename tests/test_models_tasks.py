@@ -59,6 +59,20 @@ def test_uncached_hub_id_offline_names_the_id(monkeypatch):
         load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
 
 
+def test_a_model_with_a_scalar_weight_or_buffer_is_fingerprinted(tiny_dirs):
+    """A 0-d tensor (Gemma's embedding scale is one) has no byte view: loading such a model failed in the fingerprint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from laser_core.models import from_module, weight_hashes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    model.register_buffer("scale", torch.tensor(2.0))
+    lm = from_module(model, AutoTokenizer.from_pretrained(tiny_dirs["llama"]))
+    with torch.no_grad():
+        model.scale.fill_(3.0)
+    assert "scale" in weight_hashes(model) and from_module(model, lm.tokenizer).fingerprint != lm.fingerprint
+
+
 def _host_does_not_resolve(monkeypatch):
     """The hub's host name has no address (as offline), whatever the network here; no proxy, offline mode off."""
     import socket
