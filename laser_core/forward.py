@@ -51,9 +51,11 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         return seqs, True
     cont = [[encode(tok, c) for c in (e.choices or e.targets[:1])] for e in examples]
     fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
+    prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    span = attention_span(lm)  # a tree mask goes on a whole batch: every row must fit the window, packed or not
+    fits = span is None or all(len(p) + sum(map(len, cs)) <= span for p, cs in zip(prompts, cont))
     seqs = []
-    for i, (e, cs) in enumerate(zip(examples, cont)):
-        p = prompt_ids(lm, e.prompt)
+    for i, (e, cs, p) in enumerate(zip(examples, cont, prompts)):
         if fast:
             seqs.append(Seq(p, [len(p) - 1], [], [c[0] for c in cs], i))
             continue
@@ -61,7 +63,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             if not c:
                 raise ConfigError(f"example {i}: choice {j} tokenises to nothing")
         if (share_prompt is not False and not gold_only and e.kind == "mc" and len(cs) > 1
-                and (share_prompt or prompt_sharing_ok(lm))):
+                and fits and (share_prompt or prompt_sharing_ok(lm))):
             seqs.append(packed_row(p, cs, i))
             continue
         for j, c in enumerate(cs):
@@ -80,6 +82,23 @@ def rows_and_batches(lm: LoadedModel, examples: Sequence[Example], max_tokens: i
     return seqs, fast, lead, least_padded_batches(lm, seqs, max_tokens, lead=len(lead))
 
 
+def attention_span(lm: LoadedModel) -> int | None:
+    """How many tokens back the most local attention layer of this model sees (its sliding window, or its attention
+    chunk), or None where every layer sees the whole row.
+
+    Packing a question's choices in one row and running a shared lead once both hand the model a custom 4-D mask
+    (and a lead cache), which sliding-window layers do not cut to their window: they are exact only for rows no
+    longer than it. On tiny Mistral, Gemma 2 and Gemma 3 models with a 48-token window, 87-token rows moved
+    log-probs by up to 0.1 (and a 64-token window failed in the lead's cache); the probes, whose rows are short,
+    did not see it.
+    """
+    config = lm.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    spans = [v for v in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
+             if isinstance(v, int) and v > 0]
+    return min(spans) if spans else None
+
+
 def split_lead(lm: LoadedModel, seqs: list[Seq], min_share: float = 0.05) -> tuple[list[int], list[Seq]]:
     """The lead every sequence starts with, and the sequences without it (their positions kept).
 
@@ -87,7 +106,8 @@ def split_lead(lm: LoadedModel, seqs: list[Seq], min_share: float = 0.05) -> tup
     instead of each row running it again: a few-shot preamble is most of truthful_qa's tokens. Done where
     it saves at least ``min_share`` of the tokens and :func:`lead_sharing_ok`; else returns ``([], seqs)``.
     """
-    if lm.kind != "causal" or len(seqs) < 2:
+    span = attention_span(lm)
+    if lm.kind != "causal" or len(seqs) < 2 or (span is not None and max(len(s.ids) for s in seqs) > span):
         return [], seqs
     n = lead_length(seqs)
     if n < 2 or n * (len(seqs) - 1) < min_share * sum(len(s.ids) for s in seqs) or not lead_sharing_ok(lm):

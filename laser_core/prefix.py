@@ -60,13 +60,25 @@ def capture_first_arg(store: list):
 @contextlib.contextmanager
 def from_layer(lm: "LoadedModel", layer: int, states: torch.Tensor):
     """Run the body from block ``layer`` on: earlier blocks are removed for the call and ``states`` are
-    fed to block ``layer`` in place of its computed input. Masks and positions are still made by the model."""
+    fed to block ``layer`` in place of its computed input. Masks and positions are still made by the model.
+
+    Models that mix attention kinds (Gemma 2 and 3, Qwen 2 with sliding layers, ...) pick block i's mask and
+    rotary table by ``config.layer_types[i]``, i counted along the list they run: that list is cut at ``layer``
+    for the call too, or block ``layer`` would get block 0's kind (on tiny models log-probs moved by up to 0.32).
+    """
     parent, attr, blocks = block_list(lm)
+    config = getattr(parent, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    per_block = isinstance(kinds, (list, tuple)) and len(kinds) == len(blocks)
     handle = blocks[layer].register_forward_pre_hook(_replace_first_arg(states), with_kwargs=True)
     setattr(parent, attr, torch.nn.ModuleList(list(blocks)[layer:]))
+    if per_block:
+        config.layer_types = list(kinds)[layer:]
     try:
         yield
     finally:
+        if per_block:
+            config.layer_types = kinds
         setattr(parent, attr, blocks)
         handle.remove()
 

@@ -53,6 +53,48 @@ def build_tiny(arch: str, tok, seed: int = 0):
     return RobertaForMaskedLM(cfg)
 
 
+# Every other architecture the README names, in memory (``build_other``): per-layer attention kinds mixed where the
+# architecture has them, with an 8-token sliding window, so that a block run with the wrong kind shows.
+OTHER_ARCHS = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "gptj", "gpt_neox", "bert")
+
+
+def build_other(arch: str, tok, seed: int = 0, window: int = 8):
+    """A tiny random model of ``arch`` (one of ``OTHER_ARCHS``), eval mode; ``window``: its sliding window."""
+    import transformers as tf
+
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    dec = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, **ids)
+    mixed = ["sliding_attention", "full_attention", "sliding_attention"]
+    table = {
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(dec, sliding_window=window)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(dec, use_sliding_window=True, sliding_window=window,
+                                                           layer_types=mixed[1::-1])),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(dec, head_dim=8)),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(dec, head_dim=8)),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(dec, head_dim=8, sliding_window=window)),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+                        dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3, layer_types=mixed)),
+        "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, dec),
+        "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256,
+                                                         **ids)),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(hidden_size=32, intermediate_size=64,
+                                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                                   max_position_embeddings=256, **ids)),
+        "bert": (tf.BertConfig, tf.BertForMaskedLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=260, **ids)),
+    }
+    config, model, kwargs = table[arch]
+    torch.manual_seed(seed)
+    return model(config(**kwargs)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny models, one folder per architecture."""

@@ -9,6 +9,8 @@ from laser_core.evaluate import PrefixStates, evaluate
 from laser_core.models import weight_hashes
 from laser_core.tasks import Example
 
+from conftest import OTHER_ARCHS, build_other
+
 ONE_TOKEN = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
              Example("The capital of France is Paris. Is the number 13 even? Answer:", (" yes", " no"), 1),
              Example("Q: What colour is the sky? A:", (" blue", " red"), 0)]
@@ -95,6 +97,64 @@ def test_matrix_entry_equals_the_full_forward_for_every_matrix_of_a_block(tiny_l
     down = next(r.name for r in lm.matrices if r.layer == 1 and r.type == mlp_last)
     fresh = PrefixStates(lm, examples, 1)
     assert fresh.at_matrix(lm, down, max_bytes=1) is fresh and fresh.stubs is None  # over the RAM limit: block only
+
+
+def _plain(lm, examples):
+    """Reference: ``evaluate`` with every fast path off (no packed choices, no shared lead, the last block whole)."""
+    flags = lm.prompt_sharing, lm.lead_sharing, lm.lean_block
+    lm.prompt_sharing = lm.lead_sharing = lm.lean_block = False
+    try:
+        return evaluate(lm, examples)
+    finally:
+        lm.prompt_sharing, lm.lead_sharing, lm.lean_block = flags
+
+
+def _assert_same(a, b, what):
+    for x, y in zip(a.choice_logprobs, b.choice_logprobs):
+        assert x == pytest.approx(y, abs=1e-4), (what, x, y)
+    assert a.predictions == b.predictions, what
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_every_other_named_architecture_gives_the_plain_log_probs_with_fast_paths_and_prefix_reuse(tokenizer, arch):
+    """Each matrix of each block edited in turn, its candidate evaluated from cached states (block entry and matrix
+    entry) against a plain evaluation of the edited model. Gemma 2 and 3 and Qwen 2 with sliding layers took block
+    i's attention kind from ``config.layer_types[i]`` counted along the cut list, so a candidate at a later block
+    ran with block 0's mask and rotary table: log-probs off by up to 0.32."""
+    from laser_core.models import from_module
+
+    lm = from_module(build_other(arch, tokenizer), tokenizer)
+    before = weight_hashes(lm.model)
+    kinds = getattr(lm.model.config, "layer_types", None)
+    for examples in ([ONE_TOKEN] if lm.kind == "masked" else [ONE_TOKEN, MULTI, LEAD_MULTI]):
+        _assert_same(evaluate(lm, examples), _plain(lm, examples), "base")
+        for layer in sorted({r.layer for r in lm.matrices}):
+            prefix = PrefixStates(lm, examples, layer)
+            for ref in (r for r in lm.matrices if r.layer == layer):
+                with edited(lm, [Edit(ref.name, 2, 0.25)]):
+                    plain = _plain(lm, examples)
+                    _assert_same(evaluate(lm, examples, prefix=prefix), plain, ref.name)
+                    _assert_same(evaluate(lm, examples, prefix=prefix.at_matrix(lm, ref.name)), plain, ref.name)
+    assert weight_hashes(lm.model) == before and getattr(lm.model.config, "layer_types", None) == kinds
+
+
+_THRICE = "Answer with yes or no, then stop. " * 3
+LONG = [Example(_THRICE + "Q: Is the number 4 even? The capital of France is Paris.\nA:",
+                (" yes", " no", " true false claim"), 0),
+        Example(_THRICE + "Q: What colour is the sky?\nA: the sky is", (" blue green", " red"), 0)]  # rows of 81 to 90 tokens, 92 with a question's choices packed
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("window", [48, 64, 92])
+def test_rows_longer_than_a_sliding_window_are_scored_as_the_window_sees_them(tokenizer, arch, window):
+    """Packed choices and a shared lead hand the model a custom mask that sliding layers do not cut to their window;
+    the probes (short rows) pass. Before, 48-token windows moved log-probs by up to 0.1, and 64 failed in the
+    lead's cache. They are used only where every row fits (92: all do)."""
+    from laser_core.models import from_module
+
+    lm = from_module(build_other(arch, tokenizer, window=window), tokenizer)
+    _assert_same(evaluate(lm, LONG), _plain(lm, LONG), window)
+    assert (lm.prompt_sharing, lm.lead_sharing) == ((True, True) if window == 92 else (None, None))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
