@@ -25,9 +25,9 @@ def cache_root() -> Path:
 
 # Per-architecture tables: regex on the parameter name -> matrix type. ``(\d+)`` is the layer index.
 ARCH_TABLES: dict[str, list[tuple[str, str]]] = {
-    "llama": [
-        (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"\2"),
-        (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"\2"),
+    "llama": [  # model.layers.<i>..., or model.language_model.layers.<i>... in a vision-language model
+        (r"model\.(?:language_model\.)?layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"\2"),
+        (r"model\.(?:language_model\.)?layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"\2"),
     ],
     "gpt2": [  # Conv1D stores W transposed (in x out)
         (r"transformer\.h\.(\d+)\.attn\.c_attn\.weight", "qkv"),
@@ -81,22 +81,38 @@ def _conv1d_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _language_model_prefix(model: torch.nn.Module) -> str:
+    """The parameter-name prefix of the model's language model where it holds other towers ("model.language_model."
+    in a vision-language model), else "" (every parameter)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # noqa: BLE001 - a model without one may raise instead of returning None
+        return ""
+    name = next((n for n, m in model.named_modules() if m is decoder), "") if decoder is not model else ""
+    return f"{name}." if name and "language_model" in name.split(".") else ""
+
+
 def locate_matrices(model: torch.nn.Module) -> list[MatrixRef]:
     """List every 2-D weight of the transformer blocks as ``MatrixRef`` (layer, type, name), in layer order.
 
-    Uses the architecture's table when ``model.config.model_type`` has one, else a generic pattern
-    (``...layers.<i>.<path>.weight``) whose type is the path inside the block.
+    Uses the architecture's table when the model type of its text config has one, else a generic pattern
+    (``...layers.<i>.<path>.weight``) whose type is the path inside the block. Only the language model's blocks
+    count: a vision-language model (Gemma 3 from 4B up) also has a vision tower with ``encoder.layers.<i>``.
 
     Raises:
         ModelLoadError: no block matrices were found at all.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", "") or ""
     table = ARCH_TABLES.get(ARCH_ALIASES.get(model_type, model_type))
     conv1d = _conv1d_names(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    scope = _language_model_prefix(model)
     refs: list[MatrixRef] = []
     for name, p in model.named_parameters():
-        if p.ndim != 2 or id(p) in embeddings:
+        if p.ndim != 2 or id(p) in embeddings or not name.startswith(scope):
             continue
         mtype = None
         layer = None

@@ -55,7 +55,8 @@ def build_tiny(arch: str, tok, seed: int = 0):
 
 # Every other architecture the README names, in memory (``build_other``): per-layer attention kinds mixed where the
 # architecture has them, with an 8-token sliding window, so that a block run with the wrong kind shows.
-OTHER_ARCHS = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "gptj", "gpt_neox", "bert")
+OTHER_ARCHS = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "gptj", "gpt_neox",
+               "bert")
 
 
 def build_other(arch: str, tok, seed: int = 0, window: int = 8):
@@ -76,6 +77,11 @@ def build_other(arch: str, tok, seed: int = 0, window: int = 8):
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(dec, head_dim=8, sliding_window=window)),
         "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
                         dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3, layer_types=mixed)),
+        "gemma3": (tf.Gemma3Config, tf.Gemma3ForConditionalGeneration,  # vision-language: a vision tower too
+                   dict(text_config=dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3, layer_types=mixed),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=14),
+                        mm_tokens_per_image=4)),
         "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, dec),
         "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256,
                                                          **ids)),

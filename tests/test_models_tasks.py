@@ -59,6 +59,18 @@ def test_uncached_hub_id_offline_names_the_id(monkeypatch):
         load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
 
 
+def test_a_vision_language_model_offers_its_language_models_matrices_only(tokenizer):
+    """Gemma 3 from 4B up is a vision-language model: its vision tower's ``encoder.layers.<i>`` matched the generic
+    pattern, so layer 0 listed both towers' matrices under types such as ``self_attn.q_proj``."""
+    from conftest import build_other
+    from laser_core.models import from_module
+
+    lm = from_module(build_other("gemma3", tokenizer), tokenizer)
+    assert all(r.name.startswith("model.language_model.layers.") for r in lm.matrices)
+    assert {r.type for r in lm.matrices} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert len(lm.matrices) == 7 * 3 and sorted({r.layer for r in lm.matrices}) == [0, 1, 2]
+
+
 def test_a_model_with_a_scalar_weight_or_buffer_is_fingerprinted(tiny_dirs):
     """A 0-d tensor (Gemma's embedding scale is one) has no byte view: loading such a model failed in the fingerprint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
