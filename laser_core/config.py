@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError, LaserError
 
-ALGO_VERSION = 1  # bump when a cached quantity would change meaning
+ALGO_VERSION = 2  # bump when a cached quantity would change meaning (2: choices tokenised after their prompt)
 PAPER_RHOS = (0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005)  # LASER's grid: 10%..99.5% of rank removed
 PAPER_KS = (1, 2, 4, 8)
 

@@ -49,9 +49,9 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             rows = [(encode(tok, c) or [tok.unk_token_id])[0] for c in e.choices]
             seqs.append(Seq(ids, [pos], [], rows, i))
         return seqs, True
-    cont = [[encode(tok, c) for c in (e.choices or e.targets[:1])] for e in examples]
-    fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
+    fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
     span = attention_span(lm)  # a tree mask goes on a whole batch: every row must fit the window, packed or not
     fits = span is None or all(len(p) + sum(map(len, cs)) <= span for p, cs in zip(prompts, cont))
     seqs = []
@@ -72,6 +72,21 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             ids = p + c
             seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
+
+
+def choice_ids(lm: LoadedModel, prompt: list[int], prompt_text: str, choice: str) -> list[int]:
+    """Token ids of ``choice`` as it follows the prompt: the tail of the tokens of prompt and choice together where
+    they start with ``prompt`` (the prompt's ids), else the choice's tokens alone.
+
+    Tokenised alone, a choice can start with a token it never has after the prompt: a SentencePiece tokenizer
+    with a dummy prefix (Llama 2, Mistral 7B v0.1) reads " yes" as ['▁', '▁yes'] but "Answer: yes" ends in
+    ['▁yes'], so every choice was scored one stray token longer. Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen)
+    gives the same tokens both ways.
+    """
+    joint = prompt_ids(lm, prompt_text + choice)
+    if len(joint) > len(prompt) and joint[:len(prompt)] == prompt:
+        return joint[len(prompt):]
+    return encode(lm.tokenizer, choice)
 
 
 def rows_and_batches(lm: LoadedModel, examples: Sequence[Example], max_tokens: int,

@@ -31,6 +31,23 @@ def make_tokenizer():
                                    unk_token="<unk>", mask_token="<mask>")
 
 
+def make_dummy_prefix_tokenizer():
+    """A tokenizer that, like Llama 2's SentencePiece one, puts "▁" before the text and for every space: " yes"
+    alone is ['▁', '▁yes'], while "Answer: yes" ends in '▁yes'."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=["▁"])
+    tok.train_from_iterator([c.format(n=n) for c in CORPUS for n in range(20)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
 def build_tiny(arch: str, tok, seed: int = 0):
     """A 2-layer, hidden-32 random model of ``arch`` (llama, gpt2, roberta)."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,

@@ -252,6 +252,34 @@ def test_multiple_choice_fast_path_equals_summed_logprob_of_full_forward(tiny_lm
     assert abs(fast.log_loss - slow.log_loss) < 1e-4  # gold is a one-token choice in both
 
 
+def test_choices_are_scored_with_the_tokens_they_have_after_the_prompt():
+    """A Llama 2 style tokenizer reads " yes" alone as ['▁', '▁yes']: each choice was scored one stray '▁' longer
+    than it is after the prompt, and one-token choices missed the single-token path."""
+    from conftest import build_tiny, make_dummy_prefix_tokenizer
+    from laser_core.forward import build_sequences
+    from laser_core.models import from_module
+
+    tok = make_dummy_prefix_tokenizer()
+    assert tok.convert_ids_to_tokens(tok(" yes", add_special_tokens=False).input_ids) == ["▁", "▁yes"]
+    lm = from_module(build_tiny("llama", tok), tok)
+    one = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
+           Example("Q: What colour is the sky? A:", (" blue", " red"), 0)]
+    multi = [Example("The capital of France is", (" Paris", " blue"), 0),
+             Example("Q: What colour is the sky? A:", (" blue green", " red"), 0)]
+    assert build_sequences(lm, one)[1]  # one token each, after the prompt
+    for examples in (one, multi):
+        res = evaluate(lm, examples)
+        with torch.no_grad():
+            for e, logps in zip(examples, res.choice_logprobs):
+                p = tok(e.prompt).input_ids
+                for c, got in zip(e.choices, logps):
+                    ids = tok(e.prompt + c).input_ids  # prompt and choice tokenised together, as in a text
+                    assert ids[:len(p)] == p
+                    logp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0], -1)
+                    want = sum(float(logp[i - 1, ids[i]]) for i in range(len(p), len(ids)))
+                    assert got == pytest.approx(want, abs=1e-4), (e.prompt, c)
+
+
 def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     lm = tiny_lm("llama")
     ex = [Example("The capital of France is Paris. The capital of France is", targets=(" Paris",))]
