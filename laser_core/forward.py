@@ -42,12 +42,18 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             raise ConfigError("generation tasks need a causal LM; this is a masked LM")
         if tok.mask_token is None:
             raise ConfigError("this masked LM's tokenizer has no mask token")
-        seqs = []
+        seqs, tied = [], 0
         for i, e in enumerate(examples):
             ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
             pos = ids.index(tok.mask_token_id)
-            rows = [(encode(tok, c) or [tok.unk_token_id])[0] for c in e.choices]
+            p = prompt_ids(lm, e.prompt)
+            rows = [(choice_ids(lm, p, e.prompt, c) or [tok.unk_token_id])[0] for c in e.choices]
+            tied += len(set(rows)) < len(rows)
             seqs.append(Seq(ids, [pos], [], rows, i))
+        if tied:
+            warn_once(lm, f"{tied} of {len(examples)} questions have choices that start with the same token: a masked "
+                          "LM scores a choice by its first token at the <mask>, so those choices tie and the first "
+                          "of them is always predicted; use a causal LM for this task")
         return seqs, True
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
@@ -72,6 +78,13 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             ids = p + c
             seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
+
+
+def warn_once(lm: LoadedModel, message: str) -> None:
+    """Log ``message`` as a warning the first time it comes for this model (evaluations repeat per candidate)."""
+    if message not in lm.warned:
+        lm.warned.add(message)
+        log.warning(message)
 
 
 def choice_ids(lm: LoadedModel, prompt: list[int], prompt_text: str, choice: str) -> list[int]:

@@ -280,6 +280,29 @@ def test_choices_are_scored_with_the_tokens_they_have_after_the_prompt():
                     assert got == pytest.approx(want, abs=1e-4), (e.prompt, c)
 
 
+def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_when_choices_tie(caplog):
+    """With a Llama 2 style tokenizer every choice alone starts with '▁': a masked LM compared the same logit for
+    all choices and always predicted the first, without a word."""
+    from conftest import build_tiny, make_dummy_prefix_tokenizer
+    from laser_core.forward import build_sequences
+    from laser_core.models import from_module
+
+    tok = make_dummy_prefix_tokenizer()
+    lm = from_module(build_tiny("roberta", tok), tok)
+    distinct = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
+                Example("Q: What colour is the sky? A:", (" blue", " red"), 0)]
+    with caplog.at_level("WARNING", logger="laser_core"):
+        seqs = build_sequences(lm, distinct)[0]
+        assert [tok.convert_ids_to_tokens(s.rows) for s in seqs] == [["▁yes", "▁no"], ["▁blue", "▁red"]]
+        assert not caplog.records
+        tied = distinct + [Example("Is the number 13 even? Answer:", (" true claim", " true false"), 1)]
+        for _ in range(2):  # evaluations repeat for every candidate: said once
+            build_sequences(lm, tied)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 3 questions have choices that start with the same token: a masked LM scores a choice by its first token "
+        "at the <mask>, so those choices tie and the first of them is always predicted; use a causal LM for this task"]
+
+
 def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     lm = tiny_lm("llama")
     ex = [Example("The capital of France is Paris. The capital of France is", targets=(" Paris",))]
