@@ -58,6 +58,7 @@ class Job:
     cancel: CancelToken = field(default_factory=CancelToken)
     phase_started: float = field(default_factory=time.time)  # when the current phase began, and its done count then
     phase_done0: int = 0
+    warnings: list = field(default_factory=list)  # what laser_core logged as a warning in the job's thread
 
     def on_progress(self, ev: dict) -> None:
         if ev.get("phase", self.phase) != self.phase:
@@ -101,6 +102,8 @@ class JobManager:
             self.jobs[job.id] = job
 
         def work() -> None:
+            notes = _ThreadWarnings(job.warnings)  # the cache switching itself off, ties a masked LM cannot break...
+            logging.getLogger("laser_core").addHandler(notes)
             try:
                 job.result = fn(job)
                 partial = getattr(job.result, "status", "complete") == "partial"
@@ -112,6 +115,7 @@ class JobManager:
             except Exception as e:  # noqa: BLE001 - a real bug: keep the traceback for the page
                 job.status, job.error = "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
             finally:
+                logging.getLogger("laser_core").removeHandler(notes)
                 job.finished = time.time()
 
         threading.Thread(target=work, name=f"laser-job-{job.id}", daemon=True).start()
@@ -141,14 +145,15 @@ def _path_stamp(source: str) -> tuple | None:
 
 
 class _ThreadWarnings(logging.Handler):
-    """Collects the warnings ``laser_core`` logs from this thread (not a background job's) while it is attached."""
+    """Collects the warnings ``laser_core`` logs from the thread that made it (a page's, or a job's) while it is
+    attached, each once, into ``messages``."""
 
-    def __init__(self) -> None:
+    def __init__(self, messages: list | None = None) -> None:
         super().__init__(logging.WARNING)
-        self.thread, self.messages = threading.get_ident(), []
+        self.thread, self.messages = threading.get_ident(), [] if messages is None else messages
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
+        if record.thread == self.thread and record.getMessage() not in self.messages:
             self.messages.append(record.getMessage())
 
 
@@ -480,6 +485,10 @@ def render_job(job: Job | None, table: bool = True) -> None:
         st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {len(job.rows)} finished candidates kept")
     elif job.status == "error":
         st.error(f"{job.label} failed: {job.error}")
+    for note in job.warnings[:5]:
+        st.warning(note)
+    if len(job.warnings) > 5:
+        st.caption(f"... and {len(job.warnings) - 5} more warnings in the server log")
     if job.rows and table:
         st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
 

@@ -597,6 +597,42 @@ def test_accuracy_heatmap_shows_each_matrixs_best_candidate_against_the_base_and
     assert (small.data[0].zmin, small.data[0].zmax) == (-0.05, 0.05)  # one example's gain stays pale
 
 
+def test_a_job_shows_what_laser_core_warned_about_in_its_thread(app_env):
+    """Before, a job's warnings (the cache switching itself off on a full disk, a masked LM's tied choices, an SVD
+    redone on the CPU) went to the server log only."""
+    import logging
+    import threading
+
+    import laser_ui
+
+    log = logging.getLogger("laser_core.store")
+    release = threading.Event()
+
+    def work(job):
+        log.warning("cache write failed (disk full); running without a cache")
+        log.warning("cache write failed (disk full); running without a cache")  # said again: shown once
+        release.wait(10)
+        return None
+    job = laser_ui.JobManager().submit("search", "laser search", "cpu", work)
+    log.warning("a page's own warning")  # another thread: not the job's
+    release.set()
+    for _ in range(100):
+        if job.status != "running":
+            break
+        time.sleep(0.05)
+    assert job.status == "done" and job.warnings == ["cache write failed (disk full); running without a cache"]
+    jobs = laser_ui.job_manager().jobs
+    jobs[job.id] = job
+    try:
+        at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+        at.session_state["job_search"] = job.id
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert "cache write failed (disk full); running without a cache" in [w.value for w in at.warning]
+    finally:
+        del jobs[job.id]
+
+
 def test_job_estimates_time_left_from_the_pace_of_its_current_phase(monkeypatch):
     import laser_ui
     now = [1000.0]
