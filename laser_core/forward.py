@@ -13,6 +13,7 @@ that differs or raises keeps the plain way.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from typing import Callable, Sequence
 
@@ -51,7 +52,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             tied += len(set(rows)) < len(rows)
             seqs.append(Seq(ids, [pos], [], rows, i))
         if tied:
-            warn_once(lm, f"{tied} of {len(examples)} questions have choices that start with the same token: a masked "
+            warn_once(f"{tied} of {len(examples)} questions have choices that start with the same token: a masked "
                           "LM scores a choice by its first token at the <mask>, so those choices tie and the first "
                           "of them is always predicted; use a causal LM for this task")
         return seqs, True
@@ -80,10 +81,18 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
     return seqs, fast
 
 
-def warn_once(lm: LoadedModel, message: str) -> None:
-    """Log ``message`` as a warning the first time it comes for this model (evaluations repeat per candidate)."""
-    if message not in lm.warned:
-        lm.warned.add(message)
+_WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("laser_core_warned", default=None)
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it comes in this thread: evaluations repeat it for every
+    candidate, and each dashboard job (a thread of its own, which starts with an empty context) shows it once."""
+    seen = _WARNED.get()
+    if seen is None:
+        seen = set()
+        _WARNED.set(seen)
+    if message not in seen:
+        seen.add(message)
         log.warning(message)
 
 

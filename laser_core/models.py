@@ -184,7 +184,6 @@ class LoadedModel:
     prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.prompt_sharing_ok
     lean_block: bool | None = field(default=None, repr=False)  # probed once by forward.lean_block_ok
     lead_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.lead_sharing_ok
-    warned: set = field(default_factory=set, repr=False)  # warnings given once per model (see forward.warn_once)
 
     @property
     def n_layers(self) -> int:

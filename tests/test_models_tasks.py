@@ -283,6 +283,8 @@ def test_choices_are_scored_with_the_tokens_they_have_after_the_prompt():
 def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_when_choices_tie(caplog):
     """With a Llama 2 style tokenizer every choice alone starts with '▁': a masked LM compared the same logit for
     all choices and always predicted the first, without a word."""
+    import contextvars
+
     from conftest import build_tiny, make_dummy_prefix_tokenizer
     from laser_core.forward import build_sequences
     from laser_core.models import from_module
@@ -296,11 +298,12 @@ def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_w
         assert [tok.convert_ids_to_tokens(s.rows) for s in seqs] == [["▁yes", "▁no"], ["▁blue", "▁red"]]
         assert not caplog.records
         tied = distinct + [Example("Is the number 13 even? Answer:", (" true claim", " true false"), 1)]
-        for _ in range(2):  # evaluations repeat for every candidate: said once
-            build_sequences(lm, tied)
-    assert [r.getMessage() for r in caplog.records] == [
-        "1 of 3 questions have choices that start with the same token: a masked LM scores a choice by its first token "
-        "at the <mask>, so those choices tie and the first of them is always predicted; use a causal LM for this task"]
+        for _ in range(2):  # two runs (a CLI process, or a dashboard job: a thread, with an empty context)
+            contextvars.Context().run(lambda: [build_sequences(lm, tied) for _ in range(3)])  # 3 candidates
+    said = ("1 of 3 questions have choices that start with the same token: a masked LM scores a choice by its first "
+            "token at the <mask>, so those choices tie and the first of them is always predicted; use a causal LM "
+            "for this task")
+    assert [r.getMessage() for r in caplog.records] == [said, said]  # once per run
 
 
 def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
