@@ -787,15 +787,43 @@ def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
     return fig
 
 
+K_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _as_numbers(values, kind: type) -> tuple[list, list]:
+    """(the ``values`` that read as ``kind`` (int or float), converted; the ones that do not)."""
+    good, bad = [], []
+    for v in values:
+        try:
+            good.append(kind(v))
+        except (TypeError, ValueError):
+            bad.append(v)
+    return good, bad
+
+
+def _number_grid(where, label: str, key: str, presets, kind: type, descending: bool = False) -> list:
+    """A multiselect of numbers that also takes values typed in (a K or ρ the presets lack): a value typed on an
+    earlier run becomes an option like the presets; one that is no ``kind`` is shown as an error."""
+    kept, bad = _as_numbers(st.session_state.get(key, []), kind)  # a typed value is a string until here
+    st.session_state[key] = sorted(set(kept), reverse=descending)
+    options = sorted(set(presets) | set(kept), reverse=descending)
+    chosen, _ = _as_numbers(where.multiselect(label, options, key=key, accept_new_options=True,
+                                              help="Pick values, or type one and press Enter."), kind)
+    if bad:
+        what = "a whole number" if kind is int else "a number"
+        user_error(f"{label}: {', '.join(map(repr, bad))} is not {what}.")
+    return sorted(set(chosen), reverse=descending)
+
+
 def grid_inputs(ks: bool = True) -> dict:
     """The K and ρ grids of the Explore page, side by side; ``ks=False`` (LASER: whole matrices) asks for the ρ
-    grid only and says K=1."""
+    grid only and says K=1. Values other than the presets can be typed in (the CLI takes any)."""
     if ks:
         c1, c2 = st.columns(2)
-        k_grid = c1.multiselect("K grid (row blocks)", [1, 2, 4, 8, 16], key="ks")
+        k_grid = _number_grid(c1, "K grid (row blocks)", "ks", K_CHOICES, int)
     else:
         c2, k_grid = st.container(), [1]
-    rhos = c2.multiselect("ρ grid (fraction of rank kept)", sorted(set(PAPER_RHOS) | {1.0}, reverse=True), key="rhos")
+    rhos = _number_grid(c2, "ρ grid (fraction of rank kept)", "rhos", set(PAPER_RHOS) | {1.0}, float, descending=True)
     if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
     return {"ks": k_grid, "rhos": rhos}

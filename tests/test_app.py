@@ -281,6 +281,23 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
 
 
+def test_explore_takes_a_k_or_rho_typed_in_and_names_one_that_is_no_number(app_env):
+    """The grids offered only the presets (K up to 16, LASER's ρ values), where the CLI takes any value."""
+    at = page("pages/3_Explore.py")
+    at.slider(key="q").set_value(2)
+    at.multiselect(key="ks").set_value([1, "32"])  # typed in, as the box lets one do
+    at.multiselect(key="rhos").set_value([0.5, "0.3"]).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.code[0].value.startswith("python -m laser_core search --q 2 --ks 1,32 --rhos 0.5,0.3 --model ")
+    at.run()  # typed values are options from now on, kept like the presets
+    assert (at.multiselect(key="ks").value, at.multiselect(key="rhos").value) == ([1, 32], [0.5, 0.3])
+    assert "32" in at.multiselect(key="ks").options and "0.3" in at.multiselect(key="rhos").options
+    at.multiselect(key="rhos").set_value([0.5, "a third"]).run()
+    assert [e.value for e in at.error] == ["ρ grid (fraction of rank kept): 'a third' is not a number."]
+    at.multiselect(key="rhos").set_value([0.5, "1.5"]).run()
+    assert [e.value for e in at.error] == ["rho must be in (0, 1], got 1.5"]
+
+
 def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_with_explore(app_env):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     at.switch_page("pages/2_Layer_scores.py").run()
