@@ -53,8 +53,8 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             seqs.append(Seq(ids, [pos], [], rows, i))
         if tied:
             warn_once(f"{tied} of {len(examples)} questions have choices that start with the same token: a masked "
-                          "LM scores a choice by its first token at the <mask>, so those choices tie and the first "
-                          "of them is always predicted; use a causal LM for this task")
+                      "LM scores a choice by its first token at the <mask>, so those choices tie and the first "
+                      "of them is always predicted; use a causal LM for this task")
         return seqs, True
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
