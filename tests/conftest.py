@@ -95,7 +95,8 @@ def build_other(arch: str, tok, seed: int = 0, window: int = 8):
         "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
                         dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3, layer_types=mixed)),
         "gemma3": (tf.Gemma3Config, tf.Gemma3ForConditionalGeneration,  # vision-language: a vision tower too
-                   dict(text_config=dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3, layer_types=mixed),
+                   dict(text_config=dict(dec, head_dim=8, sliding_window=window, num_hidden_layers=3,
+                                         layer_types=mixed),
                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=28, patch_size=14),
                         mm_tokens_per_image=4)),

@@ -72,7 +72,8 @@ def test_a_vision_language_model_offers_its_language_models_matrices_only(tokeni
 
 
 def test_a_model_with_a_scalar_weight_or_buffer_is_fingerprinted(tiny_dirs):
-    """A 0-d tensor (Gemma's embedding scale is one) has no byte view: loading such a model failed in the fingerprint."""
+    """A 0-d tensor (Gemma's embedding scale is one) has no byte view: loading a model with a persistent one failed
+    in the fingerprint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from laser_core.models import from_module, weight_hashes

@@ -118,9 +118,10 @@ def _assert_same(a, b, what):
 @pytest.mark.parametrize("arch", OTHER_ARCHS)
 def test_every_other_named_architecture_gives_the_plain_log_probs_with_fast_paths_and_prefix_reuse(tokenizer, arch):
     """Each matrix of each block edited in turn, its candidate evaluated from cached states (block entry and matrix
-    entry) against a plain evaluation of the edited model ("gemma3": the vision-language model, text only). Gemma 2 and 3 and Qwen 2 with sliding layers took block
-    i's attention kind from ``config.layer_types[i]`` counted along the cut list, so a candidate at a later block
-    ran with block 0's mask and rotary table: log-probs off by up to 0.32."""
+    entry) against a plain evaluation of the edited model ("gemma3": the vision-language model, text only).
+    Gemma 2 and 3 and Qwen 2 with sliding layers took block i's attention kind from ``config.layer_types[i]``
+    counted along the cut list, so a candidate at a later block ran with block 0's mask and rotary table:
+    log-probs off by up to 0.32."""
     from laser_core.models import from_module
 
     lm = from_module(build_other(arch, tokenizer), tokenizer)
@@ -141,7 +142,8 @@ def test_every_other_named_architecture_gives_the_plain_log_probs_with_fast_path
 _THRICE = "Answer with yes or no, then stop. " * 3
 LONG = [Example(_THRICE + "Q: Is the number 4 even? The capital of France is Paris.\nA:",
                 (" yes", " no", " true false claim"), 0),
-        Example(_THRICE + "Q: What colour is the sky?\nA: the sky is", (" blue green", " red"), 0)]  # rows of 81 to 90 tokens, 92 with a question's choices packed
+        Example(_THRICE + "Q: What colour is the sky?\nA: the sky is", (" blue green", " red"), 0)]
+# rows of 81 to 90 tokens, 92 with a question's choices packed
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
