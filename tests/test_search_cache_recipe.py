@@ -308,9 +308,11 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--rhos", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: rho must be in (0, 1], got 1.5"]
-    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task), "--n-calib", "20"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", str(mc_task), "--n-calib", "20",
+                 "--no-cache"]) == 2  # --no-cache: no store opened in the repository's cache/
     assert "model not found" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tiny_dirs["gpt2"]), "--task", str(tmp_path / "missing.json")]) == 2
+    assert main(["eval", "--model", str(tiny_dirs["gpt2"]), "--task", str(tmp_path / "missing.json"),
+                 "--no-cache"]) == 2
     assert "task not found" in (err := capsys.readouterr().err) and "loading" not in err  # before any model load
 
 
