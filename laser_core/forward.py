@@ -125,9 +125,9 @@ def attention_span(lm: LoadedModel) -> int | None:
 
     Packing a question's choices in one row and running a shared lead once both hand the model a custom 4-D mask
     (and a lead cache), which sliding-window layers do not cut to their window: they are exact only for rows no
-    longer than it. On tiny Mistral, Gemma 2 and Gemma 3 models with a 48-token window, 87-token rows moved
-    log-probs by up to 0.1 (and a 64-token window failed in the lead's cache); the probes, whose rows are short,
-    did not see it.
+    longer than it. On tiny Mistral, Gemma 2 and Gemma 3 models with 40- and 48-token windows, rows of 81-90
+    tokens moved log-probs by up to 0.1 (and a 64-token window failed in the lead's cache); the probes, whose rows
+    are short, did not see it.
     """
     config = lm.model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

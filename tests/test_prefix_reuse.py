@@ -150,7 +150,7 @@ LONG = [Example(_THRICE + "Q: Is the number 4 even? The capital of France is Par
 @pytest.mark.parametrize("window", [48, 64, 92])
 def test_rows_longer_than_a_sliding_window_are_scored_as_the_window_sees_them(tokenizer, arch, window):
     """Packed choices and a shared lead hand the model a custom mask that sliding layers do not cut to their window;
-    the probes (short rows) pass. Before, 48-token windows moved log-probs by up to 0.1, and 64 failed in the
+    the probes (short rows) pass. Before, 40- and 48-token windows moved log-probs by up to 0.1, and 64 failed in the
     lead's cache. They are used only where every row fits (92: all do)."""
     from laser_core.models import from_module
 
