@@ -196,7 +196,18 @@ def _cached_splits(spec_json: str, stamp: tuple | None):
 
 
 def _loaded_task(task: TaskSpec) -> tuple:
-    return _cached_splits(canonical_json(task), _path_stamp(task.source))
+    stamp = _path_stamp(task.source)
+    _say_if_changed_on_disk(task.source, stamp)
+    return _cached_splits(canonical_json(task), stamp)
+
+
+def _say_if_changed_on_disk(source: str, stamp: tuple | None) -> None:
+    """A toast, once, when the session's task file was written again since this session last read it: its examples
+    are read again, so the page's numbers can change under the user (results for the old contents stay cached)."""
+    seen = st.session_state.get("task_stamp")
+    if seen is not None and seen[0] == source and seen[1] is not None and stamp is not None and seen[1] != stamp:
+        st.toast(f"`{Path(source).name}` changed on disk since it was last read: its examples were read again.")
+    st.session_state["task_stamp"] = (source, stamp)
 
 
 def _splits_of(task: TaskSpec):

@@ -149,10 +149,15 @@ def test_a_task_file_changed_on_disk_is_read_again_when_loaded(app_env, tmp_path
     task = write_mc_jsonl(tmp_path / "grows.jsonl", 40)
     at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=10, n_test=10)
     assert "grows` (mc, 40 examples)" in " ".join(c.value for c in at.caption)
+    assert not at.toast
     write_mc_jsonl(task, 60)  # the user fixes the file (or uploads a new one of that name) and loads it again
     at.button[0].click().run()
     assert not at.exception
     assert "grows` (mc, 60 examples)" in " ".join(c.value for c in at.caption)
+    assert [t.value for t in at.toast] == ["`grows.jsonl` changed on disk since it was last read: its examples were "
+                                           "read again."]  # said: the page's numbers changed under the user
+    at.run()
+    assert not at.toast  # once
 
 
 def test_a_model_folder_saved_again_is_loaded_again(app_env, tiny_dirs, tmp_path):
