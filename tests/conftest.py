@@ -16,34 +16,27 @@ ARCHS = ("llama", "gpt2", "roberta")
 TEST_DEVICE = os.environ.get("LASER_LAB_TEST_DEVICE", "cpu")
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [c.format(n=n) for c in CORPUS for n in range(20)]
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", mask_token="<mask>")
-
-
-def make_dummy_prefix_tokenizer():
-    """A tokenizer that, like Llama 2's SentencePiece one, puts "▁" before the text and for every space: " yes"
-    alone is ['▁', '▁yes'], while "Answer: yes" ends in '▁yes'."""
+def make_tokenizer(dummy_prefix: bool = False):
+    """A BPE tokenizer trained on ``CORPUS``: byte-level (GPT-2's kind), or with ``dummy_prefix`` one that, like
+    Llama 2's SentencePiece one, puts "▁" before the text and for every space: " yes" alone is ['▁', '▁yes'], while
+    "Answer: yes" ends in '▁yes'."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    if dummy_prefix:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+        alphabet = ["▁"]
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
-                                  initial_alphabet=["▁"])
-    tok.train_from_iterator([c.format(n=n) for c in CORPUS for n in range(20)], trainer)
+                                  initial_alphabet=alphabet)
+    corpus = [c.format(n=n) for c in CORPUS for n in range(20)]
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", mask_token="<mask>")
 

@@ -256,11 +256,11 @@ def test_multiple_choice_fast_path_equals_summed_logprob_of_full_forward(tiny_lm
 def test_choices_are_scored_with_the_tokens_they_have_after_the_prompt():
     """A Llama 2 style tokenizer reads " yes" alone as ['▁', '▁yes']: each choice was scored one stray '▁' longer
     than it is after the prompt, and one-token choices missed the single-token path."""
-    from conftest import build_tiny, make_dummy_prefix_tokenizer
+    from conftest import build_tiny, make_tokenizer
     from laser_core.forward import build_sequences
     from laser_core.models import from_module
 
-    tok = make_dummy_prefix_tokenizer()
+    tok = make_tokenizer(dummy_prefix=True)
     assert tok.convert_ids_to_tokens(tok(" yes", add_special_tokens=False).input_ids) == ["▁", "▁yes"]
     lm = from_module(build_tiny("llama", tok), tok)
     one = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
@@ -286,11 +286,11 @@ def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_w
     all choices and always predicted the first, without a word."""
     import contextvars
 
-    from conftest import build_tiny, make_dummy_prefix_tokenizer
+    from conftest import build_tiny, make_tokenizer
     from laser_core.forward import build_sequences
     from laser_core.models import from_module
 
-    tok = make_dummy_prefix_tokenizer()
+    tok = make_tokenizer(dummy_prefix=True)
     lm = from_module(build_tiny("roberta", tok), tok)
     distinct = [Example("Is the number 4 even? Answer:", (" yes", " no"), 0),
                 Example("Q: What colour is the sky? A:", (" blue", " red"), 0)]
