@@ -5,6 +5,7 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -102,10 +103,9 @@ class JobManager:
             self.jobs[job.id] = job
 
         def work() -> None:
-            notes = _ThreadWarnings(job.warnings)  # the cache switching itself off, ties a masked LM cannot break...
-            logging.getLogger("laser_core").addHandler(notes)
-            try:
-                job.result = fn(job)
+            try:  # the job's warnings: the cache switching itself off, ties a masked LM cannot break...
+                with _warnings_into(job.warnings):
+                    job.result = fn(job)
                 partial = getattr(job.result, "status", "complete") == "partial"
                 job.status = "cancelled" if partial or job.cancel.cancelled else "done"
             except Cancelled:
@@ -115,7 +115,6 @@ class JobManager:
             except Exception as e:  # noqa: BLE001 - a real bug: keep the traceback for the page
                 job.status, job.error = "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
             finally:
-                logging.getLogger("laser_core").removeHandler(notes)
                 job.finished = time.time()
 
         threading.Thread(target=work, name=f"laser-job-{job.id}", daemon=True).start()
@@ -148,23 +147,31 @@ class _ThreadWarnings(logging.Handler):
     """Collects the warnings ``laser_core`` logs from the thread that made it (a page's, or a job's) while it is
     attached, each once, into ``messages``."""
 
-    def __init__(self, messages: list | None = None) -> None:
+    def __init__(self, messages: list) -> None:
         super().__init__(logging.WARNING)
-        self.thread, self.messages = threading.get_ident(), [] if messages is None else messages
+        self.thread, self.messages = threading.get_ident(), messages
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread and record.getMessage() not in self.messages:
             self.messages.append(record.getMessage())
 
 
-def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
-    """(what ``fn()`` returns, the warnings ``laser_core`` logged meanwhile), for the page to show."""
-    handler, logger = _ThreadWarnings(), logging.getLogger("laser_core")
+@contextlib.contextmanager
+def _warnings_into(messages: list):
+    """While active, what ``laser_core`` logs as a warning in this thread is appended to ``messages`` (each once)."""
+    handler, logger = _ThreadWarnings(messages), logging.getLogger("laser_core")
     logger.addHandler(handler)
     try:
-        return fn(), tuple(handler.messages)
+        yield
     finally:
         logger.removeHandler(handler)
+
+
+def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
+    """(what ``fn()`` returns, the warnings ``laser_core`` logged meanwhile), for the page to show."""
+    messages: list[str] = []
+    with _warnings_into(messages):
+        return fn(), tuple(messages)
 
 
 @st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...", max_entries=MODELS_KEPT)
@@ -818,8 +825,8 @@ def _number_grid(where, label: str, key: str, presets, kind: type, descending: b
     kept, bad = _as_numbers(st.session_state.get(key, []), kind)  # a typed value is a string until here
     st.session_state[key] = sorted(set(kept), reverse=descending)
     options = sorted(set(presets) | set(kept), reverse=descending)
-    chosen, _ = _as_numbers(where.multiselect(label, options, key=key, accept_new_options=True,
-                                              help="Pick values, or type one and press Enter."), kind)
+    chosen = where.multiselect(label, options, key=key, accept_new_options=True,  # the numbers just set above
+                               help="Pick values, or type one and press Enter.")
     if bad:
         what = "a whole number" if kind is int else "a number"
         user_error(f"{label}: {', '.join(map(repr, bad))} is not {what}.")
