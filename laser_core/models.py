@@ -273,6 +273,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _is_hub_id(text: str) -> bool:
+    """Is ``text`` a valid hub model id ("owner/name" or "name")? A path such as "./model" or "~/m" is not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _hub_cached(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -313,15 +323,16 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{p} is not a Hugging Face model folder: it has no config.json")
         path = str(p)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", src) and "/" in src:
+    elif _is_hub_id(src):  # owner/name, or a name without owner ("gpt2", "roberta-base")
         offline = hub_unreachable()
         if offline and not _hub_cached(src):
             raise ModelLoadError(f"hub model {src!r} is not in the local Hugging Face cache and cannot be downloaded: "
-                                 f"{offline}. Download it once with network access, or give a local folder.")
+                                 f"{offline}. Download it once with network access, or give a local folder "
+                                 f"(there is no folder {src!r} here).")
         path, kwargs = src, ({"local_files_only": True} if offline else {})
     else:
-        raise ModelLoadError(f"model not found: {src!r} is neither 'demo', an existing folder, a .gguf file "
-                             "nor a hub id of the form owner/name")
+        raise ModelLoadError(f"model not found: there is no folder {src!r} here, and it is neither 'demo', a .gguf "
+                             "file nor a hub id (owner/name, or a name such as gpt2)")
     if progress:
         progress(f"loading {src}")
     try:
@@ -330,7 +341,8 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
         if not Path(path).exists():
             raise ModelLoadError(
                 f"hub model {src!r} is not in the local Hugging Face cache and could not be downloaded "
-                f"(offline?). Download it once with network access, or give a local folder.") from e
+                f"(offline, gated, or no such model?). Download it once with network access, or give a local folder "
+                f"(there is no folder {src!r} here). transformers says: {' '.join(str(e).split())[:300]}") from e
         raise ModelLoadError(f"cannot read the config of {src}: {e}") from e
     except Exception as e:  # noqa: BLE001 - a corrupt config.json or .gguf fails in many ways
         what = "GGUF file" if "gguf_file" in kwargs else "config.json"

@@ -1,6 +1,7 @@
 """Loading and locating matrices; task formats, scoring rules and splits."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,13 @@ def test_unknown_architecture_falls_back_to_generic_discovery():
     assert [(r.layer, r.type) for r in refs] == [(0, "mix"), (1, "mix")]
 
 
-def test_missing_path_and_non_model_folder_give_clear_errors(tmp_path):
+def test_missing_path_and_non_model_folder_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="model not found"):
         load_model(ModelSpec(str(tmp_path / "nope"), "cpu"))
+    monkeypatch.chdir(tmp_path)
+    for relative in ("./nope", "../nope", "~/nope"):  # paths, never hub ids: no hub lookup, no "not in the cache"
+        with pytest.raises(ModelLoadError, match=f"model not found: there is no folder '{re.escape(relative)}' here"):
+            load_model(ModelSpec(relative, "cpu"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(ModelSpec(str(tmp_path), "cpu"))
 
@@ -118,9 +123,10 @@ def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resol
     from huggingface_hub import constants
 
     _host_does_not_resolve(monkeypatch)
-    with pytest.raises(ModelLoadError, match="'no-such-org/no-such-model' is not in the local Hugging Face cache "
-                                             "and cannot be downloaded: huggingface.co does not resolve"):
-        load_model(ModelSpec("no-such-org/no-such-model", "cpu"))
+    for repo_id in ("no-such-org/no-such-model", "no-such-model"):  # the second: a name without owner, as "gpt2"
+        with pytest.raises(ModelLoadError, match=f"'{repo_id}' is not in the local Hugging Face cache and cannot be "
+                                                 f"downloaded: huggingface.co does not resolve.* no folder '{repo_id}'"):
+            load_model(ModelSpec(repo_id, "cpu"))
     with pytest.raises(TaskFormatError, match="'no-such-org/no-such-data' .* not in the local cache and cannot be "
                                               "downloaded: huggingface.co does not resolve"):
         load_task(TaskSpec("hf:no-such-org/no-such-data"))
@@ -128,22 +134,24 @@ def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resol
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # offline mode restored
 
 
-def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs):
+@pytest.mark.parametrize("repo_id", ["someone/tiny", "tiny"])
+def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs, repo_id):
     """A hub id in the local HF cache, with a hub whose name does not resolve: before, transformers asked it for each
-    optional file (chat template, generation config, ...) with 5 retries each, 2 min 28 s measured for one load."""
+    optional file (chat template, generation config, ...) with 5 retries each, 2 min 28 s measured for one load.
+    An id without owner (as "gpt2", "roberta-base") was refused as "model not found" before it was looked up."""
     import os
     import shutil
     import subprocess
     import sys
 
-    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"
+    repo = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
     shutil.copytree(tiny_dirs["llama"], repo / "snapshots" / "abc123")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://hub.invalid")  # .invalid never resolves (RFC 2606)
     code = ("from laser_core import ModelSpec, load_model\n"
-            "lm = load_model(ModelSpec('someone/tiny', 'cpu'))\n"
+            f"lm = load_model(ModelSpec({repo_id!r}, 'cpu'))\n"
             "print('loaded', lm.kind, len(lm.matrices))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)
