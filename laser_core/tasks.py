@@ -255,25 +255,58 @@ def load_csv(path: str | Path, spec: TaskSpec) -> Task:
     return _records_to_task(path.stem, rows, spec, lambda n: f"{path.name}: line {n}")
 
 
+HF_FORMAT = "hf:<dataset>[:<split>] or hf:<dataset>:<config>:<split>"
+
+
+def parse_hf(ref: str) -> tuple[str, str | None, str]:
+    """(dataset, config or None, split) of ``hf:<dataset>[:<split>]`` or ``hf:<dataset>:<config>:<split>``.
+
+    Raises:
+        TaskFormatError: no dataset name, an empty part, or more than three parts.
+    """
+    parts = ref.removeprefix("hf:").split(":")
+    if len(parts) > 3 or not all(p.strip() for p in parts):
+        raise TaskFormatError(f"{ref!r} is not a Hugging Face dataset reference: write {HF_FORMAT} "
+                              "(e.g. hf:cais/mmlu:all:test)")
+    parts = [p.strip() for p in parts]
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], None, parts[1] if len(parts) == 2 else "train"
+
+
 def load_hf(ref: str, spec: TaskSpec) -> Task:
-    """Read a Hugging Face dataset: ``hf:<name>[:<split>]`` (already in the local cache, or reachable)."""
+    """Read a Hugging Face dataset (already in the local cache, or reachable): ``hf:<dataset>[:<split>]``, or
+    ``hf:<dataset>:<config>:<split>`` for a dataset with several configs (subsets), e.g. ``hf:cais/mmlu:all:test``.
+
+    Raises:
+        TaskFormatError: not found (naming whether the hub could be asked), a config or split that the dataset
+            does not have (with the ones it has, as ``datasets`` lists them), or rows that do not fit the mapping.
+    """
     import datasets
 
-    parts = ref[3:].split(":")
-    name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
+    name, config, split = parse_hf(ref)
+    what = f"Hugging Face dataset {name!r}" + (f" (config {config!r}, split {split!r})" if config else
+                                                f" (split {split!r})")
     offline = hub_unreachable()
     try:
         with offline_mode() if offline else contextlib.nullcontext():
-            ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for "not found/offline"
+            ds = datasets.load_dataset(name, config, split=split)
+    except ValueError as e:  # found, but no such config or split (or a config is needed): datasets names the choices
+        hint = (f"; name one as hf:{name}:<config>:{split}" if "config" in str(e).lower() else "")
+        raise TaskFormatError(f"could not load {what}: {' '.join(str(e).split())[:400]}{hint}") from e
+    except OSError as e:  # not found, not cached, or no network
         why = f"cannot be downloaded: {offline}" if offline else "could not be downloaded"
-        raise TaskFormatError(f"could not load Hugging Face dataset {name!r} (split {split!r}): it is not in the "
-                              f"local cache and {why} ({type(e).__name__}: {str(e)[:200]})") from e
-    return _records_to_task(name.split("/")[-1], enumerate(ds), spec, lambda n: f"{name}: row {n}")
+        raise TaskFormatError(f"could not load {what}: it is not in the local cache and {why} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    except Exception as e:  # noqa: BLE001 - a dataset's files fail to parse in many ways
+        raise TaskFormatError(f"could not read {what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    label = name.rstrip("/").split("/")[-1] + (f"-{config}" if config else "")
+    return _records_to_task(label, enumerate(ds), spec, lambda n: f"{name}: row {n}")
 
 
 def load_task(spec: TaskSpec) -> Task:
-    """Load ``spec.source``: a bundled name, a BIG-bench .json, a .jsonl/.csv file, or ``hf:<dataset>``.
+    """Load ``spec.source``: a bundled name, a BIG-bench .json, a .jsonl/.csv file, or ``hf:<dataset>`` (see
+    :func:`load_hf`).
 
     Raises:
         TaskFormatError: unknown name, missing file, or malformed content (with file and line).

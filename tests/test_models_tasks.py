@@ -134,6 +134,37 @@ def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resol
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # offline mode restored
 
 
+def test_hf_dataset_with_several_configs_loads_the_one_named_and_a_missing_one_lists_them(tmp_path, monkeypatch):
+    """Most evaluation sets on the hub (MMLU, ARC, BoolQ, TruthfulQA) need a config: before, none could be given and
+    the error said the dataset was "not in the local cache and cannot be downloaded"."""
+    import json
+
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # its Arrow files go here
+    folder = tmp_path / "quiz"  # a dataset folder with two configs, as a hub dataset repository has them
+    folder.mkdir()
+    for config, word in (("easy", "even"), ("hard", "prime")):
+        rows = [{"question": f"Is {i} {word}?", "choices": ["yes", "no"], "answer": i % 2} for i in range(12)]
+        (folder / f"{config}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: test\n"
+                                      "    path: easy.jsonl\n- config_name: hard\n  data_files: hard.jsonl\n---\n")
+    easy = load_task(TaskSpec(f"hf:{folder}:easy:test", prompt_col="question"))
+    hard = load_task(TaskSpec(f"hf:{folder}:hard:train", prompt_col="question"))
+    assert (easy.name, hard.name) == ("quiz-easy", "quiz-hard") and easy.digest != hard.digest
+    assert [e.prompt for e in easy.examples][:2] == ["Is 0 even?", "Is 1 even?"] and len(hard.examples) == 12
+    assert "prime" in hard.examples[0].prompt
+    with pytest.raises(TaskFormatError, match=r"Config name is missing.*\['easy', 'hard'\].*name one as "
+                                              rf"hf:{re.escape(str(folder))}:<config>:test"):
+        load_task(TaskSpec(f"hf:{folder}:test", prompt_col="question"))
+    with pytest.raises(TaskFormatError, match=r"\(config 'easy', split 'train'\): Unknown split \"train\". Should be "
+                                              r"one of \['test'\]"):
+        load_task(TaskSpec(f"hf:{folder}:easy:train", prompt_col="question"))
+    for bad in ("hf:", f"hf:{folder}:easy:test:more", f"hf:{folder}::test"):
+        with pytest.raises(TaskFormatError, match="is not a Hugging Face dataset reference: write hf:<dataset>"):
+            load_task(TaskSpec(bad, prompt_col="question"))
+
+
 @pytest.mark.parametrize("repo_id", ["someone/tiny", "tiny"])
 def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs, repo_id):
     """A hub id in the local HF cache, with a hub whose name does not resolve: before, transformers asked it for each
