@@ -87,6 +87,8 @@ def _make_task(name: str, examples: list[Example]) -> Task:
 
 def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = None) -> Example:
     """``answer``: a number is a choice index; a string is a choice's text where it is one, else an index in digits.
+    ``choices``: a list, or a JSON or "a|b|c" string of one, or a ``{"text": [...], "label": [...]}`` mapping, whose
+    label the answer may be ("B" for the second choice).
 
     An answer that could name two choices (a digit string that is one choice's text and another's index, or a
     number that is one choice's index and another's text) is read by that rule; ``where`` is then appended to
@@ -99,6 +101,13 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
             choices = json.loads(choices)
         except json.JSONDecodeError:
             choices = [c for c in choices.split("|")]
+    labels: list[str] = []
+    if isinstance(choices, dict) and isinstance(choices.get("text"), (list, tuple)):
+        # the hub's {"text": [...], "label": ["A", "B", ...]} (ARC, OpenBookQA, CommonsenseQA): the answer is a label
+        labels = [str(x) for x in choices.get("label") or []]
+        choices = choices["text"]
+        if len(labels) == len(choices) and not isinstance(answer, bool) and str(answer) in labels:
+            answer = labels.index(str(answer))
     if not isinstance(choices, (list, tuple)) or len(choices) < 2:
         raise TaskFormatError(f"{where}: a multiple-choice example needs a list of at least 2 choices, got {choices!r}")
     choices = [str(c) for c in choices]
@@ -119,7 +128,8 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
             ambiguous.append(where)
         answer = text_index
     elif isinstance(answer, str) and not answer.lstrip("-").isdigit():
-        raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
+        raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}"
+                              + (f" nor of their labels {labels}" if labels else ""))
     try:
         answer = int(answer)
     except (TypeError, ValueError):

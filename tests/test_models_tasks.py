@@ -165,6 +165,25 @@ def test_hf_dataset_with_several_configs_loads_the_one_named_and_a_missing_one_l
             load_task(TaskSpec(bad, prompt_col="question"))
 
 
+def test_choices_as_text_and_label_lists_take_the_answer_as_a_label(tmp_path):
+    """The hub's ARC, OpenBookQA and CommonsenseQA store choices as {"text": [...], "label": [...]} and the answer as
+    a label ("B", or "1" for the first choice of ARC's numbered rows): before, such a file was refused."""
+    import json
+
+    rows = [{"prompt": "Sky?", "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}, "answer": "B"},
+            {"prompt": "Grass?", "choices": {"text": ["red", "blue", "green"], "label": ["1", "2", "3"]}, "answer": "3"},
+            {"prompt": "Blood?", "choices": {"text": ["red", "blue"], "label": ["2", "1"]}, "answer": "1"}]
+    p = tmp_path / "arc.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(TaskSpec(str(p)))
+    assert [(e.choices, e.answer) for e in task.examples] == [((" red", " blue", " green"), 1),
+                                                              ((" red", " blue", " green"), 2), ((" red", " blue"), 1)]
+    p.write_text(json.dumps({**rows[0], "answer": "D"}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"answer 'D' is not one of the choices \['red', 'blue', 'green'\] nor of "
+                                              r"their labels \['A', 'B', 'C'\]"):
+        load_task(TaskSpec(str(p)))
+
+
 @pytest.mark.parametrize("repo_id", ["someone/tiny", "tiny"])
 def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs, repo_id):
     """A hub id in the local HF cache, with a hub whose name does not resolve: before, transformers asked it for each
