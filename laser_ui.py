@@ -281,7 +281,7 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_COLUMNS, "n_calib", "n_test", "n_val", "seed")})
+    out.update({f: getattr(task, f) for f in (*TASK_COLUMNS, "prompt_template", "n_calib", "n_test", "n_val", "seed")})
     return out
 
 
@@ -328,7 +328,7 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **{c: f[c] for c in TASK_COLUMNS})
+                        int(f["seed"]), **{c: f[c] for c in TASK_COLUMNS}, prompt_template=f["prompt_template"])
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
             t.add_argument("--choices-col", default="choices", help="column of the answer choices (default choices)")
             t.add_argument("--answer-col", default="answer", help="column of the correct choice: its index or text (default answer)")
             t.add_argument("--targets-col", default="targets", help="column of accepted answers for generation tasks (default targets)")
+            t.add_argument("--prompt-template", default="",
+                           help="JSONL/CSV/HF: build the prompt from columns, e.g. 'Question: {question}\\nAnswer:' "
+                                "(\\n is a line break; default: the prompt column as it is)")
 
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
@@ -182,7 +185,7 @@ def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
     """The model and task specs that parsed command-line ``args`` name."""
     return ModelSpec(args.model, args.device, args.dtype), \
         TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
-                 args.answer_col, args.targets_col)
+                 args.answer_col, args.targets_col, prompt_template=args.prompt_template)
 
 
 def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
@@ -192,7 +195,8 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
     out += [x for f in ("device", "dtype") if getattr(model, f) != getattr(ModelSpec, f)
             for x in (f"--{f}", str(getattr(model, f)))]
     out += ["--task", task.source]
-    for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col"):
+    for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col",
+              "prompt_template"):
         if getattr(task, f) != getattr(TaskSpec, f):
             out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
     return out

@@ -96,6 +96,8 @@ class TaskSpec:
     answer_col: str = "answer"
     targets_col: str = "targets"
     max_new_tokens: int = 12  # generation tasks: greedy decoding length
+    prompt_template: str = ""  # JSONL/CSV/HF: the prompt built from columns, e.g. "Question: {question}\nAnswer:"
+    #                            (\n typed as backslash-n is a line break); "": the prompt column as it is
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
@@ -107,6 +109,26 @@ class TaskSpec:
             raise ConfigError(f"n_val must be >= 1 or None, got {self.n_val}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt_template:
+            template_columns(self.prompt_template)
+
+
+def template_columns(template: str) -> list[str]:
+    """The columns a prompt template names, in order: "Q: {question}\\nA:" -> ["question"].
+
+    Raises:
+        ConfigError: it does not parse as a format string, names no column, or has a positional field ("{}").
+    """
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"prompt template {template!r} does not parse ({e}); write a column as {{name}} and a "
+                          "literal brace as {{ or }}") from None
+    if not fields or any(not f.strip() or f.strip().isdigit() for f in fields):
+        raise ConfigError(f"prompt template {template!r} must name its columns, e.g. 'Question: {{question}}\\nAnswer:'")
+    return fields
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import TaskSpec, read_text, stable_hash
+from .config import TaskSpec, read_text, stable_hash, template_columns
 from .errors import TaskFormatError
 from .hub import hub_unreachable, offline_mode
 
@@ -203,20 +203,37 @@ def load_bigbench(path: str | Path, name: str | None = None) -> Task:
     return _make_task(name or data.get("name", path.stem), examples)
 
 
+def _prompt_of(row: dict, spec: TaskSpec, loc: str) -> str:
+    """The prompt of ``row``: its prompt column, or ``spec.prompt_template`` filled from its columns (a typed
+    backslash-n or backslash-t is a line break or tab)."""
+    if not spec.prompt_template:
+        if spec.prompt_col not in row:
+            raise TaskFormatError(f"{loc}: no prompt column {spec.prompt_col!r} (columns: {sorted(row)}); "
+                                  "set the column mapping or a prompt template")
+        return row[spec.prompt_col]
+    template = spec.prompt_template.replace("\\n", "\n").replace("\\t", "\t")
+    missing = [c for c in template_columns(template) if c.split("[")[0].split(".")[0] not in row]
+    if missing:
+        raise TaskFormatError(f"{loc}: the prompt template names {', '.join(map(repr, missing))}, not a column "
+                              f"(columns: {sorted(row)})")
+    try:
+        return template.format_map(row)
+    except (LookupError, AttributeError, TypeError, ValueError) as e:
+        raise TaskFormatError(f"{loc}: cannot fill the prompt template {spec.prompt_template!r}: "
+                              f"{type(e).__name__}: {e}") from None
+
+
 def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
     examples, ambiguous = [], []
     for n, row in rows:
         loc = where(n)
-        if spec.prompt_col not in row:
-            raise TaskFormatError(f"{loc}: no prompt column {spec.prompt_col!r} (columns: {sorted(row)}); "
-                                  "set the column mapping")
+        prompt = _prompt_of(row, spec, loc)
         if row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
-            examples.append(_mc_example(row[spec.prompt_col], row[spec.choices_col], row[spec.answer_col], loc,
-                                        ambiguous))
+            examples.append(_mc_example(prompt, row[spec.choices_col], row[spec.answer_col], loc, ambiguous))
         elif row.get(spec.targets_col) not in (None, ""):
-            examples.append(_gen_example(row[spec.prompt_col], row[spec.targets_col], loc))
+            examples.append(_gen_example(prompt, row[spec.targets_col], loc))
         else:
             raise TaskFormatError(f"{loc}: neither a choices column {spec.choices_col!r} nor a targets column "
                                   f"{spec.targets_col!r} (columns: {sorted(row)}); set the column mapping")
@@ -322,6 +339,9 @@ def load_task(spec: TaskSpec) -> Task:
         TaskFormatError: unknown name, missing file, or malformed content (with file and line).
     """
     src = spec.source.strip()
+    if spec.prompt_template and (src in BUNDLED or src.lower().endswith(".json") or Path(src).expanduser().is_dir()):
+        raise TaskFormatError(f"a prompt template applies to JSONL, CSV and hf: tasks (their columns); {src!r} is a "
+                              "BIG-bench task, whose prompts its task.json defines: leave the template empty")
     if src in BUNDLED:
         return load_bigbench(DATA_DIR / BUNDLED[src], name=src)
     if src.startswith("hf:"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from laser_core import ModelLoadError, ModelSpec, TaskFormatError, TaskSpec, load_model, load_task, make_splits
+from laser_core import ConfigError, ModelLoadError, ModelSpec, TaskFormatError, TaskSpec, load_model, load_task, make_splits
 from laser_core.evaluate import evaluate
 from laser_core.models import locate_matrices
 from laser_core.tasks import Example
@@ -263,6 +263,25 @@ def test_csv_with_column_mapping_and_choice_text_answer(tmp_path):
     p.write_text('q,opts,gold\n"Is 2 even? Answer:","yes|no",yes\n"Is 3 even? Answer:","[""yes"", ""no""]",1\n')
     task = load_task(TaskSpec(str(p), prompt_col="q", choices_col="opts", answer_col="gold"))
     assert [(e.choices, e.answer) for e in task.examples] == [((" yes", " no"), 0), ((" yes", " no"), 1)]
+
+
+def test_prompt_template_builds_the_prompt_from_columns(tmp_path):
+    """Hub datasets and most files hold a bare question: a template gives it the "Question: ...\\nAnswer:" frame."""
+    p = tmp_path / "t.csv"
+    p.write_text('question,context,choices,answer\n"Is 2 even?","Arithmetic.",yes|no,yes\n"Is 3 even?","Odd.",yes|no,no\n')
+    task = load_task(TaskSpec(str(p), prompt_template="{context}\\nQuestion: {question}\\nAnswer:"))
+    assert [e.prompt for e in task.examples] == ["Arithmetic.\nQuestion: Is 2 even?\nAnswer:",
+                                                 "Odd.\nQuestion: Is 3 even?\nAnswer:"]
+    assert task.examples[0].choices == (" yes", " no") and [e.answer for e in task.examples] == [0, 1]
+    assert task.digest != load_task(TaskSpec(str(p), prompt_template="{question}")).digest  # another task to the cache
+    with pytest.raises(TaskFormatError, match=r"t.csv: line 2: the prompt template names 'topic', not a column \(columns: "
+                                              r"\['answer', 'choices', 'context', 'question'\]\)"):
+        load_task(TaskSpec(str(p), prompt_template="{topic}: {question}"))
+    with pytest.raises(TaskFormatError, match="a prompt template applies to JSONL, CSV and hf: tasks"):
+        load_task(TaskSpec("fever", prompt_template="{input}"))
+    for bad in ("Answer:", "Q: {}", "Q: {question"):  # no column named, a positional field, an unclosed brace
+        with pytest.raises(ConfigError, match=f"prompt template {re.escape(repr(bad))} "):
+            TaskSpec(str(p), prompt_template=bad)
 
 
 def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, caplog):
