@@ -261,6 +261,7 @@ MODEL_KINDS = ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "ca
 TASK_KINDS = ["bundled", "task file path", "upload JSONL/CSV", "HF dataset"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 TASK_COLUMNS = ("prompt_col", "choices_col", "answer_col", "targets_col")  # TaskSpec's column mapping
+TASK_READING = (*TASK_COLUMNS, "prompt_template", "fixed_choices")  # and how prompts and choices are made of columns
 
 
 def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
@@ -281,7 +282,7 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_COLUMNS, "prompt_template", "n_calib", "n_test", "n_val", "seed")})
+    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed")})
     return out
 
 
@@ -328,7 +329,7 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **{c: f[c] for c in TASK_COLUMNS}, prompt_template=f["prompt_template"])
+                        int(f["seed"]), **{c: f[c].strip() if c == "fixed_choices" else f[c] for c in TASK_READING})
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

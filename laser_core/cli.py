@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
             t.add_argument("--prompt-template", default="",
                            help="JSONL/CSV/HF: build the prompt from columns, e.g. 'Question: {question}\\nAnswer:' "
                                 "(\\n is a line break; default: the prompt column as it is)")
+            t.add_argument("--fixed-choices", default="",
+                           help="JSONL/CSV/HF: the same choices for every row, e.g. 'no|yes' (BoolQ, SST-2), the answer "
+                                "column an index or text of them (default: each row's choices column)")
 
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
@@ -185,7 +188,8 @@ def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
     """The model and task specs that parsed command-line ``args`` name."""
     return ModelSpec(args.model, args.device, args.dtype), \
         TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
-                 args.answer_col, args.targets_col, prompt_template=args.prompt_template)
+                 args.answer_col, args.targets_col, prompt_template=args.prompt_template,
+                 fixed_choices=args.fixed_choices)
 
 
 def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
@@ -196,7 +200,7 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
             for x in (f"--{f}", str(getattr(model, f)))]
     out += ["--task", task.source]
     for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col",
-              "prompt_template"):
+              "prompt_template", "fixed_choices"):
         if getattr(task, f) != getattr(TaskSpec, f):
             out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
     return out

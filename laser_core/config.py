@@ -98,6 +98,8 @@ class TaskSpec:
     max_new_tokens: int = 12  # generation tasks: greedy decoding length
     prompt_template: str = ""  # JSONL/CSV/HF: the prompt built from columns, e.g. "Question: {question}\nAnswer:"
     #                            (\n typed as backslash-n is a line break); "": the prompt column as it is
+    fixed_choices: str = ""  # JSONL/CSV/HF: the same choices for every row, "no|yes" (BoolQ, SST-2): the answer
+    #                          column is an index or text of these; "": each row's choices column
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
@@ -111,6 +113,19 @@ class TaskSpec:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.prompt_template:
             template_columns(self.prompt_template)
+        if self.fixed_choices and len(split_choices(self.fixed_choices)) < 2:
+            raise ConfigError(f"fixed choices {self.fixed_choices!r} must be at least 2, separated by | (e.g. no|yes) "
+                              "or as a JSON list")
+
+
+def split_choices(text: str) -> list | dict:
+    """Choices written as text: a JSON list ('["no", "yes"]') or object ({"text": [...], "label": [...]}), else
+    separated by | ('no|yes')."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return text.split("|")
+    return parsed if isinstance(parsed, (list, dict)) else text.split("|")
 
 
 def template_columns(template: str) -> list[str]:

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import TaskSpec, read_text, stable_hash, template_columns
+from .config import TaskSpec, read_text, split_choices, stable_hash, template_columns
 from .errors import TaskFormatError
 from .hub import hub_unreachable, offline_mode
 
@@ -97,10 +97,7 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
     if not isinstance(prompt, str) or not prompt.strip():
         raise TaskFormatError(f"{where}: the prompt is empty or not text")
     if isinstance(choices, str):
-        try:
-            choices = json.loads(choices)
-        except json.JSONDecodeError:
-            choices = [c for c in choices.split("|")]
+        choices = split_choices(choices)
     labels: list[str] = []
     if isinstance(choices, dict) and isinstance(choices.get("text"), (list, tuple)):
         # the hub's {"text": [...], "label": ["A", "B", ...]} (ARC, OpenBookQA, CommonsenseQA): the answer is a label
@@ -228,7 +225,11 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
     for n, row in rows:
         loc = where(n)
         prompt = _prompt_of(row, spec, loc)
-        if row.get(spec.choices_col) not in (None, ""):
+        if spec.fixed_choices:
+            if spec.answer_col not in row:
+                raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
+            examples.append(_mc_example(prompt, spec.fixed_choices, row[spec.answer_col], loc, ambiguous))
+        elif row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
             examples.append(_mc_example(prompt, row[spec.choices_col], row[spec.answer_col], loc, ambiguous))
@@ -339,9 +340,11 @@ def load_task(spec: TaskSpec) -> Task:
         TaskFormatError: unknown name, missing file, or malformed content (with file and line).
     """
     src = spec.source.strip()
-    if spec.prompt_template and (src in BUNDLED or src.lower().endswith(".json") or Path(src).expanduser().is_dir()):
-        raise TaskFormatError(f"a prompt template applies to JSONL, CSV and hf: tasks (their columns); {src!r} is a "
-                              "BIG-bench task, whose prompts its task.json defines: leave the template empty")
+    if (spec.prompt_template or spec.fixed_choices) and \
+            (src in BUNDLED or src.lower().endswith(".json") or Path(src).expanduser().is_dir()):
+        what = "a prompt template" if spec.prompt_template else "fixed choices"
+        raise TaskFormatError(f"{what} applies to JSONL, CSV and hf: tasks (their columns); {src!r} is a BIG-bench "
+                              f"task, whose prompts and choices its task.json defines: leave {what} empty")
     if src in BUNDLED:
         return load_bigbench(DATA_DIR / BUNDLED[src], name=src)
     if src.startswith("hf:"):

@@ -28,9 +28,13 @@ with st.form("setup"):  # every widget has a key: ui.load_setup_form reads them 
         st.file_uploader("JSONL / CSV file", type=["jsonl", "csv"], key="upload")
         for col, key in zip(st.columns(4), ui.TASK_COLUMNS):
             col.text_input(f"{key.removesuffix('_col')} column", key=key)
-        st.text_input("Prompt template (optional)", key="prompt_template", placeholder="Question: {question}\\nAnswer:",
+        t1, t2 = st.columns([3, 1])
+        t1.text_input("Prompt template (optional)", key="prompt_template", placeholder="Question: {question}\\nAnswer:",
                       help="Builds each prompt from the file's or dataset's columns, in place of the prompt column; "
                            "\\n is a line break. Not for BIG-bench tasks, whose task.json sets the prompt.")
+        t2.text_input("Fixed choices (optional)", key="fixed_choices", placeholder="no|yes",
+                      help="The same choices for every row (BoolQ, SST-2), in place of the choices column; the answer "
+                           "column gives an index or the text of one.")
         s1, s2, s3, s4 = st.columns(4)
         s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
         s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")

@@ -216,21 +216,24 @@ def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):
     assert any("not valid JSON" in e.value for e in at.error)
 
 
-def test_model_page_prompt_template_builds_the_prompts_and_stays_in_the_form(app_env, tmp_path):
-    task = tmp_path / "bare.csv"  # bare questions, as hub datasets hold them
-    task.write_text("question,choices,answer\n" + "".join(f'"Is {i} even?",yes|no,{i % 2}\n' for i in range(8)))
+def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in_the_form(app_env, tmp_path):
+    task = tmp_path / "bare.csv"  # bare questions and a label, as hub datasets hold them
+    task.write_text("question,answer\n" + "".join(f'"Is {i} even?",{i % 2}\n' for i in range(8)))
     at = page("pages/1_Model_and_task.py")
     at.text_input(key="prompt_template").set_value("Question: {question}\\nAnswer:")
+    at.text_input(key="fixed_choices").set_value(" yes|no ")
     at = load_task_file(at, task, n_calib=3, n_test=3)
     assert not at.exception and not at.error, [e.value for e in at.error]
     spec = at.session_state["task_spec"]
-    assert spec.prompt_template == "Question: {question}\\nAnswer:" and spec.prompt_col == "prompt"
+    assert (spec.prompt_template, spec.fixed_choices) == ("Question: {question}\\nAnswer:", "yes|no")
     from laser_core import load_task
-    assert load_task(spec).examples[0].prompt == "Question: Is 0 even?\nAnswer:"
+    ex = load_task(spec).examples[1]
+    assert (ex.prompt, ex.choices, ex.answer) == ("Question: Is 1 even?\nAnswer:", (" yes", " no"), 1)
     at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
     at.session_state["task_spec"] = spec  # as on coming back from another page: the form shows what is loaded
     at.run()
     assert at.text_input(key="prompt_template").value == "Question: {question}\\nAnswer:"
+    assert at.text_input(key="fixed_choices").value == "yes|no"
     at.text_input(key="prompt_template").set_value("Question: {query}")
     at.button[0].click().run()  # a template naming no column of the file: an error, the task stays loaded
     assert any("names 'query', not a column" in e.value for e in at.error), [e.value for e in at.error]

@@ -284,6 +284,32 @@ def test_prompt_template_builds_the_prompt_from_columns(tmp_path):
             TaskSpec(str(p), prompt_template=bad)
 
 
+def test_fixed_choices_serve_every_row_of_a_task_without_a_choices_column(tmp_path):
+    """BoolQ, SST-2 and other classification sets on the hub hold a label, not choices: before, they could not load."""
+    import json
+
+    p = tmp_path / "boolq.jsonl"
+    rows = [{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
+            {"passage": "Fish swim.", "question": "do fish fly", "label": 0},
+            {"passage": "Birds fly.", "question": "do birds fly", "label": "yes"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = TaskSpec(str(p), answer_col="label", fixed_choices="no|yes",
+                    prompt_template="{passage}\\nQuestion: {question}?\\nAnswer:")
+    task = load_task(spec)
+    assert [(e.prompt.splitlines()[1], e.choices, e.answer) for e in task.examples] == [
+        ("Question: do cats purr?", (" no", " yes"), 1), ("Question: do fish fly?", (" no", " yes"), 0),
+        ("Question: do birds fly?", (" no", " yes"), 1)]
+    assert load_task(TaskSpec(str(p), answer_col="label", fixed_choices='["no", "yes"]',
+                              prompt_template=spec.prompt_template)).digest == task.digest  # a JSON list: the same
+    p.write_text(json.dumps({**rows[0], "label": 2}) + "\n")
+    with pytest.raises(TaskFormatError, match="line 1: answer index 2 is out of range for 2 choices"):
+        load_task(spec)
+    with pytest.raises(ConfigError, match="fixed choices 'yes' must be at least 2, separated by \\|"):
+        TaskSpec(str(p), fixed_choices="yes")
+    with pytest.raises(TaskFormatError, match="fixed choices applies to JSONL, CSV and hf: tasks"):
+        load_task(TaskSpec("fever", fixed_choices="no|yes"))
+
+
 def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, caplog):
     # "How many legs has a spider? 6|8|10" with answer 8 names the choice "8", not index 8 (out of range);
     # "2|1|0" with answer 2 names "2" (index 0), not index 2 ("0"), and the file gets one warning for it.
