@@ -28,7 +28,7 @@ with st.form("setup"):  # every widget has a key: ui.load_setup_form reads them 
         st.file_uploader("JSONL / CSV file", type=["jsonl", "csv"], key="upload")
         for col, key in zip(st.columns(4), ui.TASK_COLUMNS):
             col.text_input(f"{key.removesuffix('_col')} column", key=key)
-        t1, t2 = st.columns([3, 1])
+        t1, t2 = st.columns([3, 2])
         t1.text_input("Prompt template (optional)", key="prompt_template", placeholder="Question: {question}\\nAnswer:",
                       help="Builds each prompt from the file's or dataset's columns, in place of the prompt column; "
                            "\\n is a line break. Not for BIG-bench tasks, whose task.json sets the prompt.")
