@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "(\\n is a line break; default: the prompt column as it is)")
             t.add_argument("--fixed-choices", default="",
                            help="JSONL/CSV/HF: the same choices for every row, e.g. 'no|yes' (BoolQ, SST-2), the answer "
-                                "column an index or text of them (default: each row's choices column)")
+                                "column an index or text of them, or true/false for the second/first of two (default: each row's "
+                                "choices column)")
 
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")

@@ -228,7 +228,10 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
         if spec.fixed_choices:
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
-            examples.append(_mc_example(prompt, spec.fixed_choices, row[spec.answer_col], loc, ambiguous))
+            answer = row[spec.answer_col]
+            if isinstance(answer, bool) and len(split_choices(spec.fixed_choices)) == 2:
+                answer = int(answer)  # google/boolq's true/false answers: "no|yes" reads false as no, true as yes
+            examples.append(_mc_example(prompt, spec.fixed_choices, answer, loc, ambiguous))
         elif row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")

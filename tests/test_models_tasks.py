@@ -291,14 +291,15 @@ def test_fixed_choices_serve_every_row_of_a_task_without_a_choices_column(tmp_pa
     p = tmp_path / "boolq.jsonl"
     rows = [{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
             {"passage": "Fish swim.", "question": "do fish fly", "label": 0},
-            {"passage": "Birds fly.", "question": "do birds fly", "label": "yes"}]
+            {"passage": "Birds fly.", "question": "do birds fly", "label": "yes"},
+            {"passage": "Stones sink.", "question": "do stones float", "label": False}]  # google/boolq's answers
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = TaskSpec(str(p), answer_col="label", fixed_choices="no|yes",
                     prompt_template="{passage}\\nQuestion: {question}?\\nAnswer:")
     task = load_task(spec)
     assert [(e.prompt.splitlines()[1], e.choices, e.answer) for e in task.examples] == [
         ("Question: do cats purr?", (" no", " yes"), 1), ("Question: do fish fly?", (" no", " yes"), 0),
-        ("Question: do birds fly?", (" no", " yes"), 1)]
+        ("Question: do birds fly?", (" no", " yes"), 1), ("Question: do stones float?", (" no", " yes"), 0)]
     assert load_task(TaskSpec(str(p), answer_col="label", fixed_choices='["no", "yes"]',
                               prompt_template=spec.prompt_template)).digest == task.digest  # a JSON list: the same
     p.write_text(json.dumps({**rows[0], "label": 2}) + "\n")
