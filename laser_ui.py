@@ -478,8 +478,10 @@ def render_sidebar_status() -> None:
         sizes = f"calib {len(s.calib)}, val {len(s.val)}, test {len(s.test)}"
     except LaserError:  # the page says why when it loads the task
         sizes = f"calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, test {tspec.n_test}"
+    reading = "".join(f"  \n{label}: `{value}`" for label, value in (("Prompt", tspec.prompt_template),
+                                                                       ("Choices", tspec.fixed_choices)) if value)
     st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
-                       f"({sizes}, seed {tspec.seed})")
+                       f"({sizes}, seed {tspec.seed}){reading}")
     jm = job_manager()
     running = [j for j in jm.jobs.values() if j.status == "running"]
     if running:

@@ -226,6 +226,7 @@ def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in
     assert not at.exception and not at.error, [e.value for e in at.error]
     spec = at.session_state["task_spec"]
     assert (spec.prompt_template, spec.fixed_choices) == ("Question: {question}\\nAnswer:", "yes|no")
+    assert "Prompt: `Question: {question}\\nAnswer:`  \nChoices: `yes|no`" in at.sidebar.caption[0].value  # which task
     from laser_core import load_task
     ex = load_task(spec).examples[1]
     assert (ex.prompt, ex.choices, ex.answer) == ("Question: Is 1 even?\nAnswer:", (" yes", " no"), 1)
