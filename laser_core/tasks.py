@@ -222,16 +222,19 @@ def _prompt_of(row: dict, spec: TaskSpec, loc: str) -> str:
 
 def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
     examples, ambiguous = [], []
+    fixed = split_choices(spec.fixed_choices) if spec.fixed_choices else None
+    if isinstance(fixed, list):  # typed by hand: "no | yes" means "no" and "yes"
+        fixed = [c.strip() if isinstance(c, str) else c for c in fixed]
     for n, row in rows:
         loc = where(n)
         prompt = _prompt_of(row, spec, loc)
-        if spec.fixed_choices:
+        if fixed:
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
             answer = row[spec.answer_col]
-            if isinstance(answer, bool) and len(split_choices(spec.fixed_choices)) == 2:
+            if isinstance(answer, bool) and len(fixed) == 2:
                 answer = int(answer)  # google/boolq's true/false answers: "no|yes" reads false as no, true as yes
-            examples.append(_mc_example(prompt, spec.fixed_choices, answer, loc, ambiguous))
+            examples.append(_mc_example(prompt, fixed, answer, loc, ambiguous))
         elif row.get(spec.choices_col) not in (None, ""):
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")

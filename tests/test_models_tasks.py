@@ -300,8 +300,9 @@ def test_fixed_choices_serve_every_row_of_a_task_without_a_choices_column(tmp_pa
     assert [(e.prompt.splitlines()[1], e.choices, e.answer) for e in task.examples] == [
         ("Question: do cats purr?", (" no", " yes"), 1), ("Question: do fish fly?", (" no", " yes"), 0),
         ("Question: do birds fly?", (" no", " yes"), 1), ("Question: do stones float?", (" no", " yes"), 0)]
-    assert load_task(TaskSpec(str(p), answer_col="label", fixed_choices='["no", "yes"]',
-                              prompt_template=spec.prompt_template)).digest == task.digest  # a JSON list: the same
+    for same in ('["no", "yes"]', " no | yes "):  # a JSON list, or spaces typed around the |: the same task
+        assert load_task(TaskSpec(str(p), answer_col="label", fixed_choices=same,
+                                  prompt_template=spec.prompt_template)).digest == task.digest
     p.write_text(json.dumps({**rows[0], "label": 2}) + "\n")
     with pytest.raises(TaskFormatError, match="line 1: answer index 2 is out of range for 2 choices"):
         load_task(spec)
