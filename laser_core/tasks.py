@@ -85,10 +85,17 @@ def _make_task(name: str, examples: list[Example]) -> Task:
     return Task(name, kinds.pop(), tuple(examples), digest)
 
 
+def _marks_its_answer(choices) -> bool:
+    """Do ``choices`` carry their own answer, as ``{"choices": [...], "labels": [0, 1, ...]}`` does?"""
+    return isinstance(choices, dict) and isinstance(choices.get("choices"), (list, tuple)) \
+        and isinstance(choices.get("labels"), (list, tuple))
+
+
 def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = None) -> Example:
     """``answer``: a number is a choice index; a string is a choice's text where it is one, else an index in digits.
     ``choices``: a list, or a JSON or "a|b|c" string of one, or a ``{"text": [...], "label": [...]}`` mapping, whose
-    label the answer may be ("B" for the second choice).
+    label the answer may be ("B" for the second choice), or ``{"choices": [...], "labels": [0, 1, ...]}``, which
+    marks the right one with 1 (``answer`` is then not read).
 
     An answer that could name two choices (a digit string that is one choice's text and another's index, or a
     number that is one choice's index and another's text) is read by that rule; ``where`` is then appended to
@@ -99,7 +106,14 @@ def _mc_example(prompt, choices, answer, where: str, ambiguous: list | None = No
     if isinstance(choices, str):
         choices = split_choices(choices)
     labels: list[str] = []
-    if isinstance(choices, dict) and isinstance(choices.get("text"), (list, tuple)):
+    if _marks_its_answer(choices):  # TruthfulQA's mc1_targets on the hub: {"choices": [...], "labels": [0, 1, 0]}
+        flags = list(choices["labels"])
+        if len(flags) != len(choices["choices"]) or sorted(flags) != [0] * (len(flags) - 1) + [1]:
+            several = " (a set with several right answers, as mc2_targets, is not one)" if sum(flags) > 1 else ""
+            raise TaskFormatError(f"{where}: the labels {flags} must mark exactly one of the {len(choices['choices'])} "
+                                  f"choices with 1{several}")
+        choices, answer = choices["choices"], flags.index(1)
+    elif isinstance(choices, dict) and isinstance(choices.get("text"), (list, tuple)):
         # the hub's {"text": [...], "label": ["A", "B", ...]} (ARC, OpenBookQA, CommonsenseQA): the answer is a label
         labels = [str(x) for x in choices.get("label") or []]
         choices = choices["text"]
@@ -236,9 +250,9 @@ def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
                 answer = int(answer)  # google/boolq's true/false answers: "no|yes" reads false as no, true as yes
             examples.append(_mc_example(prompt, fixed, answer, loc, ambiguous))
         elif row.get(spec.choices_col) not in (None, ""):
-            if spec.answer_col not in row:
+            if spec.answer_col not in row and not _marks_its_answer(row[spec.choices_col]):
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
-            examples.append(_mc_example(prompt, row[spec.choices_col], row[spec.answer_col], loc, ambiguous))
+            examples.append(_mc_example(prompt, row[spec.choices_col], row.get(spec.answer_col), loc, ambiguous))
         elif row.get(spec.targets_col) not in (None, ""):
             examples.append(_gen_example(prompt, row[spec.targets_col], loc))
         else:

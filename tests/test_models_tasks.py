@@ -184,6 +184,24 @@ def test_choices_as_text_and_label_lists_take_the_answer_as_a_label(tmp_path):
         load_task(TaskSpec(str(p)))
 
 
+def test_choices_that_mark_the_right_one_need_no_answer_column(tmp_path):
+    """TruthfulQA's multiple_choice config on the hub: {"choices": [...], "labels": [1, 0, ...]} under mc1_targets,
+    no answer column. Before, such rows were refused; several right answers (mc2_targets) still are, by name."""
+    import json
+
+    rows = [{"question": "Are bats blind?", "mc1_targets": {"choices": ["No", "Yes"], "labels": [1, 0]}},
+            {"question": "Is the sun a star?", "mc1_targets": {"choices": ["No", "Yes", "Maybe"], "labels": [0, 1, 0]}}]
+    p = tmp_path / "tqa.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(TaskSpec(str(p), choices_col="mc1_targets", prompt_template="Q: {question}\\nA:"))
+    assert [(e.prompt, e.choices, e.answer) for e in task.examples] == [
+        ("Q: Are bats blind?\nA:", (" No", " Yes"), 0), ("Q: Is the sun a star?\nA:", (" No", " Yes", " Maybe"), 1)]
+    p.write_text(json.dumps({"question": "Q?", "mc2_targets": {"choices": ["a", "b", "c"], "labels": [1, 1, 0]}}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"line 1: the labels \[1, 1, 0\] must mark exactly one of the 3 choices "
+                                              r"with 1 \(a set with several right answers"):
+        load_task(TaskSpec(str(p), prompt_col="question", choices_col="mc2_targets"))
+
+
 @pytest.mark.parametrize("repo_id", ["someone/tiny", "tiny"])
 def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(tmp_path, tiny_dirs, repo_id):
     """A hub id in the local HF cache, with a hub whose name does not resolve: before, transformers asked it for each
