@@ -488,6 +488,19 @@ def render_sidebar_status() -> None:
         st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
 
 
+def render_example(ex) -> None:
+    """One example (a ``laser_core.tasks.Example``) as the model reads it: the prompt, then each choice as scored
+    after it (the right one marked) or the accepted answers, so that a column mapping or a prompt template can be
+    checked before anything runs."""
+    with st.expander("An example as the model reads it (the first of the calibration split)"):
+        st.code(ex.prompt, language=None)
+        if ex.choices:
+            st.markdown("Choices, as scored after the prompt:  \n" + "  \n".join(
+                f"`{c!r}`" + (" ← right" if i == ex.answer else "") for i, c in enumerate(ex.choices)))
+        else:
+            st.markdown("Accepted answers (generation):  \n" + "  \n".join(f"`{t!r}`" for t in ex.targets))
+
+
 def render_job(job: Job | None, table: bool = True) -> None:
     """Progress bar, elapsed time, a Cancel button and (``table``) the rows so far of ``job``."""
     if job is None:

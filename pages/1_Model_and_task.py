@@ -61,6 +61,7 @@ f[5].metric("dtype", facts["dtype"])
 st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
            f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
            f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+ui.render_example(splits.examples("calib")[0])
 for note in ui.load_warnings():
     st.warning(note)
 
