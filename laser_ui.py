@@ -221,14 +221,29 @@ def _splits_of(task: TaskSpec):
     return _loaded_task(task)[0]
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _masked_ties(fingerprint: str, splits_key: str, _lm, _splits) -> str | None:
+    """``forward.masked_ties`` over every split, once per model and splits (their identities are the key)."""
+    from laser_core.forward import masked_ties
+    return masked_ties(_lm, [e for split in ("calib", "val", "test") for e in _splits.examples(split)])
+
+
 def load_warnings() -> tuple[str, ...]:
-    """What loading the session's model and task warned about (nothing for one that cannot be loaded)."""
+    """What loading the session's model and task warned about (nothing for one that cannot be loaded), and, for a
+    masked LM, how many questions have choices it cannot tell apart (before, said only once a run had started)."""
     notes: tuple[str, ...] = ()
     for load, spec in ((_loaded_model, model_spec()), (_loaded_task, task_spec())):
         try:
             notes += load(spec)[1]
         except LaserError:
             pass
+    try:
+        lm, splits = _model_of(model_spec()), _splits_of(task_spec())
+    except LaserError:
+        return notes
+    if lm.kind == "masked":
+        tie = _masked_ties(lm.fingerprint, canonical_json([splits.key(s) for s in ("calib", "val", "test")]), lm, splits)
+        notes += (tie,) if tie else ()
     return notes
 
 

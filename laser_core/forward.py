@@ -43,18 +43,13 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             raise ConfigError("generation tasks need a causal LM; this is a masked LM")
         if tok.mask_token is None:
             raise ConfigError("this masked LM's tokenizer has no mask token")
-        seqs, tied = [], 0
+        seqs = []
         for i, e in enumerate(examples):
             ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
-            pos = ids.index(tok.mask_token_id)
-            p = prompt_ids(lm, e.prompt)
-            rows = [(choice_ids(lm, p, e.prompt, c) or [tok.unk_token_id])[0] for c in e.choices]
-            tied += len(set(rows)) < len(rows)
-            seqs.append(Seq(ids, [pos], [], rows, i))
+            seqs.append(Seq(ids, [ids.index(tok.mask_token_id)], [], masked_choice_tokens(lm, e), i))
+        tied = sum(len(set(s.rows)) < len(s.rows) for s in seqs)
         if tied:
-            warn_once(f"{tied} of {len(examples)} questions have choices that start with the same token: a masked "
-                      "LM scores a choice by its first token at the <mask>, so those choices tie and the first "
-                      "of them is always predicted; use a causal LM for this task")
+            warn_once(tied_choices_message(tied, len(examples)))
         return seqs, True
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
@@ -79,6 +74,29 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             ids = p + c
             seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
+
+
+def masked_choice_tokens(lm: LoadedModel, e: Example) -> list[int]:
+    """The token a masked LM scores each choice of ``e`` by: the choice's first token after the prompt."""
+    p = prompt_ids(lm, e.prompt)
+    return [(choice_ids(lm, p, e.prompt, c) or [lm.tokenizer.unk_token_id])[0] for c in e.choices]
+
+
+def tied_choices_message(tied: int, total: int) -> str:
+    """The warning for ``tied`` of ``total`` questions whose choices a masked LM cannot tell apart."""
+    return (f"{tied} of {total} questions have choices that start with the same token: a masked LM scores a choice "
+            "by its first token at the <mask>, so those choices tie and the first of them is always predicted; use a "
+            "causal LM for this task")
+
+
+def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
+    """For a masked LM and a multiple-choice task, the warning :func:`build_sequences` gives when questions of
+    ``examples`` have choices that start with the same token (None when none do, or for a causal LM): a page can
+    say it before anything runs."""
+    if lm.kind != "masked" or lm.tokenizer.mask_token is None or any(e.kind != "mc" for e in examples):
+        return None
+    tied = sum(len(set(rows)) < len(rows) for rows in (masked_choice_tokens(lm, e) for e in examples))
+    return tied_choices_message(tied, len(examples)) if tied else None
 
 
 _WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("laser_core_warned", default=None)

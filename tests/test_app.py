@@ -246,6 +246,23 @@ def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in
     assert at.session_state["task_spec"] == spec
 
 
+def test_model_page_says_before_a_run_when_a_masked_lm_cannot_tell_choices_apart(app_env, tiny_dirs, tmp_path):
+    """Before, the warning came only once a job ran (and from the CLI): a whole search could be set up first."""
+    from laser_core import ModelSpec, TaskSpec
+    task = tmp_path / "claims.csv"  # every question's choices start with " true": a masked LM sees one token for both
+    task.write_text("prompt,choices,answer\n" + "".join(f'"Claim {i}?",true claim|true false,{i % 2}\n' for i in range(8)))
+    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at.session_state["model_spec"] = ModelSpec(str(tiny_dirs["roberta"]), "cpu")
+    at.session_state["task_spec"] = TaskSpec(str(task), n_calib=3, n_test=3)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(w.value.startswith("8 of 8 questions have choices that start with the same token") for w in at.warning), \
+        [w.value for w in at.warning]
+    at.session_state["model_spec"] = ModelSpec(str(tiny_dirs["llama"]), "cpu")  # a causal LM scores whole choices
+    at.run()
+    assert not [w for w in at.warning if "same token" in w.value]
+
+
 def test_model_page_form_shows_what_is_loaded_so_load_changes_only_what_the_user_edits(app_env):
     from laser_core import ModelSpec, TaskSpec
     loaded = (ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], "cpu"),

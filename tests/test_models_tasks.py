@@ -428,6 +428,9 @@ def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_w
             "token at the <mask>, so those choices tie and the first of them is always predicted; use a causal LM "
             "for this task")
     assert [r.getMessage() for r in caplog.records] == [said, said]  # once per run
+    from laser_core.forward import masked_ties
+    assert masked_ties(lm, tied) == said and masked_ties(lm, distinct) is None  # said before a run, as pages do
+    assert masked_ties(from_module(build_tiny("llama", tok), tok), tied) is None  # a causal LM scores whole choices
 
 
 def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
