@@ -17,7 +17,7 @@ from .prefix import block_list
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
 from .reduction import BlockFactors, block_ranks, block_svd, edited
-from .store import Store, null_store
+from .store import FACTORS, Store, null_store
 from .tasks import Splits
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | N
     """
     if memo is not None and (name, k) in memo:
         return memo[(name, k)]
-    key = store.key("factors", lm.fingerprint, "-", {"name": name, "k": k})
+    key = store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
     t = store.get_tensors(key)
     if t is not None:
         f = BlockFactors.from_tensors(t).to(lm.device)
