@@ -214,16 +214,15 @@ def load_bigbench(path: str | Path, name: str | None = None) -> Task:
     return _make_task(name or data.get("name", path.stem), examples)
 
 
-def _prompt_of(row: dict, spec: TaskSpec, loc: str) -> str:
-    """The prompt of ``row``: its prompt column, or ``spec.prompt_template`` filled from its columns (a typed
-    backslash-n or backslash-t is a line break or tab)."""
-    if not spec.prompt_template:
+def _prompt_of(row: dict, spec: TaskSpec, template: str, columns: list[str], loc: str) -> str:
+    """The prompt of ``row``: its prompt column, or ``template`` (``spec.prompt_template`` with a typed backslash-n
+    or backslash-t read as a line break or tab) filled from its ``columns``."""
+    if not template:
         if spec.prompt_col not in row:
             raise TaskFormatError(f"{loc}: no prompt column {spec.prompt_col!r} (columns: {sorted(row)}); "
                                   "set the column mapping or a prompt template")
         return row[spec.prompt_col]
-    template = spec.prompt_template.replace("\\n", "\n").replace("\\t", "\t")
-    missing = [c for c in template_columns(template) if c.split("[")[0].split(".")[0] not in row]
+    missing = [c for c in columns if c not in row]
     if missing:
         raise TaskFormatError(f"{loc}: the prompt template names {', '.join(map(repr, missing))}, not a column "
                               f"(columns: {sorted(row)})")
@@ -236,12 +235,14 @@ def _prompt_of(row: dict, spec: TaskSpec, loc: str) -> str:
 
 def _records_to_task(name: str, rows, spec: TaskSpec, where) -> Task:
     examples, ambiguous = [], []
+    template = spec.prompt_template.replace("\\n", "\n").replace("\\t", "\t")  # read once for every row
+    columns = [f.split("[")[0].split(".")[0] for f in template_columns(template)] if template else []
     fixed = split_choices(spec.fixed_choices) if spec.fixed_choices else None
     if isinstance(fixed, list):  # typed by hand: "no | yes" means "no" and "yes"
         fixed = [c.strip() if isinstance(c, str) else c for c in fixed]
     for n, row in rows:
         loc = where(n)
-        prompt = _prompt_of(row, spec, loc)
+        prompt = _prompt_of(row, spec, template, columns, loc)
         if fixed:
             if spec.answer_col not in row:
                 raise TaskFormatError(f"{loc}: no answer column {spec.answer_col!r} (columns: {sorted(row)})")
@@ -352,6 +353,15 @@ def load_hf(ref: str, spec: TaskSpec) -> Task:
     return _records_to_task(label, enumerate(ds), spec, lambda n: f"{name}: row {n}")
 
 
+def _bigbench_task(path: Path, spec: TaskSpec, name: str | None = None) -> Task:
+    """:func:`load_bigbench`, refusing the column-reading settings, which a task.json has no columns for."""
+    if spec.prompt_template or spec.fixed_choices:
+        what = "a prompt template" if spec.prompt_template else "fixed choices"
+        raise TaskFormatError(f"{what} applies to JSONL, CSV and hf: tasks (their columns); {spec.source!r} is a "
+                              f"BIG-bench task, whose prompts and choices its task.json defines: leave {what} empty")
+    return load_bigbench(path, name=name)
+
+
 def load_task(spec: TaskSpec) -> Task:
     """Load ``spec.source``: a bundled name, a BIG-bench .json, a .jsonl/.csv file, or ``hf:<dataset>`` (see
     :func:`load_hf`).
@@ -360,13 +370,8 @@ def load_task(spec: TaskSpec) -> Task:
         TaskFormatError: unknown name, missing file, or malformed content (with file and line).
     """
     src = spec.source.strip()
-    if (spec.prompt_template or spec.fixed_choices) and \
-            (src in BUNDLED or src.lower().endswith(".json") or Path(src).expanduser().is_dir()):
-        what = "a prompt template" if spec.prompt_template else "fixed choices"
-        raise TaskFormatError(f"{what} applies to JSONL, CSV and hf: tasks (their columns); {src!r} is a BIG-bench "
-                              f"task, whose prompts and choices its task.json defines: leave {what} empty")
     if src in BUNDLED:
-        return load_bigbench(DATA_DIR / BUNDLED[src], name=src)
+        return _bigbench_task(DATA_DIR / BUNDLED[src], spec, name=src)
     if src.startswith("hf:"):
         return load_hf(src, spec)
     path = Path(src).expanduser()
@@ -378,7 +383,7 @@ def load_task(spec: TaskSpec) -> Task:
             raise TaskFormatError(f"{src} is a folder without a BIG-bench task.json")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return load_bigbench(path)
+        return _bigbench_task(path, spec)
     if suffix in (".jsonl", ".ndjson"):
         return load_jsonl(path, spec)
     if suffix == ".csv":
