@@ -47,9 +47,9 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         for i, e in enumerate(examples):
             ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
             seqs.append(Seq(ids, [ids.index(tok.mask_token_id)], [], masked_choice_tokens(lm, e), i))
-        tied = sum(len(set(s.rows)) < len(s.rows) for s in seqs)
-        if tied:
-            warn_once(tied_choices_message(tied, len(examples)))
+        tie = _tie_warning([s.rows for s in seqs])
+        if tie:
+            warn_once(tie)
         return seqs, True
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
@@ -82,11 +82,12 @@ def masked_choice_tokens(lm: LoadedModel, e: Example) -> list[int]:
     return [(choice_ids(lm, p, e.prompt, c) or [lm.tokenizer.unk_token_id])[0] for c in e.choices]
 
 
-def tied_choices_message(tied: int, total: int) -> str:
-    """The warning for ``tied`` of ``total`` questions whose choices a masked LM cannot tell apart."""
-    return (f"{tied} of {total} questions have choices that start with the same token: a masked LM scores a choice "
-            "by its first token at the <mask>, so those choices tie and the first of them is always predicted; use a "
-            "causal LM for this task")
+def _tie_warning(rows: Sequence[list[int]]) -> str | None:
+    """The warning for the questions whose choice tokens ``rows`` (one list per question) repeat a token, or None."""
+    tied = sum(len(set(r)) < len(r) for r in rows)
+    return (f"{tied} of {len(rows)} questions have choices that start with the same token: a masked LM scores a "
+            "choice by its first token at the <mask>, so those choices tie and the first of them is always predicted; "
+            "use a causal LM for this task") if tied else None
 
 
 def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
@@ -95,8 +96,7 @@ def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
     say it before anything runs."""
     if lm.kind != "masked" or lm.tokenizer.mask_token is None or any(e.kind != "mc" for e in examples):
         return None
-    tied = sum(len(set(rows)) < len(rows) for rows in (masked_choice_tokens(lm, e) for e in examples))
-    return tied_choices_message(tied, len(examples)) if tied else None
+    return _tie_warning([masked_choice_tokens(lm, e) for e in examples])
 
 
 _WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("laser_core_warned", default=None)
