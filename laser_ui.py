@@ -232,16 +232,16 @@ def load_warnings() -> tuple[str, ...]:
     """What loading the session's model and task warned about (nothing for one that cannot be loaded), and, for a
     masked LM, how many questions have choices it cannot tell apart (before, said only once a run had started)."""
     notes: tuple[str, ...] = ()
+    loaded = []  # the model, then the splits, where they load
     for load, spec in ((_loaded_model, model_spec()), (_loaded_task, task_spec())):
         try:
-            notes += load(spec)[1]
+            value, warned = load(spec)
         except LaserError:
-            pass
-    try:
-        lm, splits = _model_of(model_spec()), _splits_of(task_spec())
-    except LaserError:
-        return notes
-    if lm.kind == "masked":
+            continue
+        notes += warned
+        loaded.append(value)
+    if len(loaded) == 2 and loaded[0].kind == "masked":
+        lm, splits = loaded
         tie = _masked_ties(lm.fingerprint, canonical_json([splits.key(s) for s in ("calib", "val", "test")]), lm, splits)
         notes += (tie,) if tie else ()
     return notes
