@@ -137,14 +137,17 @@ def tiny_lm(tiny_dirs):
     return _load
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a JSON Lines file at ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_mc_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
     rng = random.Random(seed)
-    lines = []
-    for k in rng.sample(range(10 * n), n):  # distinct prompts: duplicates would be dropped before splitting
-        lines.append(json.dumps({"prompt": f"Is the number {k} even? Answer:", "choices": ["yes", "no"],
-                                 "answer": 0 if k % 2 == 0 else 1}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_jsonl(path, [{"prompt": f"Is the number {k} even? Answer:", "choices": ["yes", "no"],
+                               "answer": 0 if k % 2 == 0 else 1}
+                              for k in rng.sample(range(10 * n), n)])  # distinct prompts: repeats would be dropped
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from laser_core.evaluate import evaluate
 from laser_core.models import locate_matrices
 from laser_core.tasks import Example
 
+from conftest import write_jsonl
+
 
 def test_locate_matrices_gpt2_undoes_conv1d_transposition(tiny_lm):
     lm = tiny_lm("gpt2")
@@ -137,8 +139,6 @@ def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resol
 def test_hf_dataset_with_several_configs_loads_the_one_named_and_a_missing_one_lists_them(tmp_path, monkeypatch):
     """Most evaluation sets on the hub (MMLU, ARC, BoolQ, TruthfulQA) need a config: before, none could be given and
     the error said the dataset was "not in the local cache and cannot be downloaded"."""
-    import json
-
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # its Arrow files go here
@@ -146,7 +146,7 @@ def test_hf_dataset_with_several_configs_loads_the_one_named_and_a_missing_one_l
     folder.mkdir()
     for config, word in (("easy", "even"), ("hard", "prime")):
         rows = [{"question": f"Is {i} {word}?", "choices": ["yes", "no"], "answer": i % 2} for i in range(12)]
-        (folder / f"{config}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(folder / f"{config}.jsonl", rows)
     (folder / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: test\n"
                                       "    path: easy.jsonl\n- config_name: hard\n  data_files: hard.jsonl\n---\n")
     easy = load_task(TaskSpec(f"hf:{folder}:easy:test", prompt_col="question"))
@@ -168,17 +168,15 @@ def test_hf_dataset_with_several_configs_loads_the_one_named_and_a_missing_one_l
 def test_choices_as_text_and_label_lists_take_the_answer_as_a_label(tmp_path):
     """The hub's ARC, OpenBookQA and CommonsenseQA store choices as {"text": [...], "label": [...]} and the answer as
     a label ("B", or "1" for the first choice of ARC's numbered rows): before, such a file was refused."""
-    import json
-
     rows = [{"prompt": "Sky?", "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}, "answer": "B"},
             {"prompt": "Grass?", "choices": {"text": ["red", "blue", "green"], "label": ["1", "2", "3"]}, "answer": "3"},
             {"prompt": "Blood?", "choices": {"text": ["red", "blue"], "label": ["2", "1"]}, "answer": "1"}]
     p = tmp_path / "arc.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(p, rows)
     task = load_task(TaskSpec(str(p)))
     assert [(e.choices, e.answer) for e in task.examples] == [((" red", " blue", " green"), 1),
                                                               ((" red", " blue", " green"), 2), ((" red", " blue"), 1)]
-    p.write_text(json.dumps({**rows[0], "answer": "D"}) + "\n")
+    write_jsonl(p, [{**rows[0], "answer": "D"}])
     with pytest.raises(TaskFormatError, match=r"answer 'D' is not one of the choices \['red', 'blue', 'green'\] nor of "
                                               r"their labels \['A', 'B', 'C'\]"):
         load_task(TaskSpec(str(p)))
@@ -187,16 +185,14 @@ def test_choices_as_text_and_label_lists_take_the_answer_as_a_label(tmp_path):
 def test_choices_that_mark_the_right_one_need_no_answer_column(tmp_path):
     """TruthfulQA's multiple_choice config on the hub: {"choices": [...], "labels": [1, 0, ...]} under mc1_targets,
     no answer column. Before, such rows were refused; several right answers (mc2_targets) still are, by name."""
-    import json
-
     rows = [{"question": "Are bats blind?", "mc1_targets": {"choices": ["No", "Yes"], "labels": [1, 0]}},
             {"question": "Is the sun a star?", "mc1_targets": {"choices": ["No", "Yes", "Maybe"], "labels": [0, 1, 0]}}]
     p = tmp_path / "tqa.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(p, rows)
     task = load_task(TaskSpec(str(p), choices_col="mc1_targets", prompt_template="Q: {question}\\nA:"))
     assert [(e.prompt, e.choices, e.answer) for e in task.examples] == [
         ("Q: Are bats blind?\nA:", (" No", " Yes"), 0), ("Q: Is the sun a star?\nA:", (" No", " Yes", " Maybe"), 1)]
-    p.write_text(json.dumps({"question": "Q?", "mc2_targets": {"choices": ["a", "b", "c"], "labels": [1, 1, 0]}}) + "\n")
+    write_jsonl(p, [{"question": "Q?", "mc2_targets": {"choices": ["a", "b", "c"], "labels": [1, 1, 0]}}])
     with pytest.raises(TaskFormatError, match=r"line 1: the labels \[1, 1, 0\] must mark exactly one of the 3 choices "
                                               r"with 1 \(a set with several right answers"):
         load_task(TaskSpec(str(p), prompt_col="question", choices_col="mc2_targets"))
@@ -304,14 +300,12 @@ def test_prompt_template_builds_the_prompt_from_columns(tmp_path):
 
 def test_fixed_choices_serve_every_row_of_a_task_without_a_choices_column(tmp_path):
     """BoolQ, SST-2 and other classification sets on the hub hold a label, not choices: before, they could not load."""
-    import json
-
     p = tmp_path / "boolq.jsonl"
     rows = [{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
             {"passage": "Fish swim.", "question": "do fish fly", "label": 0},
             {"passage": "Birds fly.", "question": "do birds fly", "label": "yes"},
             {"passage": "Stones sink.", "question": "do stones float", "label": False}]  # google/boolq's answers
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(p, rows)
     spec = TaskSpec(str(p), answer_col="label", fixed_choices="no|yes",
                     prompt_template="{passage}\\nQuestion: {question}?\\nAnswer:")
     task = load_task(spec)
@@ -321,7 +315,7 @@ def test_fixed_choices_serve_every_row_of_a_task_without_a_choices_column(tmp_pa
     for same in ('["no", "yes"]', " no | yes "):  # a JSON list, or spaces typed around the |: the same task
         assert load_task(TaskSpec(str(p), answer_col="label", fixed_choices=same,
                                   prompt_template=spec.prompt_template)).digest == task.digest
-    p.write_text(json.dumps({**rows[0], "label": 2}) + "\n")
+    write_jsonl(p, [{**rows[0], "label": 2}])
     with pytest.raises(TaskFormatError, match="line 1: answer index 2 is out of range for 2 choices"):
         load_task(spec)
     with pytest.raises(ConfigError, match="fixed choices 'yes' must be at least 2, separated by \\|"):
