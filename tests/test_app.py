@@ -229,11 +229,12 @@ def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in
     assert "Prompt: `Question: {question}\\nAnswer:`  \nChoices: `yes|no`" in at.sidebar.caption[0].value  # which task
     from laser_core import load_task, make_splits
     shown = next(e for e in at.expander if e.label.startswith("An example as the model reads it"))
-    first = load_task(spec).examples[make_splits(load_task(spec), spec).calib[0]]
+    task = load_task(spec)
+    first = task.examples[make_splits(task, spec).calib[0]]
     assert shown.code[0].value == first.prompt and first.prompt.startswith("Question: Is ")  # the template, filled
     marks = ["`' yes'`" + (" ← right" if first.answer == 0 else "  \n"), "`' no'`" + (" ← right" if first.answer else "")]
     assert all(m in shown.markdown[0].value for m in marks), shown.markdown[0].value
-    ex = load_task(spec).examples[1]
+    ex = task.examples[1]
     assert (ex.prompt, ex.choices, ex.answer) == ("Question: Is 1 even?\nAnswer:", (" yes", " no"), 1)
     at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
     at.session_state["task_spec"] = spec  # as on coming back from another page: the form shows what is loaded
