@@ -1,4 +1,5 @@
-"""Numbers checked against independent computations: SVD gradients, first-order predictions, block SVD, batching."""
+"""Numbers checked against independent computations: SVD gradients, first-order predictions, block SVD, batching,
+and the paired held-out comparison against published values and by simulation."""
 from __future__ import annotations
 
 import itertools
@@ -13,6 +14,7 @@ from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
 from laser_core.models import MatrixRef
 from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
+from laser_core.significance import mcnemar_midp, newcombe_interval, paired_change
 
 
 def test_singular_value_gradient_matches_autograd_through_svd():
@@ -201,3 +203,54 @@ def test_a_gpu_gets_fewer_fuller_batches_than_a_cpu():
     assert max(len(b) for b in cpu) <= 64 and max(len(b) for b in gpu) > 64  # a GPU's rows are not capped at 64
     short = [Seq([0] * 20, [0], []) for _ in range(300)]  # 6000 tokens: within the token cap, 256 rows at most
     assert [len(b) for b in least_padded_batches(SimpleNamespace(device=torch.device("cuda")), short, 8192)] == [256, 44]
+
+
+def _paired(both: int, fixed: int, broken: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """Per-question outcomes (before, after) with the given cells of the paired table, in a shuffled order."""
+    rows = [(True, True)] * both + [(False, True)] * fixed + [(True, False)] * broken + [(False, False)] * neither
+    random.Random(1).shuffle(rows)
+    return [b for b, _ in rows], [a for _, a in rows]
+
+
+def test_paired_change_matches_the_published_values_of_a_paired_table():
+    # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables" (2017), ch. 8, Cavo et al. (2012):
+    # 59 right both times, 6 only after, 16 only before, 80 neither. Published: change -0.0621, Newcombe's
+    # square-and-add interval -0.1186 to -0.0046, McNemar mid-p 0.034690 (exact conditional 0.052479).
+    c = paired_change(*_paired(59, 6, 16, 80))
+    assert (c.n, c.fixed, c.broken) == (161, 6, 16)
+    assert c.change == pytest.approx(-0.0621, abs=5e-5)
+    assert (c.low, c.high) == (pytest.approx(-0.1186, abs=5e-5), pytest.approx(-0.0046, abs=5e-5))
+    assert c.p_value == pytest.approx(0.034690, abs=5e-7)
+    assert c.significant and c.verdict() == "a real loss"
+    swapped = paired_change(*reversed(_paired(59, 6, 16, 80)))  # after vs before: the mirror image
+    assert (swapped.low, swapped.high, swapped.p_value) == (pytest.approx(-c.high), pytest.approx(-c.low),
+                                                            pytest.approx(c.p_value))
+    assert swapped.verdict() == "a real gain"
+
+
+def test_mcnemar_midp_of_an_even_or_empty_split_is_no_evidence():
+    assert mcnemar_midp(0, 0) == 1.0
+    assert mcnemar_midp(3, 3) == pytest.approx(1 - 0.5 * 20 / 64)  # 1 - P(X = 3) / 2 for X ~ Bin(6, 1/2)
+    assert mcnemar_midp(0, 1) == pytest.approx(0.5)  # 2 * P(X = 0) - P(X = 0) with one change
+    assert paired_change([True, False], [True, False]).verdict() == "within noise"
+
+
+def test_newcombe_interval_covers_the_true_change_95_percent_of_the_time_on_correlated_pairs():
+    # an edit that agrees with the base on most questions, as a low-rank edit does: a strong positive correlation,
+    # which an interval for independent samples ignores (it would cover nearly always, i.e. be far too wide)
+    rng, n, reps, cells, true = random.Random(0), 100, 1000, (0.5, 0.06, 0.04, 0.40), 0.02
+    covered = 0
+    for _ in range(reps):
+        counts = [0, 0, 0, 0]
+        for cell in rng.choices(range(4), weights=cells, k=n):
+            counts[cell] += 1
+        low, high = newcombe_interval(*counts)
+        covered += low <= true <= high
+    assert 0.93 <= covered / reps <= 0.975
+
+
+def test_paired_change_refuses_evaluations_of_different_questions():
+    with pytest.raises(ConfigError, match="300 and 200 questions"):
+        paired_change([True] * 300, [True] * 200)
+    with pytest.raises(ConfigError, match="no questions"):
+        paired_change([], [])
