@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", type=_ints, default=None, help="e.g. 0-29 or 20,25,29 (default: all)")
     sp.add_argument("--types", type=lambda s: tuple(x for x in s.split(",") if x), default=None,
                     help="e.g. up,down (default: all)")
-    sp = sub.add_parser("eval", help="accuracy and log-loss of the model (or a recipe's edit) on a split")
+    sp = sub.add_parser("eval", help="accuracy and log-loss of the model (or a recipe's edit) on a split; a recipe "
+                        "on held-out test is compared with the base model")
     common(sp)
     sp.add_argument("--recipe", default=None, help="a recipe (.json/.yaml) whose edit to evaluate (default: the base model)")
     sp.add_argument("--split", default="test", choices=["calib", "val", "test"], help="which split (default test)")
@@ -293,6 +294,9 @@ def _cmd_search(args, method: str) -> int:
     print(f"best   {split:<11} {_fmt(report.best)}")
     print(f"base   held-out    {_fmt(report.base_test)}")
     print(f"best   held-out    {_fmt(report.best_test)}")
+    change = report.held_out_change()
+    if change is not None:
+        print(f"held-out change {change.summary()}")
     for entry in report.skipped:
         print(f"skipped: {skip_text(entry)}")
     if report.status != "complete":
@@ -322,11 +326,18 @@ def _cmd_search(args, method: str) -> int:
 def _cmd_eval(args) -> int:
     from .recipe import check_recipe_fits, load_recipe
     from .search import evaluate_edits
+    from .significance import change_between
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)
     doc = evaluate_edits(lm, check_recipe_fits(lm, recipe) if recipe else [], splits, args.split, store)
     print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else ""))
+    if recipe and args.split == "test":  # held out: a fair comparison with the base model (see significance)
+        base = evaluate_edits(lm, [], splits, "test", store)
+        print(f"base: {_fmt(base)}" + ("  (cached)" if base.get("cached") else ""))
+        change = change_between(base, doc)
+        if change is not None:
+            print(f"held-out change {change.summary()}")
     return 0
 
 

@@ -15,6 +15,7 @@ from .config import Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, 
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
 from .reduction import reduced_weight
+from .significance import change_between
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
@@ -55,11 +56,14 @@ def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
 def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, base_test: dict | None = None,
                    edited_test: dict | None = None) -> dict:
     """A recipe's ``metrics``: accuracy, log-loss and size of each evaluation given (None where not computed),
-    base and edited on the split the search scored, and on held-out test (what ``apply`` re-checks)."""
+    base and edited on the split the search scored, and on held-out test (what ``apply`` re-checks), with the
+    paired held-out change (questions fixed and broken, its 95% interval and p-value; see ``significance``)."""
     def pick(d: dict | None) -> dict | None:
         return None if d is None else {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}
+    change = change_between(base_test, edited_test)
     return {"search_split": search_split, "base": pick(base), "edited": pick(edited),
-            "base_test": pick(base_test), "edited_test": pick(edited_test)}
+            "base_test": pick(base_test), "edited_test": pick(edited_test),
+            "held_out_change": change.to_dict() if change else None}
 
 
 def save_recipe(recipe: dict, path: str | Path) -> Path:

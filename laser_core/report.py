@@ -17,10 +17,12 @@ from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpe
 from .errors import ConfigError
 from .models import LoadedModel
 from .search import PrefixPool, SearchReport, edit_identity, evaluate_candidate, run_search
+from .significance import change_between, p_text
 from .store import null_store
 from .tasks import BUNDLED, Splits, load_task, make_splits
 
 log = logging.getLogger(__name__)
+METHODS = {"laser": "LASER", "c2i_k1": "C2I K=1", "c2i_kgrid": "C2I K grid"}  # the table's edited columns
 
 
 @dataclass
@@ -121,9 +123,10 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             progress(f"{name}: LASER")
         laser = laser_baseline(lm, splits, rhos, laser_layers, held_out=False)
         laser_s = laser.seconds * full_val / len(splits.val)
+        base_doc = held_out_result(lm, splits, None)
         out = {"task": name, "kind": splits.task.kind, "n_calib": len(splits.calib), "n_val": len(splits.val),
-               "n_val_full": full_val, "n_test": len(splits.test),
-               "base_test": held_out_accuracy(lm, splits, None), "laser_test": held_out_accuracy(lm, splits, laser.report),
+               "n_val_full": full_val, "n_test": len(splits.test), "base_test": base_doc["accuracy"],
+               **_against_base("laser", base_doc, held_out_result(lm, splits, laser.report)),
                "laser_s": laser_s, "laser_measured_s": laser.measured_seconds, "laser_note": laser.note,
                "laser_best": _edit(laser.report)}
         for label, grid in (("c2i_k1", (1,)), ("c2i_kgrid", ks)):
@@ -132,7 +135,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             t0 = time.perf_counter()
             rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos), null_store(), held_out=False)
             seconds = time.perf_counter() - t0
-            out.update({f"{label}_test": held_out_accuracy(lm, splits, rep), f"{label}_s": seconds,
+            out.update({**_against_base(label, base_doc, held_out_result(lm, splits, rep)), f"{label}_s": seconds,
                         f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
         rows.append(out)
         if on_row:
@@ -140,10 +143,27 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     return {"settings": settings, "rows": rows}
 
 
-def held_out_accuracy(lm: LoadedModel, splits: Splits, rep: SearchReport | None) -> float:
-    """Test-split accuracy of the model with ``rep``'s best edit (the base where ``rep`` is None or found none)."""
+def held_out_result(lm: LoadedModel, splits: Splits, rep: SearchReport | None) -> dict:
+    """The test-split evaluation (a result dict, per-question outcomes included) of the model with ``rep``'s best
+    edit (the base where ``rep`` is None or found none)."""
     edit = rep.best_edit() if rep is not None else None
-    return evaluate_candidate(lm, edit, splits, "test", null_store())["accuracy"]
+    return evaluate_candidate(lm, edit, splits, "test", null_store())
+
+
+def _against_base(label: str, base: dict, doc: dict) -> dict:
+    """A method's held-out accuracy and its paired change from the base: ``<label>_test``, ``<label>_change``
+    (change, 95% interval, questions fixed and broken, McNemar p; see ``significance``)."""
+    return {f"{label}_test": doc["accuracy"], f"{label}_change": change_between(base, doc).to_dict()}
+
+
+def _marked(row: dict, label: str) -> str:
+    """A method's held-out accuracy, with a dagger where it differs from the base beyond noise."""
+    change = row.get(f"{label}_change")  # absent in rows written before the paired test was added
+    return f"{row[f'{label}_test']:.3f}" + ("†" if change and change["significant"] else "")
+
+
+def _change_text(change: dict) -> str:
+    return f"{change['change']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] {p_text(change['p_value'])}"
 
 
 def _edit(rep: SearchReport) -> str:
@@ -157,8 +177,8 @@ def table_markdown(result: dict) -> str:
     lines = ["| task | base | LASER | C2I K=1 | C2I K grid | LASER time (s) | C2I K=1 time (s) / speedup | "
              "C2I K grid time (s) / speedup |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['base_test']:.3f} | {r['laser_test']:.3f} | {r['c2i_k1_test']:.3f} | "
-                     f"{r['c2i_kgrid_test']:.3f} | {r['laser_s']:.0f}{'*' if s['quick'] else ''} | "
+        lines.append(f"| {r['task']} | {r['base_test']:.3f} | {_marked(r, 'laser')} | {_marked(r, 'c2i_k1')} | "
+                     f"{_marked(r, 'c2i_kgrid')} | {r['laser_s']:.0f}{'*' if s['quick'] else ''} | "
                      f"{r['c2i_k1_s']:.0f} / {r['c2i_k1_speedup']:.1f}x | {r['c2i_kgrid_s']:.0f} / {r['c2i_kgrid_speedup']:.1f}x |")
     lines.append("")
     lines.append(f"Held-out test accuracy; model `{s['model']}` on {s.get('machine', s['device'])}, {s.get('date', '')}; seed {s['seed']}, calibration "
@@ -169,6 +189,11 @@ def table_markdown(result: dict) -> str:
         lines.append("*quick mode: LASER measured on its last layer only with validation capped at 200 examples; its "
                      "time is extrapolated to all layers (probe-interpolated) and to the full validation split "
                      "(linear in examples), and its accuracy is the best of the measured layer only.")
+    if all(f"{label}_change" in r for r in result["rows"] for label in METHODS):
+        lines.append("†: differs from the base beyond noise (McNemar mid-p < 0.05 on the paired held-out questions). "
+                     "Change from the base, 95% interval, p: " + "; ".join(
+                         f"{r['task']}: " + ", ".join(f"{name} {_change_text(r[f'{label}_change'])}"
+                                                      for label, name in METHODS.items()) for r in result["rows"]))
     lines.append("Best edits: " + "; ".join(f"{r['task']}: LASER {r['laser_best']}, C2I K=1 {r['c2i_k1_best']}, "
                                             f"C2I K grid {r['c2i_kgrid_best']}" for r in result["rows"]))
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from .prefix import block_list
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
 from .reduction import BlockFactors, block_ranks, block_svd, edited
+from .significance import PairedChange, change_between
 from .store import FACTORS, Store, null_store
 from .tasks import Splits
 
@@ -307,6 +308,10 @@ class SearchReport:
 
     def best_edit(self) -> Edit | None:
         return Edit(self.best["name"], self.best["k"], self.best["rho"]) if self.best else None
+
+    def held_out_change(self) -> PairedChange | None:
+        """Base vs best on the held-out test questions, paired (None without both evaluations)."""
+        return change_between(self.base_test, self.best_test)
 
     def to_dict(self) -> dict:
         return asdict(self)

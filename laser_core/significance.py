@@ -57,15 +57,15 @@ class PairedChange:
     def summary(self) -> str:
         """One line: '+0.017 (95% CI -0.026 to +0.060; 31 fixed, 26 broken of 300; McNemar p = 0.60): within noise'."""
         return (f"{self.change:+.3f} (95% CI {self.low:+.3f} to {self.high:+.3f}; {self.fixed} fixed, {self.broken} "
-                f"broken of {self.n}; McNemar p = {p_text(self.p_value)}): {self.verdict()}")
+                f"broken of {self.n}; McNemar {p_text(self.p_value)}): {self.verdict()}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "change": self.change, "significant": self.significant}
 
 
 def p_text(p: float) -> str:
-    """A p-value as papers print it: two significant digits, '<0.001' below that."""
-    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+    """A p-value as papers print it: 'p = 0.035' (two significant digits below 0.1), 'p < 0.001' below that."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.1 else f"p = {p:.2f}"
 
 
 def paired_change(before: Sequence[bool], after: Sequence[bool]) -> PairedChange:
@@ -85,6 +85,16 @@ def paired_change(before: Sequence[bool], after: Sequence[bool]) -> PairedChange
     low, high = newcombe_interval(both, fixed, broken, n - both - fixed - broken)
     return PairedChange(n, fixed, broken, (both + broken) / n, (both + fixed) / n, low, high,
                         mcnemar_midp(fixed, broken))
+
+
+def change_between(before: dict | None, after: dict | None) -> PairedChange | None:
+    """The paired change from evaluation ``before`` to ``after`` (result dicts with per-question ``correct``), or
+    None where either is missing, stopped early, or not of the same questions."""
+    docs = (before, after)
+    if any(d is None or d.get("stopped_early") or not d.get("correct") for d in docs) \
+            or len(before["correct"]) != len(after["correct"]):
+        return None
+    return paired_change(before["correct"], after["correct"])
 
 
 def mcnemar_midp(fixed: int, broken: int) -> float:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import re
 
 import pytest
 import torch
@@ -298,6 +300,16 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "best   held-out" in out and "chosen edit: transformer.h." in out and "candidates from cache 0/1" in out
+    base, best = (float(re.search(rf"{who} +held-out +accuracy ([\d.]+)", out).group(1)) for who in ("base", "best"))
+    change = re.search(r"held-out change ([+-][\d.]+) \(95% CI .* (\d+) fixed, (\d+) broken of 20; McNemar p", out)
+    assert float(change.group(1)) == pytest.approx(best - base, abs=1e-3)
+    assert (int(change.group(2)) - int(change.group(3))) / 20 == pytest.approx(best - base, abs=1e-3)
+    recorded = json.loads(recipe.read_text())["metrics"]["held_out_change"]
+    assert main(["eval", *args, "--recipe", str(recipe)]) == 0  # the recipe on held-out test, against the base
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"test: accuracy {best:.3f}") and lines[1].startswith(f"base: accuracy {base:.3f}")
+    assert lines[2].startswith(f"held-out change {recorded['change']:+.3f} (95% CI {recorded['low']:+.3f} to "
+                             f"{recorded['high']:+.3f}; {recorded['fixed']} fixed, {recorded['broken']} broken of 20")
     assert "1 candidates on the calibration split (20 examples)" in out and "best   calibration accuracy" in out
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     assert "candidates from cache 1/1" in capsys.readouterr().out
@@ -437,8 +449,32 @@ def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, mo
     for k in ("base_test", "laser_test", "c2i_k1_test", "c2i_kgrid_test"):
         assert 0.0 <= row[k] <= 1.0
     assert row["laser_s"] > row["laser_measured_s"] > 0  # one of two layers measured: the rest extrapolated
+    for label in ("laser", "c2i_k1", "c2i_kgrid"):  # each paired with the base on the same 30 test questions
+        change = row[f"{label}_change"]
+        assert change["n"] == 30 and change["change"] == pytest.approx(row[f"{label}_test"] - row["base_test"])
+        assert change["low"] <= change["change"] <= change["high"] and 0 < change["p_value"] <= 1
     text = table_markdown(result)
     assert text.startswith("| task | base | LASER | C2I K=1 | C2I K grid |") and "quick mode" in text
+    assert "†: differs from the base beyond noise" in text and f"{row['task']}: LASER " in text
+
+
+def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
+    from laser_core.report import table_markdown
+    from laser_core.significance import paired_change
+    base = [True] * 60 + [False] * 140
+    gain = paired_change(base, [True] * 90 + [False] * 110).to_dict()  # 30 fixed, none broken
+    noise = paired_change(base, [True] * 58 + [False] * 2 + [True] * 3 + [False] * 137).to_dict()  # 3 fixed, 2 broken
+    settings = {"model": "demo", "device": "cpu", "seed": 0, "n_calib": 100, "n_test": 200, "q": 3, "ks": [1, 4],
+                "rhos": [0.1], "quick": False, "laser_layers": "all"}
+    row = {"task": "t", "n_test": 200, "base_test": 0.3, "laser_test": 0.45, "c2i_k1_test": 0.305,
+           "c2i_kgrid_test": 0.305, "laser_s": 100.0, "c2i_k1_s": 10.0, "c2i_k1_speedup": 10.0, "c2i_kgrid_s": 20.0,
+           "c2i_kgrid_speedup": 5.0, "laser_best": "a", "c2i_k1_best": "b", "c2i_kgrid_best": "c"}
+    marked = {**row, "laser_change": gain, "c2i_k1_change": noise, "c2i_kgrid_change": noise}
+    text = table_markdown({"settings": settings, "rows": [marked]})
+    assert "| t | 0.300 | 0.450† | 0.305 | 0.305 |" in text
+    assert "LASER +0.150 [" in text and "C2I K=1 +0.005 [" in text and "p < 0.001" in text
+    old = table_markdown({"settings": settings, "rows": [row]})  # a JSON saved before: no marks, no such line
+    assert "| t | 0.300 | 0.450 | 0.305 | 0.305 |" in old and "†" not in old
 
 
 def test_quick_report_caps_laser_validation_and_scales_its_time_back(tiny_dirs, tmp_path, monkeypatch):
