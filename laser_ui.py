@@ -28,6 +28,7 @@ from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 from laser_core.search import merit
+from laser_core.significance import change_between
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -667,7 +668,7 @@ def render_one_candidate(lm, splits) -> None:
     got = results_of("one", lm, splits, wanted)
     if got["base"] and got["edit"]:
         cols = st.columns(4)
-        render_accuracy_pair(cols[:2], "Base (calib)", got["base"], "This edit (calib)", got["edit"])
+        render_accuracy_pair(cols[:2], "Base (calib)", got["base"], "This edit (calib)", got["edit"], held_out=False)
         if got["base_test"] and got["edit_test"]:
             render_accuracy_pair(cols[2:], "Base (held-out test)", got["base_test"], "This edit (held-out test)",
                                  got["edit_test"])
@@ -721,12 +722,18 @@ def render_recipe_check(lm, splits) -> None:
         live_job("recipe_test")
 
 
-def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict) -> None:
+def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, held_out: bool = True) -> None:
     """Two evaluations' accuracies in ``cols[0]`` and ``cols[1]``, the second with its change from the first; each
-    metric's help gives its log-loss (the search's tie-breaker)."""
+    metric's help gives its log-loss (the search's tie-breaker). For two ``held_out`` evaluations, a caption below
+    says whether the change is more than noise, from the questions each got right (``laser_core.significance``):
+    on the split a search chose on, its best looks better than it is, and no test of the change is fair."""
     cols[0].metric(label_a, f"{a['accuracy']:.3f}", help=f"log-loss {a['log_loss']:.4f}")
     cols[1].metric(label_b, f"{b['accuracy']:.3f}", f"{b['accuracy'] - a['accuracy']:+.3f}",
                    help=f"log-loss {b['log_loss']:.4f}")
+    change = change_between(a, b) if held_out else None
+    if change is not None:
+        st.caption(f"Change on the same held-out questions: {change.summary()}. A change is called real when the "
+                   "McNemar test gives p < 0.05; the interval is Newcombe's for paired accuracies.")
 
 
 def candidates_frame(rows: list[dict]) -> pd.DataFrame:

@@ -82,7 +82,7 @@ if report and report.get("best") and not running:
                  + (" (cancelled: of the candidates it finished)" if report.get("status") == "partial" else ""))
     m = st.columns(4)
     split = report["search_split"]
-    ui.render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b)
+    ui.render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b, held_out=False)
     if report.get("best_test"):
         ui.render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
                                 report["best_test"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import write_mc_jsonl
+from laser_core.significance import paired_change
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -481,6 +483,11 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     shown = metrics(at)
     assert shown["This edit (calib)"] == f"{calib.accuracy:.3f}"
     assert shown["This edit (held-out test)"] == f"{test.accuracy:.3f}"
+    base_test = evaluate(lm, splits.examples("test"))
+    change = paired_change(base_test.correct, test.correct)  # held-out only: calibration gets no such verdict
+    assert [c.value for c in at.caption if "held-out questions" in c.value] == [
+        f"Change on the same held-out questions: {change.summary()}. A change is called real when the McNemar test "
+        "gives p < 0.05; the interval is Newcombe's for paired accuracies."]
 
 
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
@@ -497,7 +504,9 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[1])
     click(at, "Compare on held-out test")
     wait_for(at, lambda a: "B accuracy (test)" in metrics(a))
-    assert any("flipped" in md.value for md in at.markdown)
+    flipped = next(md.value for md in at.markdown if "flipped" in md.value)
+    fixed, broken = map(int, re.search(r"\((\d+) fixed by B, (\d+) broken\)", flipped).groups())
+    assert any(f"{fixed} fixed, {broken} broken of 300" in c.value for c in at.caption)  # the same questions
 
 
 def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searched, tmp_path):
@@ -545,6 +554,10 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     recipe = json.loads(at.code[0].value)
     assert metrics(at)["Edited (held-out test)"] == f"{recipe['metrics']['edited_test']['accuracy']:.3f}"
     assert recipe["metrics"]["base_test"]["n"] == recipe["metrics"]["edited_test"]["n"] == recipe["task"]["n_test"]
+    change = recipe["metrics"]["held_out_change"]  # paired on the same questions, as the page says below the metrics
+    assert change["n"] == recipe["task"]["n_test"] and change["change"] == pytest.approx(
+        recipe["metrics"]["edited_test"]["accuracy"] - recipe["metrics"]["base_test"]["accuracy"])
+    assert any(f"{change['fixed']} fixed, {change['broken']} broken of {change['n']}" in c.value for c in at.caption)
     check = apply_recipe(recipe, tmp_path / "edited")["check"]
     assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
 
