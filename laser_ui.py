@@ -345,7 +345,7 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **{c: f[c].strip() if c == "fixed_choices" else f[c] for c in TASK_READING})
+                        int(f["seed"]), **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING})
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

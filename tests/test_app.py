@@ -224,10 +224,12 @@ def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in
     at = page("pages/1_Model_and_task.py")
     at.text_input(key="prompt_template").set_value("Question: {question}\\nAnswer:")
     at.text_input(key="fixed_choices").set_value(" yes|no ")
+    at.text_input(key="answer_col").set_value("answer ")  # spaces typed around a name or choices are dropped
     at = load_task_file(at, task, n_calib=3, n_test=3)
     assert not at.exception and not at.error, [e.value for e in at.error]
     spec = at.session_state["task_spec"]
-    assert (spec.prompt_template, spec.fixed_choices) == ("Question: {question}\\nAnswer:", "yes|no")
+    assert (spec.prompt_template, spec.fixed_choices, spec.answer_col) == ("Question: {question}\\nAnswer:", "yes|no",
+                                                                           "answer")
     assert "Prompt: `Question: {question}\\nAnswer:`  \nChoices: `yes|no`" in at.sidebar.caption[0].value  # which task
     from laser_core import load_task, make_splits
     shown = next(e for e in at.expander if e.label.startswith("An example as the model reads it"))
