@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -824,6 +825,121 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
                                hoverongaps=False,
                                hovertemplate=f"layer %{{y}} · %{{x}}<br>{label} %{{z:+.3f}}<br>%{{customdata}}<extra></extra>"))
     return _layer_type_layout(fig, layers, types)
+
+
+def pareto_figure(lm, df: pd.DataFrame) -> go.Figure:
+    """Candidates (a ``candidates_frame``) by the share of ``lm``'s parameters kept and accuracy, with the front of
+    those no smaller candidate beats."""
+    total = sum(p.numel() for p in lm.model.parameters())
+    df = df.assign(**{"params_kept_%": 100 * (total - df["params_full"] + df["params_kept"].clip(upper=df["params_full"]))
+                      / total})
+    fig = px.scatter(df, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
+                     title="Accuracy vs parameters kept (Pareto front)")
+    front, best_acc = [], -1.0
+    for _, r in df.sort_values("params_kept_%").iterrows():
+        if r["accuracy"] > best_acc:
+            front.append(r)
+            best_acc = r["accuracy"]
+    if front:
+        fig.add_scatter(x=[r["params_kept_%"] for r in front], y=[r["accuracy"] for r in front], mode="lines",
+                        name="Pareto front", line={"color": "black", "dash": "dash"})
+    return fig
+
+
+def apply_pending_matrix(names: list[str]) -> None:
+    """Layer scores: a table row, a heatmap cell and the select box all choose the matrix; a choice made in the
+    table or on the heatmap (``pending_matrix``) is applied to the select box (``matrix_pick``) before it is drawn
+    on the next run. A pick that is not among ``names`` falls back to the first."""
+    pending = st.session_state.pop("pending_matrix", None)
+    if pending in names:
+        st.session_state["matrix_pick"] = pending
+    if st.session_state.get("matrix_pick") not in names:
+        st.session_state["matrix_pick"] = names[0]
+
+
+def scores_frame(table: list[dict]) -> pd.DataFrame:
+    """Every matrix of a ``score_table`` by rank (1 = best), the skipped (NaN/inf) ones last."""
+    by_rank = sorted(table, key=lambda r: (r["rank"] is None, r["rank"]))
+    return pd.DataFrame([{"rank": None if r["rank"] is None else r["rank"] + 1, "layer": r["layer"], "type": r["type"],
+                          "rows × cols": "×".join(map(str, r["shape"])), "score": r["score"], "name": r["name"]}
+                         for r in by_rank])
+
+
+def export_options(docs: list[dict], report: dict | None) -> tuple[list[dict], int]:
+    """The candidates Export offers (one per edit: calibration results first, best first) and the index of the one
+    to preselect: the best of the ``report`` shown on Explore, where it is among them."""
+    seen, options = set(), []
+    for d in sorted(docs, key=lambda d: (d["split"] != "calib", -d["accuracy"], d["log_loss"])):
+        if (d["name"], d["k"], d["rho"]) not in seen:
+            seen.add((d["name"], d["k"], d["rho"]))
+            options.append(d)
+    b = (report or {}).get("best")
+    default = next((i for i, d in enumerate(options) if b and (d["name"], d["k"], d["rho"]) == (b["name"], b["k"], b["rho"])),
+                   0)
+    return options, default
+
+
+def render_model_facts(lm, splits) -> None:
+    """The loaded model's facts (architecture, size, device) as metrics, and the task's splits in a caption."""
+    facts = lm.facts()
+    st.subheader("Model facts")
+    f = st.columns(6)
+    f[0].metric("Architecture", facts["architecture"])
+    f[1].metric("Layers", facts["layers"])
+    f[2].metric("Matrices", facts["matrices"])
+    n_params = facts["parameters"]
+    f[3].metric("Parameters", f"{n_params / 1e6:.1f} M" if n_params >= 1e5 else f"{n_params:,}")
+    f[4].metric("Device", facts["device"])
+    f[5].metric("dtype", facts["dtype"])
+    st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
+               f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
+               f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+
+
+def render_search_report(report: dict, lm) -> None:
+    """A finished (or cancelled) search's report (``SearchReport.to_dict()``): its best candidate against the base
+    on the searched split and on held-out test, the heatmap of every matrix's best, all candidates, and what was
+    left out; or, where no candidate finished, why."""
+    if not report.get("best"):
+        if report.get("status") == "complete" and report.get("skipped"):
+            st.warning("No candidate of this search finished: each was left out (below).")
+            render_skipped(report)
+        return
+    b = report["best"]
+    st.subheader(f"Best candidate · {'C2I search' if report['method'] == 'c2i' else 'LASER sweep'}"
+                 + (" (cancelled: of the candidates it finished)" if report.get("status") == "partial" else ""))
+    m = st.columns(4)
+    split = report["search_split"]
+    render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b, held_out=False)
+    if report.get("best_test"):
+        render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
+                             report["best_test"])
+    st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']}, ranks {b['ranks']}")
+    st.plotly_chart(accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
+    with st.expander(f"All {len(report['candidates'])} candidates of this search"):
+        st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
+    render_skipped(report)
+
+
+def render_comparison(job, splits) -> None:
+    """A Results comparison job's two held-out evaluations ("A", "B"): their accuracies, whether the change is
+    beyond noise, and the examples whose prediction flipped."""
+    render_job(job)
+    if job is None or job.status != "done":
+        return
+    ra, rb = job.result["A"], job.result["B"]
+    render_accuracy_pair(st.columns(2), "A accuracy (test)", ra, "B accuracy (test)", rb)
+    flips = []
+    for i, e in enumerate(splits.examples("test")):
+        if ra["correct"][i] != rb["correct"][i]:
+            show = (lambda p: e.choices[p].strip() if e.choices else p)
+            flips.append({"prompt": e.prompt[-200:], "gold": e.choices[e.answer].strip() if e.choices else e.targets[0],
+                          "A": show(ra["predictions"][i]), "B": show(rb["predictions"][i]),
+                          "now": "fixed" if rb["correct"][i] else "broken"})
+    st.write(f"{len(flips)} examples flipped ({sum(f['now'] == 'fixed' for f in flips)} fixed by B, "
+             f"{sum(f['now'] == 'broken' for f in flips)} broken)")
+    if flips:
+        st.dataframe(flips, hide_index=True, width="stretch")
 
 
 def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:

@@ -48,19 +48,7 @@ ui.render_sidebar_status()
 lm = ui.current_model()
 splits = ui.current_splits()
 
-facts = lm.facts()
-st.subheader("Model facts")
-f = st.columns(6)
-f[0].metric("Architecture", facts["architecture"])
-f[1].metric("Layers", facts["layers"])
-f[2].metric("Matrices", facts["matrices"])
-n_params = facts["parameters"]
-f[3].metric("Parameters", f"{n_params / 1e6:.1f} M" if n_params >= 1e5 else f"{n_params:,}")
-f[4].metric("Device", facts["device"])
-f[5].metric("dtype", facts["dtype"])
-st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
-           f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
-           f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+ui.render_model_facts(lm, splits)
 ui.render_example(splits.examples("calib")[0])
 for note in ui.load_warnings():
     st.warning(note)

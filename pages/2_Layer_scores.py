@@ -41,13 +41,7 @@ skipped = [r["name"] for r in table if not r["finite"]]
 if skipped:
     st.warning(f"Skipped (NaN/inf gradient): {', '.join(skipped)}")
 
-# Table row, heatmap cell and select box all choose the matrix; a choice made in the table or on the heatmap
-# is applied to the select box before it is drawn on the next run.
-pending = st.session_state.pop("pending_matrix", None)
-if pending in names:
-    st.session_state["matrix_pick"] = pending
-if st.session_state.get("matrix_pick") not in names:
-    st.session_state["matrix_pick"] = names[0]
+ui.apply_pending_matrix(names)  # a choice made in the table or on the heatmap, before the select box is drawn
 
 
 def choose(name: str | None, source: str) -> None:
@@ -78,8 +72,5 @@ with left:
 sp = spectra[st.session_state["selected_matrix"]]
 st.plotly_chart(ui.gradient_profile(sp.S[1][0], sp.g[1][0], tail, st.session_state["selected_matrix"]), key="profile")
 with st.expander(f"All {len(table)} matrices by score (sortable; the table's toolbar downloads it as CSV)"):
-    by_rank = sorted(table, key=lambda r: (r["rank"] is None, r["rank"]))  # skipped (NaN) matrices last
-    st.dataframe(pd.DataFrame([{"rank": None if r["rank"] is None else r["rank"] + 1, "layer": r["layer"],
-                                "type": r["type"], "rows × cols": "×".join(map(str, r["shape"])), "score": r["score"],
-                                "name": r["name"]} for r in by_rank]), hide_index=True, key="all_scores")
+    st.dataframe(ui.scores_frame(table), hide_index=True, key="all_scores")
 st.session_state["top_q"] = names[:q]

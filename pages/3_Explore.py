@@ -72,22 +72,6 @@ if job is not None and job.status in ("done", "cancelled") and job.result is not
     st.session_state["shown_job"] = job.id
 ui.live_job("search", lambda job: ui.render_search_job(job, lm))
 report = st.session_state.get("last_report")
-running = job is not None and job.status == "running"  # running: the live view instead
-if report and not running and not report.get("best") and report.get("status") == "complete" and report.get("skipped"):
-    st.warning("No candidate of this search finished: each was left out (below).")
-    ui.render_skipped(report)
-if report and report.get("best") and not running:
-    b = report["best"]
-    st.subheader(f"Best candidate · {'C2I search' if report['method'] == 'c2i' else 'LASER sweep'}"
-                 + (" (cancelled: of the candidates it finished)" if report.get("status") == "partial" else ""))
-    m = st.columns(4)
-    split = report["search_split"]
-    ui.render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b, held_out=False)
-    if report.get("best_test"):
-        ui.render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
-                                report["best_test"])
-    st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']}, ranks {b['ranks']}")
-    st.plotly_chart(ui.accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
-    with st.expander(f"All {len(report['candidates'])} candidates of this search"):
-        st.dataframe(ui.candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
-    ui.render_skipped(report)
+running = job is not None and job.status == "running"
+if report and not running:  # running: the live view instead
+    ui.render_search_report(report, lm)

@@ -45,19 +45,7 @@ with c1:
         fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
     st.plotly_chart(fig, key="acc_vs_rho")
 with c2:
-    total = sum(p.numel() for p in lm.model.parameters())
-    df["params_kept_%"] = 100 * (total - df["params_full"] + df["params_kept"].clip(upper=df["params_full"])) / total
-    fig = px.scatter(df, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
-                     title="Accuracy vs parameters kept (Pareto front)")
-    front, best_acc = [], -1.0
-    for _, r in df.sort_values("params_kept_%").iterrows():
-        if r["accuracy"] > best_acc:
-            front.append(r)
-            best_acc = r["accuracy"]
-    if front:
-        fig.add_scatter(x=[r["params_kept_%"] for r in front], y=[r["accuracy"] for r in front], mode="lines",
-                        name="Pareto front", line={"color": "black", "dash": "dash"})
-    st.plotly_chart(fig, key="pareto")
+    st.plotly_chart(ui.pareto_figure(lm, df), key="pareto")
 st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")
 st.caption(f"Each matrix's best candidate on the {split} split (blank: not evaluated); hover for its K and ρ.")
 
@@ -79,24 +67,4 @@ if st.button("Compare on held-out test", type="primary"):
     ui.start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
 
 
-def compare(job):
-    ui.render_job(job)
-    if job is None or job.status != "done":
-        return
-    ra, rb = job.result["A"], job.result["B"]
-    ui.render_accuracy_pair(st.columns(2), "A accuracy (test)", ra, "B accuracy (test)", rb)
-    ex = splits.examples("test")
-    flips = []
-    for i, e in enumerate(ex):
-        if ra["correct"][i] != rb["correct"][i]:
-            show = (lambda p: e.choices[p].strip() if e.choices else p)
-            flips.append({"prompt": e.prompt[-200:], "gold": e.choices[e.answer].strip() if e.choices else e.targets[0],
-                          "A": show(ra["predictions"][i]), "B": show(rb["predictions"][i]),
-                          "now": "fixed" if rb["correct"][i] else "broken"})
-    st.write(f"{len(flips)} examples flipped ({sum(f['now'] == 'fixed' for f in flips)} fixed by B, "
-             f"{sum(f['now'] == 'broken' for f in flips)} broken)")
-    if flips:
-        st.dataframe(flips, hide_index=True, width="stretch")
-
-
-ui.live_job("compare", compare)
+ui.live_job("compare", lambda job: ui.render_comparison(job, splits))

@@ -24,18 +24,8 @@ docs = [d for d in ui.cached_results(lm, splits) if d["name"]]
 if not docs:
     ui.user_error("Nothing to export yet: run a search on the Explore page first.")
 
-docs.sort(key=lambda d: (d["split"] != "calib", -d["accuracy"], d["log_loss"]))
-seen, options = set(), []
-for d in docs:
-    key = (d["name"], d["k"], d["rho"])
-    if key not in seen:
-        seen.add(key)
-        options.append(d)
 report = st.session_state.get("last_report")
-default = 0
-if report and report.get("best"):
-    b = report["best"]
-    default = next((i for i, d in enumerate(options) if (d["name"], d["k"], d["rho"]) == (b["name"], b["k"], b["rho"])), 0)
+options, default = ui.export_options(docs, report)
 choice = st.selectbox("Candidate", range(len(options)), index=default, key="export_pick",
                       format_func=lambda i: f"{options[i]['name']} K={options[i]['k']} ρ={options[i]['rho']} "
                                             f"({options[i]['split']} acc {options[i]['accuracy']:.3f}"
