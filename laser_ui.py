@@ -737,10 +737,22 @@ def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, hel
                    "McNemar test gives p < 0.05; the interval is Newcombe's for paired accuracies.")
 
 
-def candidates_frame(rows: list[dict]) -> pd.DataFrame:
+def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:
+    """Candidates' evaluations as a table. With the ``base`` model's evaluation of the same held-out questions,
+    each row also gets its paired change from it: ``vs_base``, its 95% interval and McNemar ``p``, and
+    ``beyond_noise`` (see ``laser_core.significance``); pass it for held-out test only."""
     cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
             "predicted_gain", "same_as_rho", "cached", "name"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+    changes = [change_between(base, r) for r in rows] if base else []
+    if any(changes):
+        at = df.columns.get_loc("log_loss") + 1
+        for i, (col, values) in enumerate({
+                "vs_base": [c.change if c else None for c in changes],
+                "ci95": [f"{c.low:+.3f} to {c.high:+.3f}" if c else "" for c in changes],
+                "p": [c.p_value if c else None for c in changes],
+                "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}.items()):
+            df.insert(at + i, col, values)
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if any(r.get("stopped_early") for r in rows):  # their accuracy counts only the examples seen before the stop
         df.insert(df.columns.get_loc("accuracy") + 1, "stopped_early",

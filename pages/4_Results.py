@@ -19,10 +19,12 @@ if not docs:
     ui.user_error("No results for this model and task yet: run a search on the Explore page.")
 
 split = st.radio("Split", sorted({d["split"] for d in docs}), horizontal=True, key="res_split",
-                 format_func=lambda s: SPLIT_WORDS.get(s, s), help="calibration: C2I's search; validation: LASER's")
+                 format_func=lambda s: SPLIT_WORDS.get(s, s),
+                 help="calibration: C2I's search; validation: LASER's; held-out test: each row also paired with the "
+                      "base on the same questions (vs_base, its 95% interval, McNemar p)")
 rows = [d for d in docs if d["split"] == split]
-df = ui.candidates_frame([d for d in rows if d["name"]])
 base = next((d for d in rows if d["name"] is None), None)
+df = ui.candidates_frame([d for d in rows if d["name"]], base if split == "test" else None)  # paired on held-out only
 if base:
     st.metric(f"Base accuracy ({split})", f"{base['accuracy']:.3f}", help=f"log-loss {base['log_loss']:.4f}")
 if df.empty:

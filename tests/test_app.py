@@ -509,6 +509,14 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     flipped = next(md.value for md in at.markdown if "flipped" in md.value)
     fixed, broken = map(int, re.search(r"\((\d+) fixed by B, (\d+) broken\)", flipped).groups())
     assert any(f"{fixed} fixed, {broken} broken of 300" in c.value for c in at.caption)  # the same questions
+    at.radio(key="res_split").set_value("test").run()  # held-out rows: each paired with the base's answers
+    table, base = at.dataframe[0].value, float(metrics(at)["Base accuracy (test)"])
+    assert (table["vs_base"] - (table["accuracy"] - base)).abs().max() < 1e-9
+    assert list(table["beyond_noise"]) == ["yes" if p < 0.05 else "" for p in table["p"]]
+    b_row = table[table["name"] == at.selectbox(key="cmp_b").value.split(" K=")[0]]
+    assert any(abs(v - (fixed - broken) / 300) < 1e-9 for v in b_row["vs_base"])
+    at.radio(key="res_split").set_value("calib").run()  # the split the search chose on: no such columns
+    assert "vs_base" not in at.dataframe[0].value.columns
 
 
 def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searched, tmp_path):
