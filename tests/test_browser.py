@@ -35,10 +35,11 @@ def server(tiny_dirs, tmp_path_factory):
            "LASER_LAB_DEFAULT_MODEL": os.environ.get("LASER_LAB_BROWSER_MODEL", str(tiny_dirs["llama"])),
            "LASER_LAB_DEFAULT_TASK": os.environ.get("LASER_LAB_BROWSER_TASK", str(write_mc_jsonl(d / "even.jsonl", 500))),
            "LASER_LAB_CACHE": os.environ.get("LASER_LAB_BROWSER_CACHE", str(d / "cache"))}
+    log = d / "server.log"  # a file, not a pipe nobody reads: a full pipe would stall the server mid-search
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=(out := log.open("w")), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -48,10 +49,11 @@ def server(tiny_dirs, tmp_path_factory):
             time.sleep(0.5)
     else:
         proc.kill()
-        raise RuntimeError("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+        raise RuntimeError("streamlit did not start: " + log.read_text()[-2000:])
     yield url
     proc.terminate()
     proc.wait(10)
+    out.close()
 
 
 @pytest.fixture(scope="module")
