@@ -194,6 +194,7 @@ def table_markdown(result: dict) -> str:
                      "Change from the base, 95% interval, p: " + "; ".join(
                          f"{r['task']}: " + ", ".join(f"{name} {_change_text(r[f'{label}_change'])}"
                                                       for label, name in METHODS.items()) for r in result["rows"]))
-    lines.append("Best edits: " + "; ".join(f"{r['task']}: LASER {r['laser_best']}, C2I K=1 {r['c2i_k1_best']}, "
-                                            f"C2I K grid {r['c2i_kgrid_best']}" for r in result["rows"]))
+    lines.append("Best edits: " + "; ".join(f"{r['task']}: " + ", ".join(f"{name} {r[f'{label}_best']}"
+                                                                         for label, name in METHODS.items())
+                                            for r in result["rows"]))
     return "\n".join(lines)
