@@ -737,6 +737,15 @@ def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, hel
                    "McNemar test gives p < 0.05; the interval is Newcombe's for paired accuracies.")
 
 
+CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds on held-out test
+    "vs_base": st.column_config.NumberColumn(
+        format="%+.3f", help="Held-out accuracy minus the base model's, on the same questions"),
+    "ci95": st.column_config.TextColumn(help="95% interval of that change (Newcombe, for paired accuracies)"),
+    "p": st.column_config.NumberColumn(help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed nothing"),
+    "beyond_noise": st.column_config.TextColumn(help="yes: p < 0.05, a change that chance explains badly"),
+}
+
+
 def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:
     """Candidates' evaluations as a table. With the ``base`` model's evaluation of the same held-out questions,
     each row also gets its paired change from it: ``vs_base``, its 95% interval and McNemar ``p``, and
@@ -839,22 +848,35 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
     return _layer_type_layout(fig, layers, types)
 
 
-def pareto_figure(lm, df: pd.DataFrame) -> go.Figure:
-    """Candidates (a ``candidates_frame``) by the share of ``lm``'s parameters kept and accuracy, with the front of
-    those no smaller candidate beats."""
+def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> go.Figure:
+    """Candidates (a ``candidates_frame``) by the share of ``lm``'s parameters kept and accuracy, with the base model
+    (all parameters kept, ``base_accuracy``) as a star, and the front of those that nothing smaller beats: the base
+    counts, a candidate stopped early does not (its accuracy counts only the examples it saw), and each point of
+    the front is ringed, so that a front of one point shows."""
     total = sum(p.numel() for p in lm.model.parameters())
     df = df.assign(**{"params_kept_%": 100 * (total - df["params_full"] + df["params_kept"].clip(upper=df["params_full"]))
                       / total})
-    fig = px.scatter(df, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
+    stopped = df["stopped_early"] == "yes" if "stopped_early" in df.columns else pd.Series(False, index=df.index)
+    ran = df[~stopped]
+    fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
                      title="Accuracy vs parameters kept (Pareto front)")
-    front, best_acc = [], -1.0
-    for _, r in df.sort_values("params_kept_%").iterrows():
-        if r["accuracy"] > best_acc:
-            front.append(r)
-            best_acc = r["accuracy"]
+    if stopped.any():
+        fig.add_scatter(x=df[stopped]["params_kept_%"], y=df[stopped]["accuracy"], mode="markers",
+                        name="stopped early (of the examples seen)", marker={"color": "grey", "symbol": "x-thin-open"})
+    points = list(zip(ran["params_kept_%"], ran["accuracy"])) + ([(100.0, base_accuracy)] if base_accuracy is not None
+                                                                 else [])
+    if base_accuracy is not None:
+        fig.add_scatter(x=[100.0], y=[base_accuracy], mode="markers", name="base model",
+                        marker={"color": "black", "symbol": "star", "size": 12})
+    front, best_acc = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):  # smallest first; of equal size, the best first
+        if y > best_acc:
+            front.append((x, y))
+            best_acc = y
     if front:
-        fig.add_scatter(x=[r["params_kept_%"] for r in front], y=[r["accuracy"] for r in front], mode="lines",
-                        name="Pareto front", line={"color": "black", "dash": "dash"})
+        fig.add_scatter(x=[x for x, _ in front], y=[y for _, y in front], mode="lines+markers", name="Pareto front",
+                        line={"color": "black", "dash": "dash"},
+                        marker={"color": "black", "symbol": "circle-open", "size": 13})
     return fig
 
 

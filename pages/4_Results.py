@@ -30,24 +30,24 @@ if base:
 if df.empty:
     ui.user_error(f"Only the base model was evaluated on the {split} split.")
 df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
-st.dataframe(df, hide_index=True, width="stretch", key="all_rows")
+st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CHANGE_COLUMNS)
 
 c1, c2 = st.columns(2)
 with c1:
     best_of = {b["name"]: f"best {b['accuracy']:.3f}" for b in sorted(ui.best_by_matrix(rows), key=merit, reverse=True)}
     best_of.update({n: "stopped early only" for n in df["name"] if n not in best_of})
+    # plain names, the best in the chart's title: Streamlit keeps showing a selected option's label from the last run
     matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of), key="res_matrix",
-                          format_func=lambda n: f"{n} ({best_of[n]})",
                           help="Matrices in order of their best accuracy on this split (of candidates that ran to "
                                "the end: one stopped early counts only the examples it saw)")
-    sub = df[df["name"] == matrix].sort_values("rho")
+    sub = df[df["name"] == matrix].sort_values(["k", "rho"])  # the legend in K order, each line in ρ order
     fig = px.line(sub, x="rho", y="accuracy", color=sub["k"].astype(str), markers=True, log_x=True,
-                  labels={"color": "K"}, title=matrix)
+                  labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(dtick=1)  # 0.01, 0.1, 1
     if base:
         fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
     st.plotly_chart(fig, key="acc_vs_rho")
 with c2:
-    st.plotly_chart(ui.pareto_figure(lm, df), key="pareto")
+    st.plotly_chart(ui.pareto_figure(lm, df, base["accuracy"] if base else None), key="pareto")
 st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")
 st.caption(f"Each matrix's best candidate on the {split} split (blank: not evaluated); hover for its K and ρ.")
 

@@ -1,6 +1,7 @@
 """Every dashboard page under streamlit.testing.v1.AppTest, on a tiny random model."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -68,7 +69,6 @@ def wait_for(at: AppTest, cond, timeout: float = 60) -> AppTest:
 
 def heatmap_z(at: AppTest, colorbar: str = "accuracy − base") -> list[list]:
     """The z grid of the page's plotly heatmap whose colour bar reads ``colorbar``."""
-    import json
     for chart in at.get("plotly_chart"):
         trace = json.loads(chart.proto.spec)["data"][0]
         if trace.get("type") == "heatmap" and trace.get("colorbar", {}).get("title", {}).get("text") == colorbar:
@@ -502,6 +502,10 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # one cell per evaluated matrix
     assert len(z) == table["name"].nunique() and max(z) == pytest.approx(table["accuracy"].max() - base)
     assert at.selectbox(key="res_matrix").value == table.iloc[0]["name"]  # the best row's matrix is shown first
+    # plain names: Streamlit (1.67) keeps showing a selected option's old label when a rerun changes it
+    assert set(at.selectbox(key="res_matrix").options) == set(table["name"])
+    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") for c in at.get("plotly_chart")]
+    assert f"{table.iloc[0]['name']} (best {table.iloc[0]['accuracy']:.3f})" in titles  # its best, in its chart
     assert table["accuracy"].is_monotonic_decreasing
     at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[1])
     click(at, "Compare on held-out test")
@@ -512,6 +516,7 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     at.radio(key="res_split").set_value("test").run()  # held-out rows: each paired with the base's answers
     table, base = at.dataframe[0].value, float(metrics(at)["Base accuracy (test)"])
     assert (table["vs_base"] - (table["accuracy"] - base)).abs().max() < 1e-9
+    assert json.loads(at.dataframe[0].proto.columns)["vs_base"]["type_config"]["format"] == "%+.3f"  # shown signed
     assert list(table["beyond_noise"]) == ["yes" if p < 0.05 else "" for p in table["p"]]
     b_row = table[table["name"] == at.selectbox(key="cmp_b").value.split(" K=")[0]]
     assert any(abs(v - (fixed - broken) / 300) < 1e-9 for v in b_row["vs_base"])
@@ -525,7 +530,6 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     assert '"laser_lab_recipe": 1' in at.code[0].value
     spec_flags = f"--model {app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}"
     assert f"or run a search: `python -m laser_core search {spec_flags}`" in [c.value for c in at.caption]
-    import json
     from laser_core import SearchConfig
     from laser_core.config import to_dict
     e = json.loads(at.code[0].value)["edits"][0]
@@ -548,7 +552,6 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
 
 
 def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app_env, searched, tmp_path):
-    import json
     from laser_core.recipe import apply_recipe
     at = page("pages/5_Export.py")
     for i in range(len(at.selectbox(key="export_pick").options)):  # a candidate without a cached held-out result
@@ -573,7 +576,6 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
 
 
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
-    import json
 
     from laser_core import Edit, ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
     from laser_core.recipe import make_recipe
@@ -657,6 +659,32 @@ def test_candidates_table_marks_rows_stopped_early_beside_their_accuracy():
     assert "stopped_early" not in laser_ui.candidates_frame([ran]).columns
 
 
+def test_pareto_front_counts_the_base_model_rings_a_single_point_and_leaves_out_candidates_stopped_early():
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    import laser_ui
+    lm = NS(model=NS(parameters=lambda: [torch.zeros(1000)]))
+
+    def row(kept, acc, **kw):  # a matrix of 100 parameters: kept% = 90 + kept / 10
+        return {"layer": 0, "type": "q", "k": 1, "rho": 0.1, "accuracy": acc, "params_kept": kept, "params_full": 100,
+                "ranks": [1], "name": "m", **kw}
+
+    def front(fig):
+        line = next(t for t in fig.data if t.name == "Pareto front")
+        assert line.mode == "lines+markers"  # ringed points: one point alone still shows
+        return list(zip(line.x, line.y))
+    df = laser_ui.candidates_frame([row(10, 0.5), row(20, 0.7), row(20, 0.6), row(50, 0.65), row(5, 0.9,
+                                                                                                  stopped_early=True)])
+    assert front(laser_ui.pareto_figure(lm, df)) == [(91, 0.5), (92, 0.7)]  # of equal size, only the better
+    with_base = laser_ui.pareto_figure(lm, df, base_accuracy=0.8)
+    assert front(with_base) == [(91, 0.5), (92, 0.7), (100, 0.8)]
+    assert [(t.x[0], t.y[0]) for t in with_base.data if t.name == "base model"] == [(100, 0.8)]
+    assert [list(t.x) for t in with_base.data if t.name.startswith("stopped early")] == [[90.5]]
+    assert front(laser_ui.pareto_figure(lm, df, base_accuracy=0.4)) == [(91, 0.5), (92, 0.7)]
+
+
 def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
     import laser_ui
     table = [{"layer": l, "type": t, "score": l - 1.0, "name": f"layers.{l}.{t}"} for l in range(3) for t in ("q", "down")]
@@ -666,7 +694,6 @@ def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
 
 
 def test_accuracy_heatmap_shows_each_matrixs_best_candidate_against_the_base_and_blanks_the_rest():
-    import json
     from types import SimpleNamespace as NS
 
     import laser_ui
