@@ -364,15 +364,13 @@ def _cmd_report(args) -> int:
     import json
 
     from .recipe import check_out_file
-    from .report import paper_table, table_markdown
+    from .report import paper_table, row_line, table_markdown
 
     tasks = [t for t in args.tasks.split(",") if t]
     json_out = check_out_file(args.json_out) if args.json_out else None  # not after the first task's tens of minutes
 
     def on_row(partial: dict) -> None:  # each finished task is printed and saved at once
-        last = partial["rows"][-1]
-        print(f"{last['task']}: base {last['base_test']:.3f}, LASER {last['laser_test']:.3f}, "
-              f"C2I K=1 {last['c2i_k1_test']:.3f}, C2I K grid {last['c2i_kgrid_test']:.3f}", file=sys.stderr, flush=True)
+        print(row_line(partial["rows"][-1]), file=sys.stderr, flush=True)
         if json_out:
             try:
                 json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -459,7 +459,7 @@ def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, mo
 
 
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
-    from laser_core.report import table_markdown
+    from laser_core.report import row_line, table_markdown
     from laser_core.significance import paired_change
     base = [True] * 60 + [False] * 140
     gain = paired_change(base, [True] * 90 + [False] * 110).to_dict()  # 30 fixed, none broken
@@ -472,6 +472,7 @@ def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without
     marked = {**row, "laser_change": gain, "c2i_k1_change": noise, "c2i_kgrid_change": noise}
     text = table_markdown({"settings": settings, "rows": [marked]})
     assert "| t | 0.300 | 0.450† | 0.305 | 0.305 |" in text
+    assert row_line(marked) == "t: base 0.300, LASER 0.450†, C2I K=1 0.305, C2I K grid 0.305"  # the progress line
     assert "LASER +0.150 [" in text and "C2I K=1 +0.005 [" in text and "p < 0.001" in text
     old = table_markdown({"settings": settings, "rows": [row]})  # a JSON saved before: no marks, no such line
     assert "| t | 0.300 | 0.450 | 0.305 | 0.305 |" in old and "†" not in old
