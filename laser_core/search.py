@@ -212,7 +212,11 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     """
     key = result_key(store, lm, splits, split, edit)
     doc = store.get_json(key)
-    if doc is not None and (beat is not None or not doc.get("stopped_early")):
+    # a candidate stopped early serves again only against a best at least as high as the one it could not reach
+    # (a search with another grid may hold a lower best when it comes to it); one cached before that was noted: never
+    reusable = doc is not None and (not doc.get("stopped_early")
+                                    or (beat is not None and beat[0] >= doc.get("stopped_below", math.inf)))
+    if reusable:
         doc["cached"] = True
         return doc
     t0 = time.perf_counter()
@@ -233,6 +237,8 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
     doc = {**row, "split": split, "task": splits.task.name, **res.to_dict(), "seconds": time.perf_counter() - t0}
+    if res.stopped_early:
+        doc["stopped_below"] = beat[0]  # it could not reach this accuracy (nor, then, any higher one)
     store.put_json(key, doc)
     doc["cached"] = False
     return doc

@@ -168,6 +168,23 @@ def test_early_stop_finds_the_same_best_candidate(tiny_lm, mc_task, store):
     assert fast.best["accuracy"] == full.best["accuracy"]
 
 
+def test_a_candidate_stopped_early_is_reused_only_against_a_best_at_least_as_high(tiny_lm, mc_task, store):
+    """A stop proves only that the candidate could not reach the best of that time: a search with another grid can
+    reach it with a lower best, and must then run it to the end (else it could miss its true best)."""
+    from laser_core.search import evaluate_candidate
+    from laser_core.store import null_store
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task, n_calib=40)
+    edit = Edit(lm.matrices[0].name, 1, 0.5)
+    stopped = evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.99, 0.0))
+    full = evaluate_candidate(lm, edit, splits, "calib", null_store())
+    assert full["accuracy"] < 0.99 and stopped["stopped_early"] and stopped["stopped_below"] == 0.99
+    assert evaluate_candidate(lm, edit, splits, "calib", store, beat=(1.0, 0.0))["cached"]  # a higher best: reused
+    weaker = evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.0, 0.0))  # a lower one: run to the end
+    assert not weaker["cached"] and not weaker["stopped_early"] and weaker["accuracy"] == full["accuracy"]
+    assert evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.0, 0.0))["cached"]  # and that is kept
+
+
 def test_laser_sweep_covers_layers_times_types_times_rhos_on_validation(tiny_lm, mc_task, store):
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task, n_calib=20, n_test=20)
