@@ -633,6 +633,17 @@ def render_estimate(est) -> None:
 ONE_RHOS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 0.9, 1.0)
 
 
+def top_scored(lm, splits) -> str | None:
+    """The matrix ranked first under the session's score settings (as Layer scores ranks them), or None where the
+    scores are not in the cache."""
+    from laser_core.search import c2i_matrices, cached_spectra, score_table
+    score = st.session_state.get("score", "paper")
+    cfg = SearchConfig(score=score, tail_fraction=st.session_state.get("tail", SearchConfig.tail_fraction)
+                       if score == "paper" else SearchConfig.tail_fraction)
+    found = cached_spectra(lm, splits, store(), (1, 2, 4, 8) if score == "first_order" else (1,))
+    return c2i_matrices(score_table(lm, found[0], score, cfg), 1)[0] if found else None
+
+
 def render_one_candidate(lm, splits) -> None:
     """One (matrix, K, ρ) from sliders: its ranks and size at once, the first-order predicted loss change where
     the scores are cached, and its calibration (and held-out) accuracy against the base, from the cache or from a
@@ -646,9 +657,11 @@ def render_one_candidate(lm, splits) -> None:
     if chosen in names and (chosen != st.session_state.get("one_follows") or "one_matrix" not in st.session_state):
         st.session_state["one_matrix"] = st.session_state["one_follows"] = chosen
     elif st.session_state.get("one_matrix") not in names:
-        st.session_state["one_matrix"] = names[0]
+        st.session_state["one_matrix"] = top_scored(lm, splits) or names[0]
     c1, c2, c3 = st.columns([3, 1, 2])
-    name = c1.selectbox("Matrix", names, key="one_matrix", help="Preselected: the matrix chosen on Layer scores")
+    name = c1.selectbox("Matrix", names, key="one_matrix",
+                        help="Preselected: the matrix chosen on Layer scores, else the top-scored one where the scores "
+                             "are computed")
     ref = lm.ref(name)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= ref.shape[0]]
     if st.session_state.get("one_k") not in ks:

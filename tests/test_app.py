@@ -492,6 +492,19 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
         "gives p < 0.05; the interval is Newcombe's for paired accuracies."]
 
 
+def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
+    from laser_core import ModelSpec, SearchConfig, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core.search import c2i_matrices, cached_spectra, score_table
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    spectra, _ = cached_spectra(lm, make_splits(load_task(ts), ts), Store())  # the search left them in the cache
+    top = c2i_matrices(score_table(lm, spectra, "paper", SearchConfig()), 1)[0]
+    assert top != lm.matrices[0].name  # else this test could not tell it from the first matrix
+    at = page("pages/3_Explore.py")
+    at.radio(key="method").set_value("One candidate (sliders)").run()
+    assert at.selectbox(key="one_matrix").value == top
+
+
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
