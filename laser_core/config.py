@@ -202,10 +202,12 @@ class SearchConfig:
         # grids as tuples of one type, each value once (a repeated value would be evaluated, and cached, twice)
         object.__setattr__(self, "ks", tuple(dict.fromkeys(int(k) for k in self.ks)))
         object.__setattr__(self, "rhos", tuple(dict.fromkeys(float(r) for r in self.rhos)))
+        # a sweep's layers and types: sorted too, as their order changes nothing (the sweep goes in model order), so
+        # that --types up,down and a dashboard's "down, up" are one configuration, with one cached report
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(dict.fromkeys(int(x) for x in self.layers)))
+            object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
         if self.types is not None:
-            object.__setattr__(self, "types", tuple(dict.fromkeys(self.types)))
+            object.__setattr__(self, "types", tuple(sorted(set(self.types))))
 
 
 def to_dict(obj: Any) -> dict:

@@ -172,11 +172,13 @@ def test_bad_search_settings_name_the_bad_value(kwargs, match):
 
 
 def test_a_value_repeated_in_a_grid_is_searched_once():
+    from laser_core.config import to_dict
     cfg = SearchConfig(ks=(1, 4, 1), rhos=(0.5, 0.1, 0.5))
     assert (cfg.ks, cfg.rhos) == ((1, 4), (0.5, 0.1))
     assert cfg == SearchConfig(ks=(1, 4), rhos=(0.5, 0.1))  # the same cache keys
-    cfg = SearchConfig("laser", ks=(1,), layers=(3, 2, 3), types=("up", "up"))
-    assert (cfg.layers, cfg.types) == ((3, 2), ("up",))
+    cfg = SearchConfig("laser", ks=(1,), layers=(3, 2, 3), types=("up", "down", "up"))
+    assert (cfg.layers, cfg.types) == ((2, 3), ("down", "up"))  # in any order, one sweep: one configuration
+    assert to_dict(cfg) == to_dict(SearchConfig("laser", ks=(1,), layers=(2, 3), types=("down", "up")))
 
 
 @pytest.mark.parametrize("cmd,flag,value,said", [
