@@ -984,10 +984,11 @@ def render_comparison(job, splits) -> None:
             flips.append({"prompt": e.prompt[-200:], "gold": e.choices[e.answer].strip() if e.choices else e.targets[0],
                           "A": show(ra["predictions"][i]), "B": show(rb["predictions"][i]),
                           "now": "fixed" if rb["correct"][i] else "broken"})
-    st.write(f"{len(flips)} examples flipped ({sum(f['now'] == 'fixed' for f in flips)} fixed by B, "
-             f"{sum(f['now'] == 'broken' for f in flips)} broken)")
-    if flips:
+    if flips:  # how many each way: the caption above says
+        st.write(f"The {len(flips)} examples whose answer flipped from A to B:")
         st.dataframe(flips, hide_index=True, width="stretch")
+    else:
+        st.write("No example's answer flipped from A to B.")
 
 
 def gradient_profile(S, g, tail_fraction: float, name: str) -> go.Figure:
