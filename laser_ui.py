@@ -932,7 +932,7 @@ def render_model_facts(lm, splits) -> None:
     facts = lm.facts()
     st.subheader("Model facts")
     f = st.columns(6)
-    f[0].metric("Architecture", facts["architecture"])
+    f[0].metric("Architecture", facts["model_type"], help=f"{facts['architecture']} (transformers)")  # fits its column
     f[1].metric("Layers", facts["layers"])
     f[2].metric("Matrices", facts["matrices"])
     n_params = facts["parameters"]

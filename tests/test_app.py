@@ -88,7 +88,8 @@ def metrics(at: AppTest) -> dict:
 def test_model_page_shows_facts_and_computes_the_baseline(app_env):
     at = page("pages/1_Model_and_task.py")
     m = metrics(at)
-    assert m["Architecture"] == "LlamaForCausalLM" and m["Layers"] == "2" and m["Matrices"] == "14"
+    assert m["Architecture"] == "llama" and m["Layers"] == "2" and m["Matrices"] == "14"
+    assert next(x for x in at.metric if x.label == "Architecture").help == "LlamaForCausalLM (transformers)"
     click(at, "Compute baseline accuracy")
     wait_for(at, lambda a: "Held-out test accuracy" in metrics(a))
     assert 0.0 <= float(metrics(at)["Held-out test accuracy"]) <= 1.0
