@@ -29,7 +29,7 @@ from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 from laser_core.search import merit
-from laser_core.significance import change_between
+from laser_core.significance import change_between, family_summary
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -758,6 +758,17 @@ CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds o
         help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed nothing"),
     "beyond_noise": st.column_config.TextColumn(help="yes: p < 0.05, a change that chance explains badly"),
 }
+
+
+def family_caption(df: pd.DataFrame) -> str | None:
+    """Under Results' held-out table (a ``candidates_frame`` with ``p``) of two rows or more: each p is for its edit
+    alone, and which of them stay beyond noise read together (``significance.holm``)."""
+    rows = df[df["p"].notna()] if "p" in df.columns else df.iloc[:0]
+    if len(rows) < 2:
+        return None
+    return ("Each p is for its edit looked at alone, as a search's best is tested; picking among these rows by their "
+            "held-out results picks on the test split. " + family_summary(
+                [(f"L{r.layer}.{r.type} K={r.k} ρ={r.rho:g}", r.p) for r in rows.itertuples()]))
 
 
 def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpe
 from .errors import ConfigError
 from .models import LoadedModel
 from .search import PrefixPool, SearchReport, edit_identity, evaluate_candidate, run_search
-from .significance import change_between, p_text
+from .significance import change_between, family_summary, p_text
 from .store import null_store
 from .tasks import BUNDLED, Splits, load_task, make_splits
 
@@ -200,6 +200,8 @@ def table_markdown(result: dict) -> str:
                      "Change from the base, 95% interval, p: " + "; ".join(
                          f"{r['task']}: " + ", ".join(f"{name} {_change_text(r[f'{label}_change'])}"
                                                       for label, name in METHODS.items()) for r in result["rows"]))
+        lines.append(family_summary([(f"{r['task']} {name}", r[f"{label}_change"]["p_value"])
+                                  for r in result["rows"] for label, name in METHODS.items()]))
     lines.append("Best edits: " + "; ".join(f"{r['task']}: " + ", ".join(f"{name} {r[f'{label}_best']}"
                                                                          for label, name in METHODS.items())
                                             for r in result["rows"]))

@@ -11,7 +11,9 @@ intervals of both accuracies, combined with their correlation), which keeps its 
 (``tests/test_math.py``).
 
 Only a split the search never chose on gives a fair test: the best of many candidates on the calibration split
-looks better there than it is, so these numbers are for held-out evaluations.
+looks better there than it is, so these numbers are for held-out evaluations. Each test holds for one change
+looked at alone; where several are read together (a table of tasks x methods, a list of candidates tested on
+held-out data), :func:`holm` says which of them stay real as a family.
 """
 from __future__ import annotations
 
@@ -95,6 +97,28 @@ def change_between(before: dict | None, after: dict | None) -> PairedChange | No
             or len(before["correct"]) != len(after["correct"]):
         return None
     return paired_change(before["correct"], after["correct"])
+
+
+def holm(p_values: Sequence[float], alpha: float = ALPHA) -> list[bool]:
+    """Which of several tests stay significant read together: Holm's (1979) step-down correction, which keeps the
+    chance of any false "real" among them below ``alpha`` (as Bonferroni does, and it never keeps fewer).
+
+    The smallest p must be below alpha/m, the next below alpha/(m-1), and so on; the first that is not stops it.
+    """
+    keep = [False] * len(p_values)
+    for rank, i in enumerate(sorted(range(len(p_values)), key=lambda j: p_values[j])):
+        if not p_values[i] < alpha / (len(p_values) - rank):
+            break
+        keep[i] = True
+    return keep
+
+
+def family_summary(tests: Sequence[tuple[str, float]]) -> str:
+    """What of several changes, (name, p) each, stays beyond noise read together (:func:`holm`), in a sentence."""
+    kept = [name for (name, _), k in zip(tests, holm([p for _, p in tests])) if k]
+    verdict = f"{', '.join(kept)} {'stays' if len(kept) == 1 else 'stay'}" if kept else "none stays"
+    return (f"Read together, as {len(tests)} tests (Holm's correction: at most a {ALPHA:.0%} chance that any of them "
+            f"is called real by chance): {verdict} beyond noise.")
 
 
 def mcnemar_midp(fixed: int, broken: int) -> float:

@@ -31,6 +31,8 @@ if df.empty:
     ui.user_error(f"Only the base model was evaluated on the {split} split.")
 df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
 st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CHANGE_COLUMNS)
+if family := ui.family_caption(df):
+    st.caption(family)
 
 c1, c2 = st.columns(2)
 with c1:

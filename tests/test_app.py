@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import write_mc_jsonl
-from laser_core.significance import paired_change
+from laser_core.significance import family_summary, paired_change
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -533,6 +533,9 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     assert (table["vs_base"] - (table["accuracy"] - base)).abs().max() < 1e-9
     assert json.loads(at.dataframe[0].proto.columns)["vs_base"]["type_config"]["format"] == "%+.3f"  # shown signed
     assert list(table["beyond_noise"]) == ["yes" if p < 0.05 else "" for p in table["p"]]
+    family = [c.value for c in at.caption if "Read together" in c.value]  # the search's best and B: two tests
+    assert len(table) >= 2 and len(family) == 1 and family[0].endswith(family_summary(
+        [(f"L{r.layer}.{r.type} K={r.k} ρ={r.rho:g}", r.p) for r in table.itertuples()]))
     b_row = table[table["name"] == at.selectbox(key="cmp_b").value.split(" K=")[0]]
     assert any(abs(v - (fixed - broken) / 300) < 1e-9 for v in b_row["vs_base"])
     at.radio(key="res_split").set_value("calib").run()  # the split the search chose on: no such columns

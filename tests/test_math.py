@@ -14,7 +14,7 @@ from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
 from laser_core.models import MatrixRef
 from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
-from laser_core.significance import mcnemar_midp, newcombe_interval, paired_change
+from laser_core.significance import holm, mcnemar_midp, newcombe_interval, paired_change
 
 
 def test_singular_value_gradient_matches_autograd_through_svd():
@@ -247,6 +247,20 @@ def test_newcombe_interval_covers_the_true_change_95_percent_of_the_time_on_corr
         low, high = newcombe_interval(*counts)
         covered += low <= true <= high
     assert 0.93 <= covered / reps <= 0.975
+
+
+def test_holm_keeps_what_stands_as_a_family_and_keeps_false_alarms_at_5_percent():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.005 < .05/4, 0.01 < .05/3, 0.03 > .05/2
+    assert holm([0.01, 0.015, 0.02]) == [True, True, True]  # Bonferroni (each < .05/3) would drop 0.02
+    assert holm([0.044, 0.0072] + [0.2] * 10) == [False] * 12  # the report's two smallest, among 12 changes
+    assert holm([]) == []
+    rng, reps = random.Random(0), 4000  # ten tests with nothing to find: p uniform
+    any_alone = any_holm = 0
+    for _ in range(reps):
+        ps = [rng.random() for _ in range(10)]
+        any_alone += min(ps) < 0.05
+        any_holm += any(holm(ps))
+    assert 0.35 <= any_alone / reps <= 0.45 and 0.035 <= any_holm / reps <= 0.06  # 1 - 0.95**10 = 0.40 vs 0.049
 
 
 def test_paired_change_refuses_evaluations_of_different_questions():

@@ -491,6 +491,8 @@ def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without
     assert "| t | 0.300 | 0.450† | 0.305 | 0.305 |" in text
     assert row_line(marked) == "t: base 0.300, LASER 0.450†, C2I K=1 0.305, C2I K grid 0.305"  # the progress line
     assert "LASER +0.150 [" in text and "C2I K=1 +0.005 [" in text and "p < 0.001" in text
+    assert "Read together, as 3 tests (Holm's correction: at most a 5% chance that any of them is called real by " \
+        "chance): t LASER stays beyond noise." in text
     old = table_markdown({"settings": settings, "rows": [row]})  # a JSON saved before: no marks, no such line
     assert "| t | 0.300 | 0.450 | 0.305 | 0.305 |" in old and "†" not in old
 
