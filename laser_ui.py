@@ -1080,9 +1080,11 @@ def cached_results(lm, splits) -> list[dict]:
 
 
 def cached_result(lm, splits, split: str, edit=None) -> dict | None:
-    """One cached evaluation (None: not computed yet)."""
+    """One cached evaluation (None: not computed yet, or only up to an early stop, whose accuracy counts only the
+    examples it saw)."""
     from laser_core.search import result_key
-    return store().get_json(result_key(store(), lm, splits, split, edit))
+    doc = store().get_json(result_key(store(), lm, splits, split, edit))
+    return None if doc is None or doc.get("stopped_early") else doc
 
 
 def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dict[str, dict | None]:

@@ -506,6 +506,28 @@ def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_score
     assert at.selectbox(key="one_matrix").value == top
 
 
+def test_explore_one_candidate_runs_an_edit_that_a_search_stopped_early_instead_of_showing_its_part(app_env):
+    from laser_core import Edit, ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core.search import evaluate_candidate
+    from laser_core.store import null_store
+    name = "model.layers.0.mlp.down_proj.weight"
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    splits = make_splits(load_task(ts), ts)
+    assert evaluate_candidate(lm, Edit(name, 2, 0.3), splits, "calib", Store(), beat=(0.99, 0.0))["stopped_early"]
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at.session_state["selected_matrix"] = name
+    at.run()
+    at.radio(key="method").set_value("One candidate (sliders)").run()
+    at.select_slider(key="one_k").set_value(2)
+    at.select_slider(key="one_rho").set_value(0.3).run()
+    assert "This edit (calib)" not in metrics(at)  # a stopped candidate's accuracy counts only what it saw
+    click(at, "Evaluate on calibration (100 examples)")
+    wait_for(at, lambda a: "This edit (calib)" in metrics(a))
+    full = evaluate_candidate(lm, Edit(name, 2, 0.3), splits, "calib", null_store())
+    assert metrics(at)["This edit (calib)"] == f"{full['accuracy']:.3f}"
+
+
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
