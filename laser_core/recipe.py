@@ -57,9 +57,12 @@ def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, ba
                    edited_test: dict | None = None) -> dict:
     """A recipe's ``metrics``: accuracy, log-loss and size of each evaluation given (None where not computed),
     base and edited on the split the search scored, and on held-out test (what ``apply`` re-checks), with the
-    paired held-out change (questions fixed and broken, its 95% interval and p-value; see ``significance``)."""
+    paired held-out change (questions fixed and broken, its 95% interval and p-value; see ``significance``). An
+    evaluation stopped early counts as not computed: its accuracy counts only the examples it saw."""
     def pick(d: dict | None) -> dict | None:
-        return None if d is None else {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}
+        if d is None or d.get("stopped_early"):
+            return None
+        return {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}
     change = change_between(base_test, edited_test)
     return {"search_split": search_split, "base": pick(base), "edited": pick(edited),
             "base_test": pick(base_test), "edited_test": pick(edited_test),

@@ -183,6 +183,10 @@ def test_a_candidate_stopped_early_is_reused_only_against_a_best_at_least_as_hig
     weaker = evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.0, 0.0))  # a lower one: run to the end
     assert not weaker["cached"] and not weaker["stopped_early"] and weaker["accuracy"] == full["accuracy"]
     assert evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.0, 0.0))["cached"]  # and that is kept
+    from laser_core.recipe import recipe_metrics
+    base = evaluate_candidate(lm, None, splits, "calib", store)
+    assert recipe_metrics("calib", base, stopped)["edited"] is None  # a recipe does not carry its partial accuracy
+    assert recipe_metrics("calib", base, weaker)["edited"]["accuracy"] == full["accuracy"]
 
 
 def test_laser_sweep_covers_layers_times_types_times_rhos_on_validation(tiny_lm, mc_task, store):
