@@ -213,7 +213,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     key = result_key(store, lm, splits, split, edit)
     doc = store.get_json(key)
     # a candidate stopped early serves again only against a best at least as high as the one it could not reach
-    # (a search with another grid may hold a lower best when it comes to it); one cached before that was noted: never
+    # (a search with another grid may hold a lower best when it comes to it); one whose bar was not recorded, never
     reusable = doc is not None and (not doc.get("stopped_early")
                                     or (beat is not None and beat[0] >= doc.get("stopped_below", math.inf)))
     if reusable:
