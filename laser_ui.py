@@ -633,6 +633,11 @@ def render_estimate(est) -> None:
 ONE_RHOS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 0.9, 1.0)
 
 
+def score_ks(score: str) -> tuple[int, ...]:
+    """The K whose spectra a score needs: the paper's grid for ``first_order`` (it scores each (K, ρ)), else K=1."""
+    return PAPER_KS if score == "first_order" else (1,)
+
+
 def top_scored(lm, splits) -> str | None:
     """The matrix ranked first under the session's score settings (as Layer scores ranks them), or None where the
     scores are not in the cache."""
@@ -640,7 +645,7 @@ def top_scored(lm, splits) -> str | None:
     score = st.session_state.get("score", "paper")
     cfg = SearchConfig(score=score, tail_fraction=st.session_state.get("tail", SearchConfig.tail_fraction)
                        if score == "paper" else SearchConfig.tail_fraction)
-    found = cached_spectra(lm, splits, store(), (1, 2, 4, 8) if score == "first_order" else (1,))
+    found = cached_spectra(lm, splits, store(), score_ks(score))
     return c2i_matrices(score_table(lm, found[0], score, cfg), 1)[0] if found else None
 
 
@@ -673,7 +678,7 @@ def render_one_candidate(lm, splits) -> None:
     full = ref.shape[0] * ref.shape[1]
     line = (f"layer {ref.layer}, {ref.type}, {ref.shape[0]}×{ref.shape[1]}: rank kept per block {ranks}; "
             f"{kept:,} of {full:,} parameters in factored form ({kept / full:.1%})")
-    spectra = cached_spectra(lm, splits, store(), (1, 2, 4, 8)) or cached_spectra(lm, splits, store(), (1,))
+    spectra = cached_spectra(lm, splits, store(), PAPER_KS) or cached_spectra(lm, splits, store(), (1,))
     if spectra is not None and k in spectra[0][name].S:
         change = -first_order_gain(spectra[0][name], k, rho)
         line += f"; first-order predicted change of the calibration log-loss {change:+.4f}"

@@ -18,7 +18,7 @@ ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
 
 score, tail, q = ui.score_inputs(lm)
-ks = (1, 2, 4, 8) if score == "first_order" else (1,)
+ks = ui.score_ks(score)
 cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
 
 found = cached_spectra(lm, splits, ui.store(), ks)
