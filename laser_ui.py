@@ -230,9 +230,18 @@ def _masked_ties(fingerprint: str, splits_key: str, _lm, _splits) -> str | None:
     return masked_ties(_lm, [e for split in ("calib", "val", "test") for e in _splits.examples(split)])
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _unreachable(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> str | None:
+    """``forward.unreachable_targets`` over every split, once per model, splits and decoding length."""
+    from laser_core.forward import unreachable_targets
+    return unreachable_targets(_lm, [e for split in ("calib", "val", "test") for e in _splits.examples(split)],
+                               max_new_tokens)
+
+
 def load_warnings() -> tuple[str, ...]:
-    """What loading the session's model and task warned about (nothing for one that cannot be loaded), and, for a
-    masked LM, how many questions have choices it cannot tell apart (before, said only once a run had started)."""
+    """What loading the session's model and task warned about (nothing for one that cannot be loaded), and, before
+    any run: for a masked LM, how many questions have choices it cannot tell apart; for a generation task, how many
+    have no accepted answer short enough for the decoding length."""
     notes: tuple[str, ...] = ()
     loaded = []  # the model, then the splits, where they load
     for load, spec in ((_loaded_model, model_spec()), (_loaded_task, task_spec())):
@@ -242,10 +251,12 @@ def load_warnings() -> tuple[str, ...]:
             continue
         notes += warned
         loaded.append(value)
-    if len(loaded) == 2 and loaded[0].kind == "masked":
+    if len(loaded) == 2:
         lm, splits = loaded
-        tie = _masked_ties(lm.fingerprint, canonical_json([splits.key(s) for s in ("calib", "val", "test")]), lm, splits)
-        notes += (tie,) if tie else ()
+        key = canonical_json([splits.key(s) for s in ("calib", "val", "test")])
+        note = _masked_ties(lm.fingerprint, key, lm, splits) if lm.kind == "masked" else \
+            _unreachable(lm.fingerprint, key, splits.spec.max_new_tokens, lm, splits) if splits.task.kind == "gen" else None
+        notes += (note,) if note else ()
     return notes
 
 
@@ -299,7 +310,7 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed")})
+    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens")})
     return out
 
 
@@ -346,7 +357,8 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING})
+                        int(f["seed"]), max_new_tokens=int(f["max_new_tokens"]),
+                        **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING})
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
             t.add_argument("--choices-col", default="choices", help="column of the answer choices (default choices)")
             t.add_argument("--answer-col", default="answer", help="column of the correct choice: its index or text (default answer)")
             t.add_argument("--targets-col", default="targets", help="column of accepted answers for generation tasks (default targets)")
+            t.add_argument("--max-new-tokens", type=int, default=TaskSpec.max_new_tokens,
+                           help="generation tasks: tokens decoded per answer; an answer longer than this is never "
+                                "right (default %(default)s)")
             t.add_argument("--prompt-template", default="",
                            help="JSONL/CSV/HF: build the prompt from columns, e.g. 'Question: {question}\\nAnswer:' "
                                 "(\\n is a line break; default: the prompt column as it is)")
@@ -190,7 +193,7 @@ def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
     """The model and task specs that parsed command-line ``args`` name."""
     return ModelSpec(args.model, args.device, args.dtype), \
         TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
-                 args.answer_col, args.targets_col, prompt_template=args.prompt_template,
+                 args.answer_col, args.targets_col, args.max_new_tokens, prompt_template=args.prompt_template,
                  fixed_choices=args.fixed_choices)
 
 
@@ -202,7 +205,7 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
             for x in (f"--{f}", str(getattr(model, f)))]
     out += ["--task", task.source]
     for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col",
-              "prompt_template", "fixed_choices"):
+              "max_new_tokens", "prompt_template", "fixed_choices"):
         if getattr(task, f) != getattr(TaskSpec, f):
             out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
     return out

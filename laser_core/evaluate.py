@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
-from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows
+from .forward import (build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows,
+                      unreachable_targets, warn_once)
 from .models import LoadedModel
 from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
 from .sequences import Seq, least_padded_batches, prompt_ids
@@ -301,6 +302,9 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad = lm.pad_id
+    too_long = unreachable_targets(lm, examples, max_new_tokens)
+    if too_long:
+        warn_once(too_long)
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     texts: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))

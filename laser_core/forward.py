@@ -99,6 +99,23 @@ def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
     return _tie_warning([masked_choice_tokens(lm, e) for e in examples])
 
 
+def unreachable_targets(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int) -> str | None:
+    """For a generation task, the warning for the questions none of whose targets fits in ``max_new_tokens``
+    generated tokens: greedy decoding stops there, so they are never answered right (None when every question has
+    one that fits, or for a multiple-choice task). A page can say it before anything runs; each generation
+    evaluation says it too."""
+    if lm.kind != "causal" or any(e.kind != "gen" for e in examples):
+        return None
+    need = []
+    for e in examples:
+        p = prompt_ids(lm, e.prompt)
+        need.append(min(len(choice_ids(lm, p, e.prompt, t)) for t in e.targets))
+    over = [k for k in need if k > max_new_tokens]
+    return (f"{len(over)} of {len(need)} questions have no accepted answer that fits in {max_new_tokens} generated "
+            f"tokens (the longest of them needs {max(over)}): decoding stops there, so they are never answered "
+            "right; raise max_new_tokens (--max-new-tokens, or the task form's 'max new tokens')") if over else None
+
+
 _WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("laser_core_warned", default=None)
 
 

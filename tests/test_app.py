@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import write_mc_jsonl
+from conftest import write_jsonl, write_mc_jsonl
 from laser_core.significance import family_summary, paired_change
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,6 +267,20 @@ def test_model_page_says_before_a_run_when_a_masked_lm_cannot_tell_choices_apart
     at.session_state["model_spec"] = ModelSpec(str(tiny_dirs["llama"]), "cpu")  # a causal LM scores whole choices
     at.run()
     assert not [w for w in at.warning if "same token" in w.value]
+
+
+def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_field_sets_it(app_env, tmp_path):
+    long = " the capital of France is Paris and the capital of Italy is Rome"
+    task = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": f"Name capitals {i}:", "targets": [long]} for i in range(6)])
+    at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=2, n_test=2, max_new_tokens=3)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["task_spec"].max_new_tokens == 3
+    assert any(w.value.startswith("5 of 5 questions have no accepted answer that fits in 3 generated tokens")  # 2 + 2 + 1 split
+               for w in at.warning), [w.value for w in at.warning]
+    at.number_input(key="max_new_tokens").set_value(64)
+    at.button[0].click().run()
+    assert at.session_state["task_spec"].max_new_tokens == 64
+    assert not [w for w in at.warning if "generated tokens" in w.value]
 
 
 def test_model_page_form_shows_what_is_loaded_so_load_changes_only_what_the_user_edits(app_env):

@@ -436,6 +436,30 @@ def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     assert res.log_loss > 0
 
 
+def test_a_generation_answer_longer_than_max_new_tokens_is_said_before_and_during_a_run(tiny_lm, caplog, tmp_path):
+    """Decoding stops at max_new_tokens: a question whose every accepted answer is longer can never be right. Before,
+    its accuracy was 0 without a word, and only the library could set the length."""
+    from laser_core.cli import _parser, specs_of
+    from laser_core.forward import choice_ids, unreachable_targets
+    from laser_core.sequences import prompt_ids
+    lm = tiny_lm("llama")
+    long = " the capital of France is Paris and the capital of Italy is Rome"
+    ex = [Example("The capital of France is", targets=(" Paris",)),
+          Example("Name two capitals:", targets=(long, long + " and more"))]
+    need = len(choice_ids(lm, prompt_ids(lm, ex[1].prompt), ex[1].prompt, long))
+    assert need > 4
+    said = unreachable_targets(lm, ex, need - 1)
+    assert said.startswith(f"1 of 2 questions have no accepted answer that fits in {need - 1} generated tokens "
+                           f"(the longest of them needs {need})")
+    assert unreachable_targets(lm, ex, need) is None
+    assert unreachable_targets(lm, [Example("Q?", (" a", " b"), 0)], 1) is None  # multiple choice: nothing decoded
+    with caplog.at_level("WARNING"):
+        evaluate(lm, ex, max_new_tokens=need - 1)
+    assert said in caplog.text
+    args = _parser().parse_args(["eval", "--task", str(tmp_path / "t.jsonl"), "--max-new-tokens", "40"])
+    assert specs_of(args)[1].max_new_tokens == 40
+
+
 def test_a_tokenizer_without_pad_token_pads_with_eos_and_scores_as_unpadded(tiny_dirs):
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -380,7 +380,7 @@ def test_spec_args_give_the_cli_the_same_model_and_task_specs():
 
     for m, t in [(ModelSpec(), TaskSpec()),
                  (ModelSpec("/m dir", "cpu", "bfloat16"),
-                  TaskSpec("x.csv", 50, 80, 30, 7, "q", "opts", "gold", "refs", prompt_template="Q: {q}\\nA:",
+                  TaskSpec("x.csv", 50, 80, 30, 7, "q", "opts", "gold", "refs", 40, prompt_template="Q: {q}\\nA:",
                            fixed_choices="no|yes"))]:
         args = spec_args(m, t)
         assert specs_of(_parser().parse_args(["search", *args])) == (m, t)
