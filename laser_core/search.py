@@ -180,10 +180,13 @@ def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: 
 
 
 def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig, status: str = "complete") -> str:
-    """Cache key of a search report: model, task, the searched split's examples, the settings, its status."""
+    """Cache key of a search report: model, task, the searched split's examples, the settings, its status, and for
+    a generation task the decoding length (every result in it depends on that)."""
     split = SEARCH_SPLIT[cfg.method]
-    return store.key("report", lm.fingerprint, splits.task.digest,
-                     {"cfg": to_dict(cfg), "split": splits.key(split), "status": status})
+    ident = {"cfg": to_dict(cfg), "split": splits.key(split), "status": status}
+    if splits.task.kind == "gen":  # a multiple-choice report's key stays as it was: its results decode nothing
+        ident["max_new_tokens"] = splits.spec.max_new_tokens
+    return store.key("report", lm.fingerprint, splits.task.digest, ident)
 
 
 def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:

@@ -435,6 +435,28 @@ def test_cached_results_lists_only_evaluations_on_the_current_splits(tiny_lm, mc
     assert len(cached_results(store, lm, b)) == 1 + 2 + 2
 
 
+def test_a_generation_tasks_report_is_cached_per_decoding_length_and_a_multiple_choice_ones_as_before(
+        tiny_lm, mc_task, store, tmp_path):
+    """The dashboard shows a cached report for its settings; with a longer max_new_tokens, a generation task's
+    report (every result in it decoded to the old length) is not that report."""
+    import dataclasses
+
+    from conftest import write_jsonl
+    from laser_core.config import to_dict
+    from laser_core.search import report_key
+    lm = tiny_lm("llama")
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": f"Say {i}:", "targets": [f" {i}"]} for i in range(40)])
+    cfg = SearchConfig(q=1, ks=(1,), rhos=(0.5,))
+    for source, differs in ((str(gen), True), (str(mc_task), False)):
+        ts = TaskSpec(source, n_calib=10, n_test=10)
+        short, longer = (make_splits(load_task(t), t) for t in (ts, dataclasses.replace(ts, max_new_tokens=20)))
+        assert (report_key(store, lm, short, cfg) != report_key(store, lm, longer, cfg)) == differs
+    ts = TaskSpec(str(mc_task), n_calib=10, n_test=10)  # the key a multiple-choice report was cached under before
+    splits = make_splits(load_task(ts), ts)
+    assert report_key(store, lm, splits, cfg) == store.key("report", lm.fingerprint, splits.task.digest, {
+        "cfg": to_dict(cfg), "split": splits.key("calib"), "status": "complete"})
+
+
 def test_a_search_without_held_out_results_is_not_cached_as_a_complete_report(tiny_lm, mc_task, store):
     from laser_core.search import report_key
     lm = tiny_lm("llama")
