@@ -504,7 +504,8 @@ def render_sidebar_status() -> None:
     spec, tspec = model_spec(), task_spec()
     try:  # the sizes the splits have: a small task has fewer test (or validation) examples than asked
         s = _splits_of(tspec)
-        sizes = f"calib {len(s.calib)}, val {len(s.val)}, test {len(s.test)}"
+        sizes = f"calib {len(s.calib)}, val {len(s.val)}, test {len(s.test)}" + \
+            (f", {tspec.max_new_tokens} new tokens" if s.task.kind == "gen" else "")
     except LaserError:  # the page says why when it loads the task
         sizes = f"calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, test {tspec.n_test}"
     reading = "".join(f"  \n{label}: `{value}`" for label, value in (("Prompt", tspec.prompt_template),

@@ -279,7 +279,7 @@ def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_fie
                for w in at.warning), [w.value for w in at.warning]
     at.number_input(key="max_new_tokens").set_value(64)
     at.button[0].click().run()
-    assert at.session_state["task_spec"].max_new_tokens == 64
+    assert at.session_state["task_spec"].max_new_tokens == 64 and ", 64 new tokens, seed 0" in at.sidebar.caption[0].value
     assert not [w for w in at.warning if "generated tokens" in w.value]
 
 
