@@ -231,17 +231,20 @@ def _masked_ties(fingerprint: str, splits_key: str, _lm, _splits) -> str | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _unreachable(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> str | None:
-    """``forward.unreachable_targets`` over every split, once per model, splits and decoding length."""
-    from laser_core.forward import unreachable_targets
-    return unreachable_targets(_lm, [e for split in ("calib", "val", "test") for e in _splits.examples(split)],
-                               max_new_tokens)
+def _length_notes(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> tuple[str, ...]:
+    """``forward.context_overflow`` and ``forward.unreachable_targets`` over every split, once per model, splits
+    and decoding length."""
+    from laser_core.forward import context_overflow, unreachable_targets
+    examples = [e for split in ("calib", "val", "test") for e in _splits.examples(split)]
+    notes = (context_overflow(_lm, examples, max_new_tokens), unreachable_targets(_lm, examples, max_new_tokens))
+    return tuple(n for n in notes if n)
 
 
 def load_warnings() -> tuple[str, ...]:
     """What loading the session's model and task warned about (nothing for one that cannot be loaded), and, before
-    any run: for a masked LM, how many questions have choices it cannot tell apart; for a generation task, how many
-    have no accepted answer short enough for the decoding length."""
+    any run: how many questions are longer than the model's context (a run refuses them); for a masked LM, how many
+    have choices it cannot tell apart; for a generation task, how many have no accepted answer short enough for the
+    decoding length."""
     notes: tuple[str, ...] = ()
     loaded = []  # the model, then the splits, where they load
     for load, spec in ((_loaded_model, model_spec()), (_loaded_task, task_spec())):
@@ -254,9 +257,9 @@ def load_warnings() -> tuple[str, ...]:
     if len(loaded) == 2:
         lm, splits = loaded
         key = canonical_json([splits.key(s) for s in ("calib", "val", "test")])
-        note = _masked_ties(lm.fingerprint, key, lm, splits) if lm.kind == "masked" else \
-            _unreachable(lm.fingerprint, key, splits.spec.max_new_tokens, lm, splits) if splits.task.kind == "gen" else None
-        notes += (note,) if note else ()
+        notes += _length_notes(lm.fingerprint, key, splits.spec.max_new_tokens, lm, splits)
+        tie = _masked_ties(lm.fingerprint, key, lm, splits) if lm.kind == "masked" else None
+        notes += (tie,) if tie else ()
     return notes
 
 

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import Cancelled, ConfigError, NumericsError
-from .forward import (build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows,
-                      unreachable_targets, warn_once)
+from .forward import (build_sequences, head_logprobs, lead_cache, overflow_text, rows_and_batches, scored_logprobs,
+                      scored_rows, unreachable_targets, warn_once)
 from .models import LoadedModel
 from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
 from .sequences import Seq, least_padded_batches, prompt_ids
@@ -306,6 +306,9 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     if too_long:
         warn_once(too_long)
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    past_context = overflow_text(lm, [len(p) + max_new_tokens for p in prompts])
+    if past_context:
+        raise ConfigError(past_context)
     texts: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), 32):

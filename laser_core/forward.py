@@ -47,12 +47,18 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         for i, e in enumerate(examples):
             ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
             seqs.append(Seq(ids, [ids.index(tok.mask_token_id)], [], masked_choice_tokens(lm, e), i))
+        too_long = overflow_text(lm, [len(s.ids) for s in seqs])
+        if too_long:
+            raise ConfigError(too_long)
         tie = _tie_warning([s.rows for s in seqs])
         if tie:
             warn_once(tie)
         return seqs, True
     prompts = [prompt_ids(lm, e.prompt) for e in examples]
     cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
+    too_long = overflow_text(lm, [len(p) + max(map(len, cs)) for p, cs in zip(prompts, cont)])
+    if too_long:  # else a learned position embedding fails with a bare index error mid-run
+        raise ConfigError(too_long)
     fast = all(e.kind == "mc" for e in examples) and all(len(c) == 1 for cs in cont for c in cs)
     span = attention_span(lm)  # a tree mask goes on a whole batch: every row must fit the window, packed or not
     fits = span is None or all(len(p) + sum(map(len, cs)) <= span for p, cs in zip(prompts, cont))
@@ -97,6 +103,32 @@ def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
     if lm.kind != "masked" or lm.tokenizer.mask_token is None or any(e.kind != "mc" for e in examples):
         return None
     return _tie_warning([masked_choice_tokens(lm, e) for e in examples])
+
+
+def overflow_text(lm: LoadedModel, lengths: Sequence[int]) -> str | None:
+    """The error for questions whose tokens (``lengths``, one per question: what its longest scored row or decoding
+    needs) pass the model's context, or None where all fit."""
+    limit = lm.context_limit
+    over = [n for n in lengths if limit is not None and n > limit]
+    return (f"{len(over)} of {len(lengths)} questions are longer than the model's context of {limit} tokens (the "
+            f"longest needs {max(over)}): shorten or drop them, or use a model with a longer context") if over else None
+
+
+def context_overflow(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 0) -> str | None:
+    """:func:`overflow_text` for ``examples`` as an evaluation would run them (a multiple-choice question: its prompt
+    and longest choice; a generation one: its prompt and ``max_new_tokens``, or its first answer if longer), so
+    that a page can say it before anything runs."""
+    if lm.kind == "masked" and lm.tokenizer.mask_token is None:
+        return None  # build_sequences says what is wrong with such a model
+    lengths = []
+    for e in examples:
+        if lm.kind == "masked":
+            lengths.append(len(encode(lm.tokenizer, e.prompt + " " + lm.tokenizer.mask_token, special=True)))
+            continue
+        p = prompt_ids(lm, e.prompt)
+        longest = max(len(choice_ids(lm, p, e.prompt, c)) for c in (e.choices or e.targets[:1]))
+        lengths.append(len(p) + (max(longest, max_new_tokens) if e.kind == "gen" else longest))
+    return overflow_text(lm, lengths)
 
 
 def unreachable_targets(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int) -> str | None:

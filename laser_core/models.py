@@ -195,6 +195,16 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def context_limit(self) -> int | None:
+        """The most token positions the model has (None where its config names no limit): past it, learned position
+        embeddings (GPT-2, BERT) fail with an index error, and rotary ones run where the model was never trained."""
+        cfg = self.model.config
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if n and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            n -= (cfg.pad_token_id or 0) + 1  # their positions are numbered from after the padding index
+        return n
+
+    @property
     def pad_id(self) -> int:
         """The token id that fills padded positions (masked out, so any id would do; the tokenizer's if it has one)."""
         pad = self.tokenizer.pad_token_id

@@ -283,6 +283,16 @@ def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_fie
     assert not [w for w in at.warning if "generated tokens" in w.value]
 
 
+def test_model_page_says_before_a_run_which_questions_are_longer_than_the_models_context(app_env, tmp_path):
+    rows = [{"prompt": f"Is {i} even?", "choices": [" yes", " no"], "answer": i % 2} for i in range(5)]
+    rows[3]["prompt"] = "Is it" + " so" * 300 + "?"  # past the tiny model's 256 positions
+    at = load_task_file(page("pages/1_Model_and_task.py"), write_jsonl(tmp_path / "long.jsonl", rows), n_calib=2,
+                        n_test=2)
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(w.value.startswith("1 of 5 questions are longer than the model's context of 256 tokens")
+               for w in at.warning), [w.value for w in at.warning]  # 5: the examples of the splits (2 + 2 + 1)
+
+
 def test_model_page_form_shows_what_is_loaded_so_load_changes_only_what_the_user_edits(app_env):
     from laser_core import ModelSpec, TaskSpec
     loaded = (ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], "cpu"),

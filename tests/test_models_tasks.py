@@ -460,6 +460,31 @@ def test_a_generation_answer_longer_than_max_new_tokens_is_said_before_and_durin
     assert specs_of(args)[1].max_new_tokens == 40
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_a_question_longer_than_the_models_context_is_refused_clearly_and_one_that_just_fits_runs(tiny_lm, arch):
+    """Before, GPT-2 and RoBERTa failed mid-run with a bare IndexError / 'index 260 is out of bounds', and a rotary
+    model scored positions it was never trained on."""
+    from laser_core.forward import context_overflow
+    lm = tiny_lm(arch)
+
+    def question(k: int) -> Example:
+        return Example("Is it" + " so" * k + "?", (" yes", " no"), 0)
+    k = 0
+    while context_overflow(lm, [question(k + 1)]) is None:  # the longest question that fits
+        k += 1
+    assert k > 20  # (a few tokens per " so")
+    evaluate(lm, [question(k), question(1)])  # runs: the limit is not too lax for its position embeddings
+    said = context_overflow(lm, [question(k + 1), question(1)])
+    assert said.startswith(f"1 of 2 questions are longer than the model's context of {lm.context_limit} tokens")
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        evaluate(lm, [question(k + 1), question(1)])
+    if arch != "roberta":  # generation: the prompt and max_new_tokens
+        gen = [Example("Is it" + " so" * (k - 8) + "?", targets=(" yes",))]
+        assert context_overflow(lm, gen, max_new_tokens=4) is None and context_overflow(lm, gen, 40) is not None
+        with pytest.raises(ConfigError, match="longer than the model's context"):
+            evaluate(lm, gen, max_new_tokens=40)
+
+
 def test_a_tokenizer_without_pad_token_pads_with_eos_and_scores_as_unpadded(tiny_dirs):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
