@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import random
@@ -291,7 +292,7 @@ def load_csv(path: str | Path, spec: TaskSpec) -> Task:
     text = read_text(path, TaskFormatError)
     if not text.strip():
         raise TaskFormatError(f"{path.name}: the file is empty")
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted field keeps its line breaks
     rows = []
     for row in reader:
         if None in row or any(v is None for v in row.values()):

@@ -279,6 +279,17 @@ def test_csv_with_column_mapping_and_choice_text_answer(tmp_path):
     assert [(e.choices, e.answer) for e in task.examples] == [((" yes", " no"), 0), ((" yes", " no"), 1)]
 
 
+def test_csv_keeps_the_line_breaks_of_a_quoted_field_and_names_the_line_a_bad_row_ends_on(tmp_path):
+    """Spreadsheets write a multi-line prompt as one quoted field. Before, its line breaks were dropped:
+    "Q: is it?\nAnswer:" was read as "Q: is it?Answer:"."""
+    p = tmp_path / "t.csv"
+    p.write_bytes(b'prompt,choices,answer\r\n"Q: is it?\nAnswer:",yes|no,0\r\n"Line one\r\nline two:",yes|no,1\r\n')
+    assert [e.prompt for e in load_task(TaskSpec(str(p))).examples] == ["Q: is it?\nAnswer:", "Line one\nline two:"]
+    p.write_text('prompt,choices,answer\n"a\nb",x|y,0\n"c",x|y\n')
+    with pytest.raises(TaskFormatError, match="line 4 has 2 fields but the header has 3"):
+        load_task(TaskSpec(str(p)))
+
+
 def test_prompt_template_builds_the_prompt_from_columns(tmp_path):
     """Hub datasets and most files hold a bare question: a template gives it the "Question: ...\\nAnswer:" frame."""
     p = tmp_path / "t.csv"
