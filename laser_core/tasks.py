@@ -287,12 +287,17 @@ def load_jsonl(path: str | Path, spec: TaskSpec) -> Task:
 
 
 def load_csv(path: str | Path, spec: TaskSpec) -> Task:
-    """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as the choice text or its index."""
+    """Read CSV with a header row; choices as a JSON list or 'a|b|c', answer as the choice text or its index. The
+    separator is the header's: a comma, or a semicolon (spreadsheets set to a decimal comma write those) or a tab."""
     path = Path(path)
     text = read_text(path, TaskFormatError)
     if not text.strip():
         raise TaskFormatError(f"{path.name}: the file is empty")
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted field keeps its line breaks
+    try:
+        separator = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t").delimiter
+    except csv.Error:  # a header of one column
+        separator = ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)  # a quoted field keeps its line breaks
     rows = []
     for row in reader:
         if None in row or any(v is None for v in row.values()):

@@ -279,7 +279,7 @@ def test_csv_with_column_mapping_and_choice_text_answer(tmp_path):
     assert [(e.choices, e.answer) for e in task.examples] == [((" yes", " no"), 0), ((" yes", " no"), 1)]
 
 
-def test_csv_keeps_the_line_breaks_of_a_quoted_field_and_names_the_line_a_bad_row_ends_on(tmp_path):
+def test_csv_keeps_the_line_breaks_of_a_quoted_field_takes_the_headers_separator_and_names_bad_lines(tmp_path):
     """Spreadsheets write a multi-line prompt as one quoted field. Before, its line breaks were dropped:
     "Q: is it?\nAnswer:" was read as "Q: is it?Answer:"."""
     p = tmp_path / "t.csv"
@@ -288,6 +288,10 @@ def test_csv_keeps_the_line_breaks_of_a_quoted_field_and_names_the_line_a_bad_ro
     p.write_text('prompt,choices,answer\n"a\nb",x|y,0\n"c",x|y\n')
     with pytest.raises(TaskFormatError, match="line 4 has 2 fields but the header has 3"):
         load_task(TaskSpec(str(p)))
+    for sep in (";", "\t"):  # a spreadsheet set to a decimal comma separates with semicolons; or tabs
+        p.write_text(sep.join(["prompt", "choices", "answer"]) + "\n" + sep.join(["Is 1,5 > 1?", "yes|no", "0"]) + "\n")
+        assert [(e.prompt, e.choices, e.answer) for e in load_task(TaskSpec(str(p))).examples] == [
+            ("Is 1,5 > 1?", (" yes", " no"), 0)]
 
 
 def test_prompt_template_builds_the_prompt_from_columns(tmp_path):
