@@ -35,14 +35,14 @@ with st.form("setup"):  # every widget has a key: ui.load_setup_form reads them 
         t2.text_input("Fixed choices (optional)", key="fixed_choices", placeholder="no|yes",
                       help="The same choices for every row (BoolQ, SST-2), in place of the choices column; the answer "
                            "column gives an index or the text of one (true/false: the second/first of two).")
-        s1, s2, s3, s4, s5 = st.columns(5)
+        s1, s2, s3, s4 = st.columns(4)
         s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
         s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
         s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                         help="LASER's search split; blank: 20% of the task")
         s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
-        s5.number_input("max new tokens", 1, 1024, key="max_new_tokens", help="generation tasks: tokens decoded "
-                        "per answer; an answer longer than this is never right")
+        st.columns([2, 3])[0].number_input("max new tokens", 1, 1024, key="max_new_tokens", help="generation tasks: "
+                                           "tokens decoded per answer; an answer longer than this is never right")
     if st.form_submit_button("Load model and task", type="primary"):
         ui.load_setup_form()  # on a bad model or task: an error, and the previous ones stay loaded
 
