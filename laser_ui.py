@@ -945,6 +945,30 @@ def scores_frame(table: list[dict]) -> pd.DataFrame:
                          for r in by_rank])
 
 
+def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
+    """A search report (``SearchReport.to_dict()``) whose candidates on its split include the evaluation ``doc``:
+    ``shown`` (the one on Explore) where it does, else a complete one in the cache for this model and these splits,
+    one whose best it is first; None where no search in the cache tried it (One candidate's)."""
+    from laser_core.search import report_key
+    ident = (doc["name"], doc["k"], doc["rho"])
+
+    def tried(r: dict | None) -> bool:
+        return bool(r) and r.get("search_split") == doc["split"] and any(
+            (c["name"], c["k"], c["rho"]) == ident for c in r.get("candidates", ()))
+    if tried(shown):
+        return shown
+    found = []
+    for key, r in store().iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
+        try:
+            if tried(r) and r.get("status") == "complete" and key == report_key(store(), lm, splits,
+                                                                                 SearchConfig(**r["config"])):
+                found.append(r)
+        except (LaserError, TypeError, KeyError):  # a report written by another version
+            continue
+    return max(found, key=lambda r: tuple((r.get("best") or {}).get(f) for f in ("name", "k", "rho")) == ident,
+               default=None)
+
+
 def export_options(docs: list[dict], report: dict | None) -> tuple[list[dict], int]:
     """The candidates Export offers (one per edit: calibration results first, best first) and the index of the one
     to preselect: the best of the ``report`` shown on Explore, where it is among them."""

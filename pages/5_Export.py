@@ -58,8 +58,7 @@ with st.expander(f"The recipe ({fmt})"):
     st.code(text, language=fmt.lower())
 st.subheader("From the command line")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
-found_by = report if report and report.get("search_split") == d["split"] and any(
-    (c["name"], c["k"], c["rho"]) == (d["name"], d["k"], d["rho"]) for c in report["candidates"]) else None
+found_by = ui.search_that_found(lm, splits, d, report)  # Explore's, else one in the cache
 cfg = SearchConfig(**found_by["config"]) if found_by else command_defaults(method or "c2i")
 st.caption(("or re-run the search that found it: " if found_by else "or run a search: ") + f"`{ui.cli_command(lm, splits, cfg)}`")
 

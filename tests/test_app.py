@@ -593,7 +593,18 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     assert len(at.get("download_button")) == 1
     assert '"laser_lab_recipe": 1' in at.code[0].value
     spec_flags = f"--model {app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}"
-    assert f"or run a search: `python -m laser_core search {spec_flags}`" in [c.value for c in at.caption]
+    said = next(c.value for c in at.caption if "python -m laser_core search" in c.value)  # a session without Explore:
+    assert said.startswith("or re-run the search that found it: `") and said.endswith(f"{spec_flags}`")  # the cache's
+    from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core.cli import _parser, search_config_of
+    from laser_core.search import report_key
+    cmd = said.split("`")[1].split()[3:]  # after "python -m laser_core"
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    cached = Store().get_json(report_key(Store(), lm, make_splits(load_task(ts), ts),
+                                         search_config_of(_parser().parse_args(cmd), "c2i")))
+    shown = json.loads(at.code[0].value)["edits"][0]
+    assert any((c["name"], c["k"], c["rho"]) == (shown["name"], shown["k"], shown["rho"]) for c in cached["candidates"])
     from laser_core import SearchConfig
     from laser_core.config import to_dict
     e = json.loads(at.code[0].value)["edits"][0]
