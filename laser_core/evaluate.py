@@ -302,10 +302,10 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad = lm.pad_id
-    too_long = unreachable_targets(lm, examples, max_new_tokens)
+    prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    too_long = unreachable_targets(lm, examples, max_new_tokens, prompts)
     if too_long:
         warn_once(too_long)
-    prompts = [prompt_ids(lm, e.prompt) for e in examples]
     past_context = overflow_text(lm, [len(p) + max_new_tokens for p in prompts])
     if past_context:
         raise ConfigError(past_context)

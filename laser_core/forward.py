@@ -45,7 +45,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             raise ConfigError("this masked LM's tokenizer has no mask token")
         seqs = []
         for i, e in enumerate(examples):
-            ids = encode(tok, e.prompt + " " + tok.mask_token, special=True)
+            ids = masked_ids(lm, e)
             seqs.append(Seq(ids, [ids.index(tok.mask_token_id)], [], masked_choice_tokens(lm, e), i))
         too_long = overflow_text(lm, [len(s.ids) for s in seqs])
         if too_long:
@@ -54,8 +54,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         if tie:
             warn_once(tie)
         return seqs, True
-    prompts = [prompt_ids(lm, e.prompt) for e in examples]
-    cont = [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])] for e, p in zip(examples, prompts)]
+    prompts, cont = tokenised(lm, examples)
     too_long = overflow_text(lm, [len(p) + max(map(len, cs)) for p, cs in zip(prompts, cont)])
     if too_long:  # else a learned position embedding fails with a bare index error mid-run
         raise ConfigError(too_long)
@@ -80,6 +79,19 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             ids = p + c
             seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
+
+
+def tokenised(lm: LoadedModel, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """For a causal LM: each example's prompt ids, and the ids of each of its choices as they follow the prompt (a
+    generation example: of its first accepted answer, which its log-loss scores)."""
+    prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    return prompts, [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])]
+                     for e, p in zip(examples, prompts)]
+
+
+def masked_ids(lm: LoadedModel, e: Example) -> list[int]:
+    """For a masked LM: the row of ``e``, its prompt and then the <mask> its choices are scored at."""
+    return encode(lm.tokenizer, e.prompt + " " + lm.tokenizer.mask_token, special=True)
 
 
 def masked_choice_tokens(lm: LoadedModel, e: Example) -> list[int]:
@@ -118,30 +130,26 @@ def context_overflow(lm: LoadedModel, examples: Sequence[Example], max_new_token
     """:func:`overflow_text` for ``examples`` as an evaluation would run them (a multiple-choice question: its prompt
     and longest choice; a generation one: its prompt and ``max_new_tokens``, or its first answer if longer), so
     that a page can say it before anything runs."""
-    if lm.kind == "masked" and lm.tokenizer.mask_token is None:
-        return None  # build_sequences says what is wrong with such a model
+    if lm.kind == "masked":  # build_sequences says what is wrong with one whose tokenizer has no mask token
+        return overflow_text(lm, [len(masked_ids(lm, e)) for e in examples]) if lm.tokenizer.mask_token else None
+    prompts, cont = tokenised(lm, examples)
     lengths = []
-    for e in examples:
-        if lm.kind == "masked":
-            lengths.append(len(encode(lm.tokenizer, e.prompt + " " + lm.tokenizer.mask_token, special=True)))
-            continue
-        p = prompt_ids(lm, e.prompt)
-        longest = max(len(choice_ids(lm, p, e.prompt, c)) for c in (e.choices or e.targets[:1]))
+    for e, p, cs in zip(examples, prompts, cont):
+        longest = max(map(len, cs))
         lengths.append(len(p) + (max(longest, max_new_tokens) if e.kind == "gen" else longest))
     return overflow_text(lm, lengths)
 
 
-def unreachable_targets(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int) -> str | None:
+def unreachable_targets(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int,
+                        prompts: Sequence[list[int]] | None = None) -> str | None:
     """For a generation task, the warning for the questions none of whose targets fits in ``max_new_tokens``
     generated tokens: greedy decoding stops there, so they are never answered right (None when every question has
     one that fits, or for a multiple-choice task). A page can say it before anything runs; each generation
-    evaluation says it too."""
+    evaluation says it too, passing the ``prompts``' ids it has (else they are computed here)."""
     if lm.kind != "causal" or any(e.kind != "gen" for e in examples):
         return None
-    need = []
-    for e in examples:
-        p = prompt_ids(lm, e.prompt)
-        need.append(min(len(choice_ids(lm, p, e.prompt, t)) for t in e.targets))
+    prompts = prompts if prompts is not None else [prompt_ids(lm, e.prompt) for e in examples]
+    need = [min(len(choice_ids(lm, p, e.prompt, t)) for t in e.targets) for e, p in zip(examples, prompts)]
     over = [k for k in need if k > max_new_tokens]
     return (f"{len(over)} of {len(need)} questions have no accepted answer that fits in {max_new_tokens} generated "
             f"tokens (the longest of them needs {max(over)}): decoding stops there, so they are never answered "
