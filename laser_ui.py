@@ -224,19 +224,13 @@ def _splits_of(task: TaskSpec):
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _masked_ties(fingerprint: str, splits_key: str, _lm, _splits) -> str | None:
-    """``forward.masked_ties`` over every split, once per model and splits (their identities are the key)."""
-    from laser_core.forward import masked_ties
-    return masked_ties(_lm, [e for split in ("calib", "val", "test") for e in _splits.examples(split)])
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _length_notes(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> tuple[str, ...]:
-    """``forward.context_overflow`` and ``forward.unreachable_targets`` over every split, once per model, splits
-    and decoding length."""
-    from laser_core.forward import context_overflow, unreachable_targets
+def _task_notes(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> tuple[str, ...]:
+    """What a run would say of every split's questions (``forward.context_overflow``, ``masked_ties`` and
+    ``unreachable_targets``), once per model, splits and decoding length (their identities are the key)."""
+    from laser_core.forward import context_overflow, masked_ties, unreachable_targets
     examples = [e for split in ("calib", "val", "test") for e in _splits.examples(split)]
-    notes = (context_overflow(_lm, examples, max_new_tokens), unreachable_targets(_lm, examples, max_new_tokens))
+    notes = (context_overflow(_lm, examples, max_new_tokens), masked_ties(_lm, examples),
+             unreachable_targets(_lm, examples, max_new_tokens))
     return tuple(n for n in notes if n)
 
 
@@ -257,9 +251,7 @@ def load_warnings() -> tuple[str, ...]:
     if len(loaded) == 2:
         lm, splits = loaded
         key = canonical_json([splits.key(s) for s in ("calib", "val", "test")])
-        notes += _length_notes(lm.fingerprint, key, splits.spec.max_new_tokens, lm, splits)
-        tie = _masked_ties(lm.fingerprint, key, lm, splits) if lm.kind == "masked" else None
-        notes += (tie,) if tie else ()
+        notes += _task_notes(lm.fingerprint, key, splits.spec.max_new_tokens, lm, splits)
     return notes
 
 
@@ -909,9 +901,9 @@ def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> g
     if stopped.any():
         fig.add_scatter(x=df[stopped]["params_kept_%"], y=df[stopped]["accuracy"], mode="markers",
                         name="stopped early (of the examples seen)", marker={"color": "grey", "symbol": "x-thin-open"})
-    points = list(zip(ran["params_kept_%"], ran["accuracy"])) + ([(100.0, base_accuracy)] if base_accuracy is not None
-                                                                 else [])
+    points = list(zip(ran["params_kept_%"], ran["accuracy"]))
     if base_accuracy is not None:
+        points.append((100.0, base_accuracy))
         fig.add_scatter(x=[100.0], y=[base_accuracy], mode="markers", name="base model",
                         marker={"color": "black", "symbol": "star", "size": 12})
     front, best_acc = [], float("-inf")
