@@ -38,14 +38,20 @@ def app_env(tiny_dirs, tmp_path_factory):
     laser_ui.store.clear()
 
 
+def app_model(app_env):
+    """(model, task spec, splits) of the app's defaults, loaded and split as the app does: the same cache keys."""
+    from laser_core import ModelSpec, TaskSpec, load_model, load_task, make_splits
+    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    return load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu")), ts, make_splits(load_task(ts), ts)
+
+
 @pytest.fixture
 def searched(app_env):
     """A C2I search's candidates in the app's cache, as Explore's search test leaves them (then this is read from
     the cache at once), so that the Results and Export tests also pass when run alone."""
-    from laser_core import ModelSpec, SearchConfig, Store, TaskSpec, load_model, load_task, make_splits, run_search
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
-    run_search(lm, make_splits(load_task(ts), ts), SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store())
+    from laser_core import SearchConfig, Store, run_search
+    lm, _, splits = app_model(app_env)
+    run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store())
 
 
 def page(name: str) -> AppTest:
@@ -485,7 +491,7 @@ def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
 
 
 def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_env):
-    from laser_core import Edit, ModelSpec, TaskSpec, edited, load_model, load_task, make_splits
+    from laser_core import Edit, edited
     from laser_core.evaluate import evaluate
     from laser_core.reduction import block_ranks
 
@@ -497,14 +503,12 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     assert at.selectbox(key="one_matrix").value == name
     at.select_slider(key="one_k").set_value(2)
     at.select_slider(key="one_rho").set_value(0.25).run()
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
+    lm, _, splits = app_model(app_env)
     assert f"rank kept per block {block_ranks(lm.ref(name).shape, 2, 0.25)}" in at.caption[0].value
     click(at, "Evaluate on calibration (100 examples)")
     wait_for(at, lambda a: "This edit (calib)" in metrics(a))
     click(at, "Evaluate on held-out test (300 examples)")
     wait_for(at, lambda a: "This edit (held-out test)" in metrics(a))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
-    splits = make_splits(load_task(ts), ts)
     with edited(lm, [Edit(name, 2, 0.25)]):  # the same edit, evaluated here without the app or its cache
         calib, test = evaluate(lm, splits.examples("calib")), evaluate(lm, splits.examples("test"))
     shown = metrics(at)
@@ -518,11 +522,10 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
 
 
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
-    from laser_core import ModelSpec, SearchConfig, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core import SearchConfig, Store
     from laser_core.search import c2i_matrices, cached_spectra, score_table
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
-    spectra, _ = cached_spectra(lm, make_splits(load_task(ts), ts), Store())  # the search left them in the cache
+    lm, _, splits = app_model(app_env)
+    spectra, _ = cached_spectra(lm, splits, Store())  # the search left them in the cache
     top = c2i_matrices(score_table(lm, spectra, "paper", SearchConfig()), 1)[0]
     assert top != lm.matrices[0].name  # else this test could not tell it from the first matrix
     at = page("pages/3_Explore.py")
@@ -531,13 +534,11 @@ def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_score
 
 
 def test_explore_one_candidate_runs_an_edit_that_a_search_stopped_early_instead_of_showing_its_part(app_env):
-    from laser_core import Edit, ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core import Edit, Store
     from laser_core.search import evaluate_candidate
     from laser_core.store import null_store
     name = "model.layers.0.mlp.down_proj.weight"
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
-    splits = make_splits(load_task(ts), ts)
+    lm, _, splits = app_model(app_env)
     assert evaluate_candidate(lm, Edit(name, 2, 0.3), splits, "calib", Store(), beat=(0.99, 0.0))["stopped_early"]
     at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
     at.session_state["selected_matrix"] = name
@@ -595,19 +596,15 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     spec_flags = f"--model {app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}"
     said = next(c.value for c in at.caption if "python -m laser_core search" in c.value)  # a session without Explore:
     assert said.startswith("or re-run the search that found it: `") and said.endswith(f"{spec_flags}`")  # the cache's
-    from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core import SearchConfig, Store
     from laser_core.cli import _parser, search_config_of
+    from laser_core.config import to_dict
     from laser_core.search import report_key
     cmd = said.split("`")[1].split()[3:]  # after "python -m laser_core"
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
-    cached = Store().get_json(report_key(Store(), lm, make_splits(load_task(ts), ts),
-                                         search_config_of(_parser().parse_args(cmd), "c2i")))
-    shown = json.loads(at.code[0].value)["edits"][0]
-    assert any((c["name"], c["k"], c["rho"]) == (shown["name"], shown["k"], shown["rho"]) for c in cached["candidates"])
-    from laser_core import SearchConfig
-    from laser_core.config import to_dict
+    lm, _, splits = app_model(app_env)
+    cached = Store().get_json(report_key(Store(), lm, splits, search_config_of(_parser().parse_args(cmd), "c2i")))
     e = json.loads(at.code[0].value)["edits"][0]
+    assert any((c["name"], c["k"], c["rho"]) == (e["name"], e["k"], e["rho"]) for c in cached["candidates"])
     found = {"name": e["name"], "k": e["k"], "rho": e["rho"]}
     found_by = AppTest.from_file(str(ROOT / "pages/5_Export.py"), default_timeout=120)
     found_by.session_state["last_report"] = {  # as Explore leaves a search that found this candidate
@@ -652,13 +649,12 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
 
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
 
-    from laser_core import Edit, ModelSpec, Store, TaskSpec, load_model, load_task, make_splits
+    from laser_core import Edit, Store
     from laser_core.recipe import make_recipe
     from laser_core.search import evaluate_edits
-    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"]))
-    ts = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"])
+    lm, ts, splits = app_model(app_env)
     edits = [Edit(lm.matrices[0].name, 1, 0.5), Edit(lm.matrices[-1].name, 2, 0.25)]  # two edits, applied together
-    want = evaluate_edits(lm, edits, make_splits(load_task(ts), ts), "test", Store())
+    want = evaluate_edits(lm, edits, splits, "test", Store())
     recipe = make_recipe(lm, edits, ts, {"edited_test": {k: want[k] for k in ("accuracy", "log_loss", "n")}})
     at = page("pages/5_Export.py")
     at.file_uploader(key="recipe_upload").set_value(("mine.json", json.dumps(recipe).encode(), "application/json"))
