@@ -30,10 +30,11 @@ from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 from laser_core.search import merit
 from laser_core.significance import change_between, family_summary
+from laser_core.tasks import BUNDLED as BUNDLED_FILES
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
-BUNDLED = ["fever", "epistemic_reasoning", "qa_wikidata", "truthful_qa"]
+BUNDLED = list(BUNDLED_FILES)
 MODELS_KEPT = int(os.environ.get("LASER_LAB_MODELS_KEPT", "2"))  # models the dashboard keeps loaded, across sessions
 
 
@@ -305,7 +306,7 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens")})
+    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens", "match")})
     out["answer_base"] = task.answer_base == 1  # a checkbox: "answers count from 1"
     return out
 
@@ -354,6 +355,7 @@ def load_setup_form() -> None:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
                         int(f["seed"]), max_new_tokens=int(f["max_new_tokens"]), answer_base=int(f["answer_base"]),
+                        match=f["match"],
                         **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING})
     except ConfigError as e:
         user_error(str(e), status=True)
@@ -501,7 +503,8 @@ def render_sidebar_status() -> None:
     try:  # the sizes the splits have: a small task has fewer test (or validation) examples than asked
         s = _splits_of(tspec)
         sizes = f"calib {len(s.calib)}, val {len(s.val)}, test {len(s.test)}" + \
-            (f", {tspec.max_new_tokens} new tokens" if s.task.kind == "gen" else "")
+            (f", {tspec.max_new_tokens} new tokens" if s.task.kind == "gen" else "") + \
+            (f", {tspec.match} match" if s.task.kind == "gen" and tspec.match != TaskSpec.match else "")
     except LaserError:  # the page says why when it loads the task
         sizes = f"calib {tspec.n_calib}{'' if tspec.n_val is None else f', val {tspec.n_val}'}, test {tspec.n_test}"
     reading = "".join(f"  \n{label}: `{value}`" for label, value in (("Prompt", tspec.prompt_template),

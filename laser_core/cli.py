@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
 from .errors import LaserError
+from .tasks import MATCH_HELP, MATCH_RULES
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
             t.add_argument("--max-new-tokens", type=int, default=TaskSpec.max_new_tokens,
                            help="generation tasks: tokens decoded per answer; an answer longer than this is never "
                                 "right (default %(default)s)")
+            t.add_argument("--match", choices=tuple(MATCH_RULES), default=TaskSpec.match,
+                           help=f"generation tasks: when an answer is right. {MATCH_HELP}")
             t.add_argument("--prompt-template", default="",
                            help="JSONL/CSV/HF: build the prompt from columns, e.g. 'Question: {question}\\nAnswer:' "
                                 "(\\n is a line break; default: the prompt column as it is)")
@@ -199,7 +202,7 @@ def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
     return ModelSpec(args.model, args.device, args.dtype), \
         TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
                  args.answer_col, args.targets_col, args.max_new_tokens, prompt_template=args.prompt_template,
-                 fixed_choices=args.fixed_choices, answer_base=args.answer_base)
+                 fixed_choices=args.fixed_choices, answer_base=args.answer_base, match=args.match)
 
 
 def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
@@ -210,7 +213,7 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
             for x in (f"--{f}", str(getattr(model, f)))]
     out += ["--task", task.source]
     for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col",
-              "max_new_tokens", "prompt_template", "fixed_choices", "answer_base"):
+              "max_new_tokens", "prompt_template", "fixed_choices", "answer_base", "match"):
         if getattr(task, f) != getattr(TaskSpec, f):
             out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
     return out

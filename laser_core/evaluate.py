@@ -11,8 +11,10 @@ Rules:
   every row attends to its keys and values, where a probe shows the same log-probs
   (:func:`~laser_core.forward.split_lead`).
 - multiple choice, masked LM: the choice's (first) token logit at a ``<mask>`` placed after the prompt.
-- generation: greedy decoding; correct when an accepted answer occurs (case-insensitive) in the generated
-  text only (cut at its first newline), never in the prompt.
+- generation: greedy decoding; correct when the generated text only (cut at its first newline, never the
+  prompt) matches an accepted answer, case-insensitively, by a rule of :data:`~laser_core.tasks.MATCH_RULES`:
+  by default LASER's, the answer occurs in it ("contains"); or as whole words ("word"); or it starts with the
+  answer as whole words ("starts"); or it is the answer ("exact").
 Log-loss: mean over examples of the per-token negative log-prob of the correct answer (nats/token). It is
 also the loss L whose gradient the scores use.
 
@@ -36,7 +38,7 @@ from .forward import (build_sequences, head_logprobs, lead_cache, overflow_text,
 from .models import LoadedModel
 from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
 from .sequences import Seq, least_padded_batches, prompt_ids
-from .tasks import Example
+from .tasks import Example, answer_matches
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
              cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
-             prefix: PrefixStates | None = None, head_rows: int = 1024) -> EvalResult:
+             prefix: PrefixStates | None = None, head_rows: int = 1024, match: str = "contains") -> EvalResult:
     """Accuracy and log-loss of ``lm`` on ``examples`` (see the module docstring for the rules).
 
     Args:
@@ -232,12 +234,13 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         head_rows: the output head runs once over the scored rows of consecutive batches, up to this many
             rows (it reads its whole weight on every run, which costs as much as a late candidate's blocks);
             with ``beat`` it runs after every batch, so that a candidate stops as soon as it can.
+        match: generation tasks: the rule that says a generated answer is right (a name in ``MATCH_RULES``).
     """
     examples = list(examples)
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
-        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens)
+        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
         lead = prefix.lead_past(lm)
@@ -297,7 +300,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
 
 
 def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int,
-                         cancel: CancelToken | None, max_tokens: int = 8192) -> EvalResult:
+                         cancel: CancelToken | None, max_tokens: int = 8192, match: str = "contains") -> EvalResult:
     if lm.kind != "causal":
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
@@ -326,7 +329,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         for b, i in enumerate(idx):
             texts[i] = tok.decode(out[b, width:], skip_special_tokens=True)
     answers = [t.strip().split("\n")[0] if t.strip() else "" for t in texts]
-    correct = [any(a.strip().lower() in ans.lower() for a in e.targets) for ans, e in zip(answers, examples)]
+    correct = [answer_matches(ans, e.targets, match) for ans, e in zip(answers, examples)]
     seqs, _ = build_sequences(lm, examples)
     nll = [0.0] * len(examples)
     for bidx in least_padded_batches(lm, seqs, max_tokens):

@@ -243,7 +243,7 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
 
         tspec = TaskSpec(**recipe["task"])
         splits = make_splits(load_task(tspec), tspec)
-        res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens)
+        res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens, match=tspec.match)
         want = (recipe.get("metrics") or {}).get("edited_test")
         result["check"] = {"accuracy": res.accuracy, "log_loss": res.log_loss, "expected": want,
                            "matches": want is None or matches_recorded(res.accuracy, want)}

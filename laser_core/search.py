@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .config import Edit, SearchConfig, to_dict
+from .config import Edit, SearchConfig, TaskSpec, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken, PrefixStates, evaluate
 from .prefix import block_list
@@ -172,20 +172,27 @@ class PrefixPool:
         return states
 
 
+def _match_ident(splits: Splits) -> dict:
+    """The answer-match rule of a generation task for cache keys, where it is not LASER's (the default): results
+    scored by LASER's rule keep the keys they had before there was a choice."""
+    return {"match": splits.spec.match} if splits.task.kind == "gen" and splits.spec.match != TaskSpec.match else {}
+
+
 def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: Edit | None) -> str:
-    """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length."""
+    """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length
+    and, for a generation task, the answer-match rule."""
     ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
-             "max_new_tokens": splits.spec.max_new_tokens}
+             "max_new_tokens": splits.spec.max_new_tokens, **_match_ident(splits)}
     return store.key("result", lm.fingerprint, splits.task.digest, ident)
 
 
 def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig, status: str = "complete") -> str:
     """Cache key of a search report: model, task, the searched split's examples, the settings, its status, and for
-    a generation task the decoding length (every result in it depends on that)."""
+    a generation task the decoding length and answer-match rule (every result in it depends on those)."""
     split = SEARCH_SPLIT[cfg.method]
     ident = {"cfg": to_dict(cfg), "split": splits.key(split), "status": status}
     if splits.task.kind == "gen":  # a multiple-choice report's key stays as it was: its results decode nothing
-        ident["max_new_tokens"] = splits.spec.max_new_tokens
+        ident.update(max_new_tokens=splits.spec.max_new_tokens, **_match_ident(splits))
     return store.key("report", lm.fingerprint, splits.task.digest, ident)
 
 
@@ -226,7 +233,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     examples = splits.examples(split)
     if edit is None:
         with lm.lock:
-            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel)
+            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, match=splits.spec.match)
         row = {"name": None, "layer": None, "type": None, "k": None, "rho": None, "ranks": None,
                "params_kept": None, "params_full": None}
     else:
@@ -235,7 +242,8 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         f = get_factors(lm, edit.name, edit.k, store, factors)
         prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
         with edited(lm, [edit], {(edit.name, edit.k): f}):
-            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix)
+            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix,
+                           match=splits.spec.match)
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
@@ -256,7 +264,7 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
         return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
     t0 = time.perf_counter()
     with edited(lm, edits):
-        res = evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, cancel=cancel)
+        res = evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, cancel=cancel, match=splits.spec.match)
     return {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
             **res.to_dict(), "seconds": time.perf_counter() - t0, "cached": False}
 
@@ -481,7 +489,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                                                     **{k: v for k, v in lm.facts().items() if k != "fingerprint"}},
         task={"source": splits.spec.source, "name": splits.task.name, "digest": splits.task.digest,
               "seed": splits.spec.seed, "n_calib": len(splits.calib), "n_val": len(splits.val),
-              "n_test": len(splits.test)},
+              "n_test": len(splits.test), **_match_ident(splits)},
         search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],

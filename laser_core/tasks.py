@@ -8,11 +8,13 @@ import io
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from .config import TaskSpec, read_text, split_choices, stable_hash, template_columns
-from .errors import TaskFormatError
+from .errors import ConfigError, TaskFormatError
 from .hub import hub_unreachable, offline_mode
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,34 @@ BUNDLED: dict[str, str] = {
     "qa_wikidata": "qa_wikidata.json",
     "truthful_qa": "truthful_qa_mc.json",
 }
+
+
+# ---- generation: a registry of rules for when a generated answer is right. Each gets the answer (the generated
+# text up to its first newline) and one accepted answer, both stripped of surrounding spaces and lowercased ----
+MATCH_RULES: dict[str, Callable[[str, str], bool]] = {
+    "contains": lambda answer, target: target in answer,  # LASER's: "1" is found in "10", "a" in "paris"
+    "word": lambda answer, target: re.search(rf"(?<!\w){re.escape(target)}(?!\w)", answer) is not None,
+    "starts": lambda answer, target: re.match(rf"{re.escape(target)}(?!\w)", answer) is not None,
+    "exact": lambda answer, target: answer == target,  # the whole line; a trailing "." already fails it
+}
+MATCH_HELP = ("contains: an accepted answer occurs in the generated line (LASER's rule, the default); word: it occurs "
+              "there as whole words; starts: the line starts with it, as whole words; exact: the line is an accepted "
+              "answer. Case and surrounding spaces are ignored")
+
+
+def match_rule(name: str) -> Callable[[str, str], bool]:
+    """The answer-match rule called ``name`` (see :data:`MATCH_RULES`)."""
+    if name not in MATCH_RULES:
+        raise ConfigError(f"unknown answer match {name!r}; known: {', '.join(MATCH_RULES)}")
+    return MATCH_RULES[name]
+
+
+def answer_matches(answer: str, targets, rule: str = "contains") -> bool:
+    """Whether the generated ``answer`` is right under ``rule``: it matches one of ``targets``, ignoring case and
+    surrounding spaces."""
+    test = match_rule(rule)
+    answer = answer.strip().lower()
+    return any(test(answer, t.strip().lower()) for t in targets)
 
 
 @dataclass(frozen=True)

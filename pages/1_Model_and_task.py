@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 import laser_ui as ui
+from laser_core.tasks import MATCH_HELP, MATCH_RULES
 
 ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab", layout="wide")
@@ -44,10 +45,12 @@ with st.form("setup"):  # every widget has a key: ui.load_setup_form reads them 
         s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                         help="LASER's search split; blank: 20% of the task")
         s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
-        g1, g2 = st.columns([2, 3], vertical_alignment="bottom")
+        g1, g2, g3 = st.columns([2, 2, 3], vertical_alignment="bottom")
         g1.number_input("max new tokens", 1, 1024, key="max_new_tokens", help="generation tasks: tokens decoded per "
                         "answer; an answer longer than this is never right")
-        g2.checkbox("Answers count from 1", key="answer_base", help="the answer column gives the first choice as 1 "
+        g2.selectbox("Answer match", list(MATCH_RULES), key="match", help="generation tasks: when an answer is right. "
+                     + MATCH_HELP)
+        g3.checkbox("Answers count from 1", key="answer_base", help="the answer column gives the first choice as 1 "
                     "(Winogrande, Social IQa); a choice's text or label is read as it is")
     if st.form_submit_button("Load model and task", type="primary"):
         ui.load_setup_form()  # on a bad model or task: an error, and the previous ones stay loaded

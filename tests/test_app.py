@@ -315,7 +315,8 @@ def test_model_page_says_before_a_run_when_a_masked_lm_cannot_tell_choices_apart
     assert not [w for w in at.warning if "same token" in w.value]
 
 
-def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_field_sets_it(app_env, tmp_path):
+def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_fields_set_decoding_and_matching(
+        app_env, tmp_path):
     long = " the capital of France is Paris and the capital of Italy is Rome"
     task = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": f"Name capitals {i}:", "targets": [long]} for i in range(6)])
     at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=2, n_test=2, max_new_tokens=3)
@@ -323,10 +324,18 @@ def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_fie
     assert at.session_state["task_spec"].max_new_tokens == 3
     assert any(w.value.startswith("5 of 5 questions have no accepted answer that fits in 3 generated tokens")  # 2 + 2 + 1 split
                for w in at.warning), [w.value for w in at.warning]
+    assert at.selectbox(key="match").value == "contains" and "match" not in at.sidebar.caption[0].value  # LASER's
     at.number_input(key="max_new_tokens").set_value(64)
+    at.selectbox(key="match").set_value("starts")
     at.button[0].click().run()
-    assert at.session_state["task_spec"].max_new_tokens == 64 and ", 64 new tokens, seed 0" in at.sidebar.caption[0].value
+    spec = at.session_state["task_spec"]
+    assert (spec.max_new_tokens, spec.match) == (64, "starts")
+    assert ", 64 new tokens, starts match, seed 0" in at.sidebar.caption[0].value
     assert not [w for w in at.warning if "generated tokens" in w.value]
+    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at.session_state["task_spec"] = spec  # on coming back from another page: the form shows what is loaded
+    at.run()
+    assert at.selectbox(key="match").value == "starts"
 
 
 def test_model_page_says_before_a_run_which_questions_are_longer_than_the_models_context(app_env, tmp_path):

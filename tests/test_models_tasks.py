@@ -606,6 +606,30 @@ def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     assert res.log_loss > 0
 
 
+def test_answer_match_rules_tell_a_whole_answer_from_a_part_of_a_word():
+    """LASER's rule (contains) credits any generated line holding the answer's letters: qa_wikidata's blood type
+    "O" in "a rare blood type", "Japan" in "Japanese". The others ask for whole words, the start, or the line."""
+    from laser_core.cli import _parser, specs_of
+    from laser_core.tasks import MATCH_RULES, answer_matches
+    cases = {  # (generated line, accepted answer): contains, word, starts, exact
+        ("10 people", " 1"): (True, False, False, False),
+        ("a rare blood type", " O"): (True, False, False, False),
+        ("a Japanese-style house", " Japan"): (True, False, False, False),
+        ("the Republic of France.", " France"): (True, True, False, False),
+        ("English, which is spoken", " English"): (True, True, True, False),
+        ("C++ and more", "c++"): (True, True, True, False),
+        ("  ENGLISH ", "English"): (True, True, True, True),
+        ("Spain", " France"): (False, False, False, False),
+    }
+    assert list(MATCH_RULES) == ["contains", "word", "starts", "exact"]
+    for (line, target), want in cases.items():
+        assert tuple(answer_matches(line, (" x", target), rule) for rule in MATCH_RULES) == want, (line, target)
+    with pytest.raises(ConfigError, match="unknown answer match 'fuzzy'; known: contains, word, starts, exact"):
+        TaskSpec("qa_wikidata", match="fuzzy")
+    assert specs_of(_parser().parse_args(["eval", "--task", "qa_wikidata", "--match", "starts"]))[1].match == "starts"
+    assert TaskSpec().match == "contains"  # LASER's, as the README's tables were made
+
+
 def test_a_generation_answer_longer_than_max_new_tokens_is_said_before_and_during_a_run(tiny_lm, caplog, tmp_path):
     """Decoding stops at max_new_tokens: a question whose every accepted answer is longer can never be right. Before,
     its accuracy was 0 without a word, and only the library could set the length."""

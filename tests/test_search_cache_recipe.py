@@ -382,7 +382,8 @@ def test_spec_args_give_the_cli_the_same_model_and_task_specs():
                  (ModelSpec("/m dir", "cpu", "bfloat16"),
                   TaskSpec("x.csv", 50, 80, 30, 7, "q", "opts", "gold", "refs", 40, prompt_template="Q: {q}\\nA:",
                            fixed_choices="no|yes")),
-                 (ModelSpec(), TaskSpec("w.jsonl", choices_col="option1,option2", answer_base=1))]:
+                 (ModelSpec(), TaskSpec("w.jsonl", choices_col="option1,option2", answer_base=1)),
+                 (ModelSpec(), TaskSpec("qa_wikidata", match="word"))]:
         args = spec_args(m, t)
         assert specs_of(_parser().parse_args(["search", *args])) == (m, t)
     assert spec_args(ModelSpec(), TaskSpec(n_test=200)) == ["--model", "demo", "--task", "fever", "--n-test", "200"]
@@ -456,6 +457,41 @@ def test_a_generation_tasks_report_is_cached_per_decoding_length_and_a_multiple_
     splits = make_splits(load_task(ts), ts)
     assert report_key(store, lm, splits, cfg) == store.key("report", lm.fingerprint, splits.task.digest, {
         "cfg": to_dict(cfg), "split": splits.key("calib"), "status": "complete"})
+
+
+def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, store, tmp_path):
+    """LASER's rule (an accepted answer occurs in the generated line) credits "5" in "555": the stricter rules do
+    not. The same generations are scored by each rule; a rule's results are cached under their own key, and
+    LASER's keep the key they had before there was a choice."""
+    import dataclasses
+
+    from conftest import write_jsonl
+    from laser_core.search import evaluate_candidate, result_key
+    from laser_core.tasks import MATCH_RULES, answer_matches
+    lm = tiny_lm("llama")
+    prompts = [f"Say {i}:" for i in range(30)]
+    ts = TaskSpec(str(write_jsonl(tmp_path / "say.jsonl", [{"prompt": p, "targets": [" x"]} for p in prompts])),
+                  n_calib=10, n_test=10, max_new_tokens=6)
+    said = evaluate_candidate(lm, None, make_splits(load_task(ts), ts), "calib", store)["predictions"]
+    assert all(len(p.strip()) > 1 for p in said)  # random weights: a few bytes each
+    generated = dict(zip([e.prompt for e in make_splits(load_task(ts), ts).examples("calib")], said))
+    # every accepted answer is the first character of what the model says to its prompt (greedy: the same again)
+    path = write_jsonl(tmp_path / "first.jsonl", [{"prompt": p, "targets": [generated.get(p, "x ").strip()[0]]}
+                                                  for p in prompts])
+    docs = {}
+    for rule in MATCH_RULES:
+        spec = dataclasses.replace(ts, source=str(path), match=rule)
+        splits = make_splits(load_task(spec), spec)
+        docs[rule] = evaluate_candidate(lm, None, splits, "calib", store)
+        assert not docs[rule]["cached"] and evaluate_candidate(lm, None, splits, "calib", store)["cached"]
+        assert docs[rule]["predictions"] == said
+        assert docs[rule]["correct"] == [answer_matches(p, e.targets, rule)
+                                         for p, e in zip(said, splits.examples("calib"))]
+        if rule == "contains":
+            assert result_key(store, lm, splits, "calib", None) == store.key(
+                "result", lm.fingerprint, splits.task.digest,
+                {"split": splits.key("calib"), "edit": None, "max_new_tokens": 6})
+    assert docs["contains"]["accuracy"] == 1.0 and docs["exact"]["accuracy"] == 0.0
 
 
 def test_a_search_without_held_out_results_is_not_cached_as_a_complete_report(tiny_lm, mc_task, store):
