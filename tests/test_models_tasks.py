@@ -606,6 +606,21 @@ def test_generation_matches_generated_text_not_the_prompt(tiny_lm):
     assert res.log_loss > 0
 
 
+def test_generation_decodes_the_same_text_in_batches_of_any_size(tiny_lm):
+    """Prompts of five lengths, left-padded into one batch, decode as they do one per batch; batches hold as many
+    rows as fit the token budget with their decoded tokens."""
+    from laser_core.evaluate import generation_batches
+    lm = tiny_lm("llama")
+    ex = [Example(f"Say{' so' * (i % 5)} {i}:", targets=(" x",)) for i in range(12)]
+    alone = evaluate(lm, ex, max_new_tokens=4, max_tokens=1)
+    together = evaluate(lm, ex, max_new_tokens=4)
+    assert together.predictions == alone.predictions and together.log_loss == pytest.approx(alone.log_loss, abs=1e-4)
+    lengths = [10, 3, 7, 7, 12]
+    assert generation_batches(lm, lengths, 4, 8192) == [[4, 0, 2, 3, 1]]  # longest first
+    assert generation_batches(lm, lengths, 4, 32) == [[4, 0], [2, 3], [1]]  # 2 x (12 + 4) fit 32; 3 x (7 + 4) do not
+    assert generation_batches(lm, lengths, 4, 1) == [[4], [0], [2], [3], [1]]  # a prompt past the budget goes alone
+
+
 def test_answer_match_rules_tell_a_whole_answer_from_a_part_of_a_word():
     """LASER's rule (contains) credits any generated line holding the answer's letters: qa_wikidata's blood type
     "O" in "a rare blood type", "Japan" in "Japanese". The others ask for whole words, the start, or the line."""
