@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from laser_core.tasks import load_bigbench  # noqa: E402
+from laser_core.bigbench import load_bigbench  # noqa: E402
 
 _REFERENCE: dict = {}
 

@@ -257,7 +257,7 @@ def test_bigbench_task_lists_its_choices_in_the_prompt_as_bigbench_does(tmp_path
     plain = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs, append_choices_to_input=False, task_prefix=None,
                                                   example_input_prefix="", example_output_prefix=" ="))))
     assert plain.examples[0].prompt == "2+2= =" and plain.examples[0].choices == (" 4", " 5", " 22")  # null: none
-    with caplog.at_level("WARNING", logger="laser_core.tasks"):  # BIG-bench reads the text "false" as true
+    with caplog.at_level("WARNING", logger="laser_core.bigbench"):  # BIG-bench reads the text "false" as true
         texted = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs, append_choices_to_input="false"))))
     assert texted.examples[1].prompt == task.examples[1].prompt
     assert f"{tmp_path.name}/task.json: 'append_choices_to_input' is 'false'" in caplog.text  # names the task's folder
@@ -493,7 +493,7 @@ def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, capl
     # "2|1|0" with answer 2 names "2" (index 0), not index 2 ("0"), and the file gets one warning for it.
     p = tmp_path / "t.csv"
     p.write_text('prompt,choices,answer\n"Legs of a spider?",6|8|10,8\n"Two?",2|1|0,2\n"Pick",a|b|c,2\n')
-    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+    with caplog.at_level("WARNING", logger="laser_core.records"):
         task = load_task(TaskSpec(str(p)))
     assert [e.answer for e in task.examples] == [1, 0, 2]
     assert "1 answers could name two choices, as one choice's text and as another's index (first: t.csv: line 3)" \
@@ -502,7 +502,7 @@ def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, capl
     p = tmp_path / "t.jsonl"  # a JSON number is always an index, and warned about where it is also a choice's text
     p.write_text('{"prompt": "Two?", "choices": [2, 1, 0], "answer": 2}\n'
                  '{"prompt": "Pick", "choices": ["a", "b"], "answer": 1}\n')
-    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+    with caplog.at_level("WARNING", logger="laser_core.records"):
         assert [e.answer for e in load_task(TaskSpec(str(p))).examples] == [2, 1]
     assert "1 answers could name two choices" in caplog.text and "(first: t.jsonl: line 1)" in caplog.text
     p.write_text('{"prompt": "Legs of a spider?", "choices": [6, 8, 10], "answer": 8}\n')
@@ -512,7 +512,7 @@ def test_digit_answers_that_are_choice_texts_are_read_as_the_text(tmp_path, capl
     caplog.clear()  # an answer given by a label ("B") or a mark names one choice: no warning, though choices are digits
     write_jsonl(p, [{"prompt": "Bigger?", "choices": {"text": ["1", "2"], "label": ["A", "B"]}, "answer": "B"},
                     {"prompt": "Count?", "choices": {"choices": ["2", "0", "1"], "labels": [0, 0, 1]}}])
-    with caplog.at_level("WARNING", logger="laser_core.tasks"):
+    with caplog.at_level("WARNING", logger="laser_core.records"):
         assert [e.answer for e in load_task(TaskSpec(str(p))).examples] == [1, 2]
     assert "could name two choices" not in caplog.text
 
