@@ -1148,6 +1148,25 @@ def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dic
     return got
 
 
+def keep_report(report: dict) -> None:
+    """Make ``report`` (``SearchReport.to_dict()``) the one Explore shows and Export preselects its best from."""
+    st.session_state["last_report"] = report
+
+
+def kept_report(lm, splits) -> dict | None:
+    """The report kept by :func:`keep_report`, where it was made on this model and these splits. Before, after
+    loading another task (or seed, or split sizes) Explore went on showing the previous task's search, and Export
+    offered to re-run it for this task."""
+    from laser_core.search import report_task
+
+    report = st.session_state.get("last_report")
+    if not report:
+        return None
+    made_on = {k: v for k, v in (report.get("task") or {}).items() if k not in ("source", "name")}
+    this = {k: v for k, v in report_task(splits).items() if k not in ("source", "name")}
+    return report if (report.get("model") or {}).get("fingerprint") == lm.fingerprint and made_on == this else None
+
+
 def report_key(lm, splits, cfg: SearchConfig) -> str:
     """Cache key of this configuration's complete search report."""
     from laser_core.search import report_key as _key

@@ -178,6 +178,17 @@ def _match_ident(splits: Splits) -> dict:
     return {"match": splits.spec.match} if splits.task.kind == "gen" and splits.spec.match != TaskSpec.match else {}
 
 
+def report_task(splits: Splits) -> dict:
+    """The task of a search report: where it came from, its examples' digest and the seeded split sizes that
+    decide which examples each split holds, and, for a generation task, its decoding length and a match rule
+    other than LASER's (every result depends on those)."""
+    out = {"source": splits.spec.source, "name": splits.task.name, "digest": splits.task.digest,
+           "seed": splits.spec.seed, "n_calib": len(splits.calib), "n_val": len(splits.val), "n_test": len(splits.test)}
+    if splits.task.kind == "gen":
+        out.update(max_new_tokens=splits.spec.max_new_tokens, **_match_ident(splits))
+    return out
+
+
 def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: Edit | None) -> str:
     """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length
     and, for a generation task, the answer-match rule."""
@@ -487,9 +498,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     report = SearchReport(
         method=method, config=to_dict(cfg), model={"source": lm.spec.source, "fingerprint": lm.fingerprint,
                                                     **{k: v for k, v in lm.facts().items() if k != "fingerprint"}},
-        task={"source": splits.spec.source, "name": splits.task.name, "digest": splits.task.digest,
-              "seed": splits.spec.seed, "n_calib": len(splits.calib), "n_val": len(splits.val),
-              "n_test": len(splits.test), **_match_ident(splits)},
+        task=report_task(splits),
         search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],

@@ -5,6 +5,7 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import ConfigError, LaserError, SearchConfig, run_search
+from laser_core.config import to_dict
 from laser_core.estimate import SPLIT_WORDS, estimate_search
 from laser_core.search import SEARCH_SPLIT
 
@@ -52,7 +53,7 @@ st.caption(f"{n} candidate{'' if n == 1 else 's'}, each evaluated on the {SPLIT_
 cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
 if cached:
     st.success("This configuration is already in the cache — shown without running anything.")
-    st.session_state["last_report"] = cached
+    ui.keep_report(cached)
 else:
     try:
         ui.render_estimate(estimate_search(lm, splits, cfg, ui.store()))
@@ -68,10 +69,12 @@ if st.button("Run", type="primary", disabled=bool(cached)):
 job = ui.session_job("search")
 if job is not None and job.status in ("done", "cancelled") and job.result is not None \
         and st.session_state.get("shown_job") != job.id:  # once: its report replaces the one shown
-    st.session_state["last_report"] = job.result.to_dict()
+    ui.keep_report(job.result.to_dict())
     st.session_state["shown_job"] = job.id
 ui.live_job("search", lambda job: ui.render_search_job(job, lm))
-report = st.session_state.get("last_report")
+report = ui.kept_report(lm, splits)  # None: the last one was made on another model or task
 running = job is not None and job.status == "running"
 if report and not running:  # running: the live view instead
+    if not cached and report.get("config") != to_dict(cfg):
+        st.caption("Below: the last search of this session, run with other settings than those above.")
     ui.render_search_report(report, lm)

@@ -24,7 +24,7 @@ docs = [d for d in ui.cached_results(lm, splits) if d["name"]]
 if not docs:
     ui.user_error("Nothing to export yet: run a search on the Explore page first.")
 
-report = st.session_state.get("last_report")
+report = ui.kept_report(lm, splits)
 options, default = ui.export_options(docs, report)
 choice = st.selectbox("Candidate", range(len(options)), index=default, key="export_pick",
                       format_func=lambda i: f"{options[i]['name']} K={options[i]['k']} ρ={options[i]['rho']} "

@@ -45,6 +45,18 @@ def app_model(app_env):
     return load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu")), ts, make_splits(load_task(ts), ts)
 
 
+def kept(app_env, report: dict, **spec) -> dict:
+    """``report`` as a search leaves it for Explore: made on the app's model and task (``spec``: other TaskSpec
+    fields of that task, e.g. another seed)."""
+    import dataclasses
+
+    from laser_core import load_task, make_splits
+    from laser_core.search import report_task
+    lm, ts, _ = app_model(app_env)
+    ts = dataclasses.replace(ts, **spec)
+    return {**report, "model": {"fingerprint": lm.fingerprint}, "task": report_task(make_splits(load_task(ts), ts))}
+
+
 @pytest.fixture
 def searched(app_env):
     """A C2I search's candidates in the app's cache, as Explore's search test leaves them (then this is read from
@@ -497,7 +509,7 @@ def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_repo
     try:
         at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
         at.session_state["job_search"] = job.id
-        at.session_state["last_report"] = {"best": {"name": "an earlier search's best"}, "method": "c2i"}
+        at.session_state["last_report"] = kept(app_env, {"best": {"name": "an earlier search's best"}, "method": "c2i"})
         at.run()
         assert not at.exception, [e.value for e in at.exception]
         assert not [h.value for h in at.subheader]  # no "Best candidate" of the earlier search under the live one
@@ -508,22 +520,34 @@ def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_repo
         del jobs[job.id]
 
 
-def test_explore_says_what_a_search_left_out_and_why(app_env):
+def test_explore_says_what_a_search_left_out_and_why_and_only_on_the_model_and_task_it_searched(app_env, tmp_path):
     left = [{"name": "model.layers.0.self_attn.k_proj.weight", "layer": 0, "type": "k", "k": 32, "rho": None,
              "error": "K=32 is larger than its 16 rows: not tried (K <= 16 fits it)"},
             {"name": "model.layers.1.mlp.up_proj.weight", "layer": 1, "type": "up", "k": 1, "rho": 0.5,
              "error": "the log-loss is NaN or infinite"}]
     at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
-    at.session_state["last_report"] = {"method": "c2i", "status": "complete", "best": None, "candidates": [],
-                                       "skipped": left}
+    report = {"method": "c2i", "status": "complete", "best": None, "candidates": [], "skipped": left}
+    at.session_state["last_report"] = kept(app_env, report)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("No candidate of this search finished" in w.value for w in at.warning)
+    assert "Below: the last search of this session, run with other settings than those above." in \
+        [c.value for c in at.caption]
     assert [e.label for e in at.expander if "left out" in e.label] == ["2 left out of this search"]
     said = "\n".join(m.value for m in at.markdown)
     assert ("`model.layers.0.self_attn.k_proj.weight K=32: K=32 is larger than its 16 rows: not tried (K <= 16 fits it)`"
             in said)
     assert "`model.layers.1.mlp.up_proj.weight K=1 rho=0.5: the log-loss is NaN or infinite`" in said
+    # made on another seed's splits, or another task: not this session's search (before, it was shown all the same)
+    for other in (kept(app_env, report, seed=1), {**kept(app_env, report), "task": {"digest": "another task"}}):
+        at.session_state["last_report"] = other
+        at.run()
+        assert not at.exception and not [w for w in at.warning if "No candidate" in w.value]
+    from laser_core import TaskSpec
+    at.session_state["last_report"] = kept(app_env, report)
+    at.session_state["task_spec"] = TaskSpec(str(write_mc_jsonl(tmp_path / "other.jsonl", 300, seed=3)))
+    at.run()
+    assert not at.exception and not [w for w in at.warning if "No candidate" in w.value]
 
 
 def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
@@ -656,9 +680,9 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     assert any((c["name"], c["k"], c["rho"]) == (e["name"], e["k"], e["rho"]) for c in cached["candidates"])
     found = {"name": e["name"], "k": e["k"], "rho": e["rho"]}
     found_by = AppTest.from_file(str(ROOT / "pages/5_Export.py"), default_timeout=120)
-    found_by.session_state["last_report"] = {  # as Explore leaves a search that found this candidate
+    found_by.session_state["last_report"] = kept(app_env, {  # as Explore leaves a search that found this candidate
         "search_split": "calib", "best": found, "candidates": [found],
-        "config": to_dict(SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), tail_fraction=0.3))}
+        "config": to_dict(SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), tail_fraction=0.3))})
     found_by.run()
     assert ("or re-run the search that found it: `python -m laser_core search --q 2 --ks 1,2 --tail-fraction 0.3 "
             f"--rhos 0.5,0.1 {spec_flags}`") in [c.value for c in found_by.caption]
