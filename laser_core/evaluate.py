@@ -226,7 +226,8 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     Args:
         beat: (accuracy, log_loss) of the current best. When given, evaluation stops as soon as this
             candidate can no longer reach that accuracy, and the result is marked ``stopped_early``
-            (its numbers then cover the examples seen; it cannot be the best either way).
+            (its numbers then cover the examples seen; it cannot be the best either way). A generation task is
+            checked after each batch of prompts decoded.
         prefix: cached hidden states entering block ``prefix.layer`` for these same examples; only blocks
             from that layer on are run (and of that block, with :meth:`PrefixStates.at_matrix`, only what
             follows the edited matrix). Exact as long as no edit touches a layer below ``prefix.layer`` (nor,
@@ -240,7 +241,7 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
-        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match)
+        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match, beat)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
         lead = prefix.lead_past(lm)
@@ -314,8 +315,9 @@ def generation_batches(lm: LoadedModel, lengths: list[int], max_new_tokens: int,
     return out
 
 
-def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int,
-                         cancel: CancelToken | None, max_tokens: int = 8192, match: str = "contains") -> EvalResult:
+def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int, cancel: CancelToken | None,
+                         max_tokens: int = 8192, match: str = "contains",
+                         beat: tuple[float, float] | None = None) -> EvalResult:
     if lm.kind != "causal":
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
@@ -327,7 +329,8 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
     past_context = overflow_text(lm, [len(p) + max_new_tokens for p in prompts])
     if past_context:
         raise ConfigError(past_context)
-    texts: list[str] = [""] * len(examples)
+    n = len(examples)
+    answers, correct, seen, stopped = [""] * n, [False] * n, [], False
     for idx in generation_batches(lm, [len(p) for p in prompts], max_new_tokens, max_tokens):
         if cancel:
             cancel.check()
@@ -340,13 +343,18 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, num_beams=1)
         for b, i in enumerate(idx):
-            texts[i] = tok.decode(out[b, width:], skip_special_tokens=True)
-    answers = [t.strip().split("\n")[0] if t.strip() else "" for t in texts]
-    correct = [answer_matches(ans, e.targets, match) for ans, e in zip(answers, examples)]
-    seqs, _ = build_sequences(lm, examples)
-    nll = [0.0] * len(examples)
+            text = tok.decode(out[b, width:], skip_special_tokens=True).strip()
+            answers[i] = text.split("\n")[0] if text else ""
+            correct[i] = answer_matches(answers[i], examples[i].targets, match)
+        seen += idx
+        if beat is not None and len(seen) < n and (sum(correct) + n - len(seen)) / n < beat[0]:
+            stopped = True  # even every remaining answer right would not reach the best
+            break
+    scored = sorted(seen) if stopped else list(range(n))  # the log-loss of the examples decoded
+    seqs, _ = build_sequences(lm, [examples[i] for i in scored])
+    nll = [0.0] * len(scored)
     for bidx in least_padded_batches(lm, seqs, max_tokens):
         batch = [seqs[i] for i in bidx]
         for s, lp in zip(batch, _on_host(scored_logprobs(lm, batch))):
             nll[s.example] = -float(lp.mean())
-    return EvalResult(sum(correct) / len(examples), sum(nll) / len(examples), len(examples), correct, answers)
+    return EvalResult(sum(correct) / n, sum(nll) / len(scored), n, correct, answers, stopped_early=stopped)

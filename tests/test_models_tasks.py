@@ -621,6 +621,28 @@ def test_generation_decodes_the_same_text_in_batches_of_any_size(tiny_lm):
     assert generation_batches(lm, lengths, 4, 1) == [[4], [0], [2], [3], [1]]  # a prompt past the budget goes alone
 
 
+def test_generation_stops_early_once_the_best_is_out_of_reach_and_never_while_it_can_be_tied(tiny_lm):
+    """Early stop was a no-op on generation tasks: every candidate decoded every prompt. Now it is checked after
+    each batch of prompts, with the rule multiple choice has: stop only where even every remaining answer right
+    would not reach the best accuracy."""
+    lm = tiny_lm("llama")
+    ex = [Example(f"Say{' so' * (i % 5)} {i}:", targets=(" x",)) for i in range(12)]
+    said = evaluate(lm, ex, max_new_tokens=4).predictions
+    ex = [Example(e.prompt, targets=(" " + p.strip()[0],)) for e, p in zip(ex, said)]  # every answer right...
+    ex[4] = Example(ex[4].prompt, targets=(" @",))  # ...but one, among the longest prompts: decoded first
+    full = evaluate(lm, ex, max_new_tokens=4, max_tokens=40)  # two prompts a batch
+    assert full.accuracy == pytest.approx(11 / 12) and not full.stopped_early
+    for best in (0.0, 11 / 12):  # reachable, or tied at best: decoded to the end, log-loss and all
+        same = evaluate(lm, ex, max_new_tokens=4, max_tokens=40, beat=(best, 0.0))
+        assert not same.stopped_early and (same.accuracy, same.log_loss, same.predictions) == \
+            (full.accuracy, pytest.approx(full.log_loss, abs=1e-6), full.predictions)
+    stopped = evaluate(lm, ex, max_new_tokens=4, max_tokens=40, beat=(1.0, 0.0))  # the one miss is out of reach
+    decoded = [i for i, p in enumerate(stopped.predictions) if p]
+    assert stopped.stopped_early and 4 in decoded and len(decoded) < len(ex)
+    assert [stopped.predictions[i] for i in decoded] == [full.predictions[i] for i in decoded]
+    assert stopped.accuracy == pytest.approx((len(decoded) - 1) / 12)
+
+
 def test_answer_match_rules_tell_a_whole_answer_from_a_part_of_a_word():
     """LASER's rule (contains) credits any generated line holding the answer's letters: qa_wikidata's blood type
     "O" in "a rare blood type", "Japan" in "Japanese". The others ask for whole words, the start, or the line."""
