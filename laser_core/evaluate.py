@@ -285,8 +285,8 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             if remaining[s.example] == 0:
                 done += 1
                 done_correct += int(max(range(len(e.choices)), key=lambda j: scores[s.example][j]) == e.answer)
-        if beat is not None and (done_correct + (n - done)) / n < beat[0]:
-            stopped = True
+        if beat is not None and done < n and (done_correct + (n - done)) / n < beat[0]:
+            stopped = True  # after the last batch the result is whole, whatever the best: not a stop
             break
     preds = [max(range(len(s)), key=lambda j: s[j]) for s in scores]
     correct = [p == e.answer for p, e in zip(preds, examples)]

@@ -168,14 +168,19 @@ def test_early_stop_finds_the_same_best_candidate(tiny_lm, mc_task, store):
     assert fast.best["accuracy"] == full.best["accuracy"]
 
 
-def test_a_candidate_stopped_early_is_reused_only_against_a_best_at_least_as_high(tiny_lm, mc_task, store):
+def test_a_candidate_stopped_early_is_reused_only_against_a_best_at_least_as_high(tiny_lm, mc_task, store,
+                                                                                   monkeypatch):
     """A stop proves only that the candidate could not reach the best of that time: a search with another grid can
-    reach it with a lower best, and must then run it to the end (else it could miss its true best)."""
+    reach it with a lower best, and must then run it to the end (else it could miss its true best). A candidate
+    that falls short only once every example is scored is whole, not stopped (before, it was marked stopped)."""
     from laser_core.search import evaluate_candidate
     from laser_core.store import null_store
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task, n_calib=40)
     edit = Edit(lm.matrices[0].name, 1, 0.5)
+    whole = evaluate_candidate(lm, edit, splits, "calib", null_store(), beat=(0.99, 0.0))  # 40 examples: one batch
+    assert not whole["stopped_early"] and whole["accuracy"] < 0.99
+    monkeypatch.setattr("laser_core.sequences.batch_rows", lambda lm: 8)  # five batches: a stop can come mid-way
     stopped = evaluate_candidate(lm, edit, splits, "calib", store, beat=(0.99, 0.0))
     full = evaluate_candidate(lm, edit, splits, "calib", null_store())
     assert full["accuracy"] < 0.99 and stopped["stopped_early"] and stopped["stopped_below"] == 0.99
