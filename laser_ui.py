@@ -306,7 +306,8 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens", "match")})
+    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens",
+                                              "match")})
     out["answer_base"] = task.answer_base == 1  # a checkbox: "answers count from 1"
     return out
 

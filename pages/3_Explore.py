@@ -72,7 +72,7 @@ if job is not None and job.status in ("done", "cancelled") and job.result is not
     ui.keep_report(job.result.to_dict())
     st.session_state["shown_job"] = job.id
 ui.live_job("search", lambda job: ui.render_search_job(job, lm))
-report = ui.kept_report(lm, splits)  # None: the last one was made on another model or task
+report = cached or ui.kept_report(lm, splits)  # kept: None where the last one was made on another model or task
 running = job is not None and job.status == "running"
 if report and not running:  # running: the live view instead
     if not cached and report.get("config") != to_dict(cfg):

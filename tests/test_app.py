@@ -430,6 +430,29 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
 
 
+def test_explore_shows_a_generation_tasks_report_cached_before_reports_named_the_decoding_length(app_env, tmp_path):
+    """Reports now carry a generation task's max_new_tokens; one cached before (same key) is still this
+    configuration's report, and Explore shows it."""
+    from laser_core import ModelSpec, SearchConfig, Store, TaskSpec, load_model, load_task, make_splits, run_search
+    from laser_core.search import report_key
+    ts = TaskSpec(str(write_jsonl(tmp_path / "say.jsonl", [{"prompt": f"Say {i}:", "targets": [f" {i}"]}
+                                                           for i in range(30)])), n_calib=10, n_test=10)
+    splits = make_splits(load_task(ts), ts)
+    lm = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu"))
+    cfg = SearchConfig(q=1, ks=(1, 2), rhos=(0.5, 0.1))
+    report = run_search(lm, splits, cfg, Store()).to_dict()
+    del report["task"]["max_new_tokens"]  # as it was cached before
+    Store().put_json(report_key(Store(), lm, splits, cfg), report)
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at.session_state["task_spec"] = ts
+    at.run()
+    at.slider(key="q").set_value(1)
+    _small_grid(at).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("already in the cache" in s.value for s in at.success)
+    assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
+
+
 def test_explore_takes_a_k_or_rho_typed_in_and_names_one_that_is_no_number(app_env):
     """The grids offered only the presets (K up to 16, LASER's ρ values), where the CLI takes any value."""
     at = page("pages/3_Explore.py")
