@@ -63,6 +63,7 @@ class Job:
     phase_started: float = field(default_factory=time.time)  # when the current phase began, and its done count then
     phase_done0: int = 0
     warnings: list = field(default_factory=list)  # what laser_core logged as a warning in the job's thread
+    made_on: dict | None = None  # the model and splits it computes on (:func:`made_on`): pages show it only there
 
     def on_progress(self, ev: dict) -> None:
         if ev.get("phase", self.phase) != self.phase:
@@ -94,7 +95,7 @@ class JobManager:
         self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
 
-    def submit(self, kind: str, label: str, device: str, fn: Callable[[Job], Any]) -> Job:
+    def submit(self, kind: str, label: str, device: str, fn: Callable[[Job], Any], made_on: dict | None = None) -> Job:
         """Start ``fn(job)`` in a thread. Raises ``JobBusy`` when a job already runs on ``device``."""
         from laser_core import JobBusy
 
@@ -102,7 +103,7 @@ class JobManager:
             busy = next((j for j in self.jobs.values() if j.device == device and j.status == "running"), None)
             if busy:
                 raise JobBusy(f"'{busy.label}' is still running on {device}; wait for it or cancel it first")
-            job = Job(uuid.uuid4().hex[:8], kind, label, device)
+            job = Job(uuid.uuid4().hex[:8], kind, label, device, made_on=made_on)
             self.jobs[job.id] = job
 
         def work() -> None:
@@ -386,11 +387,11 @@ def device_key(lm) -> str:
     return str(lm.device)
 
 
-def start_job(kind: str, label: str, lm, fn: Callable[[Job], Any]) -> Job | None:
-    """Submit a job on ``lm``'s device; shows a message instead when the device is busy."""
+def start_job(kind: str, label: str, lm, splits, fn: Callable[[Job], Any]) -> Job | None:
+    """Submit a job on ``lm``'s device that computes on ``splits``; shows a message instead when the device is busy."""
     from laser_core import JobBusy
     try:
-        job = job_manager().submit(kind, label, device_key(lm), fn)
+        job = job_manager().submit(kind, label, device_key(lm), fn, made_on(lm, splits))
     except JobBusy as e:
         st.warning(str(e))
         return None
@@ -410,7 +411,7 @@ def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any
             edits = edit if isinstance(edit, list) else [] if edit is None else [edit]
             out[name] = evaluate_edits(lm, edits, splits, split, store(), job.cancel)
         return out
-    return start_job(kind, label, lm, work)
+    return start_job(kind, label, lm, splits, work)
 
 
 def poll_seconds(threads: int | None = None) -> float:
@@ -424,17 +425,17 @@ def poll_seconds(threads: int | None = None) -> float:
     return 1.0 if (threads or torch.get_num_threads()) >= 4 else 3.0
 
 
-def live_job(kind: str, show: Callable[[Job | None], None] | None = None) -> None:
-    """Draw this session's ``kind`` job (``show``, default :func:`render_job`). While it runs the drawing is
-    redone every :func:`poll_seconds`; when it ends (done, cancelled or failed) the page reruns once to show its
-    result, and from then on nothing polls."""
+def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = None) -> None:
+    """Draw this session's ``kind`` job on ``lm`` and ``splits`` (``show``, default :func:`render_job`). While it
+    runs the drawing is redone every :func:`poll_seconds`; when it ends (done, cancelled or failed) the page reruns
+    once to show its result, and from then on nothing polls."""
     show = show or render_job
-    job = session_job(kind)
+    job = session_job(kind, lm, splits)
     running = job is not None and job.status == "running"
 
     @st.fragment(run_every=poll_seconds() if running else None)
     def poll() -> None:
-        now = session_job(kind)
+        now = session_job(kind, lm, splits)
         show(now)
         if running and now is not None and now.status != "running":
             st.rerun()
@@ -447,9 +448,21 @@ def live_job(kind: str, show: Callable[[Job | None], None] | None = None) -> Non
     st.empty()
 
 
-def session_job(kind: str) -> Job | None:
+def made_on(lm, splits) -> dict:
+    """What a result shown on a page must have been computed on: the model's weights, the task's examples, the
+    seeded split sizes and, for a generation task, how answers are decoded and matched."""
+    from laser_core.search import report_task
+
+    return {"model": lm.fingerprint, **{k: v for k, v in report_task(splits).items() if k not in ("source", "name")}}
+
+
+def session_job(kind: str, lm, splits) -> Job | None:
+    """This session's latest ``kind`` job, where it ran on ``lm`` and ``splits``. Before, pages took the last job of
+    its kind whatever it ran on: after loading another task, the Model page showed the previous task's baseline as
+    this one's, Layer scores its scores."""
     jid = st.session_state.get(f"job_{kind}")
-    return job_manager().jobs.get(jid) if jid else None
+    job = job_manager().jobs.get(jid) if jid else None
+    return job if job is not None and job.made_on == made_on(lm, splits) else None
 
 
 # Settings that stay as the user left them on leaving a page and coming back (Streamlit drops the value of a
@@ -712,7 +725,7 @@ def render_one_candidate(lm, splits) -> None:
         start_eval_job("one", f"{short} (calibration)", lm, splits, calib)
     elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)"):
         start_eval_job("one", f"{short} (held-out test)", lm, splits, test)
-    live_job("one")
+    live_job("one", lm, splits)
 
 
 def render_recipe_check(lm, splits) -> None:
@@ -737,7 +750,7 @@ def render_recipe_check(lm, splits) -> None:
                + (" with this session's splits" if same_task else f"; evaluated here on `{splits.spec.source}`")
                + (f"; it recorded held-out test accuracy {recorded['accuracy']:.3f}" if recorded else "") + ".")
     st.code(f"python -m laser_core apply --recipe {up.name} --out edited-model", language="bash")
-    job = session_job("recipe_test")
+    job = session_job("recipe_test", lm, splits)
     ran = job is not None and st.session_state.get("recipe_test_of") == str(path)
     if ran and job.status == "done":
         base, res = job.result["base"], job.result["recipe"]
@@ -753,7 +766,7 @@ def render_recipe_check(lm, splits) -> None:
         start_eval_job("recipe_test", "recipe on held-out test", lm, splits,
                        [("base", None, "test"), ("recipe", list(edits), "test")])
     if st.session_state.get("recipe_test_of") == str(path):
-        live_job("recipe_test")
+        live_job("recipe_test", lm, splits)
 
 
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, held_out: bool = True) -> None:
@@ -1138,7 +1151,7 @@ def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dic
     cache has none (switched off or unwritable), the result under that name of this session's finished ``kind``
     evaluation job (:func:`start_eval_job`) if it is of that edit; None when neither has it."""
     got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
-    job = session_job(kind)
+    job = session_job(kind, lm, splits)
     if job is not None and job.status == "done":
         for key, doc in job.result.items():
             if key not in wanted or got[key] is not None:
@@ -1158,14 +1171,12 @@ def kept_report(lm, splits) -> dict | None:
     """The report kept by :func:`keep_report`, where it was made on this model and these splits. Before, after
     loading another task (or seed, or split sizes) Explore went on showing the previous task's search, and Export
     offered to re-run it for this task."""
-    from laser_core.search import report_task
-
     report = st.session_state.get("last_report")
     if not report:
         return None
-    made_on = {k: v for k, v in (report.get("task") or {}).items() if k not in ("source", "name")}
-    this = {k: v for k, v in report_task(splits).items() if k not in ("source", "name")}
-    return report if (report.get("model") or {}).get("fingerprint") == lm.fingerprint and made_on == this else None
+    on = {"model": (report.get("model") or {}).get("fingerprint"),
+          **{k: v for k, v in (report.get("task") or {}).items() if k not in ("source", "name")}}
+    return report if on == made_on(lm, splits) else None
 
 
 def report_key(lm, splits, cfg: SearchConfig) -> str:

@@ -67,7 +67,7 @@ for note in ui.load_warnings():
 st.subheader("Baseline")
 store = ui.store()
 cached = {s: ui.cached_result(lm, splits, s) for s in ("calib", "test")}
-job = ui.session_job("baseline")
+job = ui.session_job("baseline", lm, splits)
 if not all(cached.values()) and job is not None and job.status == "done":
     cached = job.result  # cache switched off or unwritable: show the job's own result
 if all(cached.values()):
@@ -77,7 +77,7 @@ if all(cached.values()):
 else:
     if st.button("Compute baseline accuracy"):
         ui.start_eval_job("baseline", "baseline", lm, splits, [("calib", None, "calib"), ("test", None, "test")])
-    ui.live_job("baseline")
+    ui.live_job("baseline", lm, splits)
 
 st.info("Next: **Layer scores** in the sidebar computes the singular-value gradients of every matrix.")
 if store.disabled_reason:

@@ -22,16 +22,16 @@ ks = ui.score_ks(score)
 cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
 
 found = cached_spectra(lm, splits, ui.store(), ks)
-job = ui.session_job("scores")
+job = ui.session_job("scores", lm, splits)
 if found is None and job is not None and job.status == "done" and set(ks) <= set(next(iter(job.result[0].values())).S):
     found = job.result  # computed this session but not cached (cache switched off or unwritable)
 if found is None:
     st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
             f"all {len(lm.matrices)} matrices.")
     if st.button("Compute scores", type="primary"):
-        ui.start_job("scores", f"scores ({score})", lm,
+        ui.start_job("scores", f"scores ({score})", lm, splits,
                      lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress))
-    ui.live_job("scores")
+    ui.live_job("scores", lm, splits)
     st.stop()
 spectra, loss = found
 table = score_table(lm, spectra, score, cfg)

@@ -62,16 +62,16 @@ else:
 with st.expander("The same search from the command line"):
     st.code(ui.cli_command(lm, splits, cfg), language="bash")
 if st.button("Run", type="primary", disabled=bool(cached)):
-    ui.start_job("search", f"{cfg.method} search", lm,
+    ui.start_job("search", f"{cfg.method} search", lm, splits,
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))
 
 
-job = ui.session_job("search")
+job = ui.session_job("search", lm, splits)
 if job is not None and job.status in ("done", "cancelled") and job.result is not None \
         and st.session_state.get("shown_job") != job.id:  # once: its report replaces the one shown
     ui.keep_report(job.result.to_dict())
     st.session_state["shown_job"] = job.id
-ui.live_job("search", lambda job: ui.render_search_job(job, lm))
+ui.live_job("search", lm, splits, lambda job: ui.render_search_job(job, lm))
 report = cached or ui.kept_report(lm, splits)  # kept: None where the last one was made on another model or task
 running = job is not None and job.status == "running"
 if report and not running:  # running: the live view instead

@@ -71,4 +71,4 @@ if st.button("Compare on held-out test", type="primary"):
     ui.start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
 
 
-ui.live_job("compare", lambda job: ui.render_comparison(job, splits))
+ui.live_job("compare", lm, splits, lambda job: ui.render_comparison(job, splits))

@@ -46,9 +46,9 @@ else:
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
     if st.button("Evaluate on held-out test"):
         ui.start_eval_job("export_test", "held-out test", lm, splits, [(k, *v) for k, v in wanted.items()])
-    job = ui.session_job("export_test")
+    job = ui.session_job("export_test", lm, splits)
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
-        ui.live_job("export_test")
+        ui.live_job("export_test", lm, splits)
 
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
 text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)

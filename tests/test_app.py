@@ -113,6 +113,43 @@ def test_model_page_shows_facts_and_computes_the_baseline(app_env):
     assert 0.0 <= float(metrics(at)["Held-out test accuracy"]) <= 1.0
 
 
+def test_pages_show_a_finished_job_only_on_the_model_and_task_it_ran_on(app_env, tmp_path):
+    """Before, a page fell back on this session's finished job where the cache had no result, whatever task the job
+    ran on: after loading another task, the Model page showed the previous task's baseline as this one's, and Layer
+    scores the previous task's scores."""
+    import laser_ui
+    from laser_core import TaskSpec, load_task, make_splits
+    from laser_core.search import evaluate_candidate, load_spectra
+    from laser_core.store import null_store
+    lm, _, splits = app_model(app_env)
+    mine = TaskSpec(str(write_mc_jsonl(tmp_path / "mine.jsonl", 300, seed=5)))  # nothing of it in the cache
+    done = {"baseline": {s: evaluate_candidate(lm, None, splits, s, null_store()) for s in ("calib", "test")},
+            "scores": load_spectra(lm, splits, null_store(), (1,))}
+    jobs = laser_ui.job_manager().jobs
+    for kind, result in done.items():  # finished on the app's default task
+        jobs[kind] = laser_ui.Job(kind, kind, kind, "cpu", status="done", result=result,
+                                  made_on=laser_ui.made_on(lm, splits))
+    try:
+        for name, kind, button in (("pages/1_Model_and_task.py", "baseline", "Compute baseline accuracy"),
+                                   ("pages/2_Layer_scores.py", "scores", "Compute scores")):
+            for spec, shown in ((mine, False), (None, True)):
+                at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+                at.session_state[f"job_{kind}"] = kind
+                if spec is not None:
+                    at.session_state["task_spec"] = spec
+                with pytest.MonkeyPatch.context() as mp:  # as if the cache were off: only the job can answer
+                    mp.setattr(laser_ui, "cached_result", lambda *a, **k: None)
+                    mp.setattr("laser_core.search.cached_spectra", lambda *a, **k: None)
+                    at.run()
+                assert not at.exception, [e.value for e in at.exception]
+                assert any(b.label == button for b in at.button) != shown, (name, spec)
+                assert ("Held-out test accuracy" in metrics(at) or bool(at.get("plotly_chart"))) == shown, (name, spec)
+    finally:
+        for kind in done:
+            del jobs[kind]
+    assert make_splits(load_task(mine), mine).task.digest != splits.task.digest
+
+
 def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
     at = page("pages/1_Model_and_task.py")
     at.radio(key="model_kind").set_value("local folder")
@@ -525,8 +562,9 @@ def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_repo
     name = "model.layers.1.mlp.down_proj.weight"
     rows = [{"name": name, "layer": 1, "type": "down", "k": 1, "rho": rho, "accuracy": acc, "log_loss": 1.0,
              "split": "val", "ranks": [1]} for rho, acc in ((0.5, 0.52), (0.1, 0.58))]
+    lm, _, splits = app_model(app_env)
     job = laser_ui.Job("running-search", "laser search", "search", "elsewhere", rows=rows,
-                       base={"name": None, "accuracy": 0.5, "log_loss": 1.0})
+                       base={"name": None, "accuracy": 0.5, "log_loss": 1.0}, made_on=laser_ui.made_on(lm, splits))
     jobs = laser_ui.job_manager().jobs
     jobs[job.id] = job
     try:
@@ -900,7 +938,8 @@ def test_a_job_shows_what_laser_core_warned_about_in_its_thread(app_env):
         log.warning("cache write failed (disk full); running without a cache")  # said again: shown once
         release.wait(10)
         return None
-    job = laser_ui.JobManager().submit("search", "laser search", "cpu", work)
+    lm, _, splits = app_model(app_env)
+    job = laser_ui.JobManager().submit("search", "laser search", "cpu", work, laser_ui.made_on(lm, splits))
     log.warning("a page's own warning")  # another thread: not the job's
     release.set()
     for _ in range(100):
@@ -962,8 +1001,9 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
     monkeypatch.setattr(laser_ui.st, "fragment", fragment)
     monkeypatch.setenv("LASER_LAB_POLL_S", "2.5")
     monkeypatch.setattr(laser_ui.st, "rerun", lambda: seen.__setitem__("reruns", seen["reruns"] + 1))
-    monkeypatch.setattr(laser_ui, "session_job", lambda kind: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
-    laser_ui.live_job("search", lambda job: seen["shown"].append(job.status))
+    monkeypatch.setattr(laser_ui, "session_job",
+                        lambda kind, lm, splits: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
+    laser_ui.live_job("search", None, None, lambda job: seen["shown"].append(job.status))
     assert (seen["run_every"], seen["reruns"], seen["shown"]) == (polls, reruns, [at_poll])
 
 
@@ -978,7 +1018,7 @@ def test_results_of_takes_the_cache_else_the_finished_jobs_result_for_the_same_e
     job = laser_ui.Job("j1", "one", "eval", "cpu", status="done", result={"base": doc(None), "edit": doc(other)})
     cache = {}
     monkeypatch.setattr(laser_ui, "cached_result", lambda lm, splits, split, edit=None: cache.get((split, edit)))
-    monkeypatch.setattr(laser_ui, "session_job", lambda kind: job)
+    monkeypatch.setattr(laser_ui, "session_job", lambda kind, lm, splits: job)
     wanted = {"base": (None, "calib"), "edit": (mine, "calib")}
     assert laser_ui.results_of("one", None, None, wanted) == {"base": doc(None), "edit": None}  # job: another rho
     job.result["edit"] = doc(mine)
