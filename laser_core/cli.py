@@ -300,7 +300,8 @@ def _cmd_search(args, method: str) -> int:
         signal.signal(signal.SIGINT, previous)
     split = SPLIT_WORDS[SEARCH_SPLIT[method]]
     print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
-          f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}")
+          f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}"
+          + (f"; answers matched by the '{tspec.match}' rule" if splits.task.kind == "gen" else ""))
     print(f"base   {split:<11} {_fmt(report.base)}")
     print(f"best   {split:<11} {_fmt(report.best)}")
     print(f"base   held-out    {_fmt(report.base_test)}")
@@ -342,7 +343,8 @@ def _cmd_eval(args) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)
     doc = evaluate_edits(lm, check_recipe_fits(lm, recipe) if recipe else [], splits, args.split, store)
-    print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else ""))
+    rule = f"  (answers matched by the '{tspec.match}' rule)" if splits.task.kind == "gen" else ""
+    print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else "") + rule)
     if recipe and args.split == "test":  # held out: a fair comparison with the base model (see significance)
         base = evaluate_edits(lm, [], splits, "test", store)
         print(f"base: {_fmt(base)}" + ("  (cached)" if base.get("cached") else ""))

@@ -464,7 +464,8 @@ def test_a_generation_tasks_report_is_cached_per_decoding_length_and_a_multiple_
         "cfg": to_dict(cfg), "split": splits.key("calib"), "status": "complete"})
 
 
-def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, store, tmp_path):
+def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, tiny_dirs, store,
+                                                                                         tmp_path, capsys):
     """LASER's rule (an accepted answer occurs in the generated line) credits "5" in "555": the stricter rules do
     not. The same generations are scored by each rule; a rule's results are cached under their own key, and
     LASER's keep the key they had before there was a choice."""
@@ -497,6 +498,11 @@ def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cach
                 "result", lm.fingerprint, splits.task.digest,
                 {"split": splits.key("calib"), "edit": None, "max_new_tokens": 6})
     assert docs["contains"]["accuracy"] == 1.0 and docs["exact"]["accuracy"] == 0.0
+    for rule, said in (("exact", "0.000"), ("contains", "1.000")):  # the CLI says which rule it scored by
+        assert main(["eval", "--model", str(tiny_dirs["llama"]), "--task", str(path), "--n-calib", "10", "--n-test", "10",
+                     "--max-new-tokens", "6", "--split", "calib", "--match", rule, "--cache-dir", str(tmp_path / "c")]) == 0
+        out = capsys.readouterr().out
+        assert f"calib: accuracy {said}" in out and f"(answers matched by the '{rule}' rule)" in out, out
 
 
 def test_a_search_without_held_out_results_is_not_cached_as_a_complete_report(tiny_lm, mc_task, store):
