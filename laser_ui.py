@@ -1051,7 +1051,8 @@ def render_comparison(job, splits) -> None:
     for i, e in enumerate(splits.examples("test")):
         if ra["correct"][i] != rb["correct"][i]:
             show = (lambda p: e.choices[p].strip() if e.choices else p)
-            flips.append({"prompt": e.prompt[-200:], "gold": e.choices[e.answer].strip() if e.choices else e.targets[0],
+            gold = e.choices[e.answer].strip() if e.choices else " | ".join(t.strip() for t in e.targets)  # every accepted
+            flips.append({"prompt": e.prompt[-200:], "gold": gold,
                           "A": show(ra["predictions"][i]), "B": show(rb["predictions"][i]),
                           "now": "fixed" if rb["correct"][i] else "broken"})
     if flips:  # how many each way: the caption above says

@@ -687,6 +687,30 @@ def test_explore_one_candidate_runs_an_edit_that_a_search_stopped_early_instead_
     assert metrics(at)["This edit (calib)"] == f"{full['accuracy']:.3f}"
 
 
+def test_a_comparison_on_a_generation_task_names_every_accepted_answer():
+    """The flipped examples' "gold" of a generation task lists its accepted answers; before, the first alone."""
+    def script():
+        import laser_ui
+        from laser_core.tasks import Example
+
+        class Splits:
+            def examples(self, split):
+                return [Example("The capital of France is", targets=(" Paris", " paris, France")),
+                        Example("Two and two make", targets=(" four", " 4"))]
+
+        def doc(correct, said):
+            return {"accuracy": sum(correct) / 2, "log_loss": 1.0, "correct": correct, "predictions": said}
+        laser_ui.render_comparison(laser_ui.Job("j", "compare", "compare", "cpu", status="done", result={
+            "A": doc([True, True], ["Paris.", "four"]), "B": doc([False, True], ["Lyon.", "four"])}), Splits())
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    flips = next(d.value for d in at.dataframe if "now" in d.value.columns)
+    assert flips.to_dict("records") == [{"prompt": "The capital of France is", "gold": "Paris | paris, France",
+                                         "A": "Paris.", "B": "Lyon.", "now": "broken"}]
+
+
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
