@@ -917,7 +917,8 @@ def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> g
     stopped = df["stopped_early"] == "yes" if "stopped_early" in df.columns else pd.Series(False, index=df.index)
     ran = df[~stopped]
     fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
-                     title="Accuracy vs parameters kept (Pareto front)")
+                     title="Accuracy vs parameters kept (Pareto front)",
+                     labels={"params_kept_%": "parameters kept (% of the model)"})
     if stopped.any():
         fig.add_scatter(x=df[stopped]["params_kept_%"], y=df[stopped]["accuracy"], mode="markers",
                         name="stopped early (of the examples seen)", marker={"color": "grey", "symbol": "x-thin-open"})

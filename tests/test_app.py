@@ -912,6 +912,7 @@ def test_pareto_front_counts_the_base_model_rings_a_single_point_and_leaves_out_
     assert [(t.x[0], t.y[0]) for t in with_base.data if t.name == "base model"] == [(100, 0.8)]
     assert [list(t.x) for t in with_base.data if t.name.startswith("stopped early")] == [[90.5]]
     assert front(laser_ui.pareto_figure(lm, df, base_accuracy=0.4)) == [(91, 0.5), (92, 0.7)]
+    assert with_base.layout.xaxis.title.text == "parameters kept (% of the model)"  # not the column's raw name
 
 
 def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
