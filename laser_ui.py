@@ -25,7 +25,7 @@ import streamlit as st
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
-from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
+from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
 from laser_core.search import merit
@@ -731,7 +731,7 @@ def render_one_candidate(lm, splits) -> None:
 def render_recipe_check(lm, splits) -> None:
     """Open a recipe file (the CLI's, a colleague's, an earlier export): its edits, whether they fit this model,
     and their held-out test accuracy on this session's task against the base model."""
-    from laser_core.recipe import check_recipe_fits, load_recipe, matches_recorded
+    from laser_core.recipe import check_recipe_fits, load_recipe, matches_recorded, recipe_task
     up = st.file_uploader("Recipe file (JSON or YAML)", type=["json", "yaml", "yml"], key="recipe_upload")
     if up is None:
         return
@@ -739,13 +739,14 @@ def render_recipe_check(lm, splits) -> None:
     try:
         recipe = load_recipe(path)
         edits = check_recipe_fits(lm, recipe)
+        made_on_task = recipe_task(recipe)
     except LaserError as e:
         st.error(f"Cannot use this recipe: {e}")
         return
     st.dataframe([{"matrix": e.name, "K": e.k, "ρ": e.rho} for e in edits], hide_index=True, key="recipe_edits")
     task = recipe.get("task") or {}
     recorded = (recipe.get("metrics") or {}).get("edited_test")
-    same_task = task == to_dict(splits.spec)
+    same_task = made_on_task == splits.spec
     st.caption((f"Made on task `{task.get('source')}`" if task else "The recipe names no task")
                + (" with this session's splits" if same_task else f"; evaluated here on `{splits.spec.source}`")
                + (f"; it recorded held-out test accuracy {recorded['accuracy']:.3f}" if recorded else "") + ".")

@@ -1,6 +1,7 @@
 """Recipes: a versioned JSON/YAML record of edits that re-applies them to the model and saves the result."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -112,6 +113,23 @@ def load_recipe(path: str | Path) -> dict:
         raise ConfigError(f"{path} has no edits")
     recipe_edits(recipe)  # validates K and rho
     return recipe
+
+
+def recipe_task(recipe: dict) -> TaskSpec | None:
+    """The task spec a recipe was made on, or None where it names none. A field the recipe lacks takes its default:
+    a recipe written before the field existed was made with it (the answer match, the answer base). Before, such a
+    recipe's task was compared as written, and the dashboard took it for another task than the same one loaded.
+
+    Raises:
+        ConfigError: a field this version does not know, or a bad value (with the field named).
+    """
+    task = recipe.get("task")
+    if not task:
+        return None
+    unknown = sorted(set(task) - {f.name for f in dataclasses.fields(TaskSpec)})
+    if unknown:
+        raise ConfigError(f"the recipe's task has fields this LASER Lab does not know: {', '.join(unknown)}; upgrade")
+    return TaskSpec(**task)
 
 
 def recipe_edits(recipe: dict) -> list[Edit]:
@@ -233,15 +251,15 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     """
     spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
     out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check (minutes)
+    tspec = recipe_task(recipe)  # before the model load: a bad task fails in seconds
     lm = load_model(spec, progress)
     edits = check_recipe_fits(lm, recipe, force)
     apply_edits_permanently(lm, edits)
     result = {"check": None}
-    if check and recipe.get("task"):
+    if check and tspec is not None:
         from .evaluate import evaluate
         from .tasks import load_task, make_splits
 
-        tspec = TaskSpec(**recipe["task"])
         splits = make_splits(load_task(tspec), tspec)
         res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens, match=tspec.match)
         want = (recipe.get("metrics") or {}).get("edited_test")

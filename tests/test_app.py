@@ -823,8 +823,14 @@ def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     wait_for(at, lambda a: "With the recipe (held-out test)" in metrics(a))
     assert metrics(at)["With the recipe (held-out test)"] == f"{want['accuracy']:.3f}"
     assert any("recorded" in s.value and "the same." in s.value for s in at.success)
+    older = {**recipe, "task": {k: v for k, v in recipe["task"].items() if k not in ("match", "answer_base")}}
+    at.file_uploader(key="recipe_upload").set_value(("older.json", json.dumps(older).encode(), "application/json"))
+    at.run()  # written before those fields existed, with their defaults: the same task (before: "evaluated here on")
+    assert "this session's splits; it recorded held-out test accuracy" in " ".join(c.value for c in at.caption)
     for content, said in ((json.dumps({**recipe, "model": {**recipe["model"], "fingerprint": "0" * 16}}),
                            "the recipe was made on a model with fingerprint 0000000000000000"),
+                          (json.dumps({**recipe, "task": {**recipe["task"], "shots": 3}}),
+                           "the recipe's task has fields this LASER Lab does not know: shots; upgrade"),
                           ("{not json", "is not valid JSON")):
         at.file_uploader(key="recipe_upload").set_value(("other.json", content.encode(), "application/json"))
         at.run()
