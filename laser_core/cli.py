@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -145,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace the --out folder if it exists")
     sp.add_argument("--force", action="store_true", help="apply even if the model fingerprint differs")
     sp.add_argument("--no-check", action="store_true", help="skip re-evaluating the edited model")
+    sp = sub.add_parser("compose", help="one recipe applying the edits of several recipes together (each on its own "
+                        "matrix); evaluate it with eval --recipe")
+    sp.add_argument("recipes", nargs="+", help="the recipes (.json/.yaml) to combine, of one model")
+    sp.add_argument("--out", required=True, help="where to write the combined recipe (.json/.yaml)")
     return p
 
 
@@ -373,6 +378,20 @@ def _cmd_apply(args) -> int:
     return 0 if (c is None or c["matches"]) else 1
 
 
+def _cmd_compose(args) -> int:
+    from .recipe import compose_recipes, load_recipe, recipe_task, save_recipe
+
+    recipe = compose_recipes([load_recipe(r) for r in args.recipes], args.recipes)
+    path = save_recipe(recipe, args.out)
+    task = recipe_task(recipe)
+    model = ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+    flags = spec_args(model, task) if task else ["--model", model.source, "--task", "<task>"]
+    print(f"recipe: {path} ({len(recipe['edits'])} edits from {len(args.recipes)} recipes"
+          + ("" if task else "; they name no task in common") + ")")
+    print(f"evaluate the edits together: python -m laser_core eval --recipe {path} {shlex.join(flags)} --split test")
+    return 0
+
+
 def _cmd_report(args) -> int:
     import json
 
@@ -414,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.cmd == "report":
             return _cmd_report(args)
+        if args.cmd == "compose":
+            return _cmd_compose(args)
         return _cmd_apply(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)

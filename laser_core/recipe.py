@@ -132,6 +132,30 @@ def recipe_task(recipe: dict) -> TaskSpec | None:
     return TaskSpec(**task)
 
 
+def compose_recipes(recipes: list[dict], sources: list[str] | None = None) -> dict:
+    """One recipe that applies the edits of all ``recipes`` together, as LASER composes reductions of several
+    matrices. Its edits are measured together by ``eval --recipe`` (held-out test against the base) or the
+    dashboard's recipe check: what edits do together is not what each did alone, so it carries no metrics. Its
+    task is theirs where they name the same one (defaults filled, see :func:`recipe_task`), else none.
+
+    Raises:
+        ConfigError: fewer than two recipes, recipes of models with other weights (fingerprints), or two edits of
+            one matrix.
+    """
+    if len(recipes) < 2:
+        raise ConfigError("compose needs at least two recipes")
+    prints = [r["model"].get("fingerprint") for r in recipes]
+    if len(set(prints)) > 1:
+        raise ConfigError(f"the recipes were made on models with other weights (fingerprints "
+                          f"{', '.join(map(str, prints))}); compose recipes of one model")
+    check_one_per_matrix([e for r in recipes for e in recipe_edits(r)])
+    tasks = [recipe_task(r) for r in recipes]
+    return {"laser_lab_recipe": RECIPE_VERSION, "model": recipes[0]["model"],
+            "task": to_dict(tasks[0]) if tasks[0] is not None and all(t == tasks[0] for t in tasks) else None,
+            "method": "composed", "edits": [row for r in recipes for row in r["edits"]], "metrics": {},
+            "composed_from": list(sources) if sources else None, "versions": library_versions()}
+
+
 def recipe_edits(recipe: dict) -> list[Edit]:
     """The recipe's edits as ``Edit`` objects (validated)."""
     try:

@@ -354,6 +354,44 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert "task not found" in (err := capsys.readouterr().err) and "loading" not in err  # before any model load
 
 
+def test_compose_makes_one_recipe_whose_edits_eval_measures_together(tiny_lm, tiny_dirs, mc_task, tmp_path, capsys):
+    """LASER composes reductions of several matrices; before, a recipe of several edits had to be written by hand."""
+    import dataclasses
+
+    from laser_core.recipe import compose_recipes, make_recipe
+    from laser_core.search import evaluate_edits
+    from laser_core.store import null_store
+    lm = tiny_lm("gpt2")
+    ts, _ = _splits(mc_task, n_calib=20)
+    ts = dataclasses.replace(ts, seed=3)  # a task spec off the defaults: the command printed carries it
+    splits = make_splits(load_task(ts), ts)
+    first, second = Edit(lm.matrices[0].name, 1, 0.5), Edit(lm.matrices[-1].name, 2, 0.25)
+    paths = []
+    for i, e in enumerate((first, second)):
+        paths.append(tmp_path / f"r{i}.json")
+        save_recipe(make_recipe(lm, [e], ts, {"edited_test": {"accuracy": 0.5, "log_loss": 1.0, "n": 20}}), paths[-1])
+    assert main(["compose", *map(str, paths), "--out", str(tmp_path / "both.yaml")]) == 0
+    said = capsys.readouterr().out
+    both = load_recipe(tmp_path / "both.yaml")
+    assert [(e["name"], e["k"], e["rho"]) for e in both["edits"]] == [(e.name, e.k, e.rho) for e in (first, second)]
+    assert both["metrics"] == {} and both["method"] == "composed" and both["task"] == load_recipe(paths[0])["task"]
+    assert "recipe: " in said and "(2 edits from 2 recipes)" in said and "--seed 3" in said
+    cmd = said.split("evaluate the edits together: python -m laser_core ")[1].split()
+    assert main([*cmd, "--cache-dir", str(tmp_path / "c")]) == 0  # the command it prints runs
+    out = capsys.readouterr().out
+    together = evaluate_edits(lm, [first, second], splits, "test", null_store())
+    assert out.startswith(f"test: accuracy {together['accuracy']:.3f}") and "held-out change" in out
+    with pytest.raises(ConfigError, match="two edits reduce the same matrix"):
+        compose_recipes([load_recipe(paths[0]), load_recipe(paths[0])])
+    other = {**load_recipe(paths[1]), "model": {**load_recipe(paths[1])["model"], "fingerprint": "0" * 16}}
+    with pytest.raises(ConfigError, match="models with other weights"):
+        compose_recipes([load_recipe(paths[0]), other])
+    assert main(["compose", str(paths[0]), "--out", str(tmp_path / "one.json")]) == 2
+    assert capsys.readouterr().err.strip() == "error: compose needs at least two recipes"
+    elsewhere = {**load_recipe(paths[1]), "task": {**load_recipe(paths[1])["task"], "seed": 4}}
+    assert compose_recipes([load_recipe(paths[0]), elsewhere])["task"] is None  # no task in common
+
+
 def test_cli_progress_is_one_line_per_phase_in_a_log_and_bars_on_a_terminal():
     import io
 
