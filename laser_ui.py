@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -201,7 +202,6 @@ def _model_of(spec: ModelSpec):
 def _cached_splits(spec_json: str, stamp: tuple | None):
     """The task's splits and the warnings loading it gave (duplicates dropped, sizes cut, ambiguous answers).
     ``stamp``: the source's :func:`_path_stamp`, so that a file edited or uploaded again is read again."""
-    import json
     spec = TaskSpec(**json.loads(spec_json))
     return _with_warnings(lambda: make_splits(load_task(spec), spec))
 
@@ -726,6 +726,48 @@ def render_one_candidate(lm, splits) -> None:
     elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)"):
         start_eval_job("one", f"{short} (held-out test)", lm, splits, test)
     live_job("one", lm, splits)
+
+
+def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
+    """Export: the ``chosen`` candidate's edit applied together with edits of other matrices (``docs``: this task's
+    evaluated candidates), as LASER composes reductions across layers. One click evaluates them together on
+    held-out test against the base; the recipe downloaded holds them all, with that result for ``apply`` to
+    re-check. What edits do together is not what each did alone, so it is measured, never added up."""
+    from laser_core import Edit
+    from laser_core.config import check_one_per_matrix
+    from laser_core.recipe import make_recipe, recipe_metrics
+
+    others = [d for d in export_options(docs, None)[0] if d["name"] != chosen["name"] and not d.get("stopped_early")]
+    if not others:
+        st.caption("No other matrix has an evaluated candidate to combine with.")
+        return
+    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d for d in others}
+    picked = st.multiselect("Apply together with (one edit per matrix)", list(labels), key="combine_pick")
+    if not picked:
+        return
+    try:
+        edits = check_one_per_matrix([Edit(d["name"], int(d["k"]), float(d["rho"]))
+                                      for d in (chosen, *(labels[p] for p in picked))])
+    except ConfigError as e:
+        st.error(str(e))
+        return
+    job = session_job("combine", lm, splits)
+    ids = [[e.name, e.k, e.rho] for e in edits]
+    if job is not None and job.status == "done" and st.session_state.get("combine_of") == ids:
+        base, together = job.result["base"], job.result["together"]
+        render_accuracy_pair(st.columns(2), "Base (held-out test)", base,
+                             f"{len(edits)} edits together (held-out test)", together)
+        recipe = make_recipe(lm, edits, splits.spec, recipe_metrics("test", None, None, base, together), "composed")
+        st.download_button("Download the combined recipe (JSON)", json.dumps(recipe, indent=2, sort_keys=True),
+                           file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
+        st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
+        return
+    if st.button(f"Evaluate the {len(edits)} edits together on held-out test", key="combine_run"):
+        st.session_state["combine_of"] = ids
+        start_eval_job("combine", "edits together on held-out test", lm, splits,
+                       [("base", None, "test"), ("together", edits, "test")])
+    if st.session_state.get("combine_of") == ids:
+        live_job("combine", lm, splits)
 
 
 def render_recipe_check(lm, splits) -> None:

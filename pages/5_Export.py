@@ -50,6 +50,8 @@ else:
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
         ui.live_job("export_test", lm, splits)
 
+with st.expander("Combine with edits of other matrices (applied together)"):
+    ui.render_combination(lm, splits, docs, d)
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
 text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)
 st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{fmt.lower()}",

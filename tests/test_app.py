@@ -805,6 +805,35 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
 
 
+def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched):
+    """LASER composes reductions of several matrices; before, the dashboard exported one edit only."""
+    from laser_core import Edit, Store
+    from laser_core.search import evaluate_edits
+    at = page("pages/5_Export.py")
+    chosen = at.selectbox(key="export_pick")
+    name = chosen.format_func(chosen.value).split(" K=")[0]
+    options = at.multiselect(key="combine_pick").options
+    assert options and not any(o.startswith(name + " ") for o in options)  # other matrices only
+    same = [o for o in options if o.split(" K=")[0] == options[0].split(" K=")[0]]
+    if len(same) > 1:  # two edits of one matrix: refused by name
+        at.multiselect(key="combine_pick").set_value(same[:2]).run()
+        assert any("two edits reduce the same matrix" in e.value for e in at.error), [e.value for e in at.error]
+    at.multiselect(key="combine_pick").set_value([options[0]]).run()
+    click(at, "Evaluate the 2 edits together on held-out test")
+    wait_for(at, lambda a: "2 edits together (held-out test)" in metrics(a))
+    lm, _, splits = app_model(app_env)
+
+    def edit_of(label):
+        n, k, rho = re.match(r"(\S+) K=(\d+) ρ=([\d.]+)", label).groups()
+        return Edit(n, int(k), float(rho))
+    together = evaluate_edits(lm, [edit_of(chosen.format_func(chosen.value)), edit_of(options[0])], splits, "test",
+                              Store())
+    assert metrics(at)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
+    assert any("held-out questions" in c.value for c in at.caption)  # paired with the base: beyond noise or not
+    assert [b.proto.label for b in at.get("download_button")
+            if b.proto.label == "Download the combined recipe (JSON)"]
+
+
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
 
     from laser_core import Edit, Store
