@@ -737,12 +737,16 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
     from laser_core.config import check_one_per_matrix
     from laser_core.recipe import make_recipe, recipe_metrics
 
-    others = [d for d in export_options(docs, None)[0] if d["name"] != chosen["name"] and not d.get("stopped_early")]
-    if not others:
+    best_of: dict[str, dict] = {}  # each other matrix's best candidate (export_options lists the best first)
+    for d in export_options(docs, None)[0]:
+        if d["name"] != chosen["name"] and not d.get("stopped_early"):
+            best_of.setdefault(d["name"], d)
+    if not best_of:
         st.caption("No other matrix has an evaluated candidate to combine with.")
         return
-    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d for d in others}
-    picked = st.multiselect("Apply together with (one edit per matrix)", list(labels), key="combine_pick")
+    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d
+              for d in best_of.values()}
+    picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick")
     if not picked:
         return
     try:
