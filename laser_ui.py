@@ -29,7 +29,7 @@ from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSp
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
-from laser_core.search import merit
+from laser_core.search import doc_edit, merit
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
 
@@ -448,12 +448,18 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
     st.empty()
 
 
+def _made_on(fingerprint: str | None, task: dict) -> dict:
+    """A model fingerprint and a report's task (``search.report_task``) as :func:`made_on` compares them: what
+    the results depend on, not where the task was read from nor its name."""
+    return {"model": fingerprint, **{k: v for k, v in task.items() if k not in ("source", "name")}}
+
+
 def made_on(lm, splits) -> dict:
     """What a result shown on a page must have been computed on: the model's weights, the task's examples, the
     seeded split sizes and, for a generation task, how answers are decoded and matched."""
     from laser_core.search import report_task
 
-    return {"model": lm.fingerprint, **{k: v for k, v in report_task(splits).items() if k not in ("source", "name")}}
+    return _made_on(lm.fingerprint, report_task(splits))
 
 
 def session_job(kind: str, lm, splits) -> Job | None:
@@ -733,7 +739,6 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
     evaluated candidates), as LASER composes reductions across layers. One click evaluates them together on
     held-out test against the base; the recipe downloaded holds them all, with that result for ``apply`` to
     re-check. What edits do together is not what each did alone, so it is measured, never added up."""
-    from laser_core import Edit
     from laser_core.config import check_one_per_matrix
     from laser_core.recipe import make_recipe, recipe_metrics
 
@@ -750,8 +755,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
     if not picked:
         return
     try:
-        edits = check_one_per_matrix([Edit(d["name"], int(d["k"]), float(d["rho"]))
-                                      for d in (chosen, *(labels[p] for p in picked))])
+        edits = check_one_per_matrix([doc_edit(d) for d in (chosen, *(labels[p] for p in picked))])
     except ConfigError as e:
         st.error(str(e))
         return
@@ -1223,8 +1227,7 @@ def kept_report(lm, splits) -> dict | None:
     report = st.session_state.get("last_report")
     if not report:
         return None
-    on = {"model": (report.get("model") or {}).get("fingerprint"),
-          **{k: v for k, v in (report.get("task") or {}).items() if k not in ("source", "name")}}
+    on = _made_on((report.get("model") or {}).get("fingerprint"), report.get("task") or {})
     return report if on == made_on(lm, splits) else None
 
 

@@ -379,12 +379,12 @@ def _cmd_apply(args) -> int:
 
 
 def _cmd_compose(args) -> int:
-    from .recipe import compose_recipes, load_recipe, recipe_task, save_recipe
+    from .recipe import compose_recipes, load_recipe, recipe_model, recipe_task, save_recipe
 
     recipe = compose_recipes([load_recipe(r) for r in args.recipes], args.recipes)
     path = save_recipe(recipe, args.out)
     task = recipe_task(recipe)
-    model = ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+    model = recipe_model(recipe)
     flags = spec_args(model, task) if task else ["--model", model.source, "--task", "<task>"]
     print(f"recipe: {path} ({len(recipe['edits'])} edits from {len(args.recipes)} recipes"
           + ("" if task else "; they name no task in common") + ")")

@@ -115,6 +115,11 @@ def load_recipe(path: str | Path) -> dict:
     return recipe
 
 
+def recipe_model(recipe: dict) -> ModelSpec:
+    """The model spec a recipe was made on (its source, device and dtype)."""
+    return ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+
+
 def recipe_task(recipe: dict) -> TaskSpec | None:
     """The task spec a recipe was made on, or None where it names none. A field the recipe lacks takes its default:
     a recipe written before the field existed was made with it (the answer match, the answer base). Before, such a
@@ -273,7 +278,7 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
 
     The loaded copy is private to this call, so no shared model is ever left edited.
     """
-    spec = model or ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+    spec = model or recipe_model(recipe)
     out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check (minutes)
     tspec = recipe_task(recipe)  # before the model load: a bad task fails in seconds
     lm = load_model(spec, progress)
@@ -281,11 +286,11 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     apply_edits_permanently(lm, edits)
     result = {"check": None}
     if check and tspec is not None:
-        from .evaluate import evaluate
+        from .search import evaluate_split
         from .tasks import load_task, make_splits
 
         splits = make_splits(load_task(tspec), tspec)
-        res = evaluate(lm, splits.examples("test"), tspec.max_new_tokens, match=tspec.match)
+        res = evaluate_split(lm, splits, "test")
         want = (recipe.get("metrics") or {}).get("edited_test")
         result["check"] = {"accuracy": res.accuracy, "log_loss": res.log_loss, "expected": want,
                            "matches": want is None or matches_recorded(res.accuracy, want)}

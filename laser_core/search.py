@@ -12,7 +12,7 @@ import torch
 
 from .config import Edit, SearchConfig, TaskSpec, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
-from .evaluate import CancelToken, PrefixStates, evaluate
+from .evaluate import CancelToken, EvalResult, PrefixStates, evaluate
 from .prefix import block_list
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel, MatrixRef, matrix_of
@@ -189,6 +189,12 @@ def report_task(splits: Splits) -> dict:
     return out
 
 
+def evaluate_split(lm: LoadedModel, splits: Splits, split: str, **kw) -> EvalResult:
+    """:func:`~laser_core.evaluate.evaluate` on the examples of ``split``, with the task's decoding settings (its
+    length and answer-match rule), which every result of the task is keyed by."""
+    return evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, match=splits.spec.match, **kw)
+
+
 def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: Edit | None) -> str:
     """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length
     and, for a generation task, the answer-match rule."""
@@ -207,6 +213,11 @@ def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig,
     return store.key("report", lm.fingerprint, splits.task.digest, ident)
 
 
+def doc_edit(doc: dict) -> Edit | None:
+    """The edit an evaluation (a cached result or a report's row) is of; None for the base model."""
+    return Edit(doc["name"], int(doc["k"]), float(doc["rho"])) if doc.get("name") else None
+
+
 def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
     """Every evaluation of this model on exactly these splits found in the cache (earlier runs included).
 
@@ -216,8 +227,7 @@ def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
     for key, doc in store.iter_json(f"result/{lm.fingerprint}/{splits.task.digest}/"):
         if doc.get("split") not in ("calib", "val", "test"):
             continue
-        edit = Edit(doc["name"], int(doc["k"]), float(doc["rho"])) if doc.get("name") else None
-        if key == result_key(store, lm, splits, doc["split"], edit):
+        if key == result_key(store, lm, splits, doc["split"], doc_edit(doc)):
             out.append(doc)
     return out
 
@@ -241,10 +251,9 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         doc["cached"] = True
         return doc
     t0 = time.perf_counter()
-    examples = splits.examples(split)
     if edit is None:
         with lm.lock:
-            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, match=splits.spec.match)
+            res = evaluate_split(lm, splits, split, cancel=cancel)
         row = {"name": None, "layer": None, "type": None, "k": None, "rho": None, "ranks": None,
                "params_kept": None, "params_full": None}
     else:
@@ -253,8 +262,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         f = get_factors(lm, edit.name, edit.k, store, factors)
         prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
         with edited(lm, [edit], {(edit.name, edit.k): f}):
-            res = evaluate(lm, examples, splits.spec.max_new_tokens, cancel=cancel, beat=beat, prefix=prefix,
-                           match=splits.spec.match)
+            res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
@@ -275,7 +283,7 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
         return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
     t0 = time.perf_counter()
     with edited(lm, edits):
-        res = evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, cancel=cancel, match=splits.spec.match)
+        res = evaluate_split(lm, splits, split, cancel=cancel)
     return {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
             **res.to_dict(), "seconds": time.perf_counter() - t0, "cached": False}
 

@@ -8,10 +8,10 @@ import streamlit as st
 import yaml
 
 import laser_ui as ui
-from laser_core import Edit, LaserError, SearchConfig, edited
+from laser_core import LaserError, SearchConfig, edited
 from laser_core.cli import command_defaults
 from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
-from laser_core.search import SEARCH_SPLIT
+from laser_core.search import SEARCH_SPLIT, doc_edit
 
 ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Export", layout="wide")
@@ -31,7 +31,7 @@ choice = st.selectbox("Candidate", range(len(options)), index=default, key="expo
                                             f"({options[i]['split']} acc {options[i]['accuracy']:.3f}"
                                             + (", stopped early)" if options[i].get("stopped_early") else ")"))
 d = options[choice]
-edit = Edit(d["name"], int(d["k"]), float(d["rho"]))
+edit = doc_edit(d)
 base = ui.cached_result(lm, splits, d["split"])
 wanted = {"base_test": (None, "test"), "edited_test": (edit, "test")}
 tests = ui.results_of("export_test", lm, splits, wanted)  # from the cache, or the finished job's own results
