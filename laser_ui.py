@@ -408,8 +408,7 @@ def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any
         out = {}
         for i, (name, edit, split) in enumerate(items):
             job.on_progress({"phase": kind, "done": i, "total": len(items), "message": name[:40]})
-            edits = edit if isinstance(edit, list) else [] if edit is None else [edit]
-            out[name] = evaluate_edits(lm, edits, splits, split, store(), job.cancel)
+            out[name] = evaluate_edits(lm, _as_edits(edit), splits, split, store(), job.cancel)
         return out
     return start_job(kind, label, lm, splits, work)
 
@@ -759,10 +758,9 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
     except ConfigError as e:
         st.error(str(e))
         return
-    job = session_job("combine", lm, splits)
-    ids = [[e.name, e.k, e.rho] for e in edits]
-    if job is not None and job.status == "done" and st.session_state.get("combine_of") == ids:
-        base, together = job.result["base"], job.result["together"]
+    got = results_of("combine", lm, splits, {"base": (None, "test"), "together": (edits, "test")})
+    if got["base"] and got["together"]:  # from the cache (this session's or an earlier one's), else this session's job
+        base, together = got["base"], got["together"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base,
                              f"{len(edits)} edits together (held-out test)", together)
         recipe = make_recipe(lm, edits, splits.spec, recipe_metrics("test", None, None, base, together), "composed")
@@ -770,7 +768,10 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
         return
-    if st.button(f"Evaluate the {len(edits)} edits together on held-out test", key="combine_run"):
+    ids = sorted([e.name, e.k, e.rho] for e in edits)
+    job = session_job("combine", lm, splits)
+    running = job is not None and job.status == "running"
+    if st.button(f"Evaluate the {len(edits)} edits together on held-out test", key="combine_run", disabled=running):
         st.session_state["combine_of"] = ids
         start_eval_job("combine", "edits together on held-out test", lm, splits,
                        [("base", None, "test"), ("together", edits, "test")])
@@ -801,10 +802,9 @@ def render_recipe_check(lm, splits) -> None:
                + (" with this session's splits" if same_task else f"; evaluated here on `{splits.spec.source}`")
                + (f"; it recorded held-out test accuracy {recorded['accuracy']:.3f}" if recorded else "") + ".")
     st.code(f"python -m laser_core apply --recipe {up.name} --out edited-model", language="bash")
-    job = session_job("recipe_test", lm, splits)
-    ran = job is not None and st.session_state.get("recipe_test_of") == str(path)
-    if ran and job.status == "done":
-        base, res = job.result["base"], job.result["recipe"]
+    got = results_of("recipe_test", lm, splits, {"base": (None, "test"), "recipe": (list(edits), "test")})
+    if got["base"] and got["recipe"]:  # from the cache (evaluated before, here or by ``eval --recipe``), or just now
+        base, res = got["base"], got["recipe"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base, "With the recipe (held-out test)", res)
         if same_task and recorded:
             agree = matches_recorded(res["accuracy"], recorded)
@@ -812,7 +812,8 @@ def render_recipe_check(lm, splits) -> None:
                 f"The recipe recorded {recorded['accuracy']:.3f} on this task's held-out test split: "
                 + ("the same." if agree else "not the same (other weights, another library version or device?)"))
         return
-    if st.button("Evaluate the recipe on held-out test", disabled=ran and job.status == "running"):
+    job = session_job("recipe_test", lm, splits)
+    if st.button("Evaluate the recipe on held-out test", disabled=job is not None and job.status == "running"):
         st.session_state["recipe_test_of"] = str(path)
         start_eval_job("recipe_test", "recipe on held-out test", lm, splits,
                        [("base", None, "test"), ("recipe", list(edits), "test")])
@@ -1191,26 +1192,38 @@ def cached_results(lm, splits) -> list[dict]:
     return _cached(store(), lm, splits)
 
 
+def _as_edits(edit) -> list:
+    """An evaluation's edits as a list: ``edit`` is None (the base), one Edit, or a list of edits applied together."""
+    return edit if isinstance(edit, list) else [] if edit is None else [edit]
+
+
+def evaluation_id(doc: dict) -> tuple:
+    """The edits a cached evaluation or a job's result is of, as sorted (matrix name, K, rho): () for the base."""
+    rows = doc.get("edits") or ([doc] if doc.get("name") else [])
+    return tuple(sorted((r["name"], r["k"], r["rho"]) for r in rows))
+
+
 def cached_result(lm, splits, split: str, edit=None) -> dict | None:
-    """One cached evaluation (None: not computed yet, or only up to an early stop, whose accuracy counts only the
-    examples it saw)."""
-    from laser_core.search import result_key
-    doc = store().get_json(result_key(store(), lm, splits, split, edit))
-    return None if doc is None or doc.get("stopped_early") else doc
+    """One cached evaluation of ``edit`` (None for the base, an Edit, or a list of edits applied together); None:
+    not computed yet, or only up to an early stop, whose accuracy counts only the examples it saw."""
+    from laser_core.search import cached_edits
+    return cached_edits(store(), lm, splits, split, _as_edits(edit))
 
 
 def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dict[str, dict | None]:
-    """Per name in ``wanted`` (name -> (edit, or None for the base; split)): its cached evaluation, else, where the
-    cache has none (switched off or unwritable), the result under that name of this session's finished ``kind``
-    evaluation job (:func:`start_eval_job`) if it is of that edit; None when neither has it."""
+    """Per name in ``wanted`` (name -> (edit: None for the base, an Edit, or a list applied together; split)): its
+    cached evaluation, else, where the cache has none (switched off or unwritable), the result under that name of
+    this session's finished ``kind`` evaluation job (:func:`start_eval_job`) if it is of those edits; None when
+    neither has it."""
     got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
     job = session_job(kind, lm, splits)
     if job is not None and job.status == "done":
         for key, doc in job.result.items():
             if key not in wanted or got[key] is not None:
                 continue
-            e = wanted[key][0]
-            if candidate_id(doc) == ((e.name, e.k, e.rho) if e else (None, None, None)):
+            e, split = wanted[key]
+            if doc["split"] == split and evaluation_id(doc) == tuple(sorted((x.name, x.k, x.rho)
+                                                                            for x in _as_edits(e))):
                 got[key] = doc
     return got
 

@@ -274,18 +274,45 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     return doc
 
 
+def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> str:
+    """Cache key of an evaluation of ``edits`` applied together: :func:`result_key` for one edit or none; for
+    several, their set (edits of distinct matrices each reduce the base weights, so their order does not matter)
+    under its own kind, which :func:`cached_results` (single edits, what a search compares) does not list."""
+    if len(edits) <= 1:
+        return result_key(store, lm, splits, split, edits[0] if edits else None)
+    ident = {"split": splits.key(split), "edits": sorted((e.name, e.k, e.rho) for e in edits),
+             "max_new_tokens": splits.spec.max_new_tokens, **_match_ident(splits)}
+    return store.key("together", lm.fingerprint, splits.task.digest, ident)
+
+
+def cached_edits(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> dict | None:
+    """The cached evaluation of ``edits`` applied together on ``split`` (see :func:`evaluate_edits`); None when not
+    computed yet, or only up to an early stop, whose accuracy counts only the examples it saw."""
+    doc = store.get_json(edits_key(store, lm, splits, split, edits))
+    return None if doc is None or doc.get("stopped_early") else doc
+
+
 def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: str, store: Store,
                    cancel: CancelToken | None = None) -> dict:
-    """Evaluate the model with all of ``edits`` at once (a recipe's) on ``split``: one edit (or none) goes through
-    :func:`evaluate_candidate` and its cache; several are evaluated together, not cached (the cache holds single
-    edits), and the result's ``edits`` lists them."""
+    """Evaluate the model with all of ``edits`` at once (a recipe's, a combination's) on ``split``, cached: one
+    edit (or none) goes through :func:`evaluate_candidate`; several are evaluated together and cached under
+    :func:`edits_key`, and the result's ``edits`` lists them. Before, several edits were re-evaluated on every
+    ask (the dashboard's combination and recipe check, ``eval --recipe``)."""
     if len(edits) <= 1:
         return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
+    key = edits_key(store, lm, splits, split, edits)
+    doc = store.get_json(key)
+    if doc is not None:
+        doc["cached"] = True
+        return doc
     t0 = time.perf_counter()
     with edited(lm, edits):
         res = evaluate_split(lm, splits, split, cancel=cancel)
-    return {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
-            **res.to_dict(), "seconds": time.perf_counter() - t0, "cached": False}
+    doc = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
+           **res.to_dict(), "seconds": time.perf_counter() - t0}
+    store.put_json(key, doc)
+    doc["cached"] = False
+    return doc
 
 
 def edit_identity(lm: LoadedModel, edit: Edit) -> tuple:

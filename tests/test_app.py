@@ -809,6 +809,7 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     """LASER composes reductions of several matrices; before, the dashboard exported one edit only."""
     from laser_core import Edit, Store
     from laser_core.search import evaluate_edits
+    from laser_core.store import null_store
     at = page("pages/5_Export.py")
     chosen = at.selectbox(key="export_pick")
     name = chosen.format_func(chosen.value).split(" K=")[0]
@@ -823,22 +824,30 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     def edit_of(label):
         n, k, rho = re.match(r"(\S+) K=(\d+) ρ=([\d.]+)", label).groups()
         return Edit(n, int(k), float(rho))
-    together = evaluate_edits(lm, [edit_of(chosen.format_func(chosen.value)), edit_of(options[0])], splits, "test",
-                              Store())
+    edits = [edit_of(chosen.format_func(chosen.value)), edit_of(options[0])]
+    together = evaluate_edits(lm, edits, splits, "test", null_store())  # computed afresh, not read from the app's cache
     assert metrics(at)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
     assert any("held-out questions" in c.value for c in at.caption)  # paired with the base: beyond noise or not
     assert [b.proto.label for b in at.get("download_button")
             if b.proto.label == "Download the combined recipe (JSON)"]
+    assert evaluate_edits(lm, edits[::-1], splits, "test", Store())["cached"]  # kept, whatever the edits' order
+    # a new session (or a visit after a restart) shows the combination from the cache at once, with no job to run;
+    # before, it lasted as long as the session and was re-evaluated on every visit
+    again = page("pages/5_Export.py")
+    again.multiselect(key="combine_pick").set_value([options[0]]).run()
+    assert metrics(again)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
+    assert "Evaluate the 2 edits together on held-out test" not in [b.label for b in again.button]
+    assert [b for b in again.get("download_button") if b.proto.label == "Download the combined recipe (JSON)"]
 
 
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
-
-    from laser_core import Edit, Store
+    from laser_core import Edit
     from laser_core.recipe import make_recipe
     from laser_core.search import evaluate_edits
+    from laser_core.store import null_store
     lm, ts, splits = app_model(app_env)
     edits = [Edit(lm.matrices[0].name, 1, 0.5), Edit(lm.matrices[-1].name, 2, 0.25)]  # two edits, applied together
-    want = evaluate_edits(lm, edits, splits, "test", Store())
+    want = evaluate_edits(lm, edits, splits, "test", null_store())  # not in the app's cache: the page evaluates it
     recipe = make_recipe(lm, edits, ts, {"edited_test": {k: want[k] for k in ("accuracy", "log_loss", "n")}})
     at = page("pages/5_Export.py")
     at.file_uploader(key="recipe_upload").set_value(("mine.json", json.dumps(recipe).encode(), "application/json"))
@@ -849,6 +858,11 @@ def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     wait_for(at, lambda a: "With the recipe (held-out test)" in metrics(a))
     assert metrics(at)["With the recipe (held-out test)"] == f"{want['accuracy']:.3f}"
     assert any("recorded" in s.value and "the same." in s.value for s in at.success)
+    again = page("pages/5_Export.py")  # another session opening the same recipe: its result from the cache at once
+    again.file_uploader(key="recipe_upload").set_value(("same.json", json.dumps(recipe).encode(), "application/json"))
+    again.run()
+    assert metrics(again)["With the recipe (held-out test)"] == f"{want['accuracy']:.3f}"
+    assert "Evaluate the recipe on held-out test" not in [b.label for b in again.button]
     older = {**recipe, "task": {k: v for k, v in recipe["task"].items() if k not in ("match", "answer_base")}}
     at.file_uploader(key="recipe_upload").set_value(("older.json", json.dumps(older).encode(), "application/json"))
     at.run()  # written before those fields existed, with their defaults: the same task (before: "evaluated here on")
@@ -1065,23 +1079,33 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
 
 
 def test_results_of_takes_the_cache_else_the_finished_jobs_result_for_the_same_edit(monkeypatch):
+    from dataclasses import asdict
+
     import laser_ui
     from laser_core import Edit
 
-    def doc(e, acc=0.5):
-        return {"name": e and e.name, "k": e and e.k, "rho": e and e.rho, "accuracy": acc}
+    def doc(e, acc=0.5, split="calib"):
+        return {"name": e and e.name, "k": e and e.k, "rho": e and e.rho, "accuracy": acc, "split": split}
 
     mine, other = Edit("m.w", 2, 0.1), Edit("m.w", 2, 0.5)
     job = laser_ui.Job("j1", "one", "eval", "cpu", status="done", result={"base": doc(None), "edit": doc(other)})
     cache = {}
-    monkeypatch.setattr(laser_ui, "cached_result", lambda lm, splits, split, edit=None: cache.get((split, edit)))
+    monkeypatch.setattr(laser_ui, "cached_result",
+                        lambda lm, splits, split, edit=None: cache.get((split, tuple(laser_ui._as_edits(edit)))))
     monkeypatch.setattr(laser_ui, "session_job", lambda kind, lm, splits: job)
     wanted = {"base": (None, "calib"), "edit": (mine, "calib")}
     assert laser_ui.results_of("one", None, None, wanted) == {"base": doc(None), "edit": None}  # job: another rho
     job.result["edit"] = doc(mine)
     assert laser_ui.results_of("one", None, None, wanted)["edit"] == doc(mine)
-    cache[("calib", mine)] = doc(mine, 0.7)  # the cache comes first
+    cache[("calib", (mine,))] = doc(mine, 0.7)  # the cache comes first
     assert laser_ui.results_of("one", None, None, wanted)["edit"]["accuracy"] == 0.7
     job.status = "running"
     cache.clear()
     assert laser_ui.results_of("one", None, None, wanted) == {"base": None, "edit": None}
+    job.status = "done"  # edits applied together: the job's result is theirs in any order, on the split asked
+    both, two = [mine, Edit("n.w", 1, 0.5)], {"name": None, "edits": [asdict(Edit("n.w", 1, 0.5)), asdict(mine)],
+                                              "accuracy": 0.6, "split": "test"}
+    job.result = {"together": two}
+    assert laser_ui.results_of("c", None, None, {"together": (both, "test")})["together"] == two
+    assert laser_ui.results_of("c", None, None, {"together": (both, "calib")})["together"] is None
+    assert laser_ui.results_of("c", None, None, {"together": (both[:1], "test")})["together"] is None

@@ -216,7 +216,7 @@ def test_a_c2i_config_with_laser_layers_or_types_is_refused_not_silently_ignored
 
 def test_a_recipes_edits_are_evaluated_together_and_one_edit_through_the_cache(tiny_lm, mc_task, store):
     from laser_core import evaluate
-    from laser_core.search import evaluate_edits
+    from laser_core.search import cached_results, evaluate_edits
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task)
     edits = [Edit(lm.matrices[0].name, 1, 0.25), Edit(lm.matrices[-1].name, 2, 0.25)]
@@ -225,6 +225,12 @@ def test_a_recipes_edits_are_evaluated_together_and_one_edit_through_the_cache(t
         direct = evaluate(lm, splits.examples("test"))
     assert (both["accuracy"], both["log_loss"], both["correct"]) == (direct.accuracy, direct.log_loss, direct.correct)
     assert [e["name"] for e in both["edits"]] == [e.name for e in edits] and not both["cached"]
+    # cached as a set of edits: in either order, on this split only, and apart from the single edits a search lists
+    again = evaluate_edits(lm, edits[::-1], splits, "test", store)
+    assert again["cached"] and (again["accuracy"], again["correct"]) == (both["accuracy"], both["correct"])
+    assert not evaluate_edits(lm, edits, splits, "calib", store)["cached"]
+    assert not evaluate_edits(lm, [edits[0], Edit(edits[1].name, 2, 0.5)], splits, "test", store)["cached"]
+    assert [d for d in cached_results(store, lm, splits) if d["split"] == "test"] == []  # no single edit, no base
     one = evaluate_edits(lm, edits[:1], splits, "test", store)
     assert one["name"] == edits[0].name and evaluate_edits(lm, edits[:1], splits, "test", store)["cached"]
     assert abs(one["log_loss"] - both["log_loss"]) > 0  # the second edit counts
@@ -381,6 +387,8 @@ def test_compose_makes_one_recipe_whose_edits_eval_measures_together(tiny_lm, ti
     out = capsys.readouterr().out
     together = evaluate_edits(lm, [first, second], splits, "test", null_store())
     assert out.startswith(f"test: accuracy {together['accuracy']:.3f}") and "held-out change" in out
+    assert main([*cmd, "--cache-dir", str(tmp_path / "c")]) == 0  # asked again: the edits together, from the cache
+    assert capsys.readouterr().out.split("\n")[0].endswith("(cached)")
     with pytest.raises(ConfigError, match="two edits reduce the same matrix"):
         compose_recipes([load_recipe(paths[0]), load_recipe(paths[0])])
     other = {**load_recipe(paths[1]), "model": {**load_recipe(paths[1])["model"], "fingerprint": "0" * 16}}
