@@ -733,11 +733,13 @@ def render_one_candidate(lm, splits) -> None:
     live_job("one", lm, splits)
 
 
-def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
+def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list, dict] | None:
     """Export: the ``chosen`` candidate's edit applied together with edits of other matrices (``docs``: this task's
     evaluated candidates), as LASER composes reductions across layers. One click evaluates them together on
     held-out test against the base; the recipe downloaded holds them all, with that result for ``apply`` to
-    re-check. What edits do together is not what each did alone, so it is measured, never added up."""
+    re-check. What edits do together is not what each did alone, so it is measured, never added up.
+
+    Returns (the edits, their recipe) once the combination picked is evaluated, for the page to save; else None."""
     from laser_core.config import check_one_per_matrix
     from laser_core.recipe import make_recipe, recipe_metrics
 
@@ -747,17 +749,17 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
             best_of.setdefault(d["name"], d)
     if not best_of:
         st.caption("No other matrix has an evaluated candidate to combine with.")
-        return
+        return None
     labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d
               for d in best_of.values()}
     picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick")
     if not picked:
-        return
+        return None
     try:
         edits = check_one_per_matrix([doc_edit(d) for d in (chosen, *(labels[p] for p in picked))])
     except ConfigError as e:
         st.error(str(e))
-        return
+        return None
     got = results_of("combine", lm, splits, {"base": (None, "test"), "together": (edits, "test")})
     if got["base"] and got["together"]:  # from the cache (this session's or an earlier one's), else this session's job
         base, together = got["base"], got["together"]
@@ -767,7 +769,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
         st.download_button("Download the combined recipe (JSON)", json.dumps(recipe, indent=2, sort_keys=True),
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
-        return
+        return edits, recipe
     ids = sorted([e.name, e.k, e.rho] for e in edits)
     job = session_job("combine", lm, splits)
     running = job is not None and job.status == "running"
@@ -777,6 +779,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> None:
                        [("base", None, "test"), ("together", edits, "test")])
     if st.session_state.get("combine_of") == ids:
         live_job("combine", lm, splits)
+    return None
 
 
 def render_recipe_check(lm, splits) -> None:

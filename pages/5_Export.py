@@ -51,7 +51,7 @@ else:
         ui.live_job("export_test", lm, splits)
 
 with st.expander("Combine with edits of other matrices (applied together)"):
-    ui.render_combination(lm, splits, docs, d)
+    combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
 text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)
 st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{fmt.lower()}",
@@ -67,10 +67,15 @@ st.caption(("or re-run the search that found it: " if found_by else "or run a se
 st.subheader("Save the edited model")
 out = st.text_input("Folder", value=str(ui.cache_dir() / "edited" / f"{splits.task.name}-{lm.fingerprint[:8]}"), key="out")
 overwrite = st.checkbox("Overwrite if it exists", key="overwrite")
+save_edits, save_recipe = [edit], recipe
+if combined is not None:
+    together = f"the {len(combined[0])} edits combined above, together"
+    if st.radio("Apply", ["this candidate's edit alone", together], horizontal=True, key="save_what") == together:
+        save_edits, save_recipe = combined
 if st.button("Save edited model"):
     try:
-        with edited(lm, [edit], blocking=False):  # restored on exit: the cached model is never left edited
-            path = save_model_atomic(lm, out, recipe, overwrite=overwrite)
+        with edited(lm, save_edits, blocking=False):  # restored on exit: the cached model is never left edited
+            path = save_model_atomic(lm, out, save_recipe, overwrite=overwrite)
         st.success(f"Saved to {path} (loads with AutoModelForCausalLM.from_pretrained).")
     except (LaserError, OSError) as e:
         st.error(f"Not saved: {e}")

@@ -805,7 +805,7 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
 
 
-def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched):
+def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched, tmp_path):
     """LASER composes reductions of several matrices; before, the dashboard exported one edit only."""
     from laser_core import Edit, Store
     from laser_core.search import evaluate_edits
@@ -838,6 +838,24 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     assert metrics(again)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
     assert "Evaluate the 2 edits together on held-out test" not in [b.label for b in again.button]
     assert [b for b in again.get("download_button") if b.proto.label == "Download the combined recipe (JSON)"]
+    # saved as one model: both edits in its weights and in its recipe (before, Save took the chosen edit alone)
+    again.radio(key="save_what").set_value("the 2 edits combined above, together").run()
+    again.text_input(key="out").set_value(str(tmp_path / "both"))
+    click(again, "Save edited model")
+    assert any("Saved to" in m.value for m in again.success), [e.value for e in again.error]
+    import torch
+    from safetensors.torch import load_file
+
+    from laser_core import edited
+    from laser_core.recipe import load_recipe
+    saved = load_file(tmp_path / "both" / "model.safetensors")
+    params = dict(lm.model.named_parameters())
+    with edited(lm, edits):
+        want = {e.name: params[e.name].detach().clone() for e in edits}
+    for e in edits:
+        assert torch.equal(saved[e.name], want[e.name]) and not torch.equal(saved[e.name], params[e.name])
+    assert sorted((r["name"], r["k"], r["rho"]) for r in load_recipe(tmp_path / "both" / "laser_recipe.json")["edits"]) \
+        == sorted((e.name, e.k, e.rho) for e in edits)
 
 
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
