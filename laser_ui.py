@@ -859,13 +859,9 @@ def family_caption(df: pd.DataFrame) -> str | None:
                 [(f"L{r.layer}.{r.type} K={r.k} ρ={r.rho:g}", r.p) for r in rows.itertuples()]))
 
 
-def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:
-    """Candidates' evaluations as a table. With the ``base`` model's evaluation of the same held-out questions,
-    each row also gets its paired change from it: ``vs_base``, its 95% interval and McNemar ``p``, and
-    ``beyond_noise`` (see ``laser_core.significance``); pass it for held-out test only."""
-    cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
-            "predicted_gain", "same_as_rho", "cached", "name"]
-    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.DataFrame:
+    """``df`` (a row per evaluation in ``rows``) with, after its log_loss, each row's paired change from the
+    ``base`` model on the same held-out questions: ``vs_base``, its 95% interval, McNemar ``p``, ``beyond_noise``."""
     changes = [change_between(base, r) for r in rows] if base else []
     if any(changes):
         at = df.columns.get_loc("log_loss") + 1
@@ -875,6 +871,16 @@ def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame
                 "p": [c.p_value if c else None for c in changes],
                 "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}.items()):
             df.insert(at + i, col, values)
+    return df
+
+
+def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:
+    """Candidates' evaluations as a table. With the ``base`` model's evaluation of the same held-out questions,
+    each row also gets its paired change from it: ``vs_base``, its 95% interval and McNemar ``p``, and
+    ``beyond_noise`` (see ``laser_core.significance``); pass it for held-out test only."""
+    cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
+            "predicted_gain", "same_as_rho", "cached", "name"]
+    df = _with_changes(pd.DataFrame([{c: r.get(c) for c in cols} for r in rows]), rows, base)
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if any(r.get("stopped_early") for r in rows):  # their accuracy counts only the examples seen before the stop
         df.insert(df.columns.get_loc("accuracy") + 1, "stopped_early",
@@ -884,6 +890,20 @@ def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame
     if "same_as_rho" in df.columns:  # text, blank on the rows that ran (a float column shows them as a grey None)
         df["same_as_rho"] = df["same_as_rho"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
     return df
+
+
+def combinations_frame(lm, rows: list[dict], base: dict | None = None) -> pd.DataFrame:
+    """Evaluations of several edits applied together (``search.cached_combinations``) as a table, best first: the
+    edits in short, accuracy, log-loss and, with the ``base`` on the same held-out questions, the paired change
+    (as :func:`candidates_frame`)."""
+    def short(e: dict) -> str:
+        ref = lm.ref(e["name"])
+        return f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g}"
+    rows = sorted(rows, key=merit, reverse=True)
+    df = pd.DataFrame([{"edits": " + ".join(short(e) for e in sorted(r["edits"], key=lambda e: lm.ref(e["name"]).layer)),
+                        "n_edits": len(r["edits"]), "accuracy": r["accuracy"], "log_loss": r["log_loss"],
+                        "split": r["split"]} for r in rows])
+    return _with_changes(df, rows, base)
 
 
 def _layer_type_grid(cells: list[dict], value: str) -> tuple[list, list, list, list]:
@@ -1204,6 +1224,12 @@ def evaluation_id(doc: dict) -> tuple:
     """The edits a cached evaluation or a job's result is of, as sorted (matrix name, K, rho): () for the base."""
     rows = doc.get("edits") or ([doc] if doc.get("name") else [])
     return tuple(sorted((r["name"], r["k"], r["rho"]) for r in rows))
+
+
+def cached_combinations(lm, splits) -> list[dict]:
+    """Every evaluation of several edits applied together for this model on the session's splits in the cache."""
+    from laser_core.search import cached_combinations as _cached
+    return _cached(store(), lm, splits)
 
 
 def cached_result(lm, splits, split: str, edit=None) -> dict | None:

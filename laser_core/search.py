@@ -292,6 +292,14 @@ def cached_edits(store: Store, lm: LoadedModel, splits: Splits, split: str, edit
     return None if doc is None or doc.get("stopped_early") else doc
 
 
+def cached_combinations(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
+    """Every evaluation of several edits applied together (:func:`evaluate_edits`) of this model on exactly these
+    splits found in the cache: the dashboard's combinations and recipe checks, ``eval --recipe``'s."""
+    return [doc for key, doc in store.iter_json(f"together/{lm.fingerprint}/{splits.task.digest}/")
+            if doc.get("split") in ("calib", "val", "test") and isinstance(doc.get("edits"), list)
+            and key == edits_key(store, lm, splits, doc["split"], [Edit(**e) for e in doc["edits"]])]
+
+
 def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: str, store: Store,
                    cancel: CancelToken | None = None) -> dict:
     """Evaluate the model with all of ``edits`` at once (a recipe's, a combination's) on ``split``, cached: one

@@ -15,10 +15,11 @@ st.title("Results")
 ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
 docs = ui.cached_results(lm, splits)
+combined = ui.cached_combinations(lm, splits)  # several edits applied together (Export, eval --recipe)
 if not docs:
     ui.user_error("No results for this model and task yet: run a search on the Explore page.")
 
-split = st.radio("Split", sorted({d["split"] for d in docs}), horizontal=True, key="res_split",
+split = st.radio("Split", sorted({d["split"] for d in docs + combined}), horizontal=True, key="res_split",
                  format_func=lambda s: SPLIT_WORDS.get(s, s),
                  help="calibration: C2I's search; validation: LASER's; held-out test: each row also paired with the "
                       "base on the same questions (vs_base, its 95% interval, McNemar p)")
@@ -27,8 +28,23 @@ base = next((d for d in rows if d["name"] is None), None)
 df = ui.candidates_frame([d for d in rows if d["name"]], base if split == "test" else None)  # paired on held-out only
 if base:
     st.metric(f"Base accuracy ({split})", f"{base['accuracy']:.3f}", help=f"log-loss {base['log_loss']:.4f}")
+together = [d for d in combined if d["split"] == split]
+
+
+def show_together() -> None:
+    if together:
+        st.subheader("Edits applied together")
+        st.dataframe(ui.combinations_frame(lm, together, base if split == "test" else None), hide_index=True,
+                     width="stretch", key="together_rows", column_config=ui.CHANGE_COLUMNS)
+        st.caption("Combinations evaluated on Export (\"Combine with edits of other matrices\", \"Open a recipe "
+                   "file\") or by `eval --recipe`, best first. What edits do together is measured, not added up.")
+
+
 if df.empty:
-    ui.user_error(f"Only the base model was evaluated on the {split} split.")
+    if not together:
+        ui.user_error(f"Only the base model was evaluated on the {split} split.")
+    show_together()
+    st.stop()
 df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
 st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CHANGE_COLUMNS)
 if family := ui.family_caption(df):
@@ -52,6 +68,8 @@ with c2:
     st.plotly_chart(ui.pareto_figure(lm, df, base["accuracy"] if base else None), key="pareto")
 st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")
 st.caption(f"Each matrix's best candidate on the {split} split (blank: not evaluated); hover for its K and ρ.")
+
+show_together()
 
 st.subheader("Compare two on held-out test")
 labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]

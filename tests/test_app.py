@@ -838,6 +838,13 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     assert metrics(again)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
     assert "Evaluate the 2 edits together on held-out test" not in [b.label for b in again.button]
     assert [b for b in again.get("download_button") if b.proto.label == "Download the combined recipe (JSON)"]
+    results = page("pages/4_Results.py")  # listed on Results with the other held-out results, paired with the base
+    results.radio(key="res_split").set_value("test").run()
+    row = next(d.value for d in results.dataframe if "edits" in d.value.columns).iloc[0]
+    shown = {f"L{lm.ref(e.name).layer}.{lm.ref(e.name).type} K={e.k} ρ={e.rho:g}" for e in edits}
+    assert set(row["edits"].split(" + ")) == shown and row["n_edits"] == 2
+    assert row["accuracy"] == together["accuracy"] and row["vs_base"] == pytest.approx(
+        together["accuracy"] - float(metrics(results)["Base accuracy (test)"]))
     # saved as one model: both edits in its weights and in its recipe (before, Save took the chosen edit alone)
     again.radio(key="save_what").set_value("the 2 edits combined above, together").run()
     again.text_input(key="out").set_value(str(tmp_path / "both"))

@@ -216,7 +216,7 @@ def test_a_c2i_config_with_laser_layers_or_types_is_refused_not_silently_ignored
 
 def test_a_recipes_edits_are_evaluated_together_and_one_edit_through_the_cache(tiny_lm, mc_task, store):
     from laser_core import evaluate
-    from laser_core.search import cached_results, evaluate_edits
+    from laser_core.search import cached_combinations, cached_results, evaluate_edits
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task)
     edits = [Edit(lm.matrices[0].name, 1, 0.25), Edit(lm.matrices[-1].name, 2, 0.25)]
@@ -231,6 +231,10 @@ def test_a_recipes_edits_are_evaluated_together_and_one_edit_through_the_cache(t
     assert not evaluate_edits(lm, edits, splits, "calib", store)["cached"]
     assert not evaluate_edits(lm, [edits[0], Edit(edits[1].name, 2, 0.5)], splits, "test", store)["cached"]
     assert [d for d in cached_results(store, lm, splits) if d["split"] == "test"] == []  # no single edit, no base
+    listed = cached_combinations(store, lm, splits)  # Results' "Edits applied together": the three evaluated above
+    assert sorted((d["split"], len(d["edits"])) for d in listed) == [("calib", 2), ("test", 2), ("test", 2)]
+    ts = TaskSpec(str(mc_task), n_calib=20, n_test=20, seed=5)  # other questions of the same task: none of them
+    assert cached_combinations(store, lm, make_splits(load_task(ts), ts)) == []
     one = evaluate_edits(lm, edits[:1], splits, "test", store)
     assert one["name"] == edits[0].name and evaluate_edits(lm, edits[:1], splits, "test", store)["cached"]
     assert abs(one["log_loss"] - both["log_loss"]) > 0  # the second edit counts
