@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
-from .errors import LaserError
+from .errors import Cancelled, LaserError
 from .tasks import MATCH_HELP, MATCH_RULES
 
 
@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="RAM for prefix reuse's cached hidden states; least recently used layers are dropped "
                              "(default %(default)s)")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml)")
+        sp.add_argument("--compose", action="store_true",
+                        help="then add other matrices' best edits to the best one, one at a time, keeping each where "
+                             "the edits together score better on the search's split (as LASER composes reductions); "
+                             "held-out test of the edits kept, and their recipe beside the best's (<recipe>-composed)")
 
     def scoring(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--score", default="paper", help="paper | first_order (default paper)")
@@ -337,6 +341,49 @@ def _cmd_search(args, method: str) -> int:
     path = Path(args.recipe_out) if args.recipe_out else \
         Path(store.directory or "cache").parent / "recipes" / f"{splits.task.name}-{method}-{lm.fingerprint[:8]}.json"
     print(f"recipe: {save_recipe(recipe, path)}")
+    if args.compose:
+        return _compose_after(args, lm, tspec, splits, store, report, path)
+    return 0
+
+
+def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> int:
+    """``search --compose``: greedy composition from the search's best (``laser_core.compose``), printed, and its
+    recipe written beside the best's."""
+    from .compose import compose_greedy, compose_pool
+    from .estimate import SPLIT_WORDS
+    from .evaluate import CancelToken
+    from .recipe import make_recipe, recipe_metrics, save_recipe
+
+    split = SPLIT_WORDS[report.search_split]
+    pool = compose_pool(report.candidates, report.best, report.base)
+    print(f"compose: {len(pool)} edit{'s' * (len(pool) != 1)} to try (each other matrix's best that beats the base "
+          f"alone on the {split} split), each kept where the edits together score better there")
+    cancel = CancelToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    bars = _Bars()
+    try:
+        comp = compose_greedy(lm, splits, report.best, report.candidates, store, report.base, cancel=cancel,
+                              progress=bars)
+    except Cancelled:
+        print("cancelled: the edits evaluated together are kept in the cache; no composed recipe")
+        return 130
+    finally:
+        bars.close()
+        signal.signal(signal.SIGINT, previous)
+    for st in comp.steps:
+        print(f"  + {st['name']} K={st['k']} rho={st['rho']} (alone {st['alone']:.3f}): together {st['accuracy']:.3f} "
+              f"log-loss {st['log_loss']:.4f}  {'kept' if st['kept'] else 'not kept'}")
+    if not comp.added:
+        print("compose: no edit added to the best one; no composed recipe")
+        return 0
+    print(f"composed {split:<9} {_fmt(comp.result)}  ({len(comp.edits)} edits)")
+    print(f"composed held-out {_fmt(comp.result_test)}")
+    change = comp.held_out_change()
+    if change is not None:
+        print(f"held-out change of the composition {change.summary()}")
+    recipe = make_recipe(lm, comp.edits, tspec, recipe_metrics(report.search_split, report.base, comp.result,
+                                                               comp.base_test, comp.result_test), "composed")
+    print(f"composed recipe: {save_recipe(recipe, best_path.with_name(best_path.stem + '-composed' + best_path.suffix))}")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Greedy composition of edits across matrices, as LASER composes reductions across layers.
+
+A search finds the best single edit. Edits of several matrices can do better together, and what they do
+together is not what each did alone, so it is measured: starting from one evaluated edit (a search's best), each
+other matrix's best candidate on the same split, among those that beat the base model alone, best first, is
+applied together with the edits kept so far and kept where the edits together score better on that split
+(accuracy, then log-loss, as a search ranks). Every choice is made on the search's split; the held-out test split
+is evaluated once, at the end, for the base and the edits kept, so it stays a fair check.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .config import Edit
+from .evaluate import CancelToken
+from .models import LoadedModel
+from .search import doc_edit, evaluate_edits, merit
+from .significance import PairedChange, change_between
+from .store import Store, null_store
+from .tasks import Splits
+
+
+@dataclass
+class Composition:
+    """What :func:`compose_greedy` tried and kept."""
+
+    split: str  # where every choice was made: the split the start edit was evaluated on
+    start: dict  # that edit's evaluation
+    steps: list[dict]  # per edit tried, in order: name, k, rho, the edits together's accuracy and log-loss, kept
+    result: dict  # the evaluation on ``split`` of the edits kept (``start`` where none was added)
+    edits: list[Edit]  # the edits kept, the start first
+    base_test: dict | None = None  # held-out test: the base model and the edits kept (None: not evaluated)
+    result_test: dict | None = None
+
+    @property
+    def added(self) -> int:
+        """How many edits were kept beside the start one."""
+        return len(self.edits) - 1
+
+    def held_out_change(self) -> PairedChange | None:
+        return change_between(self.base_test, self.result_test)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["edits"] = [asdict(e) for e in self.edits]
+        return out
+
+
+def compose_pool(candidates: list[dict], start: dict, base: dict | None = None) -> list[dict]:
+    """The edits :func:`compose_greedy` tries beside ``start``: per other matrix, its best candidate (accuracy, then
+    log-loss) of those evaluated on ``start``'s split, where it beats ``base`` (the base model on that split) alone;
+    best first. Candidates stopped early are left out: their numbers cover only the examples they saw."""
+    best: dict[str, dict] = {}
+    for c in candidates:
+        if c.get("name") and c["name"] != start["name"] and c.get("split", start.get("split")) == start.get("split") \
+                and not c.get("stopped_early") and (c["name"] not in best or merit(c) > merit(best[c["name"]])):
+            best[c["name"]] = c
+    return sorted((c for c in best.values() if base is None or merit(c) > merit(base)), key=merit, reverse=True)
+
+
+def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: list[dict], store: Store | None = None,
+                   base: dict | None = None, held_out: bool = True, cancel: CancelToken | None = None,
+                   progress: Callable[[dict], None] | None = None) -> Composition:
+    """Add other matrices' edits to ``start`` one at a time while the edits together score better on its split.
+
+    Args:
+        start: an evaluated single edit (a search's best, a cached result) with its ``split``.
+        candidates: evaluated single edits to draw from (a search's candidates, the cache's results); see
+            :func:`compose_pool` for which are tried, in which order.
+        base: the base model's evaluation on that split; with it, only edits that beat it alone are tried.
+        held_out: evaluate the base and the edits kept on the held-out test split at the end.
+        progress: called with {"phase": "compose", "done", "total", "message"} after each evaluation.
+
+    Every evaluation goes through :func:`~laser_core.search.evaluate_edits` and its cache.
+
+    Raises:
+        Cancelled: ``cancel`` was set; the model is restored, what was evaluated stays in the cache.
+    """
+    store = store or null_store()
+    split = start["split"]
+    pool = compose_pool(candidates, start, base)
+    total = len(pool) + 2 * held_out
+    edits, result, steps = [doc_edit(start)], start, []
+    for i, cand in enumerate(pool):
+        if cancel:
+            cancel.check()
+        tried = evaluate_edits(lm, [*edits, doc_edit(cand)], splits, split, store, cancel)
+        kept = merit(tried) > merit(result)
+        steps.append({"name": cand["name"], "k": cand["k"], "rho": cand["rho"], "alone": cand["accuracy"],
+                      "accuracy": tried["accuracy"], "log_loss": tried["log_loss"], "kept": kept})
+        if kept:
+            edits, result = [*edits, doc_edit(cand)], tried
+        if progress:
+            progress({"phase": "compose", "done": i + 1, "total": total,
+                      "message": f"+ {cand['name']} K={cand['k']} rho={cand['rho']}: acc {tried['accuracy']:.3f}"
+                                 + (" (kept)" if kept else "")})
+    comp = Composition(split, start, steps, result, edits)
+    if held_out:
+        comp.base_test = evaluate_edits(lm, [], splits, "test", store, cancel)
+        comp.result_test = evaluate_edits(lm, edits, splits, "test", store, cancel)
+        if progress:
+            progress({"phase": "compose", "done": total, "total": total, "message": "held-out test: base and edits"})
+    return comp

@@ -1,0 +1,106 @@
+"""Greedy composition of edits across matrices (laser_core.compose), on tiny random models."""
+from __future__ import annotations
+
+import pytest
+
+from laser_core import CancelToken, Cancelled, Edit, SearchConfig, TaskSpec, edited, evaluate, load_task, make_splits
+from laser_core.compose import compose_greedy, compose_pool
+from laser_core.models import weight_hashes
+from laser_core.search import merit, run_search
+from laser_core.store import null_store
+
+
+def _searched(lm, mc_task, store):
+    ts = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    splits = make_splits(load_task(ts), ts)
+    report = run_search(lm, splits, SearchConfig(q=4, ks=(1, 2), rhos=(0.5, 0.1)), store)
+    return splits, report
+
+
+def test_the_pool_is_each_other_matrixs_best_on_the_start_split_that_beats_the_base_alone():
+    def doc(name, acc, loss=1.0, split="calib", **kw):
+        return {"name": name, "k": 1, "rho": 0.5, "accuracy": acc, "log_loss": loss, "split": split, **kw}
+    start = doc("a", 0.9)
+    cands = [start, doc("a", 0.95), doc("b", 0.6), doc("b", 0.7, 2.0), doc("b", 0.7, 1.5), doc("c", 0.8),
+             doc("d", 0.99, stopped_early=True), doc("e", 0.99, split="test"), doc("f", 0.5)]
+    pool = compose_pool(cands, start, base=doc(None, 0.55))
+    assert [(c["name"], c["accuracy"], c["log_loss"]) for c in pool] == [("c", 0.8, 1.0), ("b", 0.7, 1.5)]
+    assert [c["name"] for c in compose_pool(cands, start)] == ["c", "b", "f"]  # no base: every other matrix
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_composition_keeps_an_edit_only_where_the_edits_together_score_better(tiny_lm, mc_task, store, arch):
+    lm = tiny_lm(arch)
+    splits, report = _searched(lm, mc_task, store)
+    before = weight_hashes(lm.model)
+    events = []
+    comp = compose_greedy(lm, splits, report.best, report.candidates, store, progress=events.append)
+    assert weight_hashes(lm.model) == before  # the base model in memory is never left edited
+    pool = compose_pool(report.candidates, report.best)
+    assert [(s["name"], s["k"], s["rho"]) for s in comp.steps] == [(c["name"], c["k"], c["rho"]) for c in pool]
+    assert len(pool) >= 2 and len(events) == len(pool) + 1 and events[-1]["done"] == events[-1]["total"]
+    # every step against an independent evaluation of the edits so far plus the one tried
+    kept, current = [Edit(report.best["name"], report.best["k"], report.best["rho"])], report.best
+    for s in comp.steps:
+        tried = kept + [Edit(s["name"], s["k"], s["rho"])]
+        with edited(lm, tried):
+            direct = evaluate(lm, splits.examples("calib"))
+        assert (s["accuracy"], s["log_loss"]) == pytest.approx((direct.accuracy, direct.log_loss))
+        better = merit({"accuracy": direct.accuracy, "log_loss": direct.log_loss}) > merit(current)
+        assert s["kept"] == better
+        if better:
+            kept, current = tried, {"accuracy": direct.accuracy, "log_loss": direct.log_loss}
+    assert comp.edits == kept and comp.added == len(kept) - 1
+    assert merit(comp.result) >= merit(report.best)
+    with edited(lm, kept):
+        test = evaluate(lm, splits.examples("test"))
+    assert comp.result_test["accuracy"] == pytest.approx(test.accuracy)
+    assert comp.base_test["accuracy"] == report.base_test["accuracy"]
+    assert comp.held_out_change() is not None and comp.to_dict()["edits"][0]["name"] == report.best["name"]
+    misses = store.counts["miss"]
+    again = compose_greedy(lm, splits, report.best, report.candidates, store)  # the cache answers every evaluation
+    assert again.steps == comp.steps and again.result_test == {**comp.result_test, "cached": True}
+    assert store.counts["miss"] == misses
+
+
+def test_a_cancelled_composition_raises_and_leaves_the_model_as_it_was(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, store)
+    before = weight_hashes(lm.model)
+    cancel = CancelToken()
+    calls = []
+
+    def stop_after_first(ev):
+        calls.append(ev)
+        cancel.cancel()
+    with pytest.raises(Cancelled):
+        compose_greedy(lm, splits, report.best, report.candidates, null_store(), cancel=cancel,
+                       progress=stop_after_first)
+    assert len(calls) == 1 and weight_hashes(lm.model) == before
+
+
+def test_search_compose_prints_the_steps_and_writes_a_recipe_that_eval_confirms(tiny_dirs, tiny_lm, mc_task, tmp_path,
+                                                                               capsys):
+    from laser_core.cli import main
+    from laser_core.recipe import load_recipe
+    flags = ["--model", str(tiny_dirs["llama"]), "--task", str(mc_task), "--n-calib", "20", "--n-test", "20",
+             "--cache-dir", str(tmp_path / "c")]
+    assert main(["search", *flags, "--q", "4", "--ks", "1,2", "--rhos", "0.5,0.1", "--recipe-out",
+                 str(tmp_path / "r.json"), "--compose"]) == 0
+    out = capsys.readouterr().out
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, null_store())  # the same search, computed afresh
+    comp = compose_greedy(lm, splits, report.best, report.candidates, null_store(), report.base)
+    assert f"compose: {len(compose_pool(report.candidates, report.best, report.base))} edit" in out
+    for st in comp.steps:
+        assert f"+ {st['name']} K={st['k']} rho={st['rho']}" in out
+    composed = tmp_path / "r-composed.json"
+    if not comp.added:  # a random model: whether an edit helps is the data's to say; say so either way
+        assert "no edit added to the best one; no composed recipe" in out and not composed.exists()
+        return
+    recipe = load_recipe(composed)
+    assert [(e["name"], e["k"], e["rho"]) for e in recipe["edits"]] == [(e.name, e.k, e.rho) for e in comp.edits]
+    assert recipe["method"] == "composed" and recipe["metrics"]["edited_test"]["accuracy"] == comp.result_test["accuracy"]
+    assert f"composed held-out accuracy {comp.result_test['accuracy']:.3f}" in out
+    assert main(["eval", *flags, "--recipe", str(composed), "--split", "test"]) == 0
+    assert capsys.readouterr().out.startswith(f"test: accuracy {comp.result_test['accuracy']:.3f}")
