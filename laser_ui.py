@@ -741,17 +741,20 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
 
     Returns (the edits, their recipe) once the combination picked is evaluated, for the page to save; else None."""
     from laser_core.config import check_one_per_matrix
+    from laser_core.estimate import SPLIT_WORDS
     from laser_core.recipe import make_recipe, recipe_metrics
+    from laser_core.search import SEARCH_SPLIT
 
-    best_of: dict[str, dict] = {}  # each other matrix's best candidate (export_options lists the best first)
-    for d in export_options(docs, None)[0]:
-        if d["name"] != chosen["name"] and not d.get("stopped_early"):
-            best_of.setdefault(d["name"], d)
+    split = chosen["split"]  # each other matrix's best candidate on the chosen one's split: accuracies to compare
+    best_of = sorted(best_by_matrix([d for d in docs if d["split"] == split and d["name"] != chosen["name"]]),
+                     key=merit, reverse=True)
     if not best_of:
-        st.caption("No other matrix has an evaluated candidate to combine with.")
+        st.caption(f"No other matrix has a candidate evaluated on the {SPLIT_WORDS.get(split, split)} split to "
+                   "combine with.")
         return None
-    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d
-              for d in best_of.values()}
+    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d for d in best_of}
+    if split in SEARCH_SPLIT.values():  # choosing on held-out test would spend the split that checks the choice
+        render_greedy(lm, splits, docs, chosen, labels)
     picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick")
     if not picked:
         return None
@@ -780,6 +783,57 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
     if st.session_state.get("combine_of") == ids:
         live_job("combine", lm, splits)
     return None
+
+
+def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, dict]) -> None:
+    """Export's "Find edits to add": greedy composition from the ``chosen`` candidate (``laser_core.compose``) on its
+    split, in the background, then the held-out test of the edits kept; once done, the edits kept are picked in the
+    combination's box (``labels``: its options), which shows their held-out result, and each step is listed."""
+    from laser_core.compose import compose_greedy, compose_pool
+    from laser_core.estimate import SPLIT_WORDS
+    from laser_core.search import evaluate_edits
+
+    split = chosen["split"]
+    job = session_job("combine", lm, splits)
+    comp = (job.result or {}).get("composition") if job is not None and job.status == "done" else None
+    if comp is not None and candidate_id(comp["start"]) != candidate_id(chosen):
+        comp = None  # found from another candidate
+    if comp is not None and st.session_state.get("greedy_applied") != job.id:  # once: the user may change the pick
+        st.session_state["greedy_applied"] = job.id
+        kept = {(e["name"], e["k"], e["rho"]) for e in comp["edits"][1:]}
+        st.session_state["combine_pick"] = [label for label, d in labels.items() if candidate_id(d) in kept]
+    words = SPLIT_WORDS.get(split, split)
+    base = cached_result(lm, splits, split)
+    tries = f" ({len(compose_pool(docs, chosen, base))} to try)" if base else ""
+    if st.button(f"Find edits to add, greedily on the {words} split{tries}", key="greedy_run",
+                 disabled=job is not None and job.status == "running",
+                 help=f"Each other matrix's best candidate that beats the base model alone on the {words} split, "
+                      "best first, is applied together with this edit and those kept so far, and kept where the edits "
+                      f"together score better on the {words} split (accuracy, then log-loss), as LASER composes "
+                      "reductions; then the edits kept are evaluated on held-out test"):
+        st.session_state["greedy_of"] = candidate_id(chosen)
+
+        def work(j: Job) -> dict:
+            base = evaluate_edits(lm, [], splits, split, store(), j.cancel)
+            c = compose_greedy(lm, splits, chosen, docs, store(), base, cancel=j.cancel, progress=j.on_progress)
+            return {"base": c.base_test, "together": c.result_test, "composition": c.to_dict()}
+        start_job("combine", "greedy composition", lm, splits, work)
+    if comp is not None:
+        steps = comp["steps"]
+        st.caption(f"Greedy on the {words} split: {len(steps)} tried, {len(comp['edits']) - 1} kept"
+                   + ("" if steps else " (no other matrix's best beats the base alone there)") + ".")
+        if steps:
+            st.dataframe([{"edit added": edit_short(lm, r["name"], r["k"], r["rho"]), "alone": r["alone"],
+                           "together": r["accuracy"], "log_loss": r["log_loss"], "kept": "yes" if r["kept"] else ""}
+                          for r in steps], hide_index=True, key="greedy_steps")
+    elif st.session_state.get("greedy_of") == candidate_id(chosen):
+        live_job("combine", lm, splits)
+
+
+def edit_short(lm, name: str, k: int, rho: float) -> str:
+    """An edit as tables show it: 'L2.down K=8 ρ=0.1'."""
+    ref = lm.ref(name)
+    return f"L{ref.layer}.{ref.type} K={k} ρ={rho:g}"
 
 
 def render_recipe_check(lm, splits) -> None:
@@ -896,11 +950,9 @@ def combinations_frame(lm, rows: list[dict], base: dict | None = None) -> pd.Dat
     """Evaluations of several edits applied together (``search.cached_combinations``) as a table, best first: the
     edits in short, accuracy, log-loss and, with the ``base`` on the same held-out questions, the paired change
     (as :func:`candidates_frame`)."""
-    def short(e: dict) -> str:
-        ref = lm.ref(e["name"])
-        return f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g}"
     rows = sorted(rows, key=merit, reverse=True)
-    df = pd.DataFrame([{"edits": " + ".join(short(e) for e in sorted(r["edits"], key=lambda e: lm.ref(e["name"]).layer)),
+    df = pd.DataFrame([{"edits": " + ".join(edit_short(lm, e["name"], e["k"], e["rho"])
+                                            for e in sorted(r["edits"], key=lambda e: lm.ref(e["name"]).layer)),
                         "n_edits": len(r["edits"]), "accuracy": r["accuracy"], "log_loss": r["log_loss"],
                         "split": r["split"]} for r in rows])
     return _with_changes(df, rows, base)

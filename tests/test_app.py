@@ -865,6 +865,36 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
         == sorted((e.name, e.k, e.rho) for e in edits)
 
 
+def test_export_finds_edits_to_add_greedily_on_the_search_split_and_picks_them(app_env, searched):
+    """LASER composes reductions greedily; before, the user had to guess which matrices to combine."""
+    from laser_core import SearchConfig, Store, run_search
+    from laser_core.compose import compose_greedy
+    from laser_core.search import cached_results, doc_edit, evaluate_edits
+    from laser_core.store import null_store
+    lm, _, splits = app_model(app_env)
+    run_search(lm, splits, SearchConfig(q=6, ks=(1,), rhos=(0.5, 0.1)), Store())  # more matrices to add from
+    at = page("pages/5_Export.py")
+    chosen = at.selectbox(key="export_pick")
+    start = next(d for d in cached_results(Store(), lm, splits)
+                 if d["split"] == "calib" and d["name"] and chosen.format_func(chosen.value).startswith(
+                     f"{d['name']} K={d['k']} ρ={d['rho']} "))
+    docs = cached_results(Store(), lm, splits)
+    want = compose_greedy(lm, splits, start, docs, null_store(), evaluate_edits(lm, [], splits, "calib", null_store()))
+    click(at, f"Find edits to add, greedily on the calibration split ({len(want.steps)} to try)")
+    wait_for(at, lambda a: any(c.value.startswith("Greedy on the calibration split") for c in a.caption))
+    said = next(c.value for c in at.caption if c.value.startswith("Greedy on the calibration split"))
+    assert said.startswith(f"Greedy on the calibration split: {len(want.steps)} tried, {want.added} kept")
+    assert want.steps, "the test needs edits to try: every other matrix's best is below the base"
+    steps = next(d.value for d in at.dataframe if "edit added" in d.value.columns)
+    assert list(steps["kept"] == "yes") == [s["kept"] for s in want.steps]
+    assert list(steps["together"]) == pytest.approx([s["accuracy"] for s in want.steps])
+    picked = at.multiselect(key="combine_pick").value  # the edits kept, picked for the combination below
+    assert sorted(p.split(" (")[0] for p in picked) == sorted(f"{e.name} K={e.k} ρ={e.rho}" for e in want.edits[1:])
+    if want.added:  # their held-out result is shown at once: the search for them evaluated it
+        assert metrics(at)[f"{len(want.edits)} edits together (held-out test)"] == f"{want.result_test['accuracy']:.3f}"
+    assert doc_edit(start) == want.edits[0]
+
+
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     from laser_core import Edit
     from laser_core.recipe import make_recipe
