@@ -65,7 +65,8 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
     """Add other matrices' edits to ``start`` one at a time while the edits together score better on its split.
 
     Args:
-        start: an evaluated single edit (a search's best, a cached result) with its ``split``.
+        start: an evaluated single edit (a search's best, a cached result) with its ``split``; one stopped early is
+            evaluated to the end first.
         candidates: evaluated single edits to draw from (a search's candidates, the cache's results); see
             :func:`compose_pool` for which are tried, in which order.
         base: the base model's evaluation on that split; with it, only edits that beat it alone are tried.
@@ -79,6 +80,8 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
     """
     store = store or null_store()
     split = start["split"]
+    if start.get("stopped_early"):  # its numbers cover only the examples it saw: compare against all of them
+        start = evaluate_edits(lm, [doc_edit(start)], splits, split, store, cancel)
     pool = compose_pool(candidates, start, base)
     total = len(pool) + 2 * held_out
     edits, result, steps = [doc_edit(start)], start, []

@@ -104,3 +104,12 @@ def test_search_compose_prints_the_steps_and_writes_a_recipe_that_eval_confirms(
     assert f"composed held-out accuracy {comp.result_test['accuracy']:.3f}" in out
     assert main(["eval", *flags, "--recipe", str(composed), "--split", "test"]) == 0
     assert capsys.readouterr().out.startswith(f"test: accuracy {comp.result_test['accuracy']:.3f}")
+
+
+def test_a_start_edit_stopped_early_is_evaluated_to_the_end_before_it_is_compared(tiny_lm, mc_task, store):
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, store)
+    partial = {**report.best, "accuracy": 1.0, "log_loss": 0.0, "stopped_early": True}  # unbeatable, were it whole
+    comp = compose_greedy(lm, splits, partial, report.candidates, store, held_out=False)
+    assert comp.start["accuracy"] == report.best["accuracy"] and not comp.start.get("stopped_early")
+    assert comp.steps == compose_greedy(lm, splits, report.best, report.candidates, store, held_out=False).steps
