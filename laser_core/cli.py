@@ -353,6 +353,7 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     from .estimate import SPLIT_WORDS
     from .evaluate import CancelToken
     from .recipe import make_recipe, recipe_metrics, save_recipe
+    from .significance import change_between
 
     split = SPLIT_WORDS[report.search_split]
     pool = compose_pool(report.candidates, report.best, report.base)
@@ -381,6 +382,9 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     change = comp.held_out_change()
     if change is not None:
         print(f"held-out change of the composition {change.summary()}")
+    over = change_between(report.best_test, comp.result_test)
+    if over is not None:
+        print(f"held-out change from the best edit alone {over.summary()}")
     recipe = make_recipe(lm, comp.edits, tspec, recipe_metrics(report.search_split, report.base, comp.result,
                                                                comp.base_test, comp.result_test), "composed")
     print(f"composed recipe: {save_recipe(recipe, best_path.with_name(best_path.stem + '-composed' + best_path.suffix))}")

@@ -102,6 +102,7 @@ def test_search_compose_prints_the_steps_and_writes_a_recipe_that_eval_confirms(
     assert [(e["name"], e["k"], e["rho"]) for e in recipe["edits"]] == [(e.name, e.k, e.rho) for e in comp.edits]
     assert recipe["method"] == "composed" and recipe["metrics"]["edited_test"]["accuracy"] == comp.result_test["accuracy"]
     assert f"composed held-out accuracy {comp.result_test['accuracy']:.3f}" in out
+    assert "held-out change from the best edit alone" in out
     assert main(["eval", *flags, "--recipe", str(composed), "--split", "test"]) == 0
     assert capsys.readouterr().out.startswith(f"test: accuracy {comp.result_test['accuracy']:.3f}")
 
