@@ -350,15 +350,18 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     """``search --compose``: greedy composition from the search's best (``laser_core.compose``), printed, and its
     recipe written beside the best's."""
     from .compose import compose_greedy, compose_pool
-    from .estimate import SPLIT_WORDS
+    from .estimate import SPLIT_WORDS, human_seconds
     from .evaluate import CancelToken
     from .recipe import make_recipe, recipe_metrics, save_recipe
     from .significance import change_between
 
     split = SPLIT_WORDS[report.search_split]
     pool = compose_pool(report.candidates, report.best, report.base)
+    each = (report.base or {}).get("seconds")  # one full evaluation of the split, as the base's took
+    about = f", about {human_seconds(len(pool) * each)} at the base's pace" if each and pool else ""
     print(f"compose: {len(pool)} edit{'s' * (len(pool) != 1)} to try (each other matrix's best that beats the base "
-          f"alone on the {split} split), each kept where the edits together score better there")
+          f"alone on the {split} split{about}), each kept where the edits together score better there; Ctrl-C stops "
+          "it and keeps what is done")
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bars = _Bars()
