@@ -114,3 +114,26 @@ def test_a_start_edit_stopped_early_is_evaluated_to_the_end_before_it_is_compare
     comp = compose_greedy(lm, splits, partial, report.candidates, store, held_out=False)
     assert comp.start["accuracy"] == report.best["accuracy"] and not comp.start.get("stopped_early")
     assert comp.steps == compose_greedy(lm, splits, report.best, report.candidates, store, held_out=False).steps
+
+
+def test_search_compose_stopped_by_ctrl_c_exits_130_and_writes_no_composed_recipe(tiny_dirs, mc_task, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import signal
+
+    import laser_core.compose as compose
+    from laser_core.cli import main
+    real = compose.compose_greedy
+
+    def interrupted(*a, **kw):  # Ctrl-C after the first edit tried: the CLI's handler sets the token
+        def progress(ev):
+            kw["progress"](ev)
+            signal.raise_signal(signal.SIGINT)
+        return real(*a, **{**kw, "progress": progress})
+    monkeypatch.setattr(compose, "compose_greedy", interrupted)
+    rc = main(["search", "--model", str(tiny_dirs["llama"]), "--task", str(mc_task), "--n-calib", "20", "--n-test", "20",
+               "--q", "4", "--ks", "1,2", "--rhos", "0.5,0.1", "--no-cache", "--recipe-out", str(tmp_path / "r.json"),
+               "--compose"])
+    out = capsys.readouterr().out
+    assert rc == 130 and "cancelled: the edits evaluated together are kept in the cache; no composed recipe" in out
+    assert (tmp_path / "r.json").exists() and not (tmp_path / "r-composed.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
