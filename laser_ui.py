@@ -824,7 +824,8 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
                    + ("" if steps else " (no other matrix's best beats the base alone there)") + ".")
         if steps:
             st.dataframe([{"edit added": edit_short(lm, r["name"], r["k"], r["rho"]), "alone": r["alone"],
-                           "together": r["accuracy"], "log_loss": r["log_loss"], "kept": "yes" if r["kept"] else ""}
+                           "together": r["accuracy"], "log_loss": r["log_loss"],
+                           "kept": "yes" if r["kept"] else ("no: " + r["error"] if r.get("error") else "")}
                           for r in steps], hide_index=True, key="greedy_steps")
     elif st.session_state.get("greedy_of") == candidate_id(chosen):
         live_job("combine", lm, splits)

@@ -375,8 +375,9 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
         bars.close()
         signal.signal(signal.SIGINT, previous)
     for st in comp.steps:
-        print(f"  + {st['name']} K={st['k']} rho={st['rho']} (alone {st['alone']:.3f}): together {st['accuracy']:.3f} "
-              f"log-loss {st['log_loss']:.4f}  {'kept' if st['kept'] else 'not kept'}")
+        together = f"not kept: {st['error']}" if st.get("error") else \
+            f"together {st['accuracy']:.3f} log-loss {st['log_loss']:.4f}  {'kept' if st['kept'] else 'not kept'}"
+        print(f"  + {st['name']} K={st['k']} rho={st['rho']} (alone {st['alone']:.3f}): {together}")
     if not comp.added:
         print("compose: no edit added to the best one; no composed recipe")
         return 0

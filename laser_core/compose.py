@@ -9,16 +9,20 @@ is evaluated once, at the end, for the base and the edits kept, so it stays a fa
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .config import Edit
+from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken
 from .models import LoadedModel
-from .search import doc_edit, evaluate_edits, merit
+from .search import SEARCH_SPLIT, doc_edit, evaluate_edits, merit
 from .significance import PairedChange, change_between
 from .store import Store, null_store
 from .tasks import Splits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,11 +79,17 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
 
     Every evaluation goes through :func:`~laser_core.search.evaluate_edits` and its cache.
 
+    An edit whose evaluation together with those kept overflows (``NumericsError``) is not kept; its step says why.
+
     Raises:
+        ConfigError: ``start`` was evaluated on held-out test, which must stay unseen by the choice.
         Cancelled: ``cancel`` was set; the model is restored, what was evaluated stays in the cache.
     """
     store = store or null_store()
     split = start["split"]
+    if split not in SEARCH_SPLIT.values():  # choosing on held-out test would spend the split that checks the choice
+        raise ConfigError(f"a composition chooses its edits on a search's split (calib or val), not on {split!r}: "
+                          "start from a candidate evaluated there")
     if start.get("stopped_early"):  # its numbers cover only the examples it saw: compare against all of them
         start = evaluate_edits(lm, [doc_edit(start)], splits, split, store, cancel)
     pool = compose_pool(candidates, start, base)
@@ -88,10 +98,15 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
     for i, cand in enumerate(pool):
         if cancel:
             cancel.check()
-        tried = evaluate_edits(lm, [*edits, doc_edit(cand)], splits, split, store, cancel)
+        step = {"name": cand["name"], "k": cand["k"], "rho": cand["rho"], "alone": cand["accuracy"]}
+        try:
+            tried = evaluate_edits(lm, [*edits, doc_edit(cand)], splits, split, store, cancel)
+        except NumericsError as e:  # these edits together broke the model's numerics: not kept, as a search skips
+            log.warning("composition: %s K=%d rho=%g not kept: %s", cand["name"], cand["k"], cand["rho"], e)
+            steps.append({**step, "accuracy": None, "log_loss": None, "kept": False, "error": str(e)})
+            continue
         kept = merit(tried) > merit(result)
-        steps.append({"name": cand["name"], "k": cand["k"], "rho": cand["rho"], "alone": cand["accuracy"],
-                      "accuracy": tried["accuracy"], "log_loss": tried["log_loss"], "kept": kept})
+        steps.append({**step, "accuracy": tried["accuracy"], "log_loss": tried["log_loss"], "kept": kept})
         if kept:
             edits, result = [*edits, doc_edit(cand)], tried
         if progress:

@@ -137,3 +137,26 @@ def test_search_compose_stopped_by_ctrl_c_exits_130_and_writes_no_composed_recip
     assert rc == 130 and "cancelled: the edits evaluated together are kept in the cache; no composed recipe" in out
     assert (tmp_path / "r.json").exists() and not (tmp_path / "r-composed.json").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_an_edit_that_breaks_the_numerics_together_is_not_kept_and_held_out_test_is_never_chosen_on(
+        tiny_lm, mc_task, store, monkeypatch):
+    import laser_core.compose as compose
+    from laser_core import ConfigError, NumericsError
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, store)
+    pool = compose_pool(report.candidates, report.best)
+    real = compose.evaluate_edits
+
+    def overflow_with_the_first(lm_, edits, *a, **kw):
+        if len(edits) > 1 and edits[-1].name == pool[0]["name"]:
+            raise NumericsError("the log-loss is NaN or infinite")
+        return real(lm_, edits, *a, **kw)
+    monkeypatch.setattr(compose, "evaluate_edits", overflow_with_the_first)
+    comp = compose_greedy(lm, splits, report.best, report.candidates, store, held_out=False)
+    first = comp.steps[0]
+    assert first["name"] == pool[0]["name"] and not first["kept"] and first["error"].startswith("the log-loss")
+    assert len(comp.steps) == len(pool) and pool[0]["name"] not in [e.name for e in comp.edits]
+    test_doc = {**report.best_test, "split": "test"}
+    with pytest.raises(ConfigError, match="chooses its edits on a search's split .calib or val., not on 'test'"):
+        compose_greedy(lm, splits, test_doc, report.candidates, store)
