@@ -1166,6 +1166,10 @@ def render_search_report(report: dict, lm) -> None:
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
     render_skipped(report)
+    if report.get("status") == "complete":
+        st.caption("Edits of several matrices may do more together: on Export, \"Combine with edits of other "
+                   "matrices\" finds which to add to this one, greedily on this search's split (from the CLI: "
+                   "`--compose`).")
 
 
 def render_comparison(job, splits) -> None:
