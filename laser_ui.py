@@ -29,7 +29,7 @@ from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSp
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
 from laser_core.models import TYPE_ORDER, cache_root
-from laser_core.search import doc_edit, merit
+from laser_core.search import best_by_matrix, doc_edit, merit
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
 
@@ -740,19 +740,19 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
     re-check. What edits do together is not what each did alone, so it is measured, never added up.
 
     Returns (the edits, their recipe) once the combination picked is evaluated, for the page to save; else None."""
+    from laser_core.compose import compose_pool
     from laser_core.config import check_one_per_matrix
     from laser_core.estimate import SPLIT_WORDS
     from laser_core.recipe import make_recipe, recipe_metrics
     from laser_core.search import SEARCH_SPLIT
 
     split = chosen["split"]  # each other matrix's best candidate on the chosen one's split: accuracies to compare
-    best_of = sorted(best_by_matrix([d for d in docs if d["split"] == split and d["name"] != chosen["name"]]),
-                     key=merit, reverse=True)
+    best_of = compose_pool(docs, chosen)
     if not best_of:
         st.caption(f"No other matrix has a candidate evaluated on the {SPLIT_WORDS.get(split, split)} split to "
                    "combine with.")
         return None
-    labels = {f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f})": d for d in best_of}
+    labels = {candidate_label(d): d for d in best_of}
     if split in SEARCH_SPLIT.values():  # choosing on held-out test would spend the split that checks the choice
         render_greedy(lm, splits, docs, chosen, labels)
     picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick")
@@ -831,10 +831,21 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
         live_job("combine", lm, splits)
 
 
+def short_label(layer: int, type_: str, k: int, rho: float) -> str:
+    """An edit as tables and captions show it: 'L2.down K=8 ρ=0.1'."""
+    return f"L{layer}.{type_} K={k} ρ={rho:g}"
+
+
 def edit_short(lm, name: str, k: int, rho: float) -> str:
-    """An edit as tables show it: 'L2.down K=8 ρ=0.1'."""
+    """:func:`short_label` of the edit of matrix ``name`` of ``lm``."""
     ref = lm.ref(name)
-    return f"L{ref.layer}.{ref.type} K={k} ρ={rho:g}"
+    return short_label(ref.layer, ref.type, k, rho)
+
+
+def candidate_label(d: dict) -> str:
+    """An evaluated candidate as Export's boxes list it: its matrix, K, ρ, and accuracy on its split."""
+    return (f"{d['name']} K={d['k']} ρ={d['rho']} ({d['split']} acc {d['accuracy']:.3f}"
+            + (", stopped early)" if d.get("stopped_early") else ")"))
 
 
 def render_recipe_check(lm, splits) -> None:
@@ -911,7 +922,7 @@ def family_caption(df: pd.DataFrame) -> str | None:
         return None
     return ("Each p is for its edit looked at alone, as a search's best is tested; picking among these rows by their "
             "held-out results picks on the test split. " + family_summary(
-                [(f"L{r.layer}.{r.type} K={r.k} ρ={r.rho:g}", r.p) for r in rows.itertuples()]))
+                [(short_label(r.layer, r.type, r.k, r.rho), r.p) for r in rows.itertuples()]))
 
 
 def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.DataFrame:
@@ -998,18 +1009,6 @@ def score_heatmap(table: list[dict], selected: str | None = None) -> go.Figure:
                                          marker={"symbol": "square-open", "size": 18, "color": "black", "line": {"width": 3}},
                                          showlegend=False))
     return _layer_type_layout(fig, layers, types)
-
-
-def best_by_matrix(rows: list[dict]) -> list[dict]:
-    """Per matrix, its best evaluated candidate (accuracy, then log-loss), as in the search. Candidates stopped
-    early are left out: their numbers cover only the examples seen, and they could not win."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        if r.get("name") and not r.get("stopped_early"):
-            b = best.get(r["name"])
-            if b is None or merit(r) > merit(b):
-                best[r["name"]] = r
-    return list(best.values())
 
 
 def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Figure:

@@ -68,6 +68,9 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
         log.warning("%s: 'append_choices_to_input' is %r, not true or false; read as BIG-bench reads it: %s, the "
                     "choices are %s the prompt", label, listed, bool(listed), "listed in" if listed else "left out of")
         listed = bool(listed)
+
+    def prompt(body: str) -> str:  # BIG-bench's JsonTask: task prefix, input prefix, input (and choices), output prefix
+        return f"{pre}{inp}{body}{out}"
     examples = []
     for i, ex in enumerate(data["examples"]):
         where = f"{label}: example {i}"
@@ -84,12 +87,11 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
                 raise TaskFormatError(f"{where}: no choice scores above the others in 'target_scores' "
                                       f"{str(scores)[:200]}")
             body = ex["input"] + (listed_choices(choices, choice_prefix) if listed else "")
-            examples.append(mc_example(f"{pre}{inp}{body}{out}", choices,
+            examples.append(mc_example(prompt(body), choices,
                                         next(j for j, c in enumerate(choices) if scores[c] == best), where))
         elif "target" in ex:
             target = ex["target"]  # text is one answer as written ("[]" included), not JSON to parse
-            examples.append(gen_example(f"{pre}{inp}{ex['input']}{out}", [target] if isinstance(target, str) else target,
-                                         where))
+            examples.append(gen_example(prompt(ex["input"]), [target] if isinstance(target, str) else target, where))
         else:
             raise TaskFormatError(f"{where}: has neither 'target_scores' nor 'target'")
     return make_task(name or data.get("name", path.stem), examples)

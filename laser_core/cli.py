@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import signal
@@ -286,9 +287,23 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """(cancel token, progress bars) for a long library call: Ctrl-C sets the token, so the call stops where it
+    can and keeps what is done; the bars are closed and the previous Ctrl-C handler put back on exit."""
+    from .evaluate import CancelToken
+
+    cancel, bars = CancelToken(), _Bars()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    try:
+        yield cancel, bars
+    finally:
+        bars.close()
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_search(args, method: str) -> int:
     from .estimate import SPLIT_WORDS, estimate_search
-    from .evaluate import CancelToken
     from .recipe import check_out_file, recipe_from_report, save_recipe
     from .search import SEARCH_SPLIT, run_search, skip_text
 
@@ -299,14 +314,8 @@ def _cmd_search(args, method: str) -> int:
     est = estimate_search(lm, splits, cfg, store)
     if est is not None and est.to_run:
         print(f"estimated run time: {est.summary('rho')}; Ctrl-C stops it and keeps what is done", file=sys.stderr)
-    cancel = CancelToken()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bars = _Bars()
-    try:
+    with _interruptible() as (cancel, bars):
         report = run_search(lm, splits, cfg, store, progress=bars, cancel=cancel)
-    finally:
-        bars.close()
-        signal.signal(signal.SIGINT, previous)
     split = SPLIT_WORDS[SEARCH_SPLIT[method]]
     print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
           f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}"
@@ -351,7 +360,6 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     recipe written beside the best's."""
     from .compose import compose_greedy, compose_pool
     from .estimate import SPLIT_WORDS, human_seconds
-    from .evaluate import CancelToken
     from .recipe import make_recipe, recipe_metrics, save_recipe
     from .significance import change_between
 
@@ -362,18 +370,13 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     print(f"compose: {len(pool)} edit{'s' * (len(pool) != 1)} to try (each other matrix's best that beats the base "
           f"alone on the {split} split{about}), each kept where the edits together score better there; Ctrl-C stops "
           "it and keeps what is done")
-    cancel = CancelToken()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bars = _Bars()
     try:
-        comp = compose_greedy(lm, splits, report.best, report.candidates, store, report.base, cancel=cancel,
-                              progress=bars)
+        with _interruptible() as (cancel, bars):
+            comp = compose_greedy(lm, splits, report.best, report.candidates, store, report.base, cancel=cancel,
+                                  progress=bars)
     except Cancelled:
         print("cancelled: the edits evaluated together are kept in the cache; no composed recipe")
         return 130
-    finally:
-        bars.close()
-        signal.signal(signal.SIGINT, previous)
     for st in comp.steps:
         together = f"not kept: {st['error']}" if st.get("error") else \
             f"together {st['accuracy']:.3f} log-loss {st['log_loss']:.4f}  {'kept' if st['kept'] else 'not kept'}"

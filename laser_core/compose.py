@@ -17,7 +17,7 @@ from .config import Edit
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken
 from .models import LoadedModel
-from .search import SEARCH_SPLIT, doc_edit, evaluate_edits, merit
+from .search import SEARCH_SPLIT, best_by_matrix, doc_edit, evaluate_edits, merit
 from .significance import PairedChange, change_between
 from .store import Store, null_store
 from .tasks import Splits
@@ -46,21 +46,17 @@ class Composition:
         return change_between(self.base_test, self.result_test)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["edits"] = [asdict(e) for e in self.edits]
-        return out
+        return asdict(self)  # the edits too: asdict recurses into dataclasses in lists
 
 
 def compose_pool(candidates: list[dict], start: dict, base: dict | None = None) -> list[dict]:
     """The edits :func:`compose_greedy` tries beside ``start``: per other matrix, its best candidate (accuracy, then
     log-loss) of those evaluated on ``start``'s split, where it beats ``base`` (the base model on that split) alone;
     best first. Candidates stopped early are left out: their numbers cover only the examples they saw."""
-    best: dict[str, dict] = {}
-    for c in candidates:
-        if c.get("name") and c["name"] != start["name"] and c.get("split", start.get("split")) == start.get("split") \
-                and not c.get("stopped_early") and (c["name"] not in best or merit(c) > merit(best[c["name"]])):
-            best[c["name"]] = c
-    return sorted((c for c in best.values() if base is None or merit(c) > merit(base)), key=merit, reverse=True)
+    same_split = [c for c in candidates
+                  if c.get("name") != start["name"] and c.get("split", start.get("split")) == start.get("split")]
+    return sorted((c for c in best_by_matrix(same_split) if base is None or merit(c) > merit(base)), key=merit,
+                  reverse=True)
 
 
 def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: list[dict], store: Store | None = None,

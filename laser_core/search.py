@@ -195,11 +195,16 @@ def evaluate_split(lm: LoadedModel, splits: Splits, split: str, **kw) -> EvalRes
     return evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, match=splits.spec.match, **kw)
 
 
+def _split_ident(splits: Splits, split: str) -> dict:
+    """What every evaluation of ``split`` depends on besides the model and edits, for cache keys: the exact
+    examples, the decoding length and, for a generation task, an answer-match rule other than LASER's."""
+    return {"split": splits.key(split), "max_new_tokens": splits.spec.max_new_tokens, **_match_ident(splits)}
+
+
 def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: Edit | None) -> str:
     """Cache key of one evaluation: model weights, task, the exact examples of ``split``, edit, decoding length
     and, for a generation task, the answer-match rule."""
-    ident = {"split": splits.key(split), "edit": to_dict(edit) if edit else None,
-             "max_new_tokens": splits.spec.max_new_tokens, **_match_ident(splits)}
+    ident = {**_split_ident(splits, split), "edit": to_dict(edit) if edit else None}
     return store.key("result", lm.fingerprint, splits.task.digest, ident)
 
 
@@ -280,8 +285,7 @@ def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: 
     under its own kind, which :func:`cached_results` (single edits, what a search compares) does not list."""
     if len(edits) <= 1:
         return result_key(store, lm, splits, split, edits[0] if edits else None)
-    ident = {"split": splits.key(split), "edits": sorted((e.name, e.k, e.rho) for e in edits),
-             "max_new_tokens": splits.spec.max_new_tokens, **_match_ident(splits)}
+    ident = {**_split_ident(splits, split), "edits": sorted((e.name, e.k, e.rho) for e in edits)}
     return store.key("together", lm.fingerprint, splits.task.digest, ident)
 
 
@@ -344,6 +348,18 @@ def same_result(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: 
 def merit(doc: dict) -> tuple[float, float]:
     """How a search ranks an evaluation: higher accuracy, then lower log-loss (larger tuples are better)."""
     return doc["accuracy"], -doc["log_loss"]
+
+
+def best_by_matrix(rows: list[dict]) -> list[dict]:
+    """Per matrix, its best evaluated candidate (accuracy, then log-loss), as in the search. Candidates stopped
+    early are left out: their numbers cover only the examples seen, and they could not win."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("name") and not r.get("stopped_early"):
+            b = best.get(r["name"])
+            if b is None or merit(r) > merit(b):
+                best[r["name"]] = r
+    return list(best.values())
 
 
 def _better(a: dict, b: dict | None) -> bool:

@@ -27,9 +27,7 @@ if not docs:
 report = ui.kept_report(lm, splits)
 options, default = ui.export_options(docs, report)
 choice = st.selectbox("Candidate", range(len(options)), index=default, key="export_pick",
-                      format_func=lambda i: f"{options[i]['name']} K={options[i]['k']} ρ={options[i]['rho']} "
-                                            f"({options[i]['split']} acc {options[i]['accuracy']:.3f}"
-                                            + (", stopped early)" if options[i].get("stopped_early") else ")"))
+                      format_func=lambda i: ui.candidate_label(options[i]))
 d = options[choice]
 edit = doc_edit(d)
 base = ui.cached_result(lm, splits, d["split"])
