@@ -29,7 +29,8 @@ from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSp
 from laser_core.candidates import best_by_matrix, doc_edit, merit
 from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
 from laser_core.estimate import human_seconds
-from laser_core.models import TYPE_ORDER, cache_root
+from laser_core.matrices import TYPE_ORDER
+from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
 
@@ -227,9 +228,9 @@ def _splits_of(task: TaskSpec):
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _task_notes(fingerprint: str, splits_key: str, max_new_tokens: int, _lm, _splits) -> tuple[str, ...]:
-    """What a run would say of every split's questions (``forward.context_overflow``, ``masked_ties`` and
+    """What a run would say of every split's questions (``checks.context_overflow``, ``masked_ties`` and
     ``unreachable_targets``), once per model, splits and decoding length (their identities are the key)."""
-    from laser_core.forward import context_overflow, masked_ties, unreachable_targets
+    from laser_core.checks import context_overflow, masked_ties, unreachable_targets
     examples = [e for split in ("calib", "val", "test") for e in _splits.examples(split)]
     notes = (context_overflow(_lm, examples, max_new_tokens), masked_ties(_lm, examples),
              unreachable_targets(_lm, examples, max_new_tokens))

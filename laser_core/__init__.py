@@ -7,7 +7,8 @@ from .config import Edit, ModelSpec, SearchConfig, TaskSpec  # noqa: E402
 from .errors import (Cancelled, ConfigError, JobBusy, LaserError, ModelLoadError,  # noqa: E402
                      NumericsError, TaskFormatError)
 from .evaluate import CancelToken, evaluate  # noqa: E402
-from .models import LoadedModel, load_model, locate_matrices  # noqa: E402
+from .matrices import locate_matrices  # noqa: E402
+from .models import LoadedModel, load_model  # noqa: E402
 from .reduction import block_svd, block_truncate, edited  # noqa: E402
 from .search import run_search  # noqa: E402
 from .store import Store  # noqa: E402

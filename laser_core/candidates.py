@@ -8,8 +8,10 @@ from collections import OrderedDict
 from dataclasses import asdict
 
 from .config import Edit, TaskSpec, to_dict
-from .evaluate import CancelToken, EvalResult, PrefixStates, evaluate
-from .models import LoadedModel, MatrixRef, matrix_of
+from .evaluate import CancelToken, EvalResult, evaluate
+from .prefix_states import PrefixStates
+from .matrices import MatrixRef, matrix_of
+from .models import LoadedModel
 from .prefix import block_list
 from .reduction import BlockFactors, block_ranks, block_svd, edited, row_blocks
 from .store import FACTORS, Store

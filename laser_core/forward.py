@@ -13,17 +13,17 @@ that differs or raises keeps the plain way.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from typing import Callable, Sequence
 
 import torch
 
+from .checks import overflow_text, tie_warning, warn_once
 from .errors import ConfigError
 from .models import LoadedModel
 from .prefix import LeadCache, StopForward, block_list, empty_cache, from_layer, last_mlp, lean_last_block, stubbed
-from .sequences import (Seq, encode, lead_length, least_padded_batches, packed_row, prompt_ids, tree_mask,
-                        without_lead)
+from .sequences import (Seq, lead_length, least_padded_batches, masked_choice_tokens, masked_ids, packed_row,
+                        tokenised, tree_mask, without_lead)
 from .tasks import Example
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
         too_long = overflow_text(lm, [len(s.ids) for s in seqs])
         if too_long:
             raise ConfigError(too_long)
-        tie = _tie_warning([s.rows for s in seqs])
+        tie = tie_warning([s.rows for s in seqs])
         if tie:
             warn_once(tie)
         return seqs, True
@@ -79,111 +79,6 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
             ids = p + c
             seqs.append(Seq(ids, list(range(len(p) - 1, len(ids) - 1)), c, None, i, j))
     return seqs, fast
-
-
-def tokenised(lm: LoadedModel, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """For a causal LM: each example's prompt ids, and the ids of each of its choices as they follow the prompt (a
-    generation example: of its first accepted answer, which its log-loss scores)."""
-    prompts = [prompt_ids(lm, e.prompt) for e in examples]
-    return prompts, [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])]
-                     for e, p in zip(examples, prompts)]
-
-
-def masked_ids(lm: LoadedModel, e: Example) -> list[int]:
-    """For a masked LM: the row of ``e``, its prompt and then the <mask> its choices are scored at."""
-    return encode(lm.tokenizer, e.prompt + " " + lm.tokenizer.mask_token, special=True)
-
-
-def masked_choice_tokens(lm: LoadedModel, e: Example) -> list[int]:
-    """The token a masked LM scores each choice of ``e`` by: the choice's first token after the prompt."""
-    p = prompt_ids(lm, e.prompt)
-    return [(choice_ids(lm, p, e.prompt, c) or [lm.tokenizer.unk_token_id])[0] for c in e.choices]
-
-
-def _tie_warning(rows: Sequence[list[int]]) -> str | None:
-    """The warning for the questions whose choice tokens ``rows`` (one list per question) repeat a token, or None."""
-    tied = sum(len(set(r)) < len(r) for r in rows)
-    return (f"{tied} of {len(rows)} questions have choices that start with the same token: a masked LM scores a "
-            "choice by its first token at the <mask>, so those choices tie and the first of them is always predicted; "
-            "use a causal LM for this task") if tied else None
-
-
-def masked_ties(lm: LoadedModel, examples: Sequence[Example]) -> str | None:
-    """For a masked LM and a multiple-choice task, the warning :func:`build_sequences` gives when questions of
-    ``examples`` have choices that start with the same token (None when none do, or for a causal LM): a page can
-    say it before anything runs."""
-    if lm.kind != "masked" or lm.tokenizer.mask_token is None or any(e.kind != "mc" for e in examples):
-        return None
-    return _tie_warning([masked_choice_tokens(lm, e) for e in examples])
-
-
-def overflow_text(lm: LoadedModel, lengths: Sequence[int]) -> str | None:
-    """The error for questions whose tokens (``lengths``, one per question: what its longest scored row or decoding
-    needs) pass the model's context, or None where all fit."""
-    limit = lm.context_limit
-    over = [n for n in lengths if limit is not None and n > limit]
-    return (f"{len(over)} of {len(lengths)} questions are longer than the model's context of {limit} tokens (the "
-            f"longest needs {max(over)}): shorten or drop them, or use a model with a longer context") if over else None
-
-
-def context_overflow(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 0) -> str | None:
-    """:func:`overflow_text` for ``examples`` as an evaluation would run them (a multiple-choice question: its prompt
-    and longest choice; a generation one: its prompt and ``max_new_tokens``, or its first answer if longer), so
-    that a page can say it before anything runs."""
-    if lm.kind == "masked":  # build_sequences says what is wrong with one whose tokenizer has no mask token
-        return overflow_text(lm, [len(masked_ids(lm, e)) for e in examples]) if lm.tokenizer.mask_token else None
-    prompts, cont = tokenised(lm, examples)
-    lengths = []
-    for e, p, cs in zip(examples, prompts, cont):
-        longest = max(map(len, cs))
-        lengths.append(len(p) + (max(longest, max_new_tokens) if e.kind == "gen" else longest))
-    return overflow_text(lm, lengths)
-
-
-def unreachable_targets(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int,
-                        prompts: Sequence[list[int]] | None = None) -> str | None:
-    """For a generation task, the warning for the questions none of whose targets fits in ``max_new_tokens``
-    generated tokens: greedy decoding stops there, so they are never answered right (None when every question has
-    one that fits, or for a multiple-choice task). A page can say it before anything runs; each generation
-    evaluation says it too, passing the ``prompts``' ids it has (else they are computed here)."""
-    if lm.kind != "causal" or any(e.kind != "gen" for e in examples):
-        return None
-    prompts = prompts if prompts is not None else [prompt_ids(lm, e.prompt) for e in examples]
-    need = [min(len(choice_ids(lm, p, e.prompt, t)) for t in e.targets) for e, p in zip(examples, prompts)]
-    over = [k for k in need if k > max_new_tokens]
-    return (f"{len(over)} of {len(need)} questions have no accepted answer that fits in {max_new_tokens} generated "
-            f"tokens (the longest of them needs {max(over)}): decoding stops there, so they are never answered "
-            "right; raise max_new_tokens (--max-new-tokens, or the task form's 'max new tokens')") if over else None
-
-
-_WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("laser_core_warned", default=None)
-
-
-def warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time it comes in this thread: evaluations repeat it for every
-    candidate, and each dashboard job (a thread of its own, which starts with an empty context) shows it once."""
-    seen = _WARNED.get()
-    if seen is None:
-        seen = set()
-        _WARNED.set(seen)
-    if message not in seen:
-        seen.add(message)
-        log.warning(message)
-
-
-def choice_ids(lm: LoadedModel, prompt: list[int], prompt_text: str, choice: str) -> list[int]:
-    """Token ids of ``choice`` as it follows the prompt: the tail of the tokens of prompt and choice together where
-    they start with ``prompt`` (the prompt's ids), else the choice's tokens alone.
-
-    Tokenised alone, a choice can start with a token it never has after the prompt: a SentencePiece tokenizer
-    with a dummy prefix (Llama 2, Mistral 7B v0.1) reads " yes" as ['▁', '▁yes'] but "Answer: yes" ends in
-    ['▁yes'], so every choice was scored one stray token longer. Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen)
-    gives the same tokens both ways.
-    """
-    joint = prompt_ids(lm, prompt_text + choice)
-    if len(joint) > len(prompt) and joint[:len(prompt)] == prompt:
-        return joint[len(prompt):]
-    return encode(lm.tokenizer, choice)
 
 
 def rows_and_batches(lm: LoadedModel, examples: Sequence[Example], max_tokens: int,
@@ -290,7 +185,7 @@ def lead_cache(lm: LoadedModel, lead: list[int] | None, start: tuple | None = No
     """Run the lead alone (one row, from ``start`` as in :func:`scored_logprobs`) and keep its keys and values;
     None where there is no lead (the sequences share none).
 
-    A capture hook that stops the forward at a block (see :class:`laser_core.evaluate.PrefixStates`) leaves the
+    A capture hook that stops the forward at a block (see :class:`laser_core.prefix_states.PrefixStates`) leaves the
     blocks before it filled, all that the batches stopped at the same block need.
     """
     if not lead:

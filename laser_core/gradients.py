@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, loss_backward
-from .models import LoadedModel, MatrixRef, matrix_of
+from .matrices import MatrixRef, matrix_of
+from .models import LoadedModel
 from .reduction import block_rank, block_svd, row_blocks
 from .tasks import Example
 

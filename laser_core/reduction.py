@@ -15,7 +15,8 @@ import torch
 
 from .config import Edit, check_k, check_one_per_matrix, check_rho
 from .errors import JobBusy
-from .models import LoadedModel, matrix_of
+from .matrices import matrix_of
+from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 

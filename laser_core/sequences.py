@@ -1,18 +1,20 @@
-"""Token rows for scoring: examples become sequences (a prompt with its choices packed behind it, or one row per
-choice), a shared lead is cut off, rows are grouped into least-padded batches, and the tree-shaped attention
-mask and position ids of a batch are built. Pure bookkeeping on token ids: no model runs here (see forward).
+"""Token rows for scoring: examples are tokenised (each choice as it follows its prompt) and become sequences (a
+prompt with its choices packed behind it, or one row per choice), a shared lead is cut off, rows are grouped into
+least-padded batches, and the tree-shaped attention mask and position ids of a batch are built. Pure bookkeeping on
+token ids: no model runs here (see forward).
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+    from .tasks import Example
 
 
 @dataclass
@@ -55,6 +57,40 @@ def prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     if ids and eos is not None and ids[-1] == eos and lm.tokenizer.bos_token_id != eos and len(ids) > 1:
         ids = ids[:-1]  # some tokenizers append EOS; the answer must follow the prompt directly
     return ids
+
+
+def tokenised(lm: LoadedModel, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """For a causal LM: each example's prompt ids, and the ids of each of its choices as they follow the prompt (a
+    generation example: of its first accepted answer, which its log-loss scores)."""
+    prompts = [prompt_ids(lm, e.prompt) for e in examples]
+    return prompts, [[choice_ids(lm, p, e.prompt, c) for c in (e.choices or e.targets[:1])]
+                     for e, p in zip(examples, prompts)]
+
+
+def masked_ids(lm: LoadedModel, e: Example) -> list[int]:
+    """For a masked LM: the row of ``e``, its prompt and then the <mask> its choices are scored at."""
+    return encode(lm.tokenizer, e.prompt + " " + lm.tokenizer.mask_token, special=True)
+
+
+def masked_choice_tokens(lm: LoadedModel, e: Example) -> list[int]:
+    """The token a masked LM scores each choice of ``e`` by: the choice's first token after the prompt."""
+    p = prompt_ids(lm, e.prompt)
+    return [(choice_ids(lm, p, e.prompt, c) or [lm.tokenizer.unk_token_id])[0] for c in e.choices]
+
+
+def choice_ids(lm: LoadedModel, prompt: list[int], prompt_text: str, choice: str) -> list[int]:
+    """Token ids of ``choice`` as it follows the prompt: the tail of the tokens of prompt and choice together where
+    they start with ``prompt`` (the prompt's ids), else the choice's tokens alone.
+
+    Tokenised alone, a choice can start with a token it never has after the prompt: a SentencePiece tokenizer
+    with a dummy prefix (Llama 2, Mistral 7B v0.1) reads " yes" as ['▁', '▁yes'] but "Answer: yes" ends in
+    ['▁yes'], so every choice was scored one stray token longer. Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen)
+    gives the same tokens both ways.
+    """
+    joint = prompt_ids(lm, prompt_text + choice)
+    if len(joint) > len(prompt) and joint[:len(prompt)] == prompt:
+        return joint[len(prompt):]
+    return encode(lm.tokenizer, choice)
 
 
 def lead_length(seqs: list[Seq]) -> int:

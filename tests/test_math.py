@@ -12,7 +12,7 @@ import torch
 from laser_core import ConfigError, Edit
 from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
-from laser_core.models import MatrixRef
+from laser_core.matrices import MatrixRef
 from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
 from laser_core.significance import holm, mcnemar_midp, newcombe_interval, paired_change
 

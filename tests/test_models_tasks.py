@@ -10,7 +10,7 @@ import torch
 
 from laser_core import ConfigError, ModelLoadError, ModelSpec, TaskFormatError, TaskSpec, load_model, load_task, make_splits
 from laser_core.evaluate import evaluate
-from laser_core.models import locate_matrices
+from laser_core.matrices import locate_matrices
 from laser_core.tasks import Example
 
 from conftest import write_jsonl
@@ -592,7 +592,7 @@ def test_a_masked_lm_scores_each_choices_first_token_after_the_prompt_and_says_w
             "token at the <mask>, so those choices tie and the first of them is always predicted; use a causal LM "
             "for this task")
     assert [r.getMessage() for r in caplog.records] == [said, said]  # once per run
-    from laser_core.forward import masked_ties
+    from laser_core.checks import masked_ties
     assert masked_ties(lm, tied) == said and masked_ties(lm, distinct) is None  # said before a run, as pages do
     assert masked_ties(from_module(build_tiny("llama", tok), tok), tied) is None  # a causal LM scores whole choices
 
@@ -671,8 +671,8 @@ def test_a_generation_answer_longer_than_max_new_tokens_is_said_before_and_durin
     """Decoding stops at max_new_tokens: a question whose every accepted answer is longer can never be right. Before,
     its accuracy was 0 without a word, and only the library could set the length."""
     from laser_core.cli_args import parser, specs_of
-    from laser_core.forward import choice_ids, unreachable_targets
-    from laser_core.sequences import prompt_ids
+    from laser_core.checks import unreachable_targets
+    from laser_core.sequences import choice_ids, prompt_ids
     lm = tiny_lm("llama")
     long = " the capital of France is Paris and the capital of Italy is Rome"
     ex = [Example("The capital of France is", targets=(" Paris",)),
@@ -695,7 +695,7 @@ def test_a_generation_answer_longer_than_max_new_tokens_is_said_before_and_durin
 def test_a_question_longer_than_the_models_context_is_refused_clearly_and_one_that_just_fits_runs(tiny_lm, arch):
     """Before, GPT-2 and RoBERTa failed mid-run with a bare IndexError / 'index 260 is out of bounds', and a rotary
     model scored positions it was never trained on."""
-    from laser_core.forward import context_overflow
+    from laser_core.checks import context_overflow
     lm = tiny_lm(arch)
 
     def question(k: int) -> Example:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from laser_core import Edit, edited
-from laser_core.evaluate import PrefixStates, evaluate
+from laser_core.evaluate import evaluate
+from laser_core.prefix_states import PrefixStates
 from laser_core.models import weight_hashes
 from laser_core.tasks import Example
 

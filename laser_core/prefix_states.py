@@ -1,0 +1,109 @@
+"""Prefix reuse's cached states: the hidden states entering one block for every batch of an evaluation's examples,
+taken once from the unedited model, so that a candidate at that layer or later runs only the blocks from there on
+(and, for one matrix, only what of its block follows that matrix). The hooks that capture and replay them are
+:mod:`laser_core.prefix`."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .forward import lead_cache, rows_and_batches, scored_logprobs
+from .models import LoadedModel
+from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
+from .tasks import Example
+
+
+class PrefixStates:
+    """Hidden states entering block ``layer`` for every batch of ``examples``, from the base weights.
+
+    An edit at layer >= ``layer`` cannot change them, so a candidate there is evaluated by running blocks
+    ``layer..L`` only (see :func:`laser_core.evaluate.evaluate`'s ``prefix``). Build them with the model unedited.
+    :meth:`at_matrix` goes further inside block ``layer``. The sequences' shared lead (see
+    :func:`~laser_core.forward.split_lead`) has its own states (``lead_state``); it runs once per evaluation,
+    block ``layer`` whole (one row).
+    """
+
+    def __init__(self, lm: LoadedModel, examples: Sequence[Example], layer: int, max_tokens: int = 8192) -> None:
+        found = block_list(lm)
+        if found is None:
+            raise ConfigError("prefix reuse needs a model whose blocks sit in one ModuleList")
+        blocks = found[2]
+        self.layer = layer
+        self.seqs, self.fast, self.lead, self.batches = rows_and_batches(lm, examples, max_tokens)
+        self.stubs: list[dict] | None = None  # per batch: recorded outputs of block ``layer``'s early modules
+        self.lead_state: torch.Tensor | None = None  # the lead's hidden states entering block ``layer``
+        self.matrices: dict[str, PrefixStates] = {}
+
+        def captured(run: Callable):
+            """(the input of block ``layer``, what ``run`` returned, None where the capture stopped it)."""
+            got: list[torch.Tensor] = []
+            handle = blocks[layer].register_forward_pre_hook(capture_first_arg(got), with_kwargs=True)
+            try:
+                out = run()
+            except StopForward:
+                out = None
+            finally:
+                handle.remove()
+            return got[0], out
+
+        with torch.no_grad():
+            lead = None
+            if self.lead:  # first: the batches attend to its keys and values in the blocks before ``layer``
+                self.lead_state, lead = captured(lambda: lead_cache(lm, self.lead))
+            self.states = [captured(lambda: scored_logprobs(lm, [self.seqs[i] for i in idx], lead=lead))[0]
+                           for idx in self.batches]
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
+        return tensor_bytes([self.states, self.stubs, self.lead_state]) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
+
+    def lead_past(self, lm: LoadedModel) -> LeadCache | None:
+        """The lead's keys and values under the model's current weights, run from its states at block ``layer``
+        (None where the sequences have no shared lead)."""
+        return lead_cache(lm, self.lead, (self.layer, self.lead_state, None))
+
+    def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
+                  max_bytes: int | None = None) -> "PrefixStates":
+        """These states plus, for an edit of matrix ``name`` (in block ``layer``), the outputs of the modules of
+        that block that return before the matrix is first called: they run no more (e.g. the attention, for
+        an MLP matrix). Built from the unedited model on the first call, then kept.
+
+        Returns ``self`` where those modules hold under ``min_share`` of the block's parameters (too little
+        to be worth the RAM), share a parameter with the matrix, or their outputs would take more than
+        ``max_bytes`` (estimated from the first batch).
+        """
+        if name in self.matrices:
+            return self.matrices[name]
+        block = block_list(lm)[2][self.layer]
+        target = lm.model.get_submodule(name.rsplit(".", 1)[0])
+        weight = lm.model.get_parameter(name)
+        total = sum(p.numel() for p in block.parameters())
+        tokens = [len(idx) * max(len(self.seqs[i].ids) for i in idx) for idx in self.batches]
+        stubs: list[dict] = []
+        entry = self
+        with torch.no_grad():
+            lead = self.lead_past(lm)
+            for bn, idx in enumerate(self.batches):
+                record: dict = {}
+                with record_until(block, target, record):
+                    try:
+                        scored_logprobs(lm, [self.seqs[i] for i in idx], (self.layer, self.states[bn], None), lead=lead)
+                    except StopForward:
+                        pass
+                if bn == 0:
+                    names = stubbable(block, record, min_params=total // 100)
+                    params = [p for n in names for p in block.get_submodule(n).parameters()]
+                    size = tensor_bytes([record[n]["out"] for n in names]) * sum(tokens) / tokens[0]
+                    if (sum(p.numel() for p in params) < min_share * total or any(p is weight for p in params)
+                            or (max_bytes is not None and size > max_bytes)):
+                        break
+                stubs.append({n: record[n]["out"] for n in names})
+            else:
+                entry = copy.copy(self)
+                entry.stubs, entry.matrices = stubs, {}
+        self.matrices[name] = entry
+        return entry
