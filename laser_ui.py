@@ -33,6 +33,7 @@ from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
+from laser_core.tasks import MATCH_HELP, MATCH_RULES
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -285,6 +286,11 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
 
 MODEL_KINDS = ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"]
 TASK_KINDS = ["bundled", "task file path", "upload a file", "HF dataset"]
+MODEL_PATH_LABELS = {MODEL_KINDS[1]: "Model folder (a Hugging Face folder with config.json)",
+                     MODEL_KINDS[2]: ".gguf file", MODEL_KINDS[3]: "Hub id (owner/name) already in the local Hugging Face cache"}
+TASK_PATH_LABELS = {"task file path": "Task file path (BIG-bench task.json or its folder, .jsonl, .csv/.tsv, .parquet, "
+                                      ".json records)",
+                    "HF dataset": "HF dataset: name[:split] or name:config:split (in the local cache, or on the hub)"}
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 TASK_COLUMNS = ("prompt_col", "choices_col", "answer_col", "targets_col")  # TaskSpec's column mapping
 TASK_READING = (*TASK_COLUMNS, "prompt_template", "fixed_choices")  # and how prompts and choices are made of columns
@@ -324,6 +330,70 @@ def seed_setup_form() -> None:
             st.session_state[key] = value
 
 
+def render_setup_form() -> None:
+    """The Model & task form: the model and task sources above it, so that choosing one shows at once the fields
+    it needs, and only those (a field hidden is its default: a bundled task takes no columns or template); every
+    other widget in the form, read by key from the session state by :func:`load_setup_form` when it is submitted."""
+    seed_setup_form()
+    r1, r2 = st.columns(2)
+    with r1:
+        st.subheader("Model")
+        st.radio("Source", MODEL_KINDS, horizontal=True, key="model_kind")
+    with r2:
+        st.subheader("Task")
+        st.radio("Task source", TASK_KINDS, horizontal=True, key="task_kind")
+    model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
+    with st.form("setup"):
+        c1, c2 = st.columns(2)
+        with c1:
+            if model_kind != MODEL_KINDS[0]:
+                st.text_input(MODEL_PATH_LABELS[model_kind], key="model_path")
+            st.selectbox("Device", DEVICES, key="device")
+            st.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype",
+                         help="On CPU keep float32: bf16 matmul is ~100x slower there.")
+        with c2:
+            if task_kind == "bundled":
+                st.selectbox("Bundled task", BUNDLED, key="bundled",
+                             help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
+            elif task_kind == "upload a file":
+                st.file_uploader("Task file", type=["jsonl", "csv", "tsv", "parquet", "json"], key="upload",
+                                 help="JSONL, CSV/TSV, Parquet, or JSON: a BIG-bench task.json or an array of records")
+            else:
+                st.text_input(TASK_PATH_LABELS[task_kind], key="task_path")
+            if task_kind != "bundled":  # how rows of a file or dataset become questions
+                for col, key in zip(st.columns(4), TASK_COLUMNS):
+                    col.text_input(f"{key.removesuffix('_col')} column", key=key)
+                t1, t2 = st.columns([3, 2])
+                t1.text_input("Prompt template (optional)", key="prompt_template",
+                              placeholder="Question: {question}\\nAnswer:",
+                              help="Builds each prompt from the file's or dataset's columns, in place of the prompt "
+                                   "column; \\n is a line break. Not for BIG-bench tasks, whose task.json sets the "
+                                   "prompt.")
+                t2.text_input("Fixed choices (optional)", key="fixed_choices", placeholder="no|yes",
+                              help="The same choices for every row (BoolQ, SST-2), in place of the choices column; the "
+                                   "answer column gives an index or the text of one (true/false: the second/first of "
+                                   "two). Choices held one per column are named in the choices column instead: "
+                                   "sol1,sol2.")
+            s1, s2, s3, s4 = st.columns(4)
+            s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
+            s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
+            s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
+                            help="LASER's search split; blank: 20% of the task")
+            s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
+            g1, g2, g3 = st.columns([2, 2, 3], vertical_alignment="bottom")
+            g1.number_input("max new tokens", 1, 1024, key="max_new_tokens",
+                            help="generation tasks: tokens decoded per answer; an answer longer than this is never "
+                                 "right")
+            g2.selectbox("Answer match", list(MATCH_RULES), key="match",
+                         help="generation tasks: when an answer is right. " + MATCH_HELP)
+            if task_kind != "bundled":
+                g3.checkbox("Answers count from 1", key="answer_base",
+                            help="the answer column gives the first choice as 1 (Winogrande, Social IQa); a choice's "
+                                 "text or label is read as it is")
+        if st.form_submit_button("Load model and task", type="primary"):
+            load_setup_form()
+
+
 def saved_upload(uploaded) -> Path:
     """An uploaded file on disk, in a folder per content: another upload of that name (another session's, or a fixed
     file) is another file, and the file keeps its name (a task's name comes from it)."""
@@ -340,26 +410,28 @@ def load_setup_form() -> None:
     """Load the model and task that the Model & task form's widgets name (read by key from the session state);
     a missing or invalid value is shown as an error and what is loaded stays loaded."""
     f = st.session_state
-    source = "demo" if f["model_kind"] == MODEL_KINDS[0] else f["model_path"].strip()
+    source = "demo" if f["model_kind"] == MODEL_KINDS[0] else f.get("model_path", "").strip()
     if not source:
         user_error("Give a folder, a .gguf file or a hub id for this model source.", status=True)
-    path = f["task_path"].strip()
+    path = f.get("task_path", "").strip()
     if f["task_kind"] == "bundled":
         tsource = f["bundled"]
     elif f["task_kind"] == "upload a file":
-        if f["upload"] is None:
+        if f.get("upload") is None:
             user_error("Choose a JSONL, CSV, Parquet or JSON file to upload first.", status=True)
         tsource = str(saved_upload(f["upload"]))
     else:
         tsource = ("hf:" + path if path else "") if f["task_kind"] == "HF dataset" else path
     if not tsource:
         user_error("Give a task: a task.json path or a dataset name.", status=True)
+    # a bundled task hides how rows become questions: its task.json says, so those fields keep their defaults
+    reading = {} if f["task_kind"] == "bundled" else {
+        "answer_base": int(f["answer_base"]),
+        **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING}}
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), max_new_tokens=int(f["max_new_tokens"]), answer_base=int(f["answer_base"]),
-                        match=f["match"],
-                        **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING})
+                        int(f["seed"]), max_new_tokens=int(f["max_new_tokens"]), match=f["match"], **reading)
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

@@ -330,12 +330,50 @@ def test_model_page_reads_choices_from_several_columns_and_answers_counted_from_
     assert at.checkbox(key="answer_base").value and at.text_input(key="choices_col").value == "option1,option2"
 
 
+def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_path):
+    """The form showed every field for every source: a path box beside the demo model, and file columns, a prompt
+    template and fixed choices beside a bundled BIG-bench task, whose task.json sets them (and which refuses a
+    template). A source now shows its own fields as soon as it is chosen, and hidden fields count as their defaults."""
+    import laser_ui as ui
+    labels = lambda at: {w.label for kind in ("text_input", "selectbox", "checkbox") for w in at.get(kind)}  # noqa: E731
+    at = page("pages/1_Model_and_task.py")  # app_env: a local model folder and a task file
+    shown = labels(at)
+    assert {"prompt column", "Prompt template (optional)", "Answers count from 1", ui.TASK_PATH_LABELS["task file path"],
+            ui.MODEL_PATH_LABELS["local folder"]} <= shown and "Bundled task" not in shown
+    at.radio(key="model_kind").set_value(ui.MODEL_KINDS[0]).run()
+    at.radio(key="task_kind").set_value("bundled").run()
+    shown = labels(at)
+    assert "Bundled task" in shown and not shown & {"prompt column", "Prompt template (optional)", "Answers count from 1",
+                                                     *ui.TASK_PATH_LABELS.values(), *ui.MODEL_PATH_LABELS.values()}
+    assert {"Device", "dtype", "Answer match"} <= shown
+    at.radio(key="task_kind").set_value("HF dataset").run()
+    assert ui.TASK_PATH_LABELS["HF dataset"] in labels(at) and "prompt column" in labels(at)
+    at.radio(key="model_kind").set_value(".gguf file").run()
+    assert ui.MODEL_PATH_LABELS[".gguf file"] in labels(at)
+
+    task = tmp_path / "bare.csv"  # a template typed for a file, left behind on switching to a bundled task
+    task.write_text("question,answer\n" + "".join(f'"Is {i} even?",{i % 2}\n' for i in range(8)))
+    at = page("pages/1_Model_and_task.py")
+    at.text_input(key="prompt_template").set_value("Question: {question}\\nAnswer:")
+    at.text_input(key="fixed_choices").set_value("yes|no")
+    at = load_task_file(at, task, n_calib=3, n_test=3)
+    assert at.session_state["task_spec"].prompt_template
+    at.radio(key="task_kind").set_value("bundled").run()
+    at.selectbox(key="bundled").set_value("epistemic_reasoning")
+    at.button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]  # before: "a prompt template" was refused
+    spec = at.session_state["task_spec"]
+    assert (spec.source, spec.prompt_template, spec.fixed_choices, spec.answer_col) == ("epistemic_reasoning", "", "",
+                                                                                       "answer")
+    assert (spec.n_calib, spec.n_test) == (3, 3)  # the fields both share are kept
+
+
 def test_model_page_loads_an_uploaded_bigbench_task_and_shows_its_listed_choices(app_env):
     """Uploads took JSONL and CSV only: a BIG-bench task.json (or a JSON array of records) had to be given by path."""
     examples = [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}}
                 for i in range(12)]
     at = page("pages/1_Model_and_task.py")
-    at.radio(key="task_kind").set_value("upload a file")
+    at.radio(key="task_kind").set_value("upload a file").run()  # the source shows its field at once
     at.file_uploader(key="upload").set_value(("task.json", json.dumps({"name": "parity", "examples": examples}).encode(),
                                                "application/json"))
     for key, value in {"n_calib": 4, "n_test": 4}.items():

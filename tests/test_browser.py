@@ -150,7 +150,7 @@ def test_a_bad_model_path_shows_a_message_not_a_traceback(server, browser):
     page.goto(server)
     page.get_by_text("Model facts").wait_for()
     page.get_by_text("local folder").click()
-    box = page.get_by_label("Folder, .gguf file or hub id (not needed for demo)")
+    box = page.get_by_label("Model folder (a Hugging Face folder with config.json)")  # shown once the source is picked
     box.fill("/no/such/model")
     page.get_by_role("button", name="Load model and task").click()
     error = page.get_by_test_id("stAlertContentError").filter(has_text="model not found")
