@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
 
 import torch
 
@@ -13,16 +12,9 @@ from .errors import ConfigError
 from .evaluate import CancelToken
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
 from .models import LoadedModel
+from .progress import Progress, emit
 from .store import Store
 from .tasks import Splits
-
-Progress = Callable[[dict], None]
-
-
-def emit(progress: Progress | None, **event) -> None:
-    if progress:
-        progress(event)
-
 
 def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks) -> str:
     return store.key("spectra", lm.fingerprint, splits.task.digest,

@@ -10,7 +10,8 @@ from .config import Edit, SearchConfig, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken
 from .models import LoadedModel
-from .scores import Progress, c2i_plan, emit, laser_plan, load_spectra, score_table
+from .progress import Progress, emit
+from .scores import c2i_plan, laser_plan, load_spectra, score_table
 from .significance import PairedChange, change_between
 from .store import Store, null_store
 from .tasks import Splits

@@ -407,7 +407,7 @@ def test_compose_makes_one_recipe_whose_edits_eval_measures_together(tiny_lm, ti
 def test_cli_progress_is_one_line_per_phase_in_a_log_and_bars_on_a_terminal():
     import io
 
-    from laser_core.cli import _Bars
+    from laser_core.progress import Bars
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -417,7 +417,7 @@ def test_cli_progress_is_one_line_per_phase_in_a_log_and_bars_on_a_terminal():
              [{"phase": "svd", "done": d, "total": 2, "message": "SVD of every matrix"} for d in range(3)] + \
              [{"phase": "test", "done": 0, "total": 2, "message": "held-out test"}]  # its last event comes before the work
     for stream in (io.StringIO(), Terminal()):
-        bars = _Bars(stream)
+        bars = Bars(stream)
         for ev in events:
             bars(ev)
         bars.close()
