@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -755,6 +756,43 @@ def top_scored(lm, splits) -> str | None:
     return c2i_matrices(score_table(lm, found[0], score, cfg), 1)[0] if found else None
 
 
+class _ModelBusy(Exception):
+    """A job holds the model: its weights are not the base model's now."""
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _block_spectrum(fingerprint: str, name: str, k: int, _lm) -> list:
+    from laser_core.candidates import block_spectrum
+    S = block_spectrum(_lm, name, k, store(), blocking=False)
+    if S is None:
+        raise _ModelBusy  # not cached: the next rerun tries again
+    return S
+
+
+def one_spectrum(lm, name: str, k: int) -> list | None:
+    """The singular values of each of the K row blocks of matrix ``name`` (computed once per model, matrix and K;
+    None while a job holds the model)."""
+    try:
+        return _block_spectrum(lm.fingerprint, name, k, lm)
+    except _ModelBusy:
+        return None
+
+
+def block_spectrum_figure(S: list, ranks: list[int], title: str) -> go.Figure:
+    """σ_i of each row block against i (log scale): the part a reduction keeps in colour, the part it drops in grey."""
+    fig = go.Figure()
+    for b, (s, r) in enumerate(zip(S, ranks)):
+        values = [float(x) for x in s]
+        # the dropped line starts at the last kept value, so that each block's spectrum is one unbroken line
+        for part, xs, color in (("kept", range(r), "#c0392b"), ("dropped", range(r - 1, len(values)), "#b3b6b7")):
+            fig.add_trace(go.Scatter(x=list(xs), y=values[xs.start:xs.stop], mode="lines", name=part,
+                                     legendgroup=part, showlegend=b == 0, line={"color": color, "width": 1.5},
+                                     hovertemplate=f"block {b}: σ_%{{x}} = %{{y:.4g}} ({part})<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="singular value index i (in its block)", yaxis_title="σ_i",
+                      yaxis={"type": "log", "tickformat": ".3~g"}, height=340, margin={"t": 50}, legend={"orientation": "h"})
+    return fig
+
+
 def render_one_candidate(lm, splits) -> None:
     """One (matrix, K, ρ) from sliders: its ranks and size at once, the first-order predicted loss change where
     the scores are cached, and its calibration (and held-out) accuracy against the base, from the cache or from a
@@ -762,6 +800,7 @@ def render_one_candidate(lm, splits) -> None:
     from laser_core import Edit
     from laser_core.candidates import params_kept
     from laser_core.gradients import first_order_gain
+    from laser_core.reduction import energy_kept
     from laser_core.scores import cached_spectra
 
     names = [r.name for r in lm.matrices]
@@ -789,7 +828,17 @@ def render_one_candidate(lm, splits) -> None:
     if spectra is not None and k in spectra[0][name].S:
         change = -first_order_gain(spectra[0][name], k, rho)
         line += f"; first-order predicted change of the calibration log-loss {change:+.4f}"
+    S = spectra[0][name].S[k] if spectra is not None and k in spectra[0][name].S else one_spectrum(lm, name, k)
+    if S is not None:
+        share = energy_kept(S, rho)
+        line += (f"; keeps {share:.1%} of the squared Frobenius norm (relative error of the reduced matrix "
+                 f"{math.sqrt(max(0.0, 1 - share)):.3f})")
     st.caption(line + ".")
+    if S is not None:
+        st.plotly_chart(block_spectrum_figure(S, ranks, f"{short}: singular values of each row block"),
+                        key="one_spectrum")
+    else:
+        st.caption("The spectrum shows once the running job frees the model (its weights hold that job's edit).")
     wanted = {"base": (None, "calib"), "edit": (edit, "calib"), "base_test": (None, "test"), "edit_test": (edit, "test")}
     got = results_of("one", lm, splits, wanted)
     if got["base"] and got["edit"]:

@@ -9,11 +9,11 @@ from dataclasses import asdict
 
 from .config import Edit, TaskSpec, to_dict
 from .evaluate import CancelToken, EvalResult, evaluate
-from .prefix_states import PrefixStates
 from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
 from .prefix import block_list
-from .reduction import BlockFactors, block_ranks, block_svd, edited, row_blocks
+from .prefix_states import PrefixStates
+from .reduction import BlockFactors, block_ranks, block_singular_values, block_svd, edited, row_blocks
 from .store import FACTORS, Store
 from .tasks import Splits
 
@@ -35,7 +35,7 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | N
     """
     if memo is not None and (name, k) in memo:
         return memo[(name, k)]
-    key = store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
+    key = _factors_key(store, lm, name, k)
     t = store.get_tensors(key)
     if t is not None:
         f = BlockFactors.from_tensors(t).to(lm.device)
@@ -47,6 +47,28 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | N
         memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
         memo[(name, k)] = f
     return f
+
+
+def _factors_key(store: Store, lm: LoadedModel, name: str, k: int) -> str:
+    return store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
+
+
+def block_spectrum(lm: LoadedModel, name: str, k: int, store: Store, blocking: bool = True) -> list | None:
+    """The singular values of each of the K row blocks of matrix ``name`` of the unedited model (on the CPU): from
+    the cached SVD factors where a candidate of this (matrix, K) was evaluated, else computed from the weights.
+
+    The weights hold a running evaluation's edit until it ends, so they are read under the model's lock; with
+    ``blocking`` False, None where another job holds it.
+    """
+    t = store.get_tensors(_factors_key(store, lm, name, k))
+    if t is not None:
+        return [s.cpu() for s in BlockFactors.from_tensors(t).S]
+    if not lm.lock.acquire(blocking=blocking):
+        return None
+    try:
+        return block_singular_values(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k)
+    finally:
+        lm.lock.release()
 
 
 def prefix_reuse_applies(lm: LoadedModel, splits: Splits) -> bool:

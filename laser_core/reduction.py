@@ -93,6 +93,25 @@ def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
     return BlockFactors(us, ss, vhs)
 
 
+def block_singular_values(w: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``, without the factors),
+    on the CPU."""
+    w32 = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    return [torch.linalg.svdvals(w32[s:e]).cpu() for s, e in row_blocks(w32.shape[0], k)]
+
+
+def energy_kept(S: Sequence[torch.Tensor], rho: float) -> float:
+    """The share of ``||W||_F^2`` that a (K, rho) reduction keeps, from the singular values ``S`` of W's K row blocks.
+
+    The blocks partition W's rows, so it is the kept sigma_i^2 of every block over all of them;
+    ``||W - W'||_F / ||W||_F`` is the square root of one minus it. A block has min(rows, cols) singular values,
+    which is all :func:`block_rank` reads of its shape.
+    """
+    total = sum(float((s.double() ** 2).sum()) for s in S)
+    kept = sum(float((s[:block_rank(len(s), len(s), rho)].double() ** 2).sum()) for s in S)
+    return kept / total if total else 1.0
+
+
 def block_truncate(f: BlockFactors, rho: float) -> torch.Tensor:
     """The reduced matrix from cached factors: each block keeps its top ``block_rank`` components."""
     parts = []

@@ -667,7 +667,7 @@ def test_explore_laser_sweep_refuses_an_empty_type_selection(app_env):
 def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_env):
     from laser_core import Edit, edited
     from laser_core.evaluate import evaluate
-    from laser_core.reduction import block_ranks
+    from laser_core.reduction import block_ranks, block_svd, block_truncate
 
     name = "model.layers.1.mlp.up_proj.weight"
     at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
@@ -679,6 +679,24 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     at.select_slider(key="one_rho").set_value(0.25).run()
     lm, _, splits = app_model(app_env)
     assert f"rank kept per block {block_ranks(lm.ref(name).shape, 2, 0.25)}" in at.caption[0].value
+    w = lm.model.get_parameter(name).detach()  # what the edit keeps of the matrix, from the reduced matrix itself
+    share = 1 - float(((w - block_truncate(block_svd(w, 2), 0.25)) ** 2).sum() / (w ** 2).sum())
+    assert f"keeps {share:.1%} of the squared Frobenius norm (relative error of the reduced matrix " \
+           f"{(1 - share) ** 0.5:.3f})" in at.caption[0].value
+    (chart,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert chart["layout"]["title"]["text"] == "L1.up K=2 ρ=0.25: singular values of each row block"
+    kept = [t for t in chart["data"] if t["name"] == "kept"]  # per block, its kept singular values in colour
+    assert [len(t["y"]) for t in kept] == block_ranks(lm.ref(name).shape, 2, 0.25)
+    with pytest.MonkeyPatch.context() as mp:  # a job holds the model (its edit is in the weights): no spectrum yet
+        mp.setattr("laser_core.candidates.block_spectrum", lambda *a, **k: None)
+        import laser_ui
+        laser_ui._block_spectrum.clear()  # spectra are kept per model, matrix and K across sessions
+        at.select_slider(key="one_k").set_value(8).run()
+        assert not at.get("plotly_chart")
+        assert any("The spectrum shows once the running job frees the model" in c.value for c in at.caption)
+    at.run()  # the job is done: the spectrum comes
+    assert len(at.get("plotly_chart")) == 1 and "keeps" in at.caption[0].value
+    at.select_slider(key="one_k").set_value(2).run()
     click(at, "Evaluate on calibration (100 examples)")
     wait_for(at, lambda a: "This edit (calib)" in metrics(a))
     click(at, "Evaluate on held-out test (300 examples)")

@@ -13,7 +13,8 @@ from laser_core import ConfigError, Edit
 from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
 from laser_core.matrices import MatrixRef
-from laser_core.reduction import block_rank, block_ranks, block_svd, block_truncate, row_blocks
+from laser_core.reduction import (block_rank, block_ranks, block_singular_values, block_svd, block_truncate,
+                                  energy_kept, row_blocks)
 from laser_core.significance import holm, mcnemar_midp, newcombe_interval, paired_change
 
 
@@ -49,6 +50,57 @@ def test_block_svd_truncates_each_contiguous_block_separately():
         u, s, vh = torch.linalg.svd(w[a:b], full_matrices=False)
         torch.testing.assert_close(out[a:b], (u[:, :r] * s[:r]) @ vh[:r])
         assert torch.linalg.matrix_rank(out[a:b]) == r
+
+
+def test_energy_kept_is_one_minus_the_squared_relative_error_of_the_reduced_matrix():
+    """One candidate's "keeps x% of the squared Frobenius norm (relative error e)", against the reduced matrix."""
+    torch.manual_seed(3)
+    w = torch.randn(24, 10, dtype=torch.float64) @ torch.diag(torch.logspace(1, -1, 10, dtype=torch.float64))
+    for k, rho in ((1, 0.5), (3, 0.3), (4, 0.05), (24, 1.0), (5, 0.9)):
+        S = block_singular_values(w, k)
+        for s, s_full in zip(S, block_svd(w, k).S):
+            torch.testing.assert_close(s, s_full)
+        err = float(((w - block_truncate(block_svd(w, k), rho)) ** 2).sum() / (w ** 2).sum())
+        assert energy_kept(S, rho) == pytest.approx(1 - err, abs=1e-9), (k, rho)
+    assert energy_kept(block_singular_values(w, 2), 1.0) == pytest.approx(1.0)
+    assert energy_kept(block_singular_values(w, 2), 0.1) < energy_kept(block_singular_values(w, 2), 0.5)
+
+
+def test_block_spectrum_reads_cached_factors_and_waits_for_no_job_that_holds_the_model(tiny_lm, tmp_path):
+    """The spectrum comes from the SVD factors a candidate cached, else from the weights, read under the model's lock
+    (a running job's edit is in them): without blocking, None while another thread holds it."""
+    import contextlib
+    import threading
+
+    from laser_core import Store
+    from laser_core.candidates import block_spectrum, get_factors
+
+    @contextlib.contextmanager
+    def held_by_another_thread(lock):
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with lock:
+                held.set()
+                release.wait(10)
+        t = threading.Thread(target=hold)
+        t.start()
+        assert held.wait(10)
+        try:
+            yield
+        finally:
+            release.set()
+            t.join()
+
+    lm = tiny_lm("llama")
+    name = lm.matrices[3].name
+    store = Store(tmp_path / "cache")
+    torch.testing.assert_close(block_spectrum(lm, name, 2, store), block_svd(lm.model.get_parameter(name), 2).S)
+    with held_by_another_thread(lm.lock):
+        assert block_spectrum(lm, name, 2, store, blocking=False) is None
+    cached = get_factors(lm, name, 4, store).S  # a candidate of (matrix, K=4) was evaluated: its factors are cached
+    with held_by_another_thread(lm.lock):
+        torch.testing.assert_close(block_spectrum(lm, name, 4, store, blocking=False), [s.cpu() for s in cached])
 
 
 def test_an_svd_that_fails_to_converge_on_an_accelerator_is_computed_on_the_cpu(monkeypatch, caplog):
