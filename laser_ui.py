@@ -288,7 +288,8 @@ def switch_to(model: ModelSpec, task: TaskSpec) -> None:
 MODEL_KINDS = ["demo (SmolLM2-135M-Instruct)", "local folder", ".gguf file", "cached hub id"]
 TASK_KINDS = ["bundled", "task file path", "upload a file", "HF dataset"]
 MODEL_PATH_LABELS = {MODEL_KINDS[1]: "Model folder (a Hugging Face folder with config.json)",
-                     MODEL_KINDS[2]: ".gguf file", MODEL_KINDS[3]: "Hub id (owner/name) already in the local Hugging Face cache"}
+                     MODEL_KINDS[2]: ".gguf file",
+                     MODEL_KINDS[3]: "Hub id (owner/name, or a name such as gpt2) in the local Hugging Face cache"}
 TASK_PATH_LABELS = {"task file path": "Task file path (BIG-bench task.json or its folder, .jsonl, .csv/.tsv, .parquet, "
                                       ".json records)",
                     "HF dataset": "HF dataset: name[:split] or name:config:split (in the local cache, or on the hub)"}
@@ -789,7 +790,8 @@ def block_spectrum_figure(S: list, ranks: list[int], title: str) -> go.Figure:
                                      legendgroup=part, showlegend=b == 0, line={"color": color, "width": 1.5},
                                      hovertemplate=f"block {b}: σ_%{{x}} = %{{y:.4g}} ({part})<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="singular value index i (in its block)", yaxis_title="σ_i",
-                      yaxis={"type": "log", "tickformat": ".3~g"}, height=340, margin={"t": 50}, legend={"orientation": "h"})
+                      yaxis={"type": "log", "tickformat": ".3~g"}, height=340, margin={"t": 50},
+                      legend={"orientation": "h"})
     return fig
 
 
