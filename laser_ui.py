@@ -746,15 +746,68 @@ def score_ks(score: str) -> tuple[int, ...]:
     return PAPER_KS if score == "first_order" else (1,)
 
 
-def top_scored(lm, splits) -> str | None:
-    """The matrix ranked first under the session's score settings (as Layer scores ranks them), or None where the
-    scores are not in the cache."""
-    from laser_core.scores import c2i_matrices, cached_spectra, score_table
+def session_scores(lm, splits) -> tuple[list[dict], SearchConfig] | None:
+    """Every matrix's score under the session's score settings (Layer scores'), and those settings as a search
+    config; None where the scores are not in the cache."""
+    from laser_core.scores import cached_spectra, score_table
     score = st.session_state.get("score", "paper")
     cfg = SearchConfig(score=score, tail_fraction=st.session_state.get("tail", SearchConfig.tail_fraction)
                        if score == "paper" else SearchConfig.tail_fraction)
     found = cached_spectra(lm, splits, store(), score_ks(score))
-    return c2i_matrices(score_table(lm, found[0], score, cfg), 1)[0] if found else None
+    return (score_table(lm, found[0], score, cfg), cfg) if found else None
+
+
+def top_scored(lm, splits) -> str | None:
+    """The matrix ranked first under the session's score settings (as Layer scores ranks them), or None where the
+    scores are not in the cache."""
+    from laser_core.scores import c2i_matrices
+    found = session_scores(lm, splits)
+    return c2i_matrices(found[0], 1)[0] if found else None
+
+
+SCORE_CHECKS = {"accuracy gain": ("accuracy", 1), "log-loss decrease": ("log_loss", -1)}  # measure: key, sign
+
+
+def render_score_vs_change(lm, splits, rows: list[dict], base: dict | None, split: str) -> None:
+    """Results: does the score pick the matrices whose reduction helps? Each evaluated matrix's score (Layer scores'
+    settings) against the most its candidates on ``split`` gained over the base (in accuracy, or log-loss), with
+    their rank correlation. Shown where the scores are cached and at least three matrices were evaluated against a
+    base. Candidates stopped early are left out: their numbers cover only the examples they saw."""
+    from laser_core.estimate import SPLIT_WORDS
+    found = session_scores(lm, splits)
+    if found is None or base is None:
+        return
+    table, cfg = found
+    scored = {m["name"]: m for m in table if m["rank"] is not None}  # no rank: a matrix skipped (NaN score)
+    done = [r for r in rows if r["name"] in scored and not r.get("stopped_early")]
+    if len({r["name"] for r in done}) < 3:
+        return
+    words = SPLIT_WORDS.get(split, split)
+    st.subheader("Does the score pick the matrices that help?")
+    measure = st.radio("Gain measured as", list(SCORE_CHECKS), horizontal=True, key="score_check",
+                       help="Per matrix, the most any of its candidates on this split gained over the base model: in "
+                            "accuracy (what a search ranks by first), or in log-loss (the loss the score is the "
+                            "gradient of, finer-grained on a small split)")
+    key, sign = SCORE_CHECKS[measure]
+    gains: dict[str, dict] = {}
+    for r in done:
+        gain = sign * (r[key] - base[key])
+        if r["name"] not in gains or gain > gains[r["name"]]["gain"]:
+            m = scored[r["name"]]
+            gains[r["name"]] = {"matrix": r["name"], "type": r["type"], "layer": r["layer"], "score": m["score"],
+                                "rank": m["rank"] + 1, "gain": gain, "K": r["k"], "ρ": r["rho"]}
+    points = pd.DataFrame(list(gains.values()))
+    rank_corr = points["score"].rank().corr(points["gain"].rank())  # Spearman's: Pearson's of the ranks (ties: mean)
+    fig = px.scatter(points, x="score", y="gain", color="type", hover_data=["matrix", "layer", "rank", "K", "ρ"],
+                     labels={"score": f"{cfg.score} score (calibration gradient)",
+                             "gain": f"best {measure} over the base ({words})"}, height=360)
+    fig.add_hline(y=0, line_dash="dot", annotation_text="base")
+    st.plotly_chart(fig, key="score_vs_change")
+    value = "n/a (every gain is the same)" if rank_corr != rank_corr else f"{rank_corr:+.2f}"
+    st.caption(f"Rank correlation (Spearman) of the {cfg.score} score with each matrix's best {measure} on the "
+               f"{words} split: {value}, over the {len(points)} matrices evaluated there (of {len(scored)} scored; "
+               "the score's settings are Layer scores'). A C2I search evaluates only its top q, all scored high: a "
+               "LASER sweep over many layers shows more of the range.")
 
 
 class _ModelBusy(Exception):

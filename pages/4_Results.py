@@ -68,6 +68,7 @@ with c2:
     st.plotly_chart(ui.pareto_figure(lm, df, base["accuracy"] if base else None), key="pareto")
 st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")
 st.caption(f"Each matrix's best candidate on the {split} split (blank: not evaluated); hover for its K and ρ.")
+ui.render_score_vs_change(lm, splits, rows, base, split)
 
 show_together()
 

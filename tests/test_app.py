@@ -772,7 +772,8 @@ def test_a_comparison_on_a_generation_task_names_every_accepted_answer():
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
-    assert len(at.get("plotly_chart")) == 3
+    scored = any(h.value == "Does the score pick the matrices that help?" for h in at.subheader)  # other tests' rows
+    assert len(at.get("plotly_chart")) == 3 + scored
     assert at.radio(key="res_split").value == "calib" and "calibration" in at.radio(key="res_split").options
     table = at.dataframe[0].value
     base = float(metrics(at)["Base accuracy (calib)"])
@@ -1232,6 +1233,58 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
                         lambda kind, lm, splits: laser_ui.Job("id", kind, kind, "cpu", status=next(states)))
     laser_ui.live_job("search", None, None, lambda job: seen["shown"].append(job.status))
     assert (seen["run_every"], seen["reruns"], seen["shown"]) == (polls, reruns, [at_poll])
+
+
+def test_results_page_sets_each_matrixs_score_against_the_change_it_made(app_env):
+    """A LASER sweep on validation: every matrix's score (Layer scores' settings) against the most its candidates
+    gained there over the base, in accuracy or in log-loss, and their rank correlation, checked against ranks
+    computed here."""
+    import numpy as np
+
+    from laser_core import SearchConfig, Store, run_search
+    from laser_core.candidates import cached_results
+    from laser_core.scores import load_spectra, score_table
+    lm, _, splits = app_model(app_env)
+    types = tuple(sorted({r.type for r in lm.matrices}))
+    run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5, 0.05), layers=(0, 1), types=types), Store())
+    spectra, _ = load_spectra(lm, splits, Store())  # the scores, as Layer scores computes them
+    score = {m["name"]: m["score"] for m in score_table(lm, spectra, "paper", SearchConfig())}
+    rows = [d for d in cached_results(Store(), lm, splits) if d["split"] == "val"]
+    base = next(d for d in rows if d["name"] is None)
+    at = page("pages/4_Results.py")
+    at.radio(key="res_split").set_value("val").run()
+    assert any(h.value == "Does the score pick the matrices that help?" for h in at.subheader)
+    for measure, gain in (("log-loss decrease", lambda d: base["log_loss"] - d["log_loss"]),
+                          ("accuracy gain", lambda d: d["accuracy"] - base["accuracy"])):
+        at.radio(key="score_check").set_value(measure).run()
+        best = {n: max(gain(d) for d in rows if d["name"] == n) for n in score}  # every matrix was swept
+        x, y = mean_ranks([score[n] for n in best]), mean_ranks(list(best.values()))
+        expected = "n/a (every gain is the same)" if len(set(y)) == 1 else f"{float(np.corrcoef(x, y)[0, 1]):+.2f}"
+        chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                     if "paper score" in json.dumps(json.loads(c.proto.spec)["layout"]["xaxis"]))
+        assert sorted(v for t in chart["data"] for v in plotly_values(t["y"])) == pytest.approx(sorted(best.values()))
+        said = next(c.value for c in at.caption if "Rank correlation (Spearman)" in c.value)
+        assert f"best {measure} on the validation split: {expected}, over the 14 matrices evaluated there (of 14 " \
+               "scored" in said, said
+    at.session_state["score"] = "first_order"  # its spectra (the K grid) are not computed: no scores, no section
+    at.run()
+    assert not any(h.value == "Does the score pick the matrices that help?" for h in at.subheader)
+
+
+def plotly_values(v) -> list:
+    """A plotly trace's array as a list: plotly writes a numpy array (a pandas column) as base64 "bdata"."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+    return list(v)
+
+
+def mean_ranks(values) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank (as Spearman's correlation ranks)."""
+    order = sorted(values)
+    return [sum(i + 1 for i, v in enumerate(order) if v == x) / order.count(x) for x in values]
 
 
 def test_results_of_takes_the_cache_else_the_finished_jobs_result_for_the_same_edit(monkeypatch):
