@@ -293,6 +293,7 @@ MODEL_PATH_LABELS = {MODEL_KINDS[1]: "Model folder (a Hugging Face folder with c
 TASK_PATH_LABELS = {"task file path": "Task file path (BIG-bench task.json or its folder, .jsonl, .csv/.tsv, .parquet, "
                                       ".json records)",
                     "HF dataset": "HF dataset: name[:split] or name:config:split (in the local cache, or on the hub)"}
+SOURCE_KEYS = ("model_kind", "task_kind")  # the Model & task radios, outside its form
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 TASK_COLUMNS = ("prompt_col", "choices_col", "answer_col", "targets_col")  # TaskSpec's column mapping
 TASK_READING = (*TASK_COLUMNS, "prompt_template", "fixed_choices")  # and how prompts and choices are made of columns
@@ -327,9 +328,11 @@ def seed_setup_form() -> None:
     and on coming back from another page (Streamlit drops a page's widget values when it is left). Otherwise
     the form showed its defaults beside a sidebar naming another task, and "Load" reset a seed or a split size
     that the user had not touched."""
-    for key, value in setup_form_state(model_spec(), task_spec()).items():
-        if key not in st.session_state:
-            st.session_state[key] = value
+    seeded = {key: value for key, value in setup_form_state(model_spec(), task_spec()).items()
+              if key not in st.session_state}
+    st.session_state.update(seeded)
+    if set(seeded) & set(SOURCE_KEYS):  # the sources that name what is loaded, until a Load names others
+        st.session_state["loaded_sources"] = {k: st.session_state[k] for k in SOURCE_KEYS}
 
 
 def render_setup_form() -> None:
@@ -345,6 +348,7 @@ def render_setup_form() -> None:
         st.subheader("Task")
         st.radio("Task source", TASK_KINDS, horizontal=True, key="task_kind")
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
+    note = st.empty()  # filled after the form: a Load in this run changes what is loaded
     with st.form("setup"):
         c1, c2 = st.columns(2)
         with c1:
@@ -394,6 +398,12 @@ def render_setup_form() -> None:
                                  "text or label is read as it is")
         if st.form_submit_button("Load model and task", type="primary"):
             load_setup_form()
+    loaded = st.session_state.get("loaded_sources", {})
+    names = {"model": model_spec().source, "task": task_spec().source}
+    changed = [what for what in ("model", "task") if st.session_state[f"{what}_kind"] != loaded.get(f"{what}_kind")]
+    if changed:  # a source picked shows its fields at once, but nothing is loaded until the form is submitted
+        still = " and ".join(f"the {what} `{names[what]}`" for what in changed)
+        note.caption(f"Still loaded: {still}. Fill in the form and press **Load model and task** to switch.")
 
 
 def saved_upload(uploaded) -> Path:
@@ -437,6 +447,7 @@ def load_setup_form() -> None:
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)
+    st.session_state["loaded_sources"] = {k: f[k] for k in SOURCE_KEYS}  # an upload is loaded as a file path
 
 
 def current_model():

@@ -340,8 +340,15 @@ def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_pat
     shown = labels(at)
     assert {"prompt column", "Prompt template (optional)", "Answers count from 1", ui.TASK_PATH_LABELS["task file path"],
             ui.MODEL_PATH_LABELS["local folder"]} <= shown and "Bundled task" not in shown
+    assert not [c for c in at.caption if c.value.startswith("Still loaded")]
     at.radio(key="model_kind").set_value(ui.MODEL_KINDS[0]).run()
+    still = [c.value for c in at.caption if c.value.startswith("Still loaded")]  # picked is not loaded: it says so
+    assert still == [f"Still loaded: the model `{app_env['LASER_LAB_DEFAULT_MODEL']}`. Fill in the form and press "
+                     "**Load model and task** to switch."]
     at.radio(key="task_kind").set_value("bundled").run()
+    assert [c.value for c in at.caption if c.value.startswith("Still loaded")] == [
+        f"Still loaded: the model `{app_env['LASER_LAB_DEFAULT_MODEL']}` and the task "
+        f"`{app_env['LASER_LAB_DEFAULT_TASK']}`. Fill in the form and press **Load model and task** to switch."]
     shown = labels(at)
     assert "Bundled task" in shown and not shown & {"prompt column", "Prompt template (optional)", "Answers count from 1",
                                                      *ui.TASK_PATH_LABELS.values(), *ui.MODEL_PATH_LABELS.values()}
@@ -366,6 +373,7 @@ def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_pat
     assert (spec.source, spec.prompt_template, spec.fixed_choices, spec.answer_col) == ("epistemic_reasoning", "", "",
                                                                                        "answer")
     assert (spec.n_calib, spec.n_test) == (3, 3)  # the fields both share are kept
+    assert not [c for c in at.caption if c.value.startswith("Still loaded")]  # what is picked is what is loaded
 
 
 def test_model_page_loads_an_uploaded_bigbench_task_and_shows_its_listed_choices(app_env):
@@ -381,6 +389,7 @@ def test_model_page_loads_an_uploaded_bigbench_task_and_shows_its_listed_choices
     at.button[0].click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     spec = at.session_state["task_spec"]
+    assert not [c for c in at.caption if c.value.startswith("Still loaded")]  # loaded: an upload, as a file path
     assert spec.source.endswith("/task.json")
     shown = next(e for e in at.expander if e.label.startswith("An example as the model reads it"))
     assert shown.code[0].value.endswith("even?\n  choice: yes\n  choice: no\nA:")  # in BIG-bench's order
