@@ -827,7 +827,7 @@ class _ModelBusy(Exception):
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _block_spectrum(fingerprint: str, name: str, k: int, _lm) -> list:
-    from laser_core.candidates import block_spectrum
+    from laser_core.reduction import block_spectrum
     S = block_spectrum(_lm, name, k, store(), blocking=False)
     if S is None:
         raise _ModelBusy  # not cached: the next rerun tries again
@@ -864,7 +864,7 @@ def render_one_candidate(lm, splits) -> None:
     the scores are cached, and its calibration (and held-out) accuracy against the base, from the cache or from a
     background evaluation. The matrix chosen on Layer scores is preselected; what is evaluated joins Results."""
     from laser_core import Edit
-    from laser_core.candidates import params_kept
+    from laser_core.reduction import params_kept
     from laser_core.gradients import first_order_gain
     from laser_core.reduction import energy_kept
     from laser_core.scores import cached_spectra

@@ -1,5 +1,6 @@
 """Evaluating candidates: one edit, several applied together or none, on one split of a task, cached per model,
-task split and edits; the SVD factors and cached hidden states that make an evaluation fast; how results rank."""
+task split and edits; the cached hidden states that make an evaluation fast (the SVD factors are
+:mod:`laser_core.reduction`'s); how results rank."""
 from __future__ import annotations
 
 import math
@@ -8,67 +9,14 @@ from collections import OrderedDict
 from dataclasses import asdict
 
 from .config import Edit, TaskSpec, to_dict
+from .errors import NumericsError
 from .evaluate import CancelToken, EvalResult, evaluate
-from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
 from .prefix import block_list
 from .prefix_states import PrefixStates
-from .reduction import BlockFactors, block_ranks, block_singular_values, block_svd, edited, row_blocks
-from .store import FACTORS, Store
+from .reduction import block_ranks, edited, get_factors, params_kept
+from .store import Store
 from .tasks import Splits
-
-
-def params_kept(ref: MatrixRef, k: int, rho: float) -> tuple[list[int], int]:
-    """(rank kept per block, parameters of the factored form) of a (K, rho) reduction of ``ref``."""
-    ranks = block_ranks(ref.shape, k, rho)
-    blocks = row_blocks(ref.shape[0], k)
-    return ranks, sum(r * ((b - a) + ref.shape[1]) for r, (a, b) in zip(ranks, blocks))
-
-
-def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None) -> BlockFactors:
-    """Block-SVD factors of matrix ``name`` for K blocks, on the model's device: one SVD per (matrix, K) serves
-    every rho (cached in ``store``).
-
-    ``memo`` (a dict a search passes to every candidate) keeps the last (matrix, K)'s factors in memory, so
-    that the candidates of one matrix's rho grid neither read them back from the store one by one nor, where
-    the store caches nothing (``--no-cache``, the benchmark), compute the SVD again.
-    """
-    if memo is not None and (name, k) in memo:
-        return memo[(name, k)]
-    key = _factors_key(store, lm, name, k)
-    t = store.get_tensors(key)
-    if t is not None:
-        f = BlockFactors.from_tensors(t).to(lm.device)
-    else:
-        store.counts["svd"] += 1
-        f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
-        store.put_tensors(key, f.tensors())
-    if memo is not None:
-        memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
-        memo[(name, k)] = f
-    return f
-
-
-def _factors_key(store: Store, lm: LoadedModel, name: str, k: int) -> str:
-    return store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
-
-
-def block_spectrum(lm: LoadedModel, name: str, k: int, store: Store, blocking: bool = True) -> list | None:
-    """The singular values of each of the K row blocks of matrix ``name`` of the unedited model (on the CPU): from
-    the cached SVD factors where a candidate of this (matrix, K) was evaluated, else computed from the weights.
-
-    The weights hold a running evaluation's edit until it ends, so they are read under the model's lock; with
-    ``blocking`` False, None where another job holds it.
-    """
-    t = store.get_tensors(_factors_key(store, lm, name, k))
-    if t is not None:
-        return [s.cpu() for s in BlockFactors.from_tensors(t).S]
-    if not lm.lock.acquire(blocking=blocking):
-        return None
-    try:
-        return block_singular_values(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k)
-    finally:
-        lm.lock.release()
 
 
 def prefix_reuse_applies(lm: LoadedModel, splits: Splits) -> bool:
@@ -203,10 +151,16 @@ def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: 
     return store.key("together", lm.fingerprint, splits.task.digest, ident)
 
 
-def cached_edits(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> dict | None:
+def cached_edits(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit],
+                 failed: bool = False) -> dict | None:
     """The cached evaluation of ``edits`` applied together on ``split`` (see :func:`evaluate_edits`); None when not
-    computed yet, or only up to an early stop, whose accuracy counts only the examples it saw."""
+    computed yet, or only up to an early stop, whose accuracy counts only the examples it saw, or where the edits
+    together broke the model's numerics (``failed``: raise that ``NumericsError`` again instead)."""
     doc = store.get_json(edits_key(store, lm, splits, split, edits))
+    if doc is not None and doc.get("error"):
+        if failed:
+            raise NumericsError(doc["error"])
+        return None
     return None if doc is None or doc.get("stopped_early") else doc
 
 
@@ -215,6 +169,7 @@ def cached_combinations(store: Store, lm: LoadedModel, splits: Splits) -> list[d
     splits found in the cache: the dashboard's combinations and recipe checks, ``eval --recipe``'s."""
     return [doc for key, doc in store.iter_json(f"together/{lm.fingerprint}/{splits.task.digest}/")
             if doc.get("split") in ("calib", "val", "test") and isinstance(doc.get("edits"), list)
+            and not doc.get("error")  # edits that broke the numerics together: no result to list
             and key == edits_key(store, lm, splits, doc["split"], [Edit(**e) for e in doc["edits"]])]
 
 
@@ -223,19 +178,31 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
     """Evaluate the model with all of ``edits`` at once (a recipe's, a combination's) on ``split``, cached: one
     edit (or none) goes through :func:`evaluate_candidate`; several are evaluated together and cached under
     :func:`edits_key`, and the result's ``edits`` lists them. Before, several edits were re-evaluated on every
-    ask (the dashboard's combination and recipe check, ``eval --recipe``)."""
+    ask (the dashboard's combination and recipe check, ``eval --recipe``).
+
+    Raises:
+        NumericsError: the edits together make the model's output overflow. That is cached too (it is what these
+            weights do), so a composition that met it is read back whole
+            (:func:`laser_core.compose.cached_composition`).
+    """
     if len(edits) <= 1:
         return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
     key = edits_key(store, lm, splits, split, edits)
     doc = store.get_json(key)
     if doc is not None:
+        if doc.get("error"):
+            raise NumericsError(doc["error"])
         doc["cached"] = True
         return doc
     t0 = time.perf_counter()
-    with edited(lm, edits):
-        res = evaluate_split(lm, splits, split, cancel=cancel)
-    doc = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name,
-           **res.to_dict(), "seconds": time.perf_counter() - t0}
+    which = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name}
+    try:
+        with edited(lm, edits):
+            res = evaluate_split(lm, splits, split, cancel=cancel)
+    except NumericsError as e:
+        store.put_json(key, {**which, "error": str(e)})
+        raise
+    doc = {**which, **res.to_dict(), "seconds": time.perf_counter() - t0}
     store.put_json(key, doc)
     doc["cached"] = False
     return doc

@@ -98,9 +98,9 @@ def cached_composition(lm: LoadedModel, splits: Splits, start: dict, candidates:
                        base: dict | None = None, held_out: bool = True, limit: int | None = None) -> Composition | None:
     """What :func:`compose_greedy` with these arguments returns, read from the cache without running the model:
     None unless it ran before (here, from the CLI's ``--compose`` or in another session) and every evaluation it
-    made is cached. A step that broke the numerics was not cached, so such a composition is not found."""
+    made is cached (a step that broke the numerics included: that is cached too, and raised again here)."""
     def lookup(edits: list[Edit], split: str) -> dict:
-        doc = cached_edits(store, lm, splits, split, edits)
+        doc = cached_edits(store, lm, splits, split, edits, failed=True)
         if doc is None:
             raise _NotCached
         return {**doc, "cached": True}

@@ -32,7 +32,7 @@ def library_versions() -> dict[str, str]:
 def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None, metrics: dict | None = None,
                 method: str | None = None) -> dict:
     """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks, metrics."""
-    from .candidates import params_kept
+    from .reduction import params_kept
 
     rows = []
     for e in edits:

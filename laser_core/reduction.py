@@ -1,4 +1,5 @@
-"""Block-SVD rank reduction and the one context manager through which the model's weights are edited.
+"""Block-SVD rank reduction (its factors cached per matrix and K, for every rho) and the one context manager through
+which the model's weights are edited.
 
 Rows of W (out x in) are split into K contiguous blocks; block k keeps rank
 ``max(1, floor(rho * min(rows_k, cols)))`` of its own SVD. K = 1 is plain LASER truncation.
@@ -15,8 +16,9 @@ import torch
 
 from .config import Edit, check_k, check_one_per_matrix, check_rho
 from .errors import JobBusy
-from .matrices import matrix_of
+from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
+from .store import FACTORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,13 @@ def block_rank(rows: int, cols: int, rho: float) -> int:
 def block_ranks(shape: tuple[int, int], k: int, rho: float) -> list[int]:
     """Rank kept in each of the K row blocks of a matrix of ``shape``."""
     return [block_rank(e - s, shape[1], rho) for s, e in row_blocks(shape[0], k)]
+
+
+def params_kept(ref: MatrixRef, k: int, rho: float) -> tuple[list[int], int]:
+    """(rank kept per block, parameters of the factored form) of a (K, rho) reduction of ``ref``."""
+    ranks = block_ranks(ref.shape, k, rho)
+    blocks = row_blocks(ref.shape[0], k)
+    return ranks, sum(r * ((b - a) + ref.shape[1]) for r, (a, b) in zip(ranks, blocks))
 
 
 def _svd(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,6 +140,52 @@ def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = N
     w = block_truncate(factors, edit.rho)
     w = w.t() if ref.transposed else w
     return w.to(device=param.device, dtype=param.dtype).contiguous()
+
+
+def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None) -> BlockFactors:
+    """Block-SVD factors of matrix ``name`` for K blocks, on the model's device: one SVD per (matrix, K) serves
+    every rho (cached in ``store``).
+
+    ``memo`` (a dict a search passes to every candidate) keeps the last (matrix, K)'s factors in memory, so
+    that the candidates of one matrix's rho grid neither read them back from the store one by one nor, where
+    the store caches nothing (``--no-cache``, the benchmark), compute the SVD again.
+    """
+    if memo is not None and (name, k) in memo:
+        return memo[(name, k)]
+    key = _factors_key(store, lm, name, k)
+    t = store.get_tensors(key)
+    if t is not None:
+        f = BlockFactors.from_tensors(t).to(lm.device)
+    else:
+        store.counts["svd"] += 1
+        f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
+        store.put_tensors(key, f.tensors())
+    if memo is not None:
+        memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
+        memo[(name, k)] = f
+    return f
+
+
+def _factors_key(store: Store, lm: LoadedModel, name: str, k: int) -> str:
+    return store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
+
+
+def block_spectrum(lm: LoadedModel, name: str, k: int, store: Store, blocking: bool = True) -> list | None:
+    """The singular values of each of the K row blocks of matrix ``name`` of the unedited model (on the CPU): from
+    the cached SVD factors where a candidate of this (matrix, K) was evaluated, else computed from the weights.
+
+    The weights hold a running evaluation's edit until it ends, so they are read under the model's lock; with
+    ``blocking`` False, None where another job holds it.
+    """
+    t = store.get_tensors(_factors_key(store, lm, name, k))
+    if t is not None:
+        return [s.cpu() for s in BlockFactors.from_tensors(t).S]
+    if not lm.lock.acquire(blocking=blocking):
+        return None
+    try:
+        return block_singular_values(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k)
+    finally:
+        lm.lock.release()
 
 
 @contextlib.contextmanager

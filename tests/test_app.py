@@ -697,7 +697,7 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     kept = [t for t in chart["data"] if t["name"] == "kept"]  # per block, its kept singular values in colour
     assert [len(t["y"]) for t in kept] == block_ranks(lm.ref(name).shape, 2, 0.25)
     with pytest.MonkeyPatch.context() as mp:  # a job holds the model (its edit is in the weights): no spectrum yet
-        mp.setattr("laser_core.candidates.block_spectrum", lambda *a, **k: None)
+        mp.setattr("laser_core.reduction.block_spectrum", lambda *a, **k: None)
         import laser_ui
         laser_ui._block_spectrum.clear()  # spectra are kept per model, matrix and K across sessions
         at.select_slider(key="one_k").set_value(8).run()

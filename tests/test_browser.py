@@ -66,10 +66,15 @@ def browser():
         b.close()
 
 
+def idle(page) -> None:
+    """Wait until the page's script has finished its run (Streamlit's running icon is gone)."""
+    page.locator('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]') \
+        .first.wait_for(state="hidden")
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.locator('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]') \
-        .first.wait_for(state="hidden")  # the page's script has finished: no "Stop" mid-capture
+    idle(page)  # no "Stop" mid-capture
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -174,11 +179,14 @@ def test_an_uploaded_task_stays_the_sessions_task_when_another_session_uploads_a
         page.set_default_timeout(120_000)
         page.goto(server)
         page.get_by_text("Model facts").wait_for()
-        page.get_by_text("upload a file").click()
+        page.get_by_text("upload a file").click()  # the source shows its uploader once the page has run again
+        page.get_by_test_id("stFileUploader").wait_for()
+        idle(page)
         (tmp_path / str(n)).mkdir()
         task = write_mc_jsonl(tmp_path / str(n) / "mine.jsonl", n, seed=n)
         with page.expect_response(lambda r: "upload_file" in r.url and r.request.method == "PUT"):  # on the server
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(task))
+        page.get_by_test_id("stFileUploader").get_by_text("mine.jsonl").wait_for()  # as a user sees it picked
         page.get_by_role("button", name="Load model and task").click()
         page.get_by_text(f"task mine (mc, {n} examples)").wait_for()  # `mine` is set as code
         return page

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from laser_core import CancelToken, Cancelled, Edit, SearchConfig, TaskSpec, edited, evaluate, load_task, make_splits
-from laser_core.candidates import merit
+from laser_core.candidates import doc_edit, merit
 from laser_core.compose import cached_composition, compose_greedy, compose_pool
 from laser_core.models import weight_hashes
 from laser_core.search import run_search
@@ -169,6 +169,43 @@ def test_an_edit_that_breaks_the_numerics_together_is_not_kept_and_held_out_test
     test_doc = {**report.best_test, "split": "test"}
     with pytest.raises(ConfigError, match="chooses its edits on a search's split .calib or val., not on 'test'"):
         compose_greedy(lm, splits, test_doc, report.candidates, store)
+
+
+def test_a_composition_whose_edits_together_broke_the_numerics_is_read_back_from_the_cache(tiny_lm, mc_task, store,
+                                                                                            monkeypatch):
+    """The overflow is what these weights do, so it is cached like a result: before, cached_composition found no
+    composition with such a step, and Export showed it only in the session that ran it."""
+    import torch
+
+    import laser_core.candidates as candidates
+    from laser_core import NumericsError
+    from laser_core.candidates import cached_combinations, cached_edits
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, store)
+    pool = compose_pool(report.candidates, report.best)
+    weight = lm.model.get_parameter(pool[0]["name"])
+    unedited, real = weight.detach().clone(), candidates.evaluate_split
+
+    def overflow_while_the_first_is_applied(*a, **kw):  # with the pool's best edit in the weights, the output overflows
+        if not torch.equal(weight, unedited):
+            raise NumericsError("the log-loss is NaN or infinite (the model's output overflowed; try float32)")
+        return real(*a, **kw)
+    monkeypatch.setattr(candidates, "evaluate_split", overflow_while_the_first_is_applied)
+    ran = compose_greedy(lm, splits, report.best, report.candidates, store)
+    assert ran.steps[0]["error"].startswith("the log-loss") and not ran.steps[0]["kept"]
+    tried = [doc_edit(report.best), doc_edit(pool[0])]
+    assert cached_edits(store, lm, splits, "calib", tried) is None  # no accuracy to show for it
+    with pytest.raises(NumericsError, match="output overflowed"):
+        cached_edits(store, lm, splits, "calib", tried, failed=True)
+    assert all("accuracy" in d for d in cached_combinations(store, lm, splits))  # Results lists no failure as a row
+
+    def no_model_run(*a, **kw):
+        raise AssertionError("the model ran")
+    monkeypatch.setattr(candidates, "evaluate_split", no_model_run)
+    got = cached_composition(lm, splits, report.best, report.candidates, store)
+    assert got is not None and (got.steps, got.edits) == (ran.steps, ran.edits)
+    again = compose_greedy(lm, splits, report.best, report.candidates, store)  # the same call again: no model run
+    assert again.steps == ran.steps and again.result_test["accuracy"] == ran.result_test["accuracy"]
 
 
 def test_a_limited_composition_tries_the_best_first_and_the_cache_reads_any_run_back_without_the_model(

@@ -73,7 +73,7 @@ def test_block_spectrum_reads_cached_factors_and_waits_for_no_job_that_holds_the
     import threading
 
     from laser_core import Store
-    from laser_core.candidates import block_spectrum, get_factors
+    from laser_core.reduction import block_spectrum, get_factors
 
     @contextlib.contextmanager
     def held_by_another_thread(lock):

@@ -79,14 +79,14 @@ def test_second_identical_run_reads_everything_from_cache(tiny_lm, mc_task, stor
 
 
 def test_one_svd_per_matrix_and_k_serves_its_rho_grid_with_no_cache(tiny_lm, mc_task, monkeypatch):
-    import laser_core.candidates as candidates
+    import laser_core.reduction as reduction
     from laser_core.candidates import evaluate_candidate
     from laser_core.store import null_store
     lm = tiny_lm("llama")
     _, splits = _splits(mc_task)
     calls = []
-    real = candidates.block_svd
-    monkeypatch.setattr(candidates, "block_svd", lambda w, k: calls.append((tuple(w.shape), k)) or real(w, k))
+    real = reduction.block_svd
+    monkeypatch.setattr(reduction, "block_svd", lambda w, k: calls.append((tuple(w.shape), k)) or real(w, k))
     rep = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25)), null_store(), held_out=False)
     pairs = {(c["name"], c["k"]) for c in rep.candidates}
     evaluated = [c for c in rep.candidates if "same_as_rho" not in c]
