@@ -562,7 +562,7 @@ def session_job(kind: str, lm, splits) -> Job | None:
 # as its top q are the ones a C2I search on Explore tries.
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
-                            "early": False, "one_rho": 0.1, "fmt": "JSON"}
+                            "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain"}
 MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
 
 
