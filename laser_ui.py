@@ -781,24 +781,36 @@ SCORE_CHECKS = {"accuracy gain": ("accuracy", 1), "log-loss decrease": ("log_los
 
 def render_score_vs_change(lm, splits, rows: list[dict], base: dict | None, split: str) -> None:
     """Results: does the score pick the matrices whose reduction helps? Each evaluated matrix's score (Layer scores'
-    settings) against the most its candidates on ``split`` gained over the base (in accuracy, or log-loss), with
-    their rank correlation. Shown where the scores are cached and at least three matrices were evaluated against a
-    base. Candidates stopped early are left out: their numbers cover only the examples they saw."""
+    settings; the rule can be switched here too) against the most its candidates on ``split`` gained over the base
+    (in accuracy, or log-loss), with their rank correlation. Shown where at least three matrices were evaluated
+    against a base; where that rule's scores are not computed yet, says where to compute them. Candidates stopped
+    early are left out: their numbers cover only the examples they saw."""
     from laser_core.estimate import SPLIT_WORDS
-    found = session_scores(lm, splits)
-    if found is None or base is None:
-        return
-    table, cfg = found
-    scored = {m["name"]: m for m in table if m["rank"] is not None}  # no rank: a matrix skipped (NaN score)
-    done = [r for r in rows if r["name"] in scored and not r.get("stopped_early")]
-    if len({r["name"] for r in done}) < 3:
+    done = [r for r in rows if r["name"] and not r.get("stopped_early")]
+    if base is None or len({r["name"] for r in done}) < 3:
         return
     words = SPLIT_WORDS.get(split, split)
     st.subheader("Does the score pick the matrices that help?")
-    measure = st.radio("Gain measured as", list(SCORE_CHECKS), horizontal=True, key="score_check",
+    c1, c2 = st.columns(2)
+    c1.selectbox("Score", ["paper", "first_order"], key="score",
+                 help="The same setting as on Layer scores and Explore (the paper score's trailing fraction is set "
+                      "there)")
+    measure = c2.radio("Gain measured as", list(SCORE_CHECKS), horizontal=True, key="score_check",
                        help="Per matrix, the most any of its candidates on this split gained over the base model: in "
                             "accuracy (what a search ranks by first), or in log-loss (the loss the score is the "
                             "gradient of, finer-grained on a small split)")
+    found = session_scores(lm, splits)
+    if found is None:
+        st.info(f"The {st.session_state['score']} scores are not computed for this task yet: **Layer scores** computes "
+                "them (one forward and backward pass on the calibration split).")
+        return
+    table, cfg = found
+    scored = {m["name"]: m for m in table if m["rank"] is not None}  # no rank: a matrix skipped (NaN score)
+    done = [r for r in done if r["name"] in scored]
+    if len({r["name"] for r in done}) < 3:
+        st.caption("Fewer than three of the matrices evaluated here have a score (the others' gradients were not "
+                   "finite).")
+        return
     key, sign = SCORE_CHECKS[measure]
     gains: dict[str, dict] = {}
     for r in done:

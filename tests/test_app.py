@@ -781,7 +781,7 @@ def test_a_comparison_on_a_generation_task_names_every_accepted_answer():
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
-    scored = any(h.value == "Does the score pick the matrices that help?" for h in at.subheader)  # other tests' rows
+    scored = any("Rank correlation (Spearman)" in c.value for c in at.caption)  # where other tests' rows make 3
     assert len(at.get("plotly_chart")) == 3 + scored
     assert at.radio(key="res_split").value == "calib" and "calibration" in at.radio(key="res_split").options
     table = at.dataframe[0].value
@@ -1275,9 +1275,14 @@ def test_results_page_sets_each_matrixs_score_against_the_change_it_made(app_env
         said = next(c.value for c in at.caption if "Rank correlation (Spearman)" in c.value)
         assert f"best {measure} on the validation split: {expected}, over the 14 matrices evaluated there (of 14 " \
                "scored" in said, said
-    at.session_state["score"] = "first_order"  # its spectra (the K grid) are not computed: no scores, no section
+    at.selectbox(key="score").set_value("first_order").run()  # its spectra (the K grid) are not computed yet
+    assert not [c for c in at.caption if "Rank correlation (Spearman)" in c.value]
+    assert [i.value for i in at.info if i.value.startswith("The first_order scores are not computed for this task")]
+    load_spectra(lm, splits, Store(), ks=(1, 2, 4, 8))  # as Layer scores computes them for first_order
     at.run()
-    assert not any(h.value == "Does the score pick the matrices that help?" for h in at.subheader)
+    said = next(c.value for c in at.caption if "Rank correlation (Spearman)" in c.value)
+    assert said.startswith("Rank correlation (Spearman) of the first_order score with each matrix's best accuracy gain")
+    at.selectbox(key="score").set_value("paper").run()  # the setting Layer scores and Explore share
 
 
 def plotly_values(v) -> list:
