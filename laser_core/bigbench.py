@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import TaskSpec
+from .config import TaskSpec, read_json
 from .errors import TaskFormatError
-from .tasks import Task, gen_example, make_task, mc_example, read_json
+from .tasks import Task, gen_example, make_task, mc_example
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LaserError
+from .errors import ConfigError, LaserError, TaskFormatError
 
 ALGO_VERSION = 2  # bump when a cached quantity would change meaning (2: choices tokenised after their prompt)
 PAPER_RHOS = (0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005)  # LASER's grid: 10%..99.5% of rank removed
@@ -27,6 +27,14 @@ def read_text(path: Path, error: type[LaserError]) -> str:
                     "save it as UTF-8") from e
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def read_json(path: Path):
+    """A JSON file's content, or TaskFormatError naming the file and where it stops parsing."""
+    try:
+        return json.loads(read_text(path, TaskFormatError))
+    except json.JSONDecodeError as e:
+        raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
 
 
 def canonical_json(obj: Any) -> str:

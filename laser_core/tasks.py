@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from .config import TaskSpec, read_text, split_choices, stable_hash
+from .config import TaskSpec, read_json, split_choices, stable_hash
 from .errors import ConfigError, TaskFormatError
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,6 @@ def _shift_space(ex: Example) -> Example:
     # "Answer:" + "yes" reads as "Answer: yes"; continuations that already start with a space are kept.
     return Example(ex.prompt, tuple(c if c[:1].isspace() else " " + c for c in ex.choices), ex.answer,
                    tuple(t if t[:1].isspace() else " " + t for t in ex.targets))
-
-
-def read_json(path: Path):
-    """A JSON file's content, or TaskFormatError naming the file and where it stops parsing."""
-    try:
-        return json.loads(read_text(path, TaskFormatError))
-    except json.JSONDecodeError as e:
-        raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
 
 
 def load_task(spec: TaskSpec) -> Task:
