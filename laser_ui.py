@@ -1390,6 +1390,27 @@ def render_search_report(report: dict, lm) -> None:
                    "`--compose`).")
 
 
+def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
+    """Results: any two of the candidates in ``df`` (or the base) evaluated on held-out test in the background, then
+    compared question by question (:func:`render_comparison`)."""
+    from laser_core import Edit
+    st.subheader("Compare two on held-out test")
+    labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']:g} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]
+    pick = st.columns(2)
+    a = pick[0].selectbox("A", labels, index=0, key="cmp_a")
+    b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
+
+    def edit_of(label: str):
+        if label == "base":
+            return None
+        r = df.iloc[labels.index(label) - 1]
+        return Edit(r["name"], int(r["k"]), float(r["rho"]))
+
+    if st.button("Compare on held-out test", type="primary"):
+        start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
+    live_job("compare", lm, splits, lambda job: render_comparison(job, splits))
+
+
 def render_comparison(job, splits) -> None:
     """A Results comparison job's two held-out evaluations ("A", "B"): their accuracies, whether the change is
     beyond noise, and the examples whose prediction flipped."""

@@ -5,7 +5,6 @@ import plotly.express as px
 import streamlit as st
 
 import laser_ui as ui
-from laser_core import Edit
 from laser_core.candidates import merit
 from laser_core.estimate import SPLIT_WORDS
 
@@ -72,22 +71,4 @@ ui.render_score_vs_change(lm, splits, rows, base, split)
 
 show_together()
 
-st.subheader("Compare two on held-out test")
-labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']:g} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]
-pick = st.columns(2)
-a = pick[0].selectbox("A", labels, index=0, key="cmp_a")
-b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
-
-
-def edit_of(label: str):
-    if label == "base":
-        return None
-    r = df.iloc[labels.index(label) - 1]
-    return Edit(r["name"], int(r["k"]), float(r["rho"]))
-
-
-if st.button("Compare on held-out test", type="primary"):
-    ui.start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
-
-
-ui.live_job("compare", lm, splits, lambda job: ui.render_comparison(job, splits))
+ui.render_compare_two(lm, splits, df)
