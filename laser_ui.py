@@ -876,9 +876,8 @@ def render_one_candidate(lm, splits) -> None:
     the scores are cached, and its calibration (and held-out) accuracy against the base, from the cache or from a
     background evaluation. The matrix chosen on Layer scores is preselected; what is evaluated joins Results."""
     from laser_core import Edit
-    from laser_core.reduction import params_kept
     from laser_core.gradients import first_order_gain
-    from laser_core.reduction import energy_kept
+    from laser_core.reduction import energy_kept, params_kept
     from laser_core.scores import cached_spectra
 
     names = [r.name for r in lm.matrices]
@@ -903,10 +902,10 @@ def render_one_candidate(lm, splits) -> None:
     line = (f"layer {ref.layer}, {ref.type}, {ref.shape[0]}×{ref.shape[1]}: rank kept per block {ranks}; "
             f"{kept:,} of {full:,} parameters in factored form ({kept / full:.1%})")
     spectra = cached_spectra(lm, splits, store(), PAPER_KS) or cached_spectra(lm, splits, store(), (1,))
-    if spectra is not None and k in spectra[0][name].S:
-        change = -first_order_gain(spectra[0][name], k, rho)
-        line += f"; first-order predicted change of the calibration log-loss {change:+.4f}"
-    S = spectra[0][name].S[k] if spectra is not None and k in spectra[0][name].S else one_spectrum(lm, name, k)
+    mine = spectra[0][name] if spectra is not None and k in spectra[0][name].S else None  # the gradient's, for this K
+    if mine is not None:
+        line += f"; first-order predicted change of the calibration log-loss {-first_order_gain(mine, k, rho):+.4f}"
+    S = mine.S[k] if mine is not None else one_spectrum(lm, name, k)
     if S is not None:
         share = energy_kept(S, rho)
         line += (f"; keeps {share:.1%} of the squared Frobenius norm (relative error of the reduced matrix "
@@ -1393,7 +1392,6 @@ def render_search_report(report: dict, lm) -> None:
 def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
     """Results: any two of the candidates in ``df`` (or the base) evaluated on held-out test in the background, then
     compared question by question (:func:`render_comparison`)."""
-    from laser_core import Edit
     st.subheader("Compare two on held-out test")
     labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']:g} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]
     pick = st.columns(2)
@@ -1401,10 +1399,7 @@ def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
     b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
 
     def edit_of(label: str):
-        if label == "base":
-            return None
-        r = df.iloc[labels.index(label) - 1]
-        return Edit(r["name"], int(r["k"]), float(r["rho"]))
+        return None if label == "base" else doc_edit(df.iloc[labels.index(label) - 1])
 
     if st.button("Compare on held-out test", type="primary"):
         start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])

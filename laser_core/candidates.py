@@ -187,13 +187,11 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
     """
     if len(edits) <= 1:
         return evaluate_candidate(lm, edits[0] if edits else None, splits, split, store, cancel)
-    key = edits_key(store, lm, splits, split, edits)
-    doc = store.get_json(key)
+    doc = cached_edits(store, lm, splits, split, edits, failed=True)  # several edits never stop early
     if doc is not None:
-        if doc.get("error"):
-            raise NumericsError(doc["error"])
         doc["cached"] = True
         return doc
+    key = edits_key(store, lm, splits, split, edits)
     t0 = time.perf_counter()
     which = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name}
     try:

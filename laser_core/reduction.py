@@ -89,10 +89,15 @@ def _svd(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return tuple(t.to(block.device) for t in torch.linalg.svd(block.cpu(), full_matrices=False))
 
 
+def _full_precision(w: torch.Tensor) -> torch.Tensor:
+    """``w`` detached, in float32 (float64 where it is): what every SVD here runs in."""
+    return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+
+
 def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
     """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``, on
     ``w``'s device (a GPU computes the SVDs of a large model's matrices far faster than a few CPU cores)."""
-    w32 = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    w32 = _full_precision(w)
     us, ss, vhs = [], [], []
     for s, e in row_blocks(w32.shape[0], k):
         u, sv, vh = _svd(w32[s:e])
@@ -105,7 +110,7 @@ def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
 def block_singular_values(w: torch.Tensor, k: int) -> list[torch.Tensor]:
     """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``, without the factors),
     on the CPU."""
-    w32 = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    w32 = _full_precision(w)
     return [torch.linalg.svdvals(w32[s:e]).cpu() for s, e in row_blocks(w32.shape[0], k)]
 
 
