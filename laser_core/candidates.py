@@ -85,14 +85,16 @@ def doc_edit(doc: dict) -> Edit | None:
     return Edit(doc["name"], int(doc["k"]), float(doc["rho"])) if doc.get("name") else None
 
 
-def cached_results(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
+def cached_results(store: Store, lm: LoadedModel, splits: Splits, failed: bool = False) -> list[dict]:
     """Every evaluation of this model on exactly these splits found in the cache (earlier runs included).
 
-    Entries made on other splits of the same task (another seed or size) are left out: their keys differ.
+    Entries made on other splits of the same task (another seed or size) are left out: their keys differ. So are
+    edits that broke the model's numerics (they have no result), unless ``failed``: their entries then come too,
+    with the ``error`` and no accuracy.
     """
     out = []
     for key, doc in store.iter_json(f"result/{lm.fingerprint}/{splits.task.digest}/"):
-        if doc.get("split") not in ("calib", "val", "test"):
+        if doc.get("split") not in ("calib", "val", "test") or (doc.get("error") and not failed):
             continue
         if key == result_key(store, lm, splits, doc["split"], doc_edit(doc)):
             out.append(doc)
@@ -107,9 +109,15 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     ``factors``: a search's in-memory memo of SVD factors (see :func:`get_factors`).
 
     Returns a plain dict: the edit, its layer/type/ranks, accuracy, log_loss, per-example outcomes, seconds.
+
+    Raises:
+        NumericsError: the edit makes the model's output overflow. That is cached too (it is what these weights do),
+            so a search that meets this edit again skips it at once instead of re-running it.
     """
     key = result_key(store, lm, splits, split, edit)
     doc = store.get_json(key)
+    if doc is not None and doc.get("error"):
+        raise NumericsError(doc["error"])
     # a candidate stopped early serves again only against a best at least as high as the one it could not reach
     # (a search with another grid may hold a lower best when it comes to it); one whose bar was not recorded, never
     reusable = doc is not None and (not doc.get("stopped_early")
@@ -128,11 +136,15 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         store.counts["eval"] += 1
         f = get_factors(lm, edit.name, edit.k, store, factors)
         prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
-        with edited(lm, [edit], {(edit.name, edit.k): f}):
-            res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
+        try:
+            with edited(lm, [edit], {(edit.name, edit.k): f}):
+                res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)
+        except NumericsError as e:
+            store.put_json(key, {**row, "split": split, "task": splits.task.name, "error": str(e)})
+            raise
     doc = {**row, "split": split, "task": splits.task.name, **res.to_dict(), "seconds": time.perf_counter() - t0}
     if res.stopped_early:
         doc["stopped_below"] = beat[0]  # it could not reach this accuracy (nor, then, any higher one)

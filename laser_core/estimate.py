@@ -88,7 +88,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
             chosen matrices).
     """
     split = SEARCH_SPLIT[cfg.method]
-    docs = cached_results(store, lm, splits)
+    docs = cached_results(store, lm, splits, failed=True)  # an edit that broke the numerics is skipped at once
     reuse = cfg.prefix_reuse and prefix_reuse_applies(lm, splits)
     found = full_eval_seconds(lm, splits, split, docs, reuse)
     if found is None:
@@ -128,7 +128,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     if (None, None, None) not in tested:
         seconds += test  # the base model on the held-out test split
     planned = {(e.name, e.k, e.rho) for e in plan if e is not None} if len(plan) == cached + same else set()
-    ran = [d for d in docs if d["split"] == split and (d["name"], d["k"], d["rho"]) in planned]
+    ran = [d for d in docs if d["split"] == split and (d["name"], d["k"], d["rho"]) in planned and not d.get("error")]
     best = max(ran, key=merit, default=None)  # known once every one is cached
     if best is None or (best["name"], best["k"], best["rho"]) not in tested:
         seconds += test  # the best candidate on it

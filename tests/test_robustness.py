@@ -300,6 +300,36 @@ def test_candidate_that_produces_nan_is_skipped_not_a_crash(tiny_lm, mc_task, mo
     assert weight_hashes(lm.model) == before
 
 
+def test_a_candidate_that_broke_the_numerics_is_cached_and_skipped_again_without_a_model_run(tiny_lm, mc_task, store,
+                                                                                              monkeypatch):
+    """Before, only edits applied together cached their overflow: a search met each failed candidate afresh."""
+    import laser_core.candidates as candidates
+    import laser_core.reduction as reduction
+    from laser_core.candidates import cached_results
+    from laser_core.estimate import estimate_search
+    real = reduction.block_truncate
+    monkeypatch.setattr(reduction, "block_truncate",
+                        lambda f, rho: real(f, rho) * (float("inf") if rho == 0.1 else 1.0))
+    lm, splits = tiny_lm("llama"), _splits(mc_task)
+    first = run_search(lm, splits, SMALL, store)
+    assert len(first.skipped) == 4 and len(first.candidates) == 4
+    runs = []
+    real_eval = candidates.evaluate_split
+    monkeypatch.setattr(candidates, "evaluate_split", lambda *a, **kw: runs.append(kw) or real_eval(*a, **kw))
+    again = run_search(lm, splits, SMALL, store)
+    assert runs == []  # every candidate, the failed ones included, came from the cache
+    assert [(s["name"], s["k"], s["rho"], s["error"]) for s in again.skipped] == \
+        [(s["name"], s["k"], s["rho"], s["error"]) for s in first.skipped]
+    with pytest.raises(NumericsError, match="NaN or infinite"):
+        candidates.evaluate_candidate(lm, Edit(first.skipped[0]["name"], first.skipped[0]["k"], 0.1), splits, "calib",
+                                      store)
+    listed = cached_results(store, lm, splits)
+    assert all("accuracy" in d for d in listed) and not any(d.get("rho") == 0.1 for d in listed)
+    assert len([d for d in cached_results(store, lm, splits, failed=True) if d.get("error")]) == 4
+    est = estimate_search(lm, splits, SMALL, store)
+    assert est.to_run == 0 and est.cached + est.same_ranks == est.candidates  # failed ones are not counted as to run
+
+
 def test_cli_search_lists_what_it_left_out_and_fails_clearly_when_nothing_finished(tiny_dirs, mc_task, tmp_path,
                                                                                    capsys, monkeypatch):
     from laser_core.cli import main
