@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict
 
-from .config import Edit, TaskSpec, to_dict
+from .config import Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
 from .evaluate import CancelToken, EvalResult, evaluate
 from .models import LoadedModel
@@ -186,11 +186,15 @@ def cached_combinations(store: Store, lm: LoadedModel, splits: Splits) -> list[d
 
 
 def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: str, store: Store,
-                   cancel: CancelToken | None = None) -> dict:
+                   cancel: CancelToken | None = None, prefixes: PrefixPool | None = None) -> dict:
     """Evaluate the model with all of ``edits`` at once (a recipe's, a combination's) on ``split``, cached: one
     edit (or none) goes through :func:`evaluate_candidate`; several are evaluated together and cached under
     :func:`edits_key`, and the result's ``edits`` lists them. Before, several edits were re-evaluated on every
     ask (the dashboard's combination and recipe check, ``eval --recipe``).
+
+    Each edit's SVD factors come from ``store`` (computed once). With ``prefixes`` the evaluation starts from the
+    hidden states entering the lowest edited layer (and, where one edit alone sits there, from its matrix), as a
+    search's candidates do: worth it where several evaluations share that layer (a composition's steps).
 
     Raises:
         NumericsError: the edits together make the model's output overflow. That is cached too (it is what these
@@ -206,9 +210,17 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
     key = edits_key(store, lm, splits, split, edits)
     t0 = time.perf_counter()
     which = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name}
+    refs = [lm.ref(e.name) for e in check_one_per_matrix(edits)]  # a wrong name or a matrix twice: before any SVD
+    with lm.lock:  # factors of the base weights: no other edit may be in them meanwhile
+        factors = {(e.name, e.k): get_factors(lm, e.name, e.k, store) for e in edits}
+    prefix = None
+    if prefixes is not None:
+        low = min(r.layer for r in refs)
+        first = [e.name for e, r in zip(edits, refs) if r.layer == low]
+        prefix = prefixes.get(splits, split, low, first[0] if len(first) == 1 else None)
     try:
-        with edited(lm, edits):
-            res = evaluate_split(lm, splits, split, cancel=cancel)
+        with edited(lm, edits, factors):
+            res = evaluate_split(lm, splits, split, cancel=cancel, prefix=prefix)
     except NumericsError as e:
         store.put_json(key, {**which, "error": str(e)})
         raise

@@ -145,7 +145,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     try:
         with _interruptible() as (cancel, bars):
             comp = compose_greedy(lm, splits, report.best, report.candidates, store, report.base, cancel=cancel,
-                                  progress=bars, limit=args.compose_max)
+                                  progress=bars, limit=args.compose_max,
+                                  prefix_budget_mb=args.prefix_budget_mb if not args.no_prefix_reuse else None)
     except Cancelled:
         print("cancelled: the edits evaluated together are kept in the cache; no composed recipe")
         return 130

@@ -13,8 +13,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .candidates import best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
-from .config import Edit
+from .candidates import PrefixPool, best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
+from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken
 from .models import LoadedModel
@@ -67,7 +67,8 @@ class _NotCached(Exception):
 
 def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: list[dict], store: Store | None = None,
                    base: dict | None = None, held_out: bool = True, cancel: CancelToken | None = None,
-                   progress: Callable[[dict], None] | None = None, limit: int | None = None) -> Composition:
+                   progress: Callable[[dict], None] | None = None, limit: int | None = None,
+                   prefix_budget_mb: int | None = SearchConfig.prefix_budget_mb) -> Composition:
     """Add other matrices' edits to ``start`` one at a time while the edits together score better on its split.
 
     Args:
@@ -79,6 +80,9 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
         held_out: evaluate the base and the edits kept on the held-out test split at the end.
         progress: called with {"phase": "compose", "done", "total", "message"} after each evaluation.
         limit: try at most this many edits of the pool, best first (None: all); the result's ``left`` counts the rest.
+        prefix_budget_mb: RAM for the hidden states that the evaluations on the search's split start from, at the
+            lowest layer each one edits (prefix reuse, as in a search; exact); None: every evaluation runs every
+            block. The two held-out test evaluations run whole: nothing would reuse their states.
 
     Every evaluation goes through :func:`~laser_core.candidates.evaluate_edits` and its cache, so the same call
     again evaluates nothing (:func:`cached_composition` reads it back without a model run).
@@ -90,8 +94,10 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
         Cancelled: ``cancel`` was set; the model is restored, what was evaluated stays in the cache.
     """
     store = store or null_store()
+    pool = PrefixPool(lm, prefix_budget_mb * 2**20) if prefix_budget_mb is not None else None
     return _greedy(start, candidates, base, held_out, limit, cancel, progress,
-                   lambda edits, split: evaluate_edits(lm, edits, splits, split, store, cancel))
+                   lambda edits, split: evaluate_edits(lm, edits, splits, split, store, cancel,
+                                                       pool if split != "test" else None))
 
 
 def cached_composition(lm: LoadedModel, splits: Splits, start: dict, candidates: list[dict], store: Store,

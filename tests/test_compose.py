@@ -232,3 +232,37 @@ def test_a_limited_composition_tries_the_best_first_and_the_cache_reads_any_run_
         assert got.result_test["accuracy"] == want.result_test["accuracy"] and got.base_test["n"] == len(splits.test)
     with pytest.raises(ConfigError, match="limit must be >= 1"):
         compose_greedy(lm, splits, report.best, report.candidates, store, limit=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_edits_together_start_from_the_lowest_edited_layer_and_equal_the_full_forward(tiny_lm, mc_task, store, arch):
+    """Before, several edits applied together ran every block and recomputed each edit's SVD on every evaluation."""
+    from laser_core.candidates import PrefixPool, evaluate_edits
+    lm = tiny_lm(arch)
+    ts = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    splits = make_splits(load_task(ts), ts)
+    by_layer = {}
+    for ref in lm.matrices:
+        by_layer.setdefault(ref.layer, []).append(ref.name)
+    (a0, b0), (a1, b1) = by_layer[0][:2], by_layer[1][:2]
+    pool = PrefixPool(lm, 2**30)
+    asked = []
+    real_get = pool.get
+    pool.get = lambda *a: asked.append((a[2], a[3], real_get(*a) is not None)) or real_get(*a)
+    cases = [([Edit(a0, 1, 0.5), Edit(a1, 2, 0.1)], (0, a0, True)),  # one edit at the lowest layer: from its matrix on
+             ([Edit(a1, 1, 0.5), Edit(b1, 1, 0.1)], (1, None, True)),  # two there: from the block's input
+             ([Edit(a0, 1, 0.5), Edit(b0, 1, 0.5), Edit(a1, 1, 0.1)], (0, None, False))]  # block 0: nothing to skip
+    before = weight_hashes(lm.model)
+    for edits, want in cases:
+        asked.clear()
+        fast = evaluate_edits(lm, edits, splits, "calib", null_store(), prefixes=pool)
+        with edited(lm, edits):
+            direct = evaluate(lm, splits.examples("calib"))
+        assert asked == [want]
+        assert fast["predictions"] == direct.predictions and fast["accuracy"] == direct.accuracy
+        assert fast["log_loss"] == pytest.approx(direct.log_loss, abs=1e-5)
+        assert weight_hashes(lm.model) == before
+    svds = store.counts["svd"]
+    evaluate_edits(lm, cases[0][0], splits, "calib", store)
+    evaluate_edits(lm, [cases[0][0][0], Edit(b1, 1, 0.5)], splits, "calib", store)  # a0's factors come from the store
+    assert store.counts["svd"] - svds == 3
