@@ -335,6 +335,16 @@ def seed_setup_form() -> None:
         st.session_state["loaded_sources"] = {k: st.session_state[k] for k in SOURCE_KEYS}
 
 
+TASK_KIND_WORDS = {"mc": "multiple choice", "gen": "generation"}
+
+
+@st.cache_data(show_spinner=False)
+def bundled_facts(name: str) -> tuple[str, int]:
+    """(kind, number of examples) of the bundled task ``name``: which fields its form needs, and what it holds."""
+    task = load_task(TaskSpec(name))
+    return task.kind, len(task)
+
+
 def render_setup_form() -> None:
     """The Model & task form: the model and task sources above it, so that choosing one shows at once the fields
     it needs, and only those (a field hidden is its default: a bundled task takes no columns or template); every
@@ -347,7 +357,13 @@ def render_setup_form() -> None:
     with r2:
         st.subheader("Task")
         st.radio("Task source", TASK_KINDS, horizontal=True, key="task_kind")
+        if st.session_state["task_kind"] == "bundled":  # above the form too: a generation task has more fields
+            st.selectbox("Bundled task", BUNDLED, key="bundled",
+                         help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
+            kind, size = bundled_facts(st.session_state["bundled"])
+            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench, zero-shot)")
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
+    generation = task_kind != "bundled" or bundled_facts(st.session_state["bundled"])[0] == "gen"
     note = st.empty()  # filled after the form: a Load in this run changes what is loaded
     with st.form("setup"):
         c1, c2 = st.columns(2)
@@ -358,13 +374,10 @@ def render_setup_form() -> None:
             st.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype",
                          help="On CPU keep float32: bf16 matmul is ~100x slower there.")
         with c2:
-            if task_kind == "bundled":
-                st.selectbox("Bundled task", BUNDLED, key="bundled",
-                             help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
-            elif task_kind == "upload a file":
+            if task_kind == "upload a file":
                 st.file_uploader("Task file", type=["jsonl", "csv", "tsv", "parquet", "json"], key="upload",
                                  help="JSONL, CSV/TSV, Parquet, or JSON: a BIG-bench task.json or an array of records")
-            else:
+            elif task_kind != "bundled":
                 st.text_input(TASK_PATH_LABELS[task_kind], key="task_path")
             if task_kind != "bundled":  # how rows of a file or dataset become questions
                 for col, key in zip(st.columns(4), TASK_COLUMNS):
@@ -387,11 +400,12 @@ def render_setup_form() -> None:
                             help="LASER's search split; blank: 20% of the task")
             s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
             g1, g2, g3 = st.columns([2, 2, 3], vertical_alignment="bottom")
-            g1.number_input("max new tokens", 1, 1024, key="max_new_tokens",
-                            help="generation tasks: tokens decoded per answer; an answer longer than this is never "
-                                 "right")
-            g2.selectbox("Answer match", list(MATCH_RULES), key="match",
-                         help="generation tasks: when an answer is right. " + MATCH_HELP)
+            if generation:  # a bundled multiple-choice task decodes nothing: its defaults stand
+                g1.number_input("max new tokens", 1, 1024, key="max_new_tokens",
+                                help="generation tasks: tokens decoded per answer; an answer longer than this is never "
+                                     "right")
+                g2.selectbox("Answer match", list(MATCH_RULES), key="match",
+                             help="generation tasks: when an answer is right. " + MATCH_HELP)
             if task_kind != "bundled":
                 g3.checkbox("Answers count from 1", key="answer_base",
                             help="the answer column gives the first choice as 1 (Winogrande, Social IQa); a choice's "
@@ -401,6 +415,8 @@ def render_setup_form() -> None:
     loaded = st.session_state.get("loaded_sources", {})
     names = {"model": model_spec().source, "task": task_spec().source}
     changed = [what for what in ("model", "task") if st.session_state[f"{what}_kind"] != loaded.get(f"{what}_kind")]
+    if "task" not in changed and task_kind == "bundled" and st.session_state["bundled"] != names["task"]:
+        changed.append("task")  # another bundled task picked
     if changed:  # a source picked shows its fields at once, but nothing is loaded until the form is submitted
         still = " and ".join(f"the {what} `{names[what]}`" for what in changed)
         note.caption(f"Still loaded: {still}. Fill in the form and press **Load model and task** to switch.")
@@ -440,10 +456,13 @@ def load_setup_form() -> None:
     reading = {} if f["task_kind"] == "bundled" else {
         "answer_base": int(f["answer_base"]),
         **{c: f[c] if c == "prompt_template" else f[c].strip() for c in TASK_READING}}
+    # nor does a bundled multiple-choice task decode (the decoding length is part of every result's cache key)
+    decoding = {} if f["task_kind"] == "bundled" and bundled_facts(tsource)[0] == "mc" else {
+        "max_new_tokens": int(f["max_new_tokens"]), "match": f["match"]}
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), max_new_tokens=int(f["max_new_tokens"]), match=f["match"], **reading)
+                        int(f["seed"]), **decoding, **reading)
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)

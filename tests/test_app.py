@@ -352,7 +352,13 @@ def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_pat
     shown = labels(at)
     assert "Bundled task" in shown and not shown & {"prompt column", "Prompt template (optional)", "Answers count from 1",
                                                      *ui.TASK_PATH_LABELS.values(), *ui.MODEL_PATH_LABELS.values()}
-    assert {"Device", "dtype", "Answer match"} <= shown
+    assert at.selectbox(key="bundled").value == "fever"  # multiple choice: it decodes nothing
+    assert {"Device", "dtype"} <= shown and "Answer match" not in shown and "max new tokens" not in \
+        {w.label for w in at.number_input}
+    assert "multiple choice, 6612 examples (BIG-bench, zero-shot)" in [c.value for c in at.caption]
+    at.selectbox(key="bundled").set_value("qa_wikidata").run()  # the fields follow the pick, before any Load
+    assert "Answer match" in labels(at) and "max new tokens" in {w.label for w in at.number_input}
+    assert any(c.value.startswith("generation, ") for c in at.caption)
     at.radio(key="task_kind").set_value("HF dataset").run()
     assert ui.TASK_PATH_LABELS["HF dataset"] in labels(at) and "prompt column" in labels(at)
     at.radio(key="model_kind").set_value(".gguf file").run()
@@ -363,17 +369,22 @@ def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_pat
     at = page("pages/1_Model_and_task.py")
     at.text_input(key="prompt_template").set_value("Question: {question}\\nAnswer:")
     at.text_input(key="fixed_choices").set_value("yes|no")
+    at.number_input(key="max_new_tokens").set_value(20)  # a file's task may be a generation task: shown
     at = load_task_file(at, task, n_calib=3, n_test=3)
-    assert at.session_state["task_spec"].prompt_template
+    assert at.session_state["task_spec"].prompt_template and at.session_state["task_spec"].max_new_tokens == 20
     at.radio(key="task_kind").set_value("bundled").run()
-    at.selectbox(key="bundled").set_value("epistemic_reasoning")
+    at.selectbox(key="bundled").set_value("epistemic_reasoning").run()
     at.button[0].click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]  # before: "a prompt template" was refused
     spec = at.session_state["task_spec"]
     assert (spec.source, spec.prompt_template, spec.fixed_choices, spec.answer_col) == ("epistemic_reasoning", "", "",
                                                                                        "answer")
     assert (spec.n_calib, spec.n_test) == (3, 3)  # the fields both share are kept
+    assert spec.max_new_tokens == ui.TaskSpec.max_new_tokens  # hidden for multiple choice: the default, not the 20
     assert not [c for c in at.caption if c.value.startswith("Still loaded")]  # what is picked is what is loaded
+    at.selectbox(key="bundled").set_value("truthful_qa").run()  # another bundled task picked, not loaded yet
+    assert [c.value for c in at.caption if c.value.startswith("Still loaded")] == [
+        "Still loaded: the task `epistemic_reasoning`. Fill in the form and press **Load model and task** to switch."]
 
 
 def test_model_page_loads_an_uploaded_bigbench_task_and_shows_its_listed_choices(app_env):
