@@ -6,6 +6,7 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +26,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
@@ -182,19 +185,73 @@ def _with_warnings(fn: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
         return fn(), tuple(messages)
 
 
-@st.cache_resource(show_spinner="Loading model (the demo model is prepared once, ~30 s)...", max_entries=MODELS_KEPT)
-def _cached_model(source: str, device: str, dtype: str, stamp: tuple | None):
-    """The model and what loading it warned about (a half-precision dtype on a CPU). ``stamp``: the source's
-    :func:`_path_stamp`, so that a model folder saved again (``save_pretrained`` into it) is loaded again.
+class ModelShelf:
+    """The models the dashboard keeps loaded, across sessions: at most ``kept``, so that trying model after model, or
+    saving one folder again and again, does not fill RAM or GPU memory.
 
-    At most ``MODELS_KEPT`` models stay loaded, across sessions: the one used longest ago is dropped for a new one
-    (a job still running on it keeps it until it ends), so trying model after model, or saving one folder again
-    and again, does not fill RAM or GPU memory."""
-    return _with_warnings(lambda: load_model(ModelSpec(source, device, dtype)))
+    The one used longest ago is dropped when a new one's source and config have been checked, just before its
+    weights load (a job still running on it keeps it until it ends), so switching never holds more than ``kept``.
+    Before, ``st.cache_resource(max_entries=...)`` dropped it only once the new one had loaded beside them all: a
+    third model on a GPU that holds two ran out of memory. A source that fails its checks (a wrong path, no
+    config.json) drops nothing.
+    """
+
+    def __init__(self, kept: int) -> None:
+        self.kept = max(1, kept)
+        self.lock = threading.Lock()  # guards ``items``
+        self.loading = threading.Lock()  # one load at a time: two would each make room for one
+        self.items: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _lookup(self, key: tuple) -> Any:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        return None
+
+    def get(self, key: tuple, load: Callable[[Callable[[], None]], Any]) -> Any:
+        """The value kept under ``key``, else ``load(make_room)``'s, kept (``make_room`` drops the models used longest
+        ago down to ``kept`` - 1)."""
+        found = self._lookup(key)
+        if found is not None:
+            return found
+        with self.loading:
+            found = self._lookup(key)  # another session may have loaded it meanwhile
+            if found is not None:
+                return found
+            value = load(self._make_room)
+            with self.lock:
+                self.items[key] = value
+                while len(self.items) > self.kept:  # a loader that never made room
+                    self.items.popitem(last=False)
+            return value
+
+    def _make_room(self) -> None:
+        with self.lock:
+            while len(self.items) >= self.kept:
+                self.items.popitem(last=False)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+@st.cache_resource
+def model_shelf() -> ModelShelf:
+    """The server's one :class:`ModelShelf` (``MODELS_KEPT`` models)."""
+    return ModelShelf(MODELS_KEPT)
 
 
 def _loaded_model(spec: ModelSpec) -> tuple:
-    return _cached_model(spec.source, spec.device, spec.dtype, _path_stamp(spec.source))
+    """The model and what loading it warned about (a half-precision dtype on a CPU), kept on the :func:`model_shelf`
+    by source, device, dtype and the source's :func:`_path_stamp` (a model folder saved again is loaded again)."""
+    def load(make_room: Callable[[], None]) -> tuple:
+        with st.spinner("Loading model (the demo model is prepared once, ~30 s)..."):
+            return _with_warnings(lambda: load_model(spec, make_room=make_room))
+    return model_shelf().get((spec.source, spec.device, spec.dtype, _path_stamp(spec.source)), load)
 
 
 def _model_of(spec: ModelSpec):

@@ -9,6 +9,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -182,10 +183,13 @@ def _hub_cached(repo_id: str) -> bool:
         return False
 
 
-def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
+def load_model(spec: ModelSpec, progress=None, make_room: Callable[[], None] | None = None) -> LoadedModel:
     """Load ``spec.source`` onto ``spec.device`` in ``spec.dtype`` and locate its matrices.
 
     Sources: "demo"; a local HF model folder; a ``.gguf`` file; a hub id already in the local HF cache.
+
+    ``make_room``: called once the device, the source and its config have been checked, just before the weights
+    load (a caller keeping other models drops some there; a source that fails those checks drops nothing).
 
     Raises:
         ModelLoadError: with a message naming the path or id and what to do.
@@ -242,6 +246,8 @@ def load_model(spec: ModelSpec, progress=None) -> LoadedModel:
     archs = getattr(config, "architectures", None) or []
     kind = "masked" if any("MaskedLM" in a for a in archs) or config.model_type in ("bert", "roberta", "xlm-roberta") else "causal"
     loader = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    if make_room:
+        make_room()
     try:
         model = loader.from_pretrained(path, dtype=dtype, **kwargs)
     except ValueError as e:

@@ -249,22 +249,33 @@ def test_the_dashboard_keeps_the_models_used_last_and_frees_older_ones(app_env, 
     import weakref
 
     import laser_ui
-    from laser_core import ModelSpec
+    from laser_core import LaserError, ModelSpec
 
     assert laser_ui.MODELS_KEPT == 2
-    laser_ui._cached_model.clear()
+    laser_ui.model_shelf().clear()
     llama, gpt2, roberta = (ModelSpec(str(tiny_dirs[a]), "cpu") for a in ("llama", "gpt2", "roberta"))
     first = weakref.ref(laser_ui._model_of(llama).model)
-    second = laser_ui._model_of(gpt2)
+    second = weakref.ref(laser_ui._model_of(gpt2).model)
     assert laser_ui._model_of(llama).model is first()  # kept: used again, it is now the newest
-    laser_ui._model_of(roberta)  # a third model: gpt2, used longest ago, is dropped
+    real_load, alive_at_load = laser_ui.load_model, []
+
+    def load_model(spec, make_room=None):  # what is still in memory when the new model's weights load
+        def room():
+            make_room()
+            alive_at_load.append((first() is not None, second() is not None))
+        return real_load(spec, make_room=room)
+    laser_ui.load_model = load_model
+    try:
+        with pytest.raises(LaserError, match="no config.json"):  # a wrong source drops nothing
+            laser_ui._model_of(ModelSpec(str(tiny_dirs["llama"].parent), "cpu"))
+        assert alive_at_load == [] and second() is not None
+        laser_ui._model_of(roberta)  # a third model: gpt2, used longest ago, is dropped before it loads
+    finally:
+        laser_ui.load_model = real_load
+    assert alive_at_load == [(True, False)]  # before: all three were in memory at once, the oldest dropped after
     gc.collect()
-    assert first() is not None and laser_ui._model_of(llama).model is first()
-    kept = weakref.ref(second.model)
-    del second
-    gc.collect()
-    assert kept() is None  # nothing else held it: its memory is free
-    laser_ui._cached_model.clear()
+    assert first() is not None and laser_ui._model_of(llama).model is first() and second() is None
+    laser_ui.model_shelf().clear()
 
 
 def test_model_page_reports_a_malformed_task_file(app_env, tmp_path):

@@ -225,6 +225,24 @@ def test_cached_hub_model_loads_without_asking_the_hub_when_it_does_not_resolve(
     assert "hub.invalid" not in out.stderr  # no request was tried (each failed one is logged with its URL)
 
 
+def test_load_model_makes_room_only_once_the_source_is_checked_and_before_the_weights_load(tiny_dirs, tmp_path,
+                                                                                         monkeypatch):
+    """The dashboard drops the model used longest ago there: a wrong source must drop nothing."""
+    import transformers
+    calls = []
+    for bad in (tmp_path / "nowhere", tmp_path, tmp_path / "x.gguf"):
+        with pytest.raises(ModelLoadError):
+            load_model(ModelSpec(str(bad), "cpu"), make_room=lambda: calls.append("room"))
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        load_model(ModelSpec(str(tiny_dirs["llama"]), "tpu"), make_room=lambda: calls.append("room"))
+    assert calls == []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: calls.append("weights") or real(*a, **kw))
+    lm = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu"), make_room=lambda: calls.append("room"))
+    assert calls == ["room", "weights"] and lm.matrices
+
+
 def test_bundled_tasks_load_with_bigbench_prompt_format():
     fever = load_task(TaskSpec("fever"))
     assert fever.kind == "mc" and len(fever) == 6612
