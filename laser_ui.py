@@ -1576,10 +1576,23 @@ def laser_inputs(layers: list[int], types: list[str]) -> tuple[int, int, list[st
     return lo, hi, st.multiselect("Matrix types", types, key="types")
 
 
-def cached_results(lm, splits) -> list[dict]:
-    """Every evaluation for this model on the session's splits in the cache, earlier sessions included."""
+def cached_results(lm, splits, failed: bool = False) -> list[dict]:
+    """Every evaluation for this model on the session's splits in the cache, earlier sessions included (``failed``:
+    with the candidates that broke the model's numerics, which carry an ``error`` and no result)."""
     from laser_core.candidates import cached_results as _cached
-    return _cached(store(), lm, splits)
+    return _cached(store(), lm, splits, failed=failed)
+
+
+def render_failed(lm, failed: list[dict], split: str) -> None:
+    """Results: the candidates of ``split`` that broke the model's numerics (``failed``: cached entries with an
+    ``error``), which the table cannot list (they have no accuracy), so that a missing ρ or K is explained."""
+    rows = [{"edit": edit_short(lm, d["name"], d["k"], d["rho"]), "name": d["name"], "error": d["error"]}
+            for d in failed if d["split"] == split]
+    if rows:
+        with st.expander(f"{len(rows)} candidate{'s' * (len(rows) != 1)} broke the model's numerics: no result"):
+            st.dataframe(rows, hide_index=True, width="stretch", key="failed_rows")
+            st.caption("Their output overflowed (NaN or infinite), most often in float16; float32 avoids most. This is "
+                       "cached: a search skips them without running them again.")
 
 
 def _as_edits(edit) -> list:

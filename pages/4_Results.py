@@ -13,12 +13,13 @@ st.set_page_config(page_title="LASER Lab · Results", layout="wide")
 st.title("Results")
 ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
-docs = ui.cached_results(lm, splits)
+docs = ui.cached_results(lm, splits, failed=True)
+docs, failed = [d for d in docs if not d.get("error")], [d for d in docs if d.get("error")]
 combined = ui.cached_combinations(lm, splits)  # several edits applied together (Export, eval --recipe)
-if not docs:
+if not docs and not failed:
     ui.user_error("No results for this model and task yet: run a search on the Explore page.")
 
-split = st.radio("Split", sorted({d["split"] for d in docs + combined}), horizontal=True, key="res_split",
+split = st.radio("Split", sorted({d["split"] for d in docs + combined + failed}), horizontal=True, key="res_split",
                  format_func=lambda s: SPLIT_WORDS.get(s, s),
                  help="calibration: C2I's search; validation: LASER's; held-out test: each row also paired with the "
                       "base on the same questions (vs_base, its 95% interval, McNemar p)")
@@ -40,14 +41,18 @@ def show_together() -> None:
 
 
 if df.empty:
+    ui.render_failed(lm, failed, split)
     if not together:
-        ui.user_error(f"Only the base model was evaluated on the {split} split.")
+        broke = any(d["split"] == split for d in failed)
+        ui.user_error(f"No candidate has a result on the {split} split" + ("." if broke else
+                                                                           ": only the base model was evaluated there."))
     show_together()
     st.stop()
 df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
 st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CHANGE_COLUMNS)
 if family := ui.family_caption(df):
     st.caption(family)
+ui.render_failed(lm, failed, split)
 
 c1, c2 = st.columns(2)
 with c1:

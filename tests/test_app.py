@@ -1354,3 +1354,22 @@ def test_results_of_takes_the_cache_else_the_finished_jobs_result_for_the_same_e
     assert laser_ui.results_of("c", None, None, {"together": (both, "test")})["together"] == two
     assert laser_ui.results_of("c", None, None, {"together": (both, "calib")})["together"] is None
     assert laser_ui.results_of("c", None, None, {"together": (both[:1], "test")})["together"] is None
+
+
+def test_results_page_lists_the_candidates_that_broke_the_numerics(app_env, searched, monkeypatch):
+    """They have no accuracy, so the table cannot show them: before, a ρ a search had skipped was simply missing."""
+    import laser_core.reduction as reduction
+    from laser_core import SearchConfig, Store, run_search
+    real = reduction.block_truncate
+    monkeypatch.setattr(reduction, "block_truncate",  # a ρ no other test uses: the failure is cached in the app's store
+                        lambda f, rho: real(f, rho) * (float("inf") if rho == 0.37 else 1.0))
+    lm, _, splits = app_model(app_env)
+    report = run_search(lm, splits, SearchConfig(q=1, ks=(1,), rhos=(0.37,)), Store(), held_out=False)
+    assert len(report.skipped) == 1 and not report.candidates
+    at = page("pages/4_Results.py")
+    assert at.radio(key="res_split").value == "calib"
+    box = next(e for e in at.expander if "broke the model's numerics" in e.label)
+    assert box.label == "1 candidate broke the model's numerics: no result"
+    listed = box.dataframe[0].value
+    assert list(listed["name"]) == [report.skipped[0]["name"]] and "NaN or infinite" in listed["error"][0]
+    assert 0.37 not in set(at.dataframe[0].value["rho"])  # the table: candidates with a result only
