@@ -1136,9 +1136,11 @@ def edit_short(lm, name: str, k: int, rho: float) -> str:
     return short_label(ref.layer, ref.type, k, rho)
 
 
-def candidate_label(d: dict) -> str:
-    """An evaluated candidate as Export's boxes list it: its matrix, K, ρ, and accuracy on its split."""
-    return (f"{d['name']} K={d['k']} ρ={d['rho']:g} ({d['split']} acc {d['accuracy']:.3f}"
+def candidate_label(d, with_split: bool = True) -> str:
+    """An evaluated candidate (a dict or a table row) as Export's boxes and Results' compare box list it: its matrix,
+    K, ρ, and accuracy on its split (``with_split``: the split named, where the box mixes them)."""
+    where = f"{d['split']} " if with_split else ""
+    return (f"{d['name']} K={d['k']} ρ={d['rho']:g} ({where}acc {d['accuracy']:.3f}"
             + (", stopped early)" if d.get("stopped_early") else ")"))
 
 
@@ -1469,7 +1471,7 @@ def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
     """Results: any two of the candidates in ``df`` (or the base) evaluated on held-out test in the background, then
     compared question by question (:func:`render_comparison`)."""
     st.subheader("Compare two on held-out test")
-    labels = ["base"] + [f"{r['name']} K={r['k']} ρ={r['rho']:g} (acc {r['accuracy']:.3f})" for _, r in df.iterrows()]
+    labels = ["base"] + [candidate_label(r, with_split=False) for _, r in df.iterrows()]
     pick = st.columns(2)
     a = pick[0].selectbox("A", labels, index=0, key="cmp_a")
     b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
