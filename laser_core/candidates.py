@@ -220,6 +220,7 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
         prefix = prefixes.get(splits, split, low, first[0] if len(first) == 1 else None)
     try:
         with edited(lm, edits, factors):
+            factors.clear()  # the edits are in the weights: their SVD factors need not stay in memory meanwhile
             res = evaluate_split(lm, splits, split, cancel=cancel, prefix=prefix)
     except NumericsError as e:
         store.put_json(key, {**which, "error": str(e)})

@@ -214,9 +214,9 @@ def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int]
     try:
         new = {e.name: reduced_weight(lm, e, (factors or {}).get((e.name, e.k))) for e in edits}
         with torch.no_grad():
-            for name, value in new.items():
+            for name in list(new):  # popped: once in the weights, no second copy lives through the block
                 saved[name] = params[name].detach().clone()
-                params[name].copy_(value)
+                params[name].copy_(new.pop(name))
         yield
     finally:
         with torch.no_grad():

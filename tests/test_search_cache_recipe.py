@@ -47,6 +47,30 @@ def test_edit_is_restored_on_error_and_really_applied_inside(tiny_lm):
     assert weight_hashes(lm.model) == before
 
 
+def test_inside_an_edit_only_the_weights_and_their_saved_originals_are_in_memory(tiny_lm, mc_task, store, monkeypatch):
+    """Before, the reduced matrices (and, for edits applied together, their SVD factors) stayed alive beside the edited
+    weights for the whole evaluation: on a large model, gigabytes more."""
+    import gc
+    import weakref
+
+    import laser_core.candidates as candidates
+    import laser_core.reduction as reduction
+    from laser_core.candidates import evaluate_edits
+    lm = tiny_lm("llama")
+    made, real_reduced, real_svd = [], reduction.reduced_weight, reduction.block_svd
+    monkeypatch.setattr(reduction, "reduced_weight", lambda *a: made.append(weakref.ref(x := real_reduced(*a))) or x)
+    monkeypatch.setattr(reduction, "block_svd", lambda *a: made.append(weakref.ref((f := real_svd(*a)).U[0])) or f)
+    alive = []
+    real_eval = candidates.evaluate_split
+    monkeypatch.setattr(candidates, "evaluate_split",
+                        lambda *a, **kw: (gc.collect(), alive.append([r() is not None for r in made]))
+                        and real_eval(*a, **kw))
+    _, splits = _splits(mc_task)
+    edits = [Edit(lm.matrices[0].name, 1, 0.5), Edit(lm.matrices[-1].name, 2, 0.1)]
+    evaluate_edits(lm, edits, splits, "calib", store)
+    assert len(made) == 4 and alive == [[False] * 4]  # two SVDs, two reduced matrices: none alive while it evaluates
+
+
 def test_second_edit_on_a_busy_model_is_refused_without_blocking(tiny_lm):
     lm = tiny_lm("llama")
     import threading
