@@ -80,9 +80,10 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
         held_out: evaluate the base and the edits kept on the held-out test split at the end.
         progress: called with {"phase": "compose", "done", "total", "message"} after each evaluation.
         limit: try at most this many edits of the pool, best first (None: all); the result's ``left`` counts the rest.
-        prefix_budget_mb: RAM for the hidden states that the evaluations on the search's split start from, at the
-            lowest layer each one edits (prefix reuse, as in a search; exact); None: every evaluation runs every
-            block. The two held-out test evaluations run whole: nothing would reuse their states.
+        prefix_budget_mb: RAM for the hidden states entering the lowest layer of the edits kept, which every try of
+            an edit at that layer or above starts from (prefix reuse, as in a search; exact); None: every evaluation
+            runs every block. A try of an edit below that layer runs whole, as do the two held-out test
+            evaluations: nothing would reuse their states, and building them costs what they save once.
 
     Every evaluation goes through :func:`~laser_core.candidates.evaluate_edits` and its cache, so the same call
     again evaluates nothing (:func:`cached_composition` reads it back without a model run).
@@ -95,9 +96,13 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
     """
     store = store or null_store()
     pool = PrefixPool(lm, prefix_budget_mb * 2**20) if prefix_budget_mb is not None else None
-    return _greedy(start, candidates, base, held_out, limit, cancel, progress,
-                   lambda edits, split: evaluate_edits(lm, edits, splits, split, store, cancel,
-                                                       pool if split != "test" else None))
+
+    def evaluate(edits: list[Edit], split: str) -> dict:
+        kept = edits[:-1]  # a try: the edits kept, then the one tried
+        shared = pool is not None and split != "test" and bool(kept) and \
+            lm.ref(edits[-1].name).layer >= min(lm.ref(e.name).layer for e in kept)
+        return evaluate_edits(lm, edits, splits, split, store, cancel, pool if shared else None)
+    return _greedy(start, candidates, base, held_out, limit, cancel, progress, evaluate)
 
 
 def cached_composition(lm: LoadedModel, splits: Splits, start: dict, candidates: list[dict], store: Store,
