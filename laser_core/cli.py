@@ -128,7 +128,8 @@ def _cmd_search(args, method: str) -> int:
 def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> int:
     """``search --compose``: greedy composition from the search's best (``laser_core.compose``), printed, and its
     recipe written beside the best's."""
-    from .compose import compose_greedy, compose_pool
+    from .candidates import prefix_reuse_applies
+    from .compose import compose_greedy, compose_pool, composition_seconds
     from .estimate import SPLIT_WORDS, human_seconds
     from .recipe import make_recipe, recipe_metrics, save_recipe
     from .significance import change_between
@@ -137,7 +138,9 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     pool = compose_pool(report.candidates, report.best, report.base)
     tries = len(pool[:args.compose_max])
     each = (report.base or {}).get("seconds")  # one full evaluation of the split, as the base's took
-    about = f", about {human_seconds(tries * each)} at the base's pace" if each and tries else ""
+    reuse = not args.no_prefix_reuse and prefix_reuse_applies(lm, splits)
+    about = f", about {human_seconds(composition_seconds(lm, pool[:tries], report.best, each, reuse))}" \
+        if each and tries else ""
     capped = f"{tries} of {len(pool)} edits to try (--compose-max {args.compose_max}; " if tries < len(pool) else \
         f"{tries} edit{'s' * (tries != 1)} to try ("
     print(f"compose: {capped}each other matrix's best that beats the base alone on the {split} split, best first{about}"

@@ -61,6 +61,16 @@ def compose_pool(candidates: list[dict], start: dict, base: dict | None = None) 
                   reverse=True)
 
 
+def composition_seconds(lm: LoadedModel, tries: list[dict], start: dict, full: float, reuse: bool) -> float:
+    """About how long :func:`compose_greedy` takes to try ``tries`` beside ``start`` (held-out test aside), where one
+    evaluation of the split takes ``full`` seconds: with ``reuse`` (prefix reuse on and applicable), a try of an edit
+    at or above ``start``'s layer runs from that layer once its states are built, and one below runs whole (an edit
+    kept below it lowers that layer for the tries after it: those then take longer than this says)."""
+    share = (lm.n_layers - start["layer"]) / lm.n_layers if reuse and start.get("layer") is not None else 1.0
+    above = sum(c["layer"] >= start["layer"] for c in tries) if share < 1 else 0
+    return full * (len(tries) - above + above * share + (1 - share) * (above > 0))
+
+
 class _NotCached(Exception):
     """An evaluation :func:`cached_composition` would need that the cache does not hold."""
 

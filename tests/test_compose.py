@@ -296,3 +296,14 @@ def test_a_composition_starts_a_try_from_cached_states_only_where_other_tries_sh
     asked.clear()
     compose_greedy(lm, None, start, cands, held_out=False, prefix_budget_mb=None)
     assert not any(shared for *_, shared in asked)  # prefix reuse off
+
+
+def test_the_composition_estimate_counts_the_blocks_each_try_runs(tiny_lm):
+    """Before, `--compose` said every try would take a full evaluation ("at the base's pace")."""
+    from laser_core.compose import composition_seconds
+    lm = tiny_lm("llama")  # 2 blocks: a try from layer 1 on runs half of them
+    start, tries = {"layer": 1}, [{"layer": 0}, {"layer": 1}, {"layer": 1}]
+    # layer 0: whole; the two at layer 1: half each, plus once the forward up to layer 1 that builds their states
+    assert composition_seconds(lm, tries, start, 10.0, reuse=True) == pytest.approx(10 + 2 * 5 + 5)
+    assert composition_seconds(lm, tries, start, 10.0, reuse=False) == pytest.approx(30)
+    assert composition_seconds(lm, tries[:1], start, 10.0, reuse=True) == pytest.approx(10)  # nothing to build
