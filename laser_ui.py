@@ -1066,8 +1066,8 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
     split, in the background, then the held-out test of the edits kept; once done, the edits kept are picked in the
     combination's box (``labels``: its options), which shows their held-out result, and each step is listed. A
     composition found before (in another session, or by ``search --compose``) is shown from the cache at once."""
-    from laser_core.candidates import evaluate_edits
-    from laser_core.compose import cached_composition, compose_greedy, compose_pool
+    from laser_core.candidates import evaluate_edits, prefix_reuse_applies
+    from laser_core.compose import cached_composition, compose_greedy, compose_pool, composition_seconds
     from laser_core.estimate import SPLIT_WORDS
 
     split = chosen["split"]
@@ -1096,7 +1096,12 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
         st.session_state["greedy_applied"] = source
         kept = {candidate_id(e) for e in comp["edits"][1:]}
         st.session_state["combine_pick"] = [label for label, d in labels.items() if candidate_id(d) in kept]
-    tries = f" ({limit or len(pool)} to try)" if pool is not None else ""
+    tries = ""
+    if pool is not None:  # the time from the base's evaluation of the split, and the blocks each try runs
+        n = limit or len(pool)
+        each, reuse = base.get("seconds"), prefix_reuse_applies(lm, splits)
+        about = f", about {human_seconds(composition_seconds(lm, pool[:n], chosen, each, reuse))}" if n and each else ""
+        tries = f" ({n} to try{about})"
     if st.button(f"Find edits to add, greedily on the {words} split{tries}", key="greedy_run", disabled=running,
                  help=f"Each other matrix's best candidate that beats the base model alone on the {words} split, "
                       "best first, is applied together with this edit and those kept so far, and kept where the edits "
