@@ -90,7 +90,8 @@ def parser() -> argparse.ArgumentParser:
     def grid(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
         sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
-        sp.add_argument("--no-prefix-reuse", action="store_true", help="run the full forward for every candidate (and every --compose step)")
+        sp.add_argument("--no-prefix-reuse", action="store_true",
+                        help="run the full forward for every candidate (and every --compose step)")
         sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
                         help="RAM for prefix reuse's cached hidden states; least recently used layers are dropped "
                              "(default %(default)s)")
