@@ -234,7 +234,7 @@ def test_a_limited_composition_tries_the_best_first_and_the_cache_reads_any_run_
         compose_greedy(lm, splits, report.best, report.candidates, store, limit=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
 def test_edits_together_start_from_the_lowest_edited_layer_and_equal_the_full_forward(tiny_lm, mc_task, store, arch):
     """Before, several edits applied together ran every block and recomputed each edit's SVD on every evaluation."""
     from laser_core.candidates import PrefixPool, evaluate_edits
