@@ -307,3 +307,16 @@ def test_the_composition_estimate_counts_the_blocks_each_try_runs(tiny_lm):
     assert composition_seconds(lm, tries, start, 10.0, reuse=True) == pytest.approx(10 + 2 * 5 + 5)
     assert composition_seconds(lm, tries, start, 10.0, reuse=False) == pytest.approx(30)
     assert composition_seconds(lm, tries[:1], start, 10.0, reuse=True) == pytest.approx(10)  # nothing to build
+
+
+def test_search_compose_takes_the_searchs_prefix_reuse_settings(tiny_dirs, mc_task, tmp_path, monkeypatch):
+    import laser_core.compose as compose
+    from laser_core.cli import main
+    real, budgets = compose.compose_greedy, []
+    monkeypatch.setattr(compose, "compose_greedy",
+                        lambda *a, **kw: budgets.append(kw["prefix_budget_mb"]) or real(*a, **kw))
+    args = ["search", "--model", str(tiny_dirs["llama"]), "--task", str(mc_task), "--n-calib", "20", "--n-test", "20",
+            "--q", "2", "--ks", "1", "--rhos", "0.5", "--cache-dir", str(tmp_path / "c"), "--recipe-out",
+            str(tmp_path / "r.json"), "--compose"]
+    assert main([*args, "--prefix-budget-mb", "64"]) == 0 and main([*args, "--no-prefix-reuse"]) == 0
+    assert budgets == [64, None]
