@@ -54,6 +54,13 @@ class PrefixPool:
             self.items.popitem(last=False)
         return states
 
+    def for_edits(self, splits: Splits, split: str, edits: list[Edit]) -> PrefixStates | None:
+        """What an evaluation of ``edits`` (applied together) on ``split`` starts from: the states entering the lowest
+        layer they edit, and, where one edit alone sits there, what of that block precedes its matrix."""
+        layers = [self.lm.ref(e.name).layer for e in edits]
+        lowest = [e.name for e, layer in zip(edits, layers) if layer == min(layers)]
+        return self.get(splits, split, min(layers), lowest[0] if len(lowest) == 1 else None)
+
 
 def match_ident(splits: Splits) -> dict:
     """The answer-match rule of a generation task for cache keys, where it is not LASER's (the default): results
@@ -135,7 +142,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         ref = lm.ref(edit.name)
         store.counts["eval"] += 1
         f = get_factors(lm, edit.name, edit.k, store, factors)
-        prefix = prefixes.get(splits, split, ref.layer, edit.name) if prefixes is not None else None
+        prefix = prefixes.for_edits(splits, split, [edit]) if prefixes is not None else None
         ranks, kept = params_kept(ref, edit.k, edit.rho)
         row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
@@ -210,14 +217,10 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
     key = edits_key(store, lm, splits, split, edits)
     t0 = time.perf_counter()
     which = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name}
-    refs = [lm.ref(e.name) for e in check_one_per_matrix(edits)]  # a wrong name or a matrix twice: before any SVD
-    with lm.lock:  # factors of the base weights: no other edit may be in them meanwhile
-        factors = {(e.name, e.k): get_factors(lm, e.name, e.k, store) for e in edits}
-    prefix = None
-    if prefixes is not None:
-        low = min(r.layer for r in refs)
-        first = [e.name for e, r in zip(edits, refs) if r.layer == low]
-        prefix = prefixes.get(splits, split, low, first[0] if len(first) == 1 else None)
+    for e in check_one_per_matrix(edits):  # a wrong name or a matrix twice: before any SVD
+        lm.ref(e.name)
+    factors = {(e.name, e.k): get_factors(lm, e.name, e.k, store) for e in edits}
+    prefix = prefixes.for_edits(splits, split, edits) if prefixes is not None else None
     try:
         with edited(lm, edits, factors):
             factors.clear()  # the edits are in the weights: their SVD factors need not stay in memory meanwhile

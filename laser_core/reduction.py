@@ -163,7 +163,8 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | N
         f = BlockFactors.from_tensors(t).to(lm.device)
     else:
         store.counts["svd"] += 1
-        f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
+        with lm.lock:  # the base weights: no running job's edit may be in them meanwhile
+            f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
         store.put_tensors(key, f.tensors())
     if memo is not None:
         memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
