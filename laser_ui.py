@@ -411,6 +411,7 @@ def render_setup_form() -> None:
     with r1:
         st.subheader("Model")
         st.radio("Source", MODEL_KINDS, horizontal=True, key="model_kind")
+    generation = True  # a file's or dataset's kind is known once it loads: its decoding fields show
     with r2:
         st.subheader("Task")
         st.radio("Task source", TASK_KINDS, horizontal=True, key="task_kind")
@@ -419,8 +420,8 @@ def render_setup_form() -> None:
                          help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
             kind, size = bundled_facts(st.session_state["bundled"])
             st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench, zero-shot)")
+            generation = kind == "gen"
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
-    generation = task_kind != "bundled" or bundled_facts(st.session_state["bundled"])[0] == "gen"
     note = st.empty()  # filled after the form: a Load in this run changes what is loaded
     with st.form("setup"):
         c1, c2 = st.columns(2)
@@ -1098,10 +1099,9 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
         st.session_state["combine_pick"] = [label for label, d in labels.items() if candidate_id(d) in kept]
     tries = ""
     if pool is not None:  # the time from the base's evaluation of the split, and the blocks each try runs
-        n = limit or len(pool)
-        each, reuse = base.get("seconds"), prefix_reuse_applies(lm, splits)
-        about = f", about {human_seconds(composition_seconds(lm, pool[:n], chosen, each, reuse))}" if n and each else ""
-        tries = f" ({n} to try{about})"
+        to_try, each, reuse = pool[:limit], base.get("seconds"), prefix_reuse_applies(lm, splits)
+        about = f", about {human_seconds(composition_seconds(lm, to_try, chosen, each, reuse))}" if to_try and each else ""
+        tries = f" ({len(to_try)} to try{about})"
     if st.button(f"Find edits to add, greedily on the {words} split{tries}", key="greedy_run", disabled=running,
                  help=f"Each other matrix's best candidate that beats the base model alone on the {words} split, "
                       "best first, is applied together with this edit and those kept so far, and kept where the edits "

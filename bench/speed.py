@@ -29,10 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from laser_core import Edit, ModelSpec, SearchConfig, Store, TaskSpec, edited, load_model, load_task, make_splits, run_search  # noqa: E402
 from laser_core.candidates import evaluate_candidate  # noqa: E402
-from laser_core.reduction import get_factors  # noqa: E402
 from laser_core.evaluate import evaluate  # noqa: E402
 from laser_core.prefix_states import PrefixStates  # noqa: E402
-from laser_core.reduction import block_svd  # noqa: E402
+from laser_core.reduction import block_svd, get_factors  # noqa: E402
 from laser_core.report import laser_baseline  # noqa: E402
 from laser_core.store import null_store  # noqa: E402
 

@@ -136,10 +136,11 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
     split = SPLIT_WORDS[report.search_split]
     pool = compose_pool(report.candidates, report.best, report.base)
-    tries = len(pool[:args.compose_max])
+    to_try = pool[:args.compose_max]
+    tries = len(to_try)
     each = (report.base or {}).get("seconds")  # one full evaluation of the split, as the base's took
     reuse = not args.no_prefix_reuse and prefix_reuse_applies(lm, splits)
-    about = f", about {human_seconds(composition_seconds(lm, pool[:tries], report.best, each, reuse))}" \
+    about = f", about {human_seconds(composition_seconds(lm, to_try, report.best, each, reuse))}" \
         if each and tries else ""
     capped = f"{tries} of {len(pool)} edits to try (--compose-max {args.compose_max}; " if tries < len(pool) else \
         f"{tries} edit{'s' * (tries != 1)} to try ("

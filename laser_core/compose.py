@@ -16,6 +16,7 @@ from typing import Callable
 from .candidates import PrefixPool, best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
 from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
+from .estimate import block_share
 from .evaluate import CancelToken
 from .models import LoadedModel
 from .search import SEARCH_SPLIT
@@ -66,7 +67,7 @@ def composition_seconds(lm: LoadedModel, tries: list[dict], start: dict, full: f
     evaluation of the split takes ``full`` seconds: with ``reuse`` (prefix reuse on and applicable), a try of an edit
     at or above ``start``'s layer runs from that layer once its states are built, and one below runs whole (an edit
     kept below it lowers that layer for the tries after it: those then take longer than this says)."""
-    share = (lm.n_layers - start["layer"]) / lm.n_layers if reuse and start.get("layer") is not None else 1.0
+    share = block_share(lm, start.get("layer"), reuse)
     above = sum(c["layer"] >= start["layer"] for c in tries) if share < 1 else 0
     return full * (len(tries) - above + above * share + (1 - share) * (above > 0))
 
