@@ -37,7 +37,7 @@ from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
-from laser_core.tasks import MATCH_HELP, MATCH_RULES
+from laser_core.answers import MATCH_HELP, MATCH_RULES
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -701,10 +701,13 @@ def render_sidebar_status() -> None:
         st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
 
 
-def render_example(ex) -> None:
-    """One example (a ``laser_core.tasks.Example``) as the model reads it: the prompt, then each choice as scored
-    after it (the right one marked) or the accepted answers, so that a column mapping or a prompt template can be
-    checked before anything runs."""
+def render_example(splits) -> None:
+    """The first calibration example of ``splits`` as the model reads it: the prompt, then each choice as scored
+    after it (the right one marked) or the accepted answers and how a generated one is read, so that a column
+    mapping or a prompt template can be checked before anything runs."""
+    from laser_core.answers import answer_rule_words
+
+    ex = splits.examples("calib")[0]
     with st.expander("An example as the model reads it (the first of the calibration split)"):
         st.code(ex.prompt, language=None)
         if ex.choices:
@@ -712,6 +715,9 @@ def render_example(ex) -> None:
                 f"`{c!r}`" + (" ← right" if i == ex.answer else "") for i, c in enumerate(ex.choices)))
         else:
             st.markdown("Accepted answers (generation):  \n" + "  \n".join(f"`{t!r}`" for t in ex.targets))
+            st.text(f"Generated text: the {splits.spec.max_new_tokens} new tokens, "
+                    + answer_rule_words(splits.task, splits.spec.match)
+                    + ("" if splits.task.answer_format.is_set else " (its first line)"))
 
 
 def render_job(job: Job | None, table: bool = True) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import TaskSpec, read_json
 from .errors import TaskFormatError
+from .answers import AnswerFormat
 from .tasks import Task, gen_example, make_task, mc_example
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,16 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
 
     ``data``: the file's content where the caller has read it already.
 
+    A generation task's answers are cut from the decoded text by the file's ``stop_string`` and ``output_regex``,
+    as BIG-bench cuts them (:func:`answer_format`).
+
     ``append_choices_to_input`` is read as BIG-bench reads it, by truth value (seven of its tasks write the text
     "false", which BIG-bench takes as true), with a warning when it is not true or false.
 
     Raises:
-        TaskFormatError: not JSON, no ``examples`` list, a prefix that is not text, or an example without an
-            input, without targets, or whose scores name no best choice.
+        TaskFormatError: not JSON, no ``examples`` list, a prefix that is not text, a stop string or output regex
+            that is not text (or a regex that does not compile), or an example without an input, without targets,
+            or whose scores name no best choice.
     """
     path = Path(path)
     label = f"{path.parent.name}/{path.name}" if path.name == "task.json" else path.name  # BIG-bench's own tree
@@ -94,14 +99,31 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
             examples.append(gen_example(prompt(ex["input"]), [target] if isinstance(target, str) else target, where))
         else:
             raise TaskFormatError(f"{where}: has neither 'target_scores' nor 'target'")
-    return make_task(name or data.get("name", path.stem), examples)
+    return make_task(name or data.get("name", path.stem), examples, answer_format(data, label))
+
+
+def answer_format(data: dict, label: str) -> AnswerFormat:
+    """The file's ``stop_string`` and ``output_regex`` (a null one is unset), which cut a generated answer as
+    BIG-bench cuts it. A file with neither keeps the first line of the answer, as LASER reads qa_wikidata's; BIG-bench
+    would then take the text up to the first ``.?!;`` or newline (its default regex)."""
+    try:
+        return AnswerFormat(data.get("stop_string"), data.get("output_regex"))
+    except TaskFormatError as e:
+        raise TaskFormatError(f"{label}: {e}") from None
 
 
 def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dict | None = None) -> Task:
-    """:func:`load_bigbench`, refusing the column-reading settings, which a task.json has no columns for."""
+    """:func:`load_bigbench`, refusing the column-reading settings, which a task.json has no columns for; warns
+    where the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
     if spec.prompt_template or spec.fixed_choices:
         what = "a prompt template" if spec.prompt_template else "fixed choices"
         raise TaskFormatError(f"{what} applies to JSONL, CSV, JSON-array, Parquet and hf: tasks (their columns); "
                               f"{spec.source!r} is a BIG-bench task, whose prompts and choices its task.json defines: "
                               f"leave {what} empty")
-    return load_bigbench(path, name=name, data=data)
+    data = read_json(path) if data is None else data
+    task = load_bigbench(path, name=name, data=data)
+    if task.answer_format.is_set and spec.match != "exact" and data.get("preferred_score") == "exact_str_match":
+        log.warning("%s: BIG-bench scores this task by exact match of the answer its %s cuts; here answers are "
+                    "matched by the '%s' rule (which finds '5' in '15'): answer match 'exact' (--match exact) scores "
+                    "them as BIG-bench does", task.name, task.answer_format.describe(), spec.match)
+    return task

@@ -70,8 +70,9 @@ def match_ident(splits: Splits) -> dict:
 
 def evaluate_split(lm: LoadedModel, splits: Splits, split: str, **kw) -> EvalResult:
     """:func:`~laser_core.evaluate.evaluate` on the examples of ``split``, with the task's decoding settings (its
-    length and answer-match rule), which every result of the task is keyed by."""
-    return evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, match=splits.spec.match, **kw)
+    length, answer-match rule and answer format), which every result of the task is keyed by."""
+    return evaluate(lm, splits.examples(split), splits.spec.max_new_tokens, match=splits.spec.match,
+                    answer_format=splits.task.answer_format, **kw)
 
 
 def split_ident(splits: Splits, split: str) -> dict:

@@ -76,6 +76,7 @@ def _cmd_search(args, method: str) -> int:
     from .recipe import check_out_file, recipe_from_report, save_recipe
     from .scores import skip_text
     from .search import SEARCH_SPLIT, run_search
+    from .answers import answer_rule_words
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
     if args.recipe_out:
@@ -87,9 +88,10 @@ def _cmd_search(args, method: str) -> int:
     with _interruptible() as (cancel, bars):
         report = run_search(lm, splits, cfg, store, progress=bars, cancel=cancel)
     split = SPLIT_WORDS[SEARCH_SPLIT[method]]
+    rule = answer_rule_words(splits.task, tspec.match)  # "" for multiple choice
     print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
           f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}"
-          + (f"; answers matched by the '{tspec.match}' rule" if splits.task.kind == "gen" else ""))
+          + (f"; {rule}" if rule else ""))
     print(f"base   {split:<11} {_fmt(report.base)}")
     print(f"best   {split:<11} {_fmt(report.best)}")
     print(f"base   held-out    {_fmt(report.base_test)}")
@@ -181,12 +183,13 @@ def _cmd_eval(args) -> int:
     from .candidates import evaluate_edits
     from .recipe import check_recipe_fits, load_recipe
     from .significance import change_between
+    from .answers import answer_rule_words
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)
     doc = evaluate_edits(lm, check_recipe_fits(lm, recipe) if recipe else [], splits, args.split, store)
-    rule = f"  (answers matched by the '{tspec.match}' rule)" if splits.task.kind == "gen" else ""
-    print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else "") + rule)
+    rule = answer_rule_words(splits.task, tspec.match)  # "" for multiple choice
+    print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else "") + (f"  ({rule})" if rule else ""))
     if recipe and args.split == "test":  # held out: a fair comparison with the base model (see significance)
         base = evaluate_edits(lm, [], splits, "test", store)
         print(f"base: {_fmt(base)}" + ("  (cached)" if base.get("cached") else ""))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
-from .tasks import MATCH_HELP, MATCH_RULES
+from .answers import MATCH_HELP, MATCH_RULES
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -111,7 +111,7 @@ class TaskSpec:
     #                          column is an index or text of these; "": each row's choices column
     answer_base: int = 0  # the index an answer column gives the first choice: 0, or 1 where a set counts from 1
     #                       (Winogrande's "1"/"2", Social IQa's "1"-"3")
-    match: str = "contains"  # generation tasks: when an answer is right, a name in tasks.MATCH_RULES (contains,
+    match: str = "contains"  # generation tasks: when an answer is right, a name in answers.MATCH_RULES (contains,
     #                          LASER's; word; starts; exact)
 
     def __post_init__(self) -> None:
@@ -126,7 +126,7 @@ class TaskSpec:
             raise ConfigError(f"answer_base must be 0 or 1 (the index of the first choice), got {self.answer_base!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        from .tasks import match_rule  # the registry lives beside the task loaders
+        from .answers import match_rule  # the registry lives beside the answer formats
 
         match_rule(self.match)
         if self.prompt_template:

@@ -11,10 +11,11 @@ Rules:
   every row attends to its keys and values, where a probe shows the same log-probs
   (:func:`~laser_core.forward.split_lead`).
 - multiple choice, masked LM: the choice's (first) token logit at a ``<mask>`` placed after the prompt.
-- generation: greedy decoding; correct when the generated text only (cut at its first newline, never the
-  prompt) matches an accepted answer, case-insensitively, by a rule of :data:`~laser_core.tasks.MATCH_RULES`:
-  by default LASER's, the answer occurs in it ("contains"); or as whole words ("word"); or it starts with the
-  answer as whole words ("starts"); or it is the answer ("exact").
+- generation: greedy decoding; correct when the generated text only (never the prompt), cut at its first newline
+  or as the task file's ``stop_string`` and ``output_regex`` say (:class:`~laser_core.answers.AnswerFormat`),
+  matches an accepted answer, case-insensitively, by a rule of :data:`~laser_core.answers.MATCH_RULES`: by default
+  LASER's, the answer occurs in it ("contains"); or as whole words ("word"); or it starts with the answer as whole
+  words ("starts"); or it is the answer ("exact").
 Log-loss: mean over examples of the per-token negative log-prob of the correct answer (nats/token). It is
 also the loss L whose gradient the scores use.
 
@@ -38,7 +39,8 @@ from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batche
 from .models import LoadedModel
 from .prefix_states import PrefixStates
 from .sequences import Seq, batch_rows, least_padded_batches, prompt_ids
-from .tasks import Example, answer_matches
+from .answers import FIRST_LINE, AnswerFormat, answer_matches
+from .tasks import Example
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,8 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
              cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
-             prefix: PrefixStates | None = None, head_rows: int = 1024, match: str = "contains") -> EvalResult:
+             prefix: PrefixStates | None = None, head_rows: int = 1024, match: str = "contains",
+             answer_format: AnswerFormat = FIRST_LINE) -> EvalResult:
     """Accuracy and log-loss of ``lm`` on ``examples`` (see the module docstring for the rules).
 
     Args:
@@ -143,12 +146,13 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             rows (it reads its whole weight on every run, which costs as much as a late candidate's blocks);
             with ``beat`` it runs after every batch, so that a candidate stops as soon as it can.
         match: generation tasks: the rule that says a generated answer is right (a name in ``MATCH_RULES``).
+        answer_format: generation tasks: how the answer is cut from the decoded text (the task's).
     """
     examples = list(examples)
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
-        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match, beat)
+        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match, beat, answer_format)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
         lead = prefix.lead_past(lm)
@@ -224,7 +228,8 @@ def generation_batches(lm: LoadedModel, lengths: list[int], max_new_tokens: int,
 
 def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_tokens: int, cancel: CancelToken | None,
                          max_tokens: int = 8192, match: str = "contains",
-                         beat: tuple[float, float] | None = None) -> EvalResult:
+                         beat: tuple[float, float] | None = None,
+                         answer_format: AnswerFormat = FIRST_LINE) -> EvalResult:
     if lm.kind != "causal":
         raise ConfigError("generation tasks need a causal LM")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
@@ -250,8 +255,7 @@ def _evaluate_generation(lm: LoadedModel, examples: list[Example], max_new_token
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, num_beams=1)
         for b, i in enumerate(idx):
-            text = tok.decode(out[b, width:], skip_special_tokens=True).strip()
-            answers[i] = text.split("\n")[0] if text else ""
+            answers[i] = answer_format.answer(tok.decode(out[b, width:], skip_special_tokens=True))
             correct[i] = answer_matches(answers[i], examples[i].targets, match)
         seen += idx
         if beat is not None and len(seen) < n and (sum(correct) + n - len(seen)) / n < beat[0]:

@@ -1,19 +1,18 @@
-"""Tasks: examples of one kind (multiple choice or generation), the rules that score a generated answer, loading
-a task from where it is (BIG-bench: :mod:`laser_core.bigbench`; files and datasets of records:
-:mod:`laser_core.records`) and seeded disjoint splits."""
+"""Tasks: examples of one kind (multiple choice or generation), loading a task from where it is (BIG-bench: :mod:`laser_core.bigbench`; files and datasets of records:
+:mod:`laser_core.records`) and seeded disjoint splits. How a generated answer is read and scored:
+:mod:`laser_core.answers`."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
+from .answers import FIRST_LINE, AnswerFormat
 from .config import TaskSpec, read_json, split_choices, stable_hash
-from .errors import ConfigError, TaskFormatError
+from .errors import TaskFormatError
 
 log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data" / "bigbench"
@@ -23,34 +22,6 @@ BUNDLED: dict[str, str] = {
     "qa_wikidata": "qa_wikidata.json",
     "truthful_qa": "truthful_qa_mc.json",
 }
-
-
-# ---- generation: a registry of rules for when a generated answer is right. Each gets the answer (the generated
-# text up to its first newline) and one accepted answer, both stripped of surrounding spaces and lowercased ----
-MATCH_RULES: dict[str, Callable[[str, str], bool]] = {
-    "contains": lambda answer, target: target in answer,  # LASER's: "1" is found in "10", "a" in "paris"
-    "word": lambda answer, target: re.search(rf"(?<!\w){re.escape(target)}(?!\w)", answer) is not None,
-    "starts": lambda answer, target: re.match(rf"{re.escape(target)}(?!\w)", answer) is not None,
-    "exact": lambda answer, target: answer == target,  # the whole line; a trailing "." already fails it
-}
-MATCH_HELP = ("contains: an accepted answer occurs in the generated line (LASER's rule, the default); word: it occurs "
-              "there as whole words; starts: the line starts with it, as whole words; exact: the line is an accepted "
-              "answer. Case and surrounding spaces are ignored")
-
-
-def match_rule(name: str) -> Callable[[str, str], bool]:
-    """The answer-match rule called ``name`` (see :data:`MATCH_RULES`)."""
-    if name not in MATCH_RULES:
-        raise ConfigError(f"unknown answer match {name!r}; known: {', '.join(MATCH_RULES)}")
-    return MATCH_RULES[name]
-
-
-def answer_matches(answer: str, targets, rule: str = "contains") -> bool:
-    """Whether the generated ``answer`` is right under ``rule``: it matches one of ``targets``, ignoring case and
-    surrounding spaces."""
-    test = match_rule(rule)
-    answer = answer.strip().lower()
-    return any(test(answer, t.strip().lower()) for t in targets)
 
 
 @dataclass(frozen=True)
@@ -78,7 +49,8 @@ class Task:
     name: str
     kind: str  # "mc" or "gen"
     examples: tuple[Example, ...]
-    digest: str  # hash of the examples: part of every cache key
+    digest: str  # hash of the examples (and answer format, where set): part of every cache key
+    answer_format: AnswerFormat = FIRST_LINE  # generation: how an answer is cut from the decoded text
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -104,15 +76,21 @@ class Splits:
                 "ids": stable_hash(list(getattr(self, split)))}
 
 
-def make_task(name: str, examples: list[Example]) -> Task:
-    """A task of ``examples``, all of one kind, with the digest that keys its cached results."""
+def make_task(name: str, examples: list[Example], answer_format: AnswerFormat = FIRST_LINE) -> Task:
+    """A task of ``examples``, all of one kind, with the digest that keys its cached results. ``answer_format``:
+    for generation, how answers are cut from the decoded text; a multiple-choice task has none."""
     if not examples:
         raise TaskFormatError(f"task {name!r} has no examples")
     kinds = {e.kind for e in examples}
     if len(kinds) > 1:
         raise TaskFormatError(f"task {name!r} mixes multiple-choice and generation examples; split it in two")
-    digest = hashlib.sha256(json.dumps([[e.prompt, e.choices, e.answer, e.targets] for e in examples]).encode()).hexdigest()[:16]
-    return Task(name, kinds.pop(), tuple(examples), digest)
+    kind = kinds.pop()
+    answer_format = answer_format if kind == "gen" else FIRST_LINE
+    content: object = [[e.prompt, e.choices, e.answer, e.targets] for e in examples]
+    if answer_format.is_set:  # a task without one keeps the digest (and cached results) it had before
+        content = {"examples": content, "answer_format": [answer_format.stop_string, answer_format.output_regex]}
+    digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+    return Task(name, kind, tuple(examples), digest, answer_format)
 
 
 def marks_its_answer(choices) -> bool:

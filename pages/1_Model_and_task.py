@@ -17,7 +17,7 @@ lm = ui.current_model()
 splits = ui.current_splits()
 
 ui.render_model_facts(lm, splits)
-ui.render_example(splits.examples("calib")[0])
+ui.render_example(splits)
 for note in ui.load_warnings():
     st.warning(note)
 

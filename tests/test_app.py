@@ -194,6 +194,19 @@ def test_model_page_shows_what_loading_the_task_warned_about(app_env, tmp_path):
     assert not [w for w in at.warning if "answers" in w.value or "dropped" in w.value]
 
 
+def test_model_page_says_how_a_bigbench_files_answers_are_cut_and_which_match_bigbench_scores_by(app_env, tmp_path):
+    task = tmp_path / "sums" / "task.json"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"name": "sums", "output_regex": r"[-+]?\d+", "preferred_score": "exact_str_match",
+                                "examples": [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(6)]}))
+    at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=2, n_test=2)
+    assert not at.exception
+    assert any("BIG-bench scores this task by exact match" in w.value for w in at.warning), [w.value for w in at.warning]
+    said = [t.value for t in at.text]
+    assert r"Generated text: the 12 new tokens, answers cut by the task file's output_regex [-+]?\d+, then matched by " \
+        "the 'contains' rule" in said, said
+
+
 def test_model_page_warns_that_half_precision_is_slow_on_a_cpu(app_env):
     at = page("pages/1_Model_and_task.py")
     assert not [w for w in at.warning if "slower than float32" in w.value]

@@ -315,6 +315,80 @@ def test_bigbench_text_target_is_one_answer_and_bad_scores_are_refused(tmp_path)
     assert len(load_task(TaskSpec(str(parent / "1_digit_addition")))) == 1
 
 
+def test_answer_format_cuts_generated_text_as_bigbench_postprocess_output():
+    """Expected answers worked by hand from BIG-bench's ``postprocess_output``: the text up to and including the first
+    stop string (kept whole where it starts with it), then the regex's first match (its group), or "" with none."""
+    from laser_core.answers import FIRST_LINE, AnswerFormat
+    assert FIRST_LINE.answer("  Paris.\nQ: next") == "Paris." and FIRST_LINE.answer("\n\n") == ""
+    dot = AnswerFormat(stop_string=".")
+    assert dot.answer("The apple is on the ground. What is") == "The apple is on the ground."  # BIG-bench's example
+    assert dot.answer(".5 and more") == ".5 and more"  # at the start: not cut
+    number = AnswerFormat(output_regex=r"[-+]?\d+")
+    assert number.answer("= 42. 7*7 = 49. 7*8 =") == "42" and number.answer("no digits") == ""
+    assert number.answer(" 15\n") == "15"  # then matched: "5" is not exactly "15", which 'contains' would credit
+    quoted = AnswerFormat(output_regex="('.*?')")  # a group: its text, as re.findall gives it
+    assert quoted.answer("it is 'ab' or 'cd'") == "'ab'"
+    both = AnswerFormat(stop_string="\n", output_regex=r"([-+]?\d+)[.]{0,1}$")  # the operators task's
+    assert both.answer(" 12.\n13") == "12" and both.answer(" 12 apples\n") == ""
+    assert both.describe() == r"stop_string '\n' and output_regex ([-+]?\d+)[.]{0,1}$" and FIRST_LINE.describe() == ""
+    whole = AnswerFormat(output_regex="")  # set, but empty: BIG-bench then cuts nothing, not even at a line break
+    assert whole.answer(" 12\n13 ") == "12\n13" and whole.describe() == "output_regex '' (the whole text)"
+    for bad, said in (({"output_regex": "(a)(b)"}, "has 2 groups; it may have at most one"),
+                      ({"output_regex": "(unclosed"}, "is not a regular expression"),
+                      ({"stop_string": 3}, "'stop_string' must be text, got 3")):
+        with pytest.raises(TaskFormatError, match=re.escape(said)):
+            AnswerFormat(**bad)
+
+
+def test_a_bigbench_generation_file_cuts_answers_by_its_settings_and_says_which_match_bigbench_scores_by(
+        tmp_path, caplog):
+    from laser_core.answers import FIRST_LINE, AnswerFormat
+    exs = [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(4)]
+    plain = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs))))
+    assert plain.answer_format == FIRST_LINE
+    with caplog.at_level("WARNING", logger="laser_core.bigbench"):
+        cut = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs, output_regex=r"[-+]?\d+", stop_string="\n",
+                                                     preferred_score="exact_str_match"))))
+    assert cut.answer_format == AnswerFormat("\n", r"[-+]?\d+") and cut.examples == plain.examples
+    assert cut.digest != plain.digest  # its results are its own in the cache
+    assert "BIG-bench scores this task by exact match" in caplog.text and "'contains' rule" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="laser_core.bigbench"):
+        load_task(TaskSpec(str(tmp_path / "task.json"), match="exact"))
+    assert not caplog.text  # scored as BIG-bench scores it: nothing to say
+    with pytest.raises(TaskFormatError, match=r"task.json: 'output_regex' '\(a\)\(b\)' has 2 groups"):
+        load_task(TaskSpec(str(_bigbench_file(tmp_path, exs, output_regex="(a)(b)"))))
+    mc = load_task(TaskSpec(str(_bigbench_file(tmp_path, [{"input": "a", "target_scores": {"x": 1, "y": 0}}],
+                                               output_regex="x"))))
+    assert mc.answer_format == FIRST_LINE  # multiple choice generates nothing to cut
+    wikidata = load_task(TaskSpec("qa_wikidata"))  # no settings: first line, and the digest its results have had
+    assert wikidata.answer_format == FIRST_LINE and wikidata.digest == "c1d7667d6f6c0196"
+
+
+def test_generation_scores_the_answer_the_tasks_format_cuts(tiny_dirs, tmp_path, capsys):
+    """Through the evaluator and the CLI: targets that are each generated text's first non-space character are
+    right when the task's regex cuts that character, and wrong by the whole first line."""
+    from laser_core.answers import AnswerFormat
+    from laser_core.cli import main
+    lm = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu"))
+    prompts = [f"Count{' up' * (i % 4)} to {i}:" for i in range(24)]
+    said = evaluate(lm, [Example(q, targets=(" x",)) for q in prompts], max_new_tokens=4).predictions
+    assert all(len(p) > 1 for p in said)  # a first line longer than its first character
+    ex = [Example(q, targets=(" " + p[0],)) for q, p in zip(prompts, said)]
+    first = AnswerFormat(output_regex=r"\S")
+    assert evaluate(lm, ex, max_new_tokens=4, match="exact").accuracy == 0.0
+    cut = evaluate(lm, ex, max_new_tokens=4, match="exact", answer_format=first)
+    assert cut.accuracy == 1.0 and cut.predictions == [p[0] for p in said]
+    path = _bigbench_file(tmp_path, [{"input": q, "target": p[0]} for q, p in zip(prompts, said)],
+                          example_input_prefix="", example_output_prefix="", output_regex=r"\S")
+    assert load_task(TaskSpec(str(path))).examples[0].prompt == prompts[0]
+    assert main(["eval", "--model", str(tiny_dirs["llama"]), "--task", str(path), "--n-calib", "10", "--n-test", "10",
+                 "--max-new-tokens", "4", "--split", "calib", "--match", "exact", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "calib: accuracy 1.000" in out and r"(answers cut by the task file's output_regex \S, then matched by " \
+        "the 'exact' rule)" in out, out
+
+
 def test_splits_are_disjoint_seeded_and_test_is_stable_across_calibration_sizes():
     task = load_task(TaskSpec("fever"))
     a = make_splits(task, TaskSpec("fever", n_calib=100, n_test=50, seed=3))
@@ -665,7 +739,7 @@ def test_answer_match_rules_tell_a_whole_answer_from_a_part_of_a_word():
     """LASER's rule (contains) credits any generated line holding the answer's letters: qa_wikidata's blood type
     "O" in "a rare blood type", "Japan" in "Japanese". The others ask for whole words, the start, or the line."""
     from laser_core.cli_args import parser, specs_of
-    from laser_core.tasks import MATCH_RULES, answer_matches
+    from laser_core.answers import MATCH_RULES, answer_matches
     cases = {  # (generated line, accepted answer): contains, word, starts, exact
         ("10 people", " 1"): (True, False, False, False),
         ("a rare blood type", " O"): (True, False, False, False),

@@ -547,7 +547,7 @@ def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cach
 
     from conftest import write_jsonl
     from laser_core.candidates import evaluate_candidate, result_key
-    from laser_core.tasks import MATCH_RULES, answer_matches
+    from laser_core.answers import MATCH_RULES, answer_matches
     lm = tiny_lm("llama")
     prompts = [f"Say {i}:" for i in range(30)]
     ts = TaskSpec(str(write_jsonl(tmp_path / "say.jsonl", [{"prompt": p, "targets": [" x"]} for p in prompts])),
