@@ -175,7 +175,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
         print(f"held-out change from the best edit alone {over.summary()}")
     recipe = make_recipe(lm, comp.edits, tspec, recipe_metrics(report.search_split, report.base, comp.result,
                                                                comp.base_test, comp.result_test), "composed")
-    print(f"composed recipe: {save_recipe(recipe, best_path.with_name(best_path.stem + '-composed' + best_path.suffix))}")
+    capped = f"-max{args.compose_max}" if comp.left else ""  # a capped run leaves a full one's recipe as it is
+    print(f"composed recipe: {save_recipe(recipe, best_path.with_name(f'{best_path.stem}-composed{capped}{best_path.suffix}'))}")
     return 0
 
 

@@ -97,13 +97,18 @@ def test_search_compose_prints_the_steps_and_writes_a_recipe_that_eval_confirms(
         assert f"+ {st['name']} K={st['k']} rho={st['rho']}" in out
     pool = compose_pool(report.candidates, report.best, report.base)
     assert len(pool) >= 2  # --compose-max 1 then leaves some out
+    composed = tmp_path / "r-composed.json"
+    full = composed.read_bytes() if composed.exists() else None
     assert main(["search", *flags, "--q", "4", "--ks", "1,2", "--rhos", "0.5,0.1", "--recipe-out",
-                 str(tmp_path / "r1.json"), "--compose-max", "1"]) == 0  # implies --compose; the cache answers it
+                 str(tmp_path / "r.json"), "--compose-max", "1"]) == 0  # implies --compose; the cache answers it
     capped = capsys.readouterr().out
     assert f"compose: 1 of {len(pool)} edits to try (--compose-max 1; each other matrix's best" in capped
     assert f"  + {pool[0]['name']} K={pool[0]['k']} rho={pool[0]['rho']}" in capped
     assert f"+ {pool[1]['name']} K={pool[1]['k']}" not in capped and f"({len(pool) - 1} more not tried" in capped
-    composed = tmp_path / "r-composed.json"
+    assert (composed.read_bytes() if composed.exists() else None) == full  # the full composition's recipe stays
+    if "composed recipe:" in capped:  # the capped one has its own name
+        assert f"composed recipe: {tmp_path / 'r-composed-max1.json'}" in capped
+        assert load_recipe(tmp_path / "r-composed-max1.json")["method"] == "composed"
     if not comp.added:  # a random model: whether an edit helps is the data's to say; say so either way
         assert "no edit added to the best one; no composed recipe" in out and not composed.exists()
         return
