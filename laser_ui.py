@@ -374,8 +374,8 @@ def setup_form_state(model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
         out.update(task_kind="HF dataset", task_path=task.source[3:])
     else:  # an uploaded file was saved to disk: it reloads from that path
         out.update(task_kind="task file path", task_path=task.source)
-    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "max_new_tokens",
-                                              "match")})
+    out.update({f: getattr(task, f) for f in (*TASK_READING, "n_calib", "n_test", "n_val", "seed", "shots",
+                                              "max_new_tokens", "match")})
     out["answer_base"] = task.answer_base == 1  # a checkbox: "answers count from 1"
     return out
 
@@ -419,7 +419,7 @@ def render_setup_form() -> None:
             st.selectbox("Bundled task", BUNDLED, key="bundled",
                          help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
             kind, size = bundled_facts(st.session_state["bundled"])
-            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench, zero-shot)")
+            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench; zero-shot unless few-shot is set below)")
             generation = kind == "gen"
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
     note = st.empty()  # filled after the form: a Load in this run changes what is loaded
@@ -451,12 +451,15 @@ def render_setup_form() -> None:
                                    "answer column gives an index or the text of one (true/false: the second/first of "
                                    "two). Choices held one per column are named in the choices column instead: "
                                    "sol1,sol2.")
-            s1, s2, s3, s4 = st.columns(4)
+            s1, s2, s3, s4, s5 = st.columns(5)
             s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
             s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
             s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                             help="LASER's search split; blank: 20% of the task")
             s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
+            s5.number_input("few-shot", 0, 64, key="shots",
+                            help="solved examples before every prompt, drawn with the seed and kept out of every split "
+                                 "(a BIG-bench file's separated as it says); 0: zero-shot, as LASER and the paper")
             g1, g2, g3 = st.columns([2, 2, 3], vertical_alignment="bottom")
             if generation:  # a bundled multiple-choice task decodes nothing: its defaults stand
                 g1.number_input("max new tokens", 1, 1024, key="max_new_tokens",
@@ -520,7 +523,7 @@ def load_setup_form() -> None:
     try:
         model = ModelSpec(source, f["device"], f["dtype"])
         task = TaskSpec(tsource, int(f["n_calib"]), int(f["n_test"]), None if f["n_val"] is None else int(f["n_val"]),
-                        int(f["seed"]), **decoding, **reading)
+                        int(f["seed"]), shots=int(f["shots"]), **decoding, **reading)
     except ConfigError as e:
         user_error(str(e), status=True)
     switch_to(model, task)
@@ -694,7 +697,7 @@ def render_sidebar_status() -> None:
                                                                        ("Answers", "count from 1" * tspec.answer_base))
                       if value)
     st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
-                       f"({sizes}, seed {tspec.seed}){reading}")
+                       f"({sizes}, seed {tspec.seed}{f', {tspec.shots}-shot' if tspec.shots else ''}){reading}")
     jm = job_manager()
     running = [j for j in jm.jobs.values() if j.status == "running"]
     if running:
@@ -1446,7 +1449,9 @@ def render_model_facts(lm, splits) -> None:
     f[5].metric("dtype", facts["dtype"])
     st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
                f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "
-               f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}")
+               f"{len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, seed {splits.spec.seed}"
+               + (f", {splits.spec.shots}-shot (the solved examples are kept out of every split)" if splits.spec.shots
+                  else ""))
 
 
 def render_search_report(report: dict, lm) -> None:

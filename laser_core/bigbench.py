@@ -1,13 +1,14 @@
-"""BIG-bench task files, read as BIG-bench's own JsonTask reads them (zero-shot); checked against BIG-bench's
-formatter by ``bench/bigbench_format_check.py``."""
+"""BIG-bench task files, read as BIG-bench's own JsonTask reads them (zero-shot, or few-shot with
+``TaskSpec.shots``); checked against BIG-bench's formatter by ``bench/bigbench_format_check.py``."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from .answers import AnswerFormat
 from .config import TaskSpec, read_json
 from .errors import TaskFormatError
-from .answers import AnswerFormat
+from .fewshot import with_shots
 from .tasks import Task, gen_example, make_task, mc_example
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ def answer_format(data: dict, label: str) -> AnswerFormat:
 
 
 def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dict | None = None) -> Task:
-    """:func:`load_bigbench`, refusing the column-reading settings, which a task.json has no columns for; warns
+    """:func:`load_bigbench`, few-shot with ``spec.shots`` (:func:`~laser_core.fewshot.with_shots`, separated by the
+    file's ``few_shot_example_separator``), refusing the column-reading settings, which a task.json has no columns
+    for; warns
     where the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
     if spec.prompt_template or spec.fixed_choices:
         what = "a prompt template" if spec.prompt_template else "fixed choices"
@@ -122,6 +125,10 @@ def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dic
                               f"leave {what} empty")
     data = read_json(path) if data is None else data
     task = load_bigbench(path, name=name, data=data)
+    if spec.shots:  # BIG-bench's few-shot layout: its task prefix once, then each solved example and the separator
+        prefix = _bigbench_text(data, "task_prefix", "", path.name)
+        task = with_shots(task, spec.shots, spec.seed, _bigbench_text(data, "few_shot_example_separator", "\n",
+                                                                      path.name), prefix)
     if task.answer_format.is_set and spec.match != "exact" and data.get("preferred_score") == "exact_str_match":
         log.warning("%s: BIG-bench scores this task by exact match of the answer its %s cuts; here answers are "
                     "matched by the '%s' rule (which finds '5' in '15'): answer match 'exact' (--match exact) scores "

@@ -91,6 +91,7 @@ def _cmd_search(args, method: str) -> int:
     rule = answer_rule_words(splits.task, tspec.match)  # "" for multiple choice
     print(f"{method.upper()} on {splits.task.name}: {len(report.candidates)} candidates on the {split} split "
           f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}"
+          + (f", {tspec.shots}-shot" if tspec.shots else "")
           + (f"; {rule}" if rule else ""))
     print(f"base   {split:<11} {_fmt(report.base)}")
     print(f"best   {split:<11} {_fmt(report.best)}")

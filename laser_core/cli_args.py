@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                                 "right (default %(default)s)")
             t.add_argument("--match", choices=tuple(MATCH_RULES), default=TaskSpec.match,
                            help=f"generation tasks: when an answer is right. {MATCH_HELP}")
+            t.add_argument("--shots", type=int, default=TaskSpec.shots,
+                           help="few-shot: this many solved examples, drawn with the seed and kept out of every split, "
+                                "before every prompt (default %(default)s: zero-shot, as LASER and the paper)")
             t.add_argument("--prompt-template", default="",
                            help="JSONL/CSV/HF: build the prompt from columns, e.g. 'Question: {question}\\nAnswer:' "
                                 "(\\n is a line break; default: the prompt column as it is)")
@@ -161,7 +164,7 @@ def specs_of(args) -> tuple[ModelSpec, TaskSpec]:
     return ModelSpec(args.model, args.device, args.dtype), \
         TaskSpec(args.task, args.n_calib, args.n_test, args.n_val, args.seed, args.prompt_col, args.choices_col,
                  args.answer_col, args.targets_col, args.max_new_tokens, prompt_template=args.prompt_template,
-                 fixed_choices=args.fixed_choices, answer_base=args.answer_base, match=args.match)
+                 fixed_choices=args.fixed_choices, answer_base=args.answer_base, match=args.match, shots=args.shots)
 
 
 def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
@@ -172,7 +175,7 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
             for x in (f"--{f}", str(getattr(model, f)))]
     out += ["--task", task.source]
     for f in ("n_calib", "n_test", "n_val", "seed", "prompt_col", "choices_col", "answer_col", "targets_col",
-              "max_new_tokens", "prompt_template", "fixed_choices", "answer_base", "match"):
+              "max_new_tokens", "prompt_template", "fixed_choices", "answer_base", "match", "shots"):
         if getattr(task, f) != getattr(TaskSpec, f):
             out += ["--" + f.replace("_", "-"), str(getattr(task, f))]
     return out

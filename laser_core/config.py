@@ -113,6 +113,8 @@ class TaskSpec:
     #                       (Winogrande's "1"/"2", Social IQa's "1"-"3")
     match: str = "contains"  # generation tasks: when an answer is right, a name in answers.MATCH_RULES (contains,
     #                          LASER's; word; starts; exact)
+    shots: int = 0  # few-shot: solved examples drawn (with the seed) from the task, kept out of every split and put
+    #                 before every prompt; 0: zero-shot, as LASER and the paper evaluate
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
@@ -124,6 +126,8 @@ class TaskSpec:
             raise ConfigError(f"n_val must be >= 1 or None, got {self.n_val}")
         if self.answer_base not in (0, 1):
             raise ConfigError(f"answer_base must be 0 or 1 (the index of the first choice), got {self.answer_base!r}")
+        if self.shots < 0:
+            raise ConfigError(f"shots must be >= 0 (0: zero-shot), got {self.shots}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         from .answers import match_rule  # the registry lives beside the answer formats

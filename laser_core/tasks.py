@@ -200,17 +200,25 @@ def load_task(spec: TaskSpec) -> Task:
     """Load ``spec.source``: a bundled name, a BIG-bench .json (or its folder), a .json array of records, a
     .jsonl/.csv/.parquet file, or ``hf:<dataset>`` (see :func:`laser_core.records.load_hf`).
 
+    With ``spec.shots``, every prompt starts with that many solved examples, kept out of the task
+    (:func:`laser_core.fewshot.with_shots`): a BIG-bench file's separated as it says, its task prefix said once.
+
     Raises:
-        TaskFormatError: unknown name, missing file, or malformed content (with file and line).
+        TaskFormatError: unknown name, missing file, malformed content (with file and line), or too few examples
+            for the shots.
     """
     from .bigbench import bigbench_task  # they build on this module's examples
+    from .fewshot import with_shots
     from .records import load_csv, load_hf, load_json_records, load_jsonl, load_parquet
+
+    def shot(task: Task) -> Task:  # a file or dataset of records (bigbench_task puts a BIG-bench file's own shots)
+        return with_shots(task, spec.shots, spec.seed)
 
     src = spec.source.strip()
     if src in BUNDLED:
         return bigbench_task(DATA_DIR / BUNDLED[src], spec, name=src)
     if src.startswith("hf:"):
-        return load_hf(src, spec)
+        return shot(load_hf(src, spec))
     path = Path(src).expanduser()
     if not path.exists():
         raise TaskFormatError(f"task not found: {src!r} is not a bundled task ({', '.join(BUNDLED)}) nor an existing file")
@@ -222,14 +230,14 @@ def load_task(spec: TaskSpec) -> Task:
     if suffix == ".json":
         data = read_json(path)
         if isinstance(data, list):  # records, as JSON Lines holds them one per line
-            return load_json_records(path, data, spec)
+            return shot(load_json_records(path, data, spec))
         return bigbench_task(path, spec, data=data)
     if suffix in (".jsonl", ".ndjson"):
-        return load_jsonl(path, spec)
+        return shot(load_jsonl(path, spec))
     if suffix in (".csv", ".tsv"):  # the separator is read from the header either way
-        return load_csv(path, spec)
+        return shot(load_csv(path, spec))
     if suffix == ".parquet":
-        return load_parquet(path, spec)
+        return shot(load_parquet(path, spec))
     raise TaskFormatError(f"{path.name}: unknown task format {suffix!r}; use .json (BIG-bench, or an array of "
                           "records), .jsonl, .csv/.tsv or .parquet")
 

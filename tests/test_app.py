@@ -207,6 +207,22 @@ def test_model_page_says_how_a_bigbench_files_answers_are_cut_and_which_match_bi
         "the 'contains' rule" in said, said
 
 
+def test_model_page_loads_a_task_few_shot_and_says_so(app_env, tmp_path):
+    from conftest import write_mc_jsonl
+    task = write_mc_jsonl(tmp_path / "even.jsonl", 40)
+    at = load_task_file(page("pages/1_Model_and_task.py"), task, n_calib=10, n_test=10, shots=2)
+    assert not at.exception and at.session_state["task_spec"].shots == 2
+    assert any("2-shot (the solved examples are kept out of every split)" in c.value for c in at.caption)
+    assert any(", 2-shot)" in c.value for c in at.sidebar.caption)
+    prompt = at.code[0].value  # the example as the model reads it: two solved questions, then its own
+    assert prompt.count("Is the number") == 3 and prompt.count("Answer: ") == 2
+    spec = at.session_state["task_spec"]
+    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at.session_state["task_spec"] = spec  # on coming back from another page: the form shows what is loaded
+    at.run()
+    assert at.number_input(key="shots").value == 2
+
+
 def test_model_page_warns_that_half_precision_is_slow_on_a_cpu(app_env):
     at = page("pages/1_Model_and_task.py")
     assert not [w for w in at.warning if "slower than float32" in w.value]

@@ -462,7 +462,7 @@ def test_spec_args_give_the_cli_the_same_model_and_task_specs():
                   TaskSpec("x.csv", 50, 80, 30, 7, "q", "opts", "gold", "refs", 40, prompt_template="Q: {q}\\nA:",
                            fixed_choices="no|yes")),
                  (ModelSpec(), TaskSpec("w.jsonl", choices_col="option1,option2", answer_base=1)),
-                 (ModelSpec(), TaskSpec("qa_wikidata", match="word"))]:
+                 (ModelSpec(), TaskSpec("qa_wikidata", match="word")), (ModelSpec(), TaskSpec(shots=3))]:
         args = spec_args(m, t)
         assert specs_of(parser().parse_args(["search", *args])) == (m, t)
     assert spec_args(ModelSpec(), TaskSpec(n_test=200)) == ["--model", "demo", "--task", "fever", "--n-test", "200"]
