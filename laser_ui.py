@@ -419,7 +419,7 @@ def render_setup_form() -> None:
             st.selectbox("Bundled task", BUNDLED, key="bundled",
                          help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
             kind, size = bundled_facts(st.session_state["bundled"])
-            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench; zero-shot unless few-shot is set below)")
+            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench)")
             generation = kind == "gen"
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
     note = st.empty()  # filled after the form: a Load in this run changes what is loaded
@@ -451,16 +451,16 @@ def render_setup_form() -> None:
                                    "answer column gives an index or the text of one (true/false: the second/first of "
                                    "two). Choices held one per column are named in the choices column instead: "
                                    "sol1,sol2.")
-            s1, s2, s3, s4, s5 = st.columns(5)
+            s1, s2, s3, s4 = st.columns(4)
             s1.number_input("calibration", 1, 5000, key="n_calib", help="gradients and C2I's search")
             s2.number_input("held-out test", 1, 20000, key="n_test", help="reported, never searched on")
             s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                             help="LASER's search split; blank: 20% of the task")
             s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
-            s5.number_input("few-shot", 0, 64, key="shots",
+            g0, g1, g2, g3 = st.columns([2, 2, 2, 3], vertical_alignment="bottom")
+            g0.number_input("few-shot", 0, 64, key="shots",
                             help="solved examples before every prompt, drawn with the seed and kept out of every split "
                                  "(a BIG-bench file's separated as it says); 0: zero-shot, as LASER and the paper")
-            g1, g2, g3 = st.columns([2, 2, 3], vertical_alignment="bottom")
             if generation:  # a bundled multiple-choice task decodes nothing: its defaults stand
                 g1.number_input("max new tokens", 1, 1024, key="max_new_tokens",
                                 help="generation tasks: tokens decoded per answer; an answer longer than this is never "

@@ -395,7 +395,7 @@ def test_model_page_shows_the_fields_of_the_chosen_sources_only(app_env, tmp_pat
     assert at.selectbox(key="bundled").value == "fever"  # multiple choice: it decodes nothing
     assert {"Device", "dtype"} <= shown and "Answer match" not in shown and "max new tokens" not in \
         {w.label for w in at.number_input}
-    assert "multiple choice, 6612 examples (BIG-bench, zero-shot)" in [c.value for c in at.caption]
+    assert "multiple choice, 6612 examples (BIG-bench)" in [c.value for c in at.caption]
     at.selectbox(key="bundled").set_value("qa_wikidata").run()  # the fields follow the pick, before any Load
     assert "Answer match" in labels(at) and "max new tokens" in {w.label for w in at.number_input}
     assert any(c.value.startswith("generation, ") for c in at.caption)
@@ -1090,8 +1090,8 @@ def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     assert "this session's splits; it recorded held-out test accuracy" in " ".join(c.value for c in at.caption)
     for content, said in ((json.dumps({**recipe, "model": {**recipe["model"], "fingerprint": "0" * 16}}),
                            "the recipe was made on a model with fingerprint 0000000000000000"),
-                          (json.dumps({**recipe, "task": {**recipe["task"], "shots": 3}}),
-                           "the recipe's task has fields this LASER Lab does not know: shots; upgrade"),
+                          (json.dumps({**recipe, "task": {**recipe["task"], "temperature": 0.7}}),
+                           "the recipe's task has fields this LASER Lab does not know: temperature; upgrade"),
                           ("{not json", "is not valid JSON")):
         at.file_uploader(key="recipe_upload").set_value(("other.json", content.encode(), "application/json"))
         at.run()
