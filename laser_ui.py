@@ -37,7 +37,7 @@ from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
-from laser_core.answers import MATCH_HELP, MATCH_RULES
+from laser_core.answers import MATCH_HELP, MATCH_RULES, answer_rule_words
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -708,8 +708,6 @@ def render_example(splits) -> None:
     """The first calibration example of ``splits`` as the model reads it: the prompt, then each choice as scored
     after it (the right one marked) or the accepted answers and how a generated one is read, so that a column
     mapping or a prompt template can be checked before anything runs."""
-    from laser_core.answers import answer_rule_words
-
     ex = splits.examples("calib")[0]
     with st.expander("An example as the model reads it (the first of the calibration split)"):
         st.code(ex.prompt, language=None)

@@ -116,8 +116,7 @@ def answer_format(data: dict, label: str) -> AnswerFormat:
 def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dict | None = None) -> Task:
     """:func:`load_bigbench`, few-shot with ``spec.shots`` (:func:`~laser_core.fewshot.with_shots`, separated by the
     file's ``few_shot_example_separator``), refusing the column-reading settings, which a task.json has no columns
-    for; warns
-    where the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
+    for. Warns where the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
     if spec.prompt_template or spec.fixed_choices:
         what = "a prompt template" if spec.prompt_template else "fixed choices"
         raise TaskFormatError(f"{what} applies to JSONL, CSV, JSON-array, Parquet and hf: tasks (their columns); "

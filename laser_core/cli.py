@@ -73,10 +73,10 @@ def _interruptible():
 
 def _cmd_search(args, method: str) -> int:
     from .estimate import SPLIT_WORDS, estimate_search
+    from .answers import answer_rule_words
     from .recipe import check_out_file, recipe_from_report, save_recipe
     from .scores import skip_text
     from .search import SEARCH_SPLIT, run_search
-    from .answers import answer_rule_words
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
     if args.recipe_out:
@@ -182,10 +182,10 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
 
 def _cmd_eval(args) -> int:
+    from .answers import answer_rule_words
     from .candidates import evaluate_edits
     from .recipe import check_recipe_fits, load_recipe
     from .significance import change_between
-    from .answers import answer_rule_words
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
     lm, tspec, splits, store = _setup(args)

@@ -33,13 +33,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from .answers import FIRST_LINE, AnswerFormat, answer_matches
 from .errors import Cancelled, ConfigError, NumericsError
 from .checks import overflow_text, unreachable_targets, warn_once
 from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows
 from .models import LoadedModel
 from .prefix_states import PrefixStates
 from .sequences import Seq, batch_rows, least_padded_batches, prompt_ids
-from .answers import FIRST_LINE, AnswerFormat, answer_matches
 from .tasks import Example
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ def with_shots(task: Task, shots: int, seed: int, separator: str = RECORDS_SEPAR
     if shots >= len(distinct):
         raise TaskFormatError(f"task {task.name!r} has {len(distinct)} distinct examples, too few for {shots} few-shot "
                               f"examples and a question; use at most {len(distinct) - 1} shots")
-    drawn = sorted(random.Random(f"shots-{seed}").sample(sorted(distinct.values()), shots))
     if not all(e.prompt.startswith(prefix) for e in task.examples):
         raise TaskFormatError(f"task {task.name!r}: not every prompt starts with the task prefix {prefix!r}")
+    drawn = sorted(random.Random(f"shots-{seed}").sample(sorted(distinct.values()), shots))
     lead = prefix + "".join(solved(task.examples[i])[len(prefix):] + separator for i in drawn)
     kept = {(task.examples[i].prompt, task.examples[i].choices, task.examples[i].targets) for i in drawn}
     return make_task(task.name, [replace(e, prompt=lead + e.prompt[len(prefix):]) for e in task.examples

@@ -1,5 +1,6 @@
-"""Tasks: examples of one kind (multiple choice or generation), loading a task from where it is (BIG-bench: :mod:`laser_core.bigbench`; files and datasets of records:
-:mod:`laser_core.records`) and seeded disjoint splits. How a generated answer is read and scored:
+"""Tasks: examples of one kind (multiple choice or generation), loading a task from where it is (BIG-bench:
+:mod:`laser_core.bigbench`; files and datasets of records: :mod:`laser_core.records`; few-shot:
+:mod:`laser_core.fewshot`) and seeded disjoint splits. How a generated answer is read and scored:
 :mod:`laser_core.answers`."""
 from __future__ import annotations
 
