@@ -8,7 +8,6 @@ from pathlib import Path
 from .answers import AnswerFormat
 from .config import TaskSpec, read_json
 from .errors import TaskFormatError
-from .fewshot import with_shots
 from .tasks import Task, gen_example, make_task, mc_example
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,9 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
     score (the first of equals).
 
     ``data``: the file's content where the caller has read it already.
+
+    Few-shot (:mod:`laser_core.fewshot`), the solved examples are separated by the file's
+    ``few_shot_example_separator`` (BIG-bench's default: a line break), after its ``task_prefix`` said once.
 
     A generation task's answers are cut from the decoded text by the file's ``stop_string`` and ``output_regex``,
     as BIG-bench cuts them (:func:`answer_format`).
@@ -100,7 +102,8 @@ def load_bigbench(path: str | Path, name: str | None = None, data: dict | None =
             examples.append(gen_example(prompt(ex["input"]), [target] if isinstance(target, str) else target, where))
         else:
             raise TaskFormatError(f"{where}: has neither 'target_scores' nor 'target'")
-    return make_task(name or data.get("name", path.stem), examples, answer_format(data, label))
+    separator = _bigbench_text(data, "few_shot_example_separator", "\n", label)  # BIG-bench's few-shot layout
+    return make_task(name or data.get("name", path.stem), examples, answer_format(data, label), separator, pre)
 
 
 def answer_format(data: dict, label: str) -> AnswerFormat:
@@ -114,9 +117,8 @@ def answer_format(data: dict, label: str) -> AnswerFormat:
 
 
 def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dict | None = None) -> Task:
-    """:func:`load_bigbench`, few-shot with ``spec.shots`` (:func:`~laser_core.fewshot.with_shots`, separated by the
-    file's ``few_shot_example_separator``), refusing the column-reading settings, which a task.json has no columns
-    for. Warns where the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
+    """:func:`load_bigbench`, refusing the column-reading settings, which a task.json has no columns for. Warns where
+    the file cuts answers for BIG-bench's exact match and ``spec`` matches them by another rule."""
     if spec.prompt_template or spec.fixed_choices:
         what = "a prompt template" if spec.prompt_template else "fixed choices"
         raise TaskFormatError(f"{what} applies to JSONL, CSV, JSON-array, Parquet and hf: tasks (their columns); "
@@ -124,10 +126,6 @@ def bigbench_task(path: Path, spec: TaskSpec, name: str | None = None, data: dic
                               f"leave {what} empty")
     data = read_json(path) if data is None else data
     task = load_bigbench(path, name=name, data=data)
-    if spec.shots:  # BIG-bench's few-shot layout: its task prefix once, then each solved example and the separator
-        prefix = _bigbench_text(data, "task_prefix", "", path.name)
-        task = with_shots(task, spec.shots, spec.seed, _bigbench_text(data, "few_shot_example_separator", "\n",
-                                                                      path.name), prefix)
     if task.answer_format.is_set and spec.match != "exact" and data.get("preferred_score") == "exact_str_match":
         log.warning("%s: BIG-bench scores this task by exact match of the answer its %s cuts; here answers are "
                     "matched by the '%s' rule (which finds '5' in '15'): answer match 'exact' (--match exact) scores "

@@ -1,13 +1,12 @@
-"""Few-shot prompts: solved examples drawn from a task, kept out of every split, and put before every prompt."""
+"""Few-shot prompts: solved examples of a task, which no split holds, put before every prompt. Which examples they
+are is :func:`laser_core.tasks.make_splits`'s to say (the last of its shuffled order, so that the splits are the
+zero-shot ones wherever the task has examples to spare)."""
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 from .errors import TaskFormatError
 from .tasks import Example, Task, make_task
-
-RECORDS_SEPARATOR = "\n\n"  # between the solved examples of a task that is not a BIG-bench file (which sets its own)
 
 
 def solved(example: Example) -> str:
@@ -15,31 +14,23 @@ def solved(example: Example) -> str:
     return example.prompt + (example.choices[example.answer] if example.choices else example.targets[0])
 
 
-def with_shots(task: Task, shots: int, seed: int, separator: str = RECORDS_SEPARATOR, prefix: str = "") -> Task:
-    """``task`` few-shot: ``shots`` distinct examples drawn with ``seed`` are taken out of it (with their repeats),
-    and every other prompt starts with them, solved, each followed by ``separator``. ``prefix``, a text every prompt
-    starts with (a BIG-bench ``task_prefix``), is said once, before the first. One preamble serves every prompt, so
-    it runs once per evaluation (the shared lead), and no question is ever shown solved to another.
+def with_shots(task: Task, shots: list[int]) -> Task:
+    """``task`` with every prompt led by the examples at ``shots``, solved, each followed by the task's
+    ``shot_separator``; its ``task_prefix``, a text every prompt starts with (a BIG-bench file's), is said once,
+    before the first. The examples keep their places, so split indices stay valid. One preamble serves every
+    prompt, so it runs once per evaluation (the shared lead).
 
-    BIG-bench instead draws other solved examples for each question, from all of them; here they are fixed, so
-    that a held-out test question never appears, solved, in a prompt.
+    BIG-bench instead draws other solved examples for each question, from all of them; here they are the same for
+    every question and asked by no split, so that no held-out question is ever shown solved.
 
     Raises:
-        TaskFormatError: fewer than ``shots`` + 1 distinct examples, or a prompt that does not start with
-            ``prefix``.
+        TaskFormatError: a prompt that does not start with the task prefix.
     """
-    if shots == 0:
+    if not shots:
         return task
-    distinct: dict[tuple, int] = {}
-    for i, e in enumerate(task.examples):
-        distinct.setdefault((e.prompt, e.choices, e.targets), i)
-    if shots >= len(distinct):
-        raise TaskFormatError(f"task {task.name!r} has {len(distinct)} distinct examples, too few for {shots} few-shot "
-                              f"examples and a question; use at most {len(distinct) - 1} shots")
+    prefix = task.task_prefix
     if not all(e.prompt.startswith(prefix) for e in task.examples):
         raise TaskFormatError(f"task {task.name!r}: not every prompt starts with the task prefix {prefix!r}")
-    drawn = sorted(random.Random(f"shots-{seed}").sample(sorted(distinct.values()), shots))
-    lead = prefix + "".join(solved(task.examples[i])[len(prefix):] + separator for i in drawn)
-    kept = {(task.examples[i].prompt, task.examples[i].choices, task.examples[i].targets) for i in drawn}
-    return make_task(task.name, [replace(e, prompt=lead + e.prompt[len(prefix):]) for e in task.examples
-                                 if (e.prompt, e.choices, e.targets) not in kept], task.answer_format)
+    lead = prefix + "".join(solved(task.examples[i])[len(prefix):] + task.shot_separator for i in shots)
+    return make_task(task.name, [replace(e, prompt=lead + e.prompt[len(prefix):]) for e in task.examples],
+                     task.answer_format, task.shot_separator, task.task_prefix)

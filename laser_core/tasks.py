@@ -52,6 +52,8 @@ class Task:
     examples: tuple[Example, ...]
     digest: str  # hash of the examples (and answer format, where set): part of every cache key
     answer_format: AnswerFormat = FIRST_LINE  # generation: how an answer is cut from the decoded text
+    shot_separator: str = "\n\n"  # few-shot: after each solved example (a BIG-bench file's own, else a blank line)
+    task_prefix: str = ""  # a text every prompt starts with, said once before the solved examples (BIG-bench's)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -77,9 +79,11 @@ class Splits:
                 "ids": stable_hash(list(getattr(self, split)))}
 
 
-def make_task(name: str, examples: list[Example], answer_format: AnswerFormat = FIRST_LINE) -> Task:
+def make_task(name: str, examples: list[Example], answer_format: AnswerFormat = FIRST_LINE,
+              shot_separator: str = "\n\n", task_prefix: str = "") -> Task:
     """A task of ``examples``, all of one kind, with the digest that keys its cached results. ``answer_format``:
-    for generation, how answers are cut from the decoded text; a multiple-choice task has none."""
+    for generation, how answers are cut from the decoded text; a multiple-choice task has none. ``shot_separator``
+    and ``task_prefix``: how solved examples are laid out when it is split few-shot (:mod:`laser_core.fewshot`)."""
     if not examples:
         raise TaskFormatError(f"task {name!r} has no examples")
     kinds = {e.kind for e in examples}
@@ -91,7 +95,7 @@ def make_task(name: str, examples: list[Example], answer_format: AnswerFormat = 
     if answer_format.is_set:  # a task without one keeps the digest (and cached results) it had before
         content = {"examples": content, "answer_format": [answer_format.stop_string, answer_format.output_regex]}
     digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
-    return Task(name, kind, tuple(examples), digest, answer_format)
+    return Task(name, kind, tuple(examples), digest, answer_format, shot_separator, task_prefix)
 
 
 def marks_its_answer(choices) -> bool:
@@ -201,25 +205,17 @@ def load_task(spec: TaskSpec) -> Task:
     """Load ``spec.source``: a bundled name, a BIG-bench .json (or its folder), a .json array of records, a
     .jsonl/.csv/.parquet file, or ``hf:<dataset>`` (see :func:`laser_core.records.load_hf`).
 
-    With ``spec.shots``, every prompt starts with that many solved examples, kept out of the task
-    (:func:`laser_core.fewshot.with_shots`): a BIG-bench file's separated as it says, its task prefix said once.
-
     Raises:
-        TaskFormatError: unknown name, missing file, malformed content (with file and line), or too few examples
-            for the shots.
+        TaskFormatError: unknown name, missing file, or malformed content (with file and line).
     """
     from .bigbench import bigbench_task  # they build on this module's examples
-    from .fewshot import with_shots
     from .records import load_csv, load_hf, load_json_records, load_jsonl, load_parquet
-
-    def shot(task: Task) -> Task:  # a file or dataset of records (bigbench_task puts a BIG-bench file's own shots)
-        return with_shots(task, spec.shots, spec.seed)
 
     src = spec.source.strip()
     if src in BUNDLED:
         return bigbench_task(DATA_DIR / BUNDLED[src], spec, name=src)
     if src.startswith("hf:"):
-        return shot(load_hf(src, spec))
+        return load_hf(src, spec)
     path = Path(src).expanduser()
     if not path.exists():
         raise TaskFormatError(f"task not found: {src!r} is not a bundled task ({', '.join(BUNDLED)}) nor an existing file")
@@ -231,14 +227,14 @@ def load_task(spec: TaskSpec) -> Task:
     if suffix == ".json":
         data = read_json(path)
         if isinstance(data, list):  # records, as JSON Lines holds them one per line
-            return shot(load_json_records(path, data, spec))
+            return load_json_records(path, data, spec)
         return bigbench_task(path, spec, data=data)
     if suffix in (".jsonl", ".ndjson"):
-        return shot(load_jsonl(path, spec))
+        return load_jsonl(path, spec)
     if suffix in (".csv", ".tsv"):  # the separator is read from the header either way
-        return shot(load_csv(path, spec))
+        return load_csv(path, spec)
     if suffix == ".parquet":
-        return shot(load_parquet(path, spec))
+        return load_parquet(path, spec)
     raise TaskFormatError(f"{path.name}: unknown task format {suffix!r}; use .json (BIG-bench, or an array of "
                           "records), .jsonl, .csv/.tsv or .parquet")
 
@@ -248,8 +244,12 @@ def make_splits(task: Task, spec: TaskSpec, warn: bool = True) -> Splits:
     then calibration, then validation (``n_val`` or 20% of the task, capped by what remains). Repeated examples
     are dropped first, with a warning unless ``warn`` is False (a caller splitting the same task again).
 
+    With ``spec.shots``, the last that many examples of the shuffled order lead every prompt, solved
+    (:func:`laser_core.fewshot.with_shots`), and no split holds them: a task with examples to spare has the
+    zero-shot splits, so zero- and few-shot results are on the same questions.
+
     Raises:
-        TaskFormatError: the task has fewer examples than calibration + test need.
+        TaskFormatError: the task has fewer examples than calibration + test (+ shots) need.
     """
     seen: set = set()
     unique = []
@@ -263,18 +263,25 @@ def make_splits(task: Task, spec: TaskSpec, warn: bool = True) -> Splits:
     n = len(unique)
     order = list(unique)
     random.Random(spec.seed).shuffle(order)
-    if spec.n_calib + 1 > n:
+    free = n - spec.shots  # the last spec.shots of the order are the solved examples: no split holds them
+    if spec.n_calib + 1 > free:
+        shots = f" and {spec.shots} few-shot examples" if spec.shots else ""
         raise TaskFormatError(f"task {task.name!r} has {n} distinct examples, too few for {spec.n_calib} calibration "
-                              f"examples plus at least 1 test example; lower the calibration size (n_calib) to at most "
-                              f"{n - 1}, e.g. {max(1, n // 2)} to leave the rest for validation and test")
+                              f"examples plus at least 1 test example{shots}; lower the calibration size (n_calib) to "
+                              f"at most {free - 1}" + (f", e.g. {max(1, free // 2)} to leave the rest for validation "
+                                                       "and test" if free > 1 else "") + (", or the shots" if shots else ""))
     n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
     # small tasks: the test split shrinks first so that validation keeps its share (LASER needs it)
-    n_test = max(1, min(spec.n_test, n - spec.n_calib - n_val))
-    n_val = min(n_val, n - spec.n_calib - n_test)
+    n_test = max(1, min(spec.n_test, free - spec.n_calib - n_val))
+    n_val = min(n_val, free - spec.n_calib - n_test)
     if warn and (n_test < spec.n_test or (spec.n_val is not None and n_val < spec.n_val)):
         log.warning("task %s has %d distinct examples: calibration %d, validation %d (%s asked), held-out test %d "
                     "(%d asked)", task.name, n, spec.n_calib, n_val, spec.n_val or "20%", n_test, spec.n_test)
     test = order[:n_test]
     calib = order[n_test:n_test + spec.n_calib]
     val = order[n_test + spec.n_calib:n_test + spec.n_calib + n_val]  # may be empty: LASER then says so
+    if spec.shots:
+        from .fewshot import with_shots  # it builds on this module's tasks
+
+        task = with_shots(task, order[free:])
     return Splits(task, spec, tuple(calib), tuple(val), tuple(test))

@@ -1,6 +1,7 @@
 """Loading and locating matrices; task formats, scoring rules and splits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -389,50 +390,56 @@ def test_generation_scores_the_answer_the_tasks_format_cuts(tiny_dirs, tmp_path,
         "the 'exact' rule)" in out, out
 
 
-def test_few_shot_prompts_start_with_solved_examples_that_no_split_holds(tmp_path):
+def test_few_shot_prompts_start_with_solved_examples_that_no_split_holds_and_the_splits_stay_the_zero_shot_ones(
+        tmp_path):
     from conftest import write_mc_jsonl
-    path = write_mc_jsonl(tmp_path / "even.jsonl", 30)
-    zero = load_task(TaskSpec(str(path)))
-    assert load_task(TaskSpec(str(path), shots=0)).digest == zero.digest  # zero-shot: the task as it was
-    three = load_task(TaskSpec(str(path), shots=3, seed=5))
-    assert len(three) == 27
-    lead = three.examples[0].prompt[:-len(zero.examples[0].prompt)]
+    path = write_mc_jsonl(tmp_path / "even.jsonl", 40)
+    task = load_task(TaskSpec(str(path), shots=3))  # loading is the same; splitting draws the shots
+    spec = TaskSpec(str(path), n_calib=10, n_test=10, n_val=7, seed=5)
+    zero, three = make_splits(task, spec), make_splits(task, dataclasses.replace(spec, shots=3))
+    assert make_splits(task, dataclasses.replace(spec, shots=0)) == zero  # zero-shot: as it was
+    assert (three.calib, three.val, three.test) == (zero.calib, zero.val, zero.test)  # the same questions
+    lead = three.task.examples[0].prompt[:-len(task.examples[0].prompt)]
     solved = lead.split("\n\n")[:-1]  # each solved example, then the separator
-    by_prompt = {e.prompt: e for e in zero.examples}
-    assert len(solved) == 3 and all(text.startswith("Is the number") for text in solved)
-    drawn = {text.rsplit(" ", 1)[0] for text in solved}  # the prompt; then the right choice, as scored
-    assert [by_prompt[q].choices[by_prompt[q].answer] for q in sorted(drawn)] == \
-        [" " + text.rsplit(" ", 1)[1] for text in sorted(solved)]
-    questions = [e.prompt[len(lead):] for e in three.examples]
-    assert all(e.prompt.startswith(lead) for e in three.examples) and not drawn & set(questions)  # never asked
-    assert sorted(questions) == sorted(set(by_prompt) - drawn)
-    assert load_task(TaskSpec(str(path), shots=3, seed=5)) == three  # seeded
-    assert load_task(TaskSpec(str(path), shots=3, seed=6)).examples[0].prompt != three.examples[0].prompt
-    splits = make_splits(three, TaskSpec(str(path), n_calib=10, n_test=10, n_val=7, shots=3, seed=5))
-    assert len(splits.calib) + len(splits.val) + len(splits.test) == 27
-    with pytest.raises(TaskFormatError, match="30 distinct examples, too few for 30 few-shot examples and a question; "
-                                              "use at most 29 shots"):
-        load_task(TaskSpec(str(path), shots=30))
+    by_prompt = {e.prompt: e for e in task.examples}
+    drawn = [text.rsplit(" ", 1)[0] for text in solved]  # the prompt; then the right choice, as scored
+    assert len(solved) == 3 and [by_prompt[q].choices[by_prompt[q].answer] for q in drawn] == \
+        [" " + text.rsplit(" ", 1)[1] for text in solved]
+    assert all(e.prompt == lead + t.prompt for e, t in zip(three.task.examples, task.examples))
+    held = {task.examples[i].prompt for split in ("calib", "val", "test") for i in getattr(three, split)}
+    assert not held & set(drawn)  # never asked
+    assert three.task.digest != task.digest and make_splits(task, dataclasses.replace(spec, shots=3)) == three
+    assert make_splits(task, dataclasses.replace(spec, shots=3, seed=6)).task.examples[0].prompt != \
+        three.task.examples[0].prompt  # seeded
+    small = make_splits(task, TaskSpec(str(path), n_calib=10, n_test=30, shots=3))  # no examples to spare: test shrinks
+    assert len(small.test) < len(make_splits(task, TaskSpec(str(path), n_calib=10, n_test=30)).test)
+    assert len(small.calib) + len(small.val) + len(small.test) == 37
+    with pytest.raises(TaskFormatError, match="40 distinct examples, too few for 37 calibration examples plus at least "
+                                              "1 test example and 3 few-shot examples; lower the calibration size "
+                                              r"\(n_calib\) to at most 36, e.g. 18 .*, or the shots"):
+        make_splits(task, TaskSpec(str(path), n_calib=37, shots=3))
     with pytest.raises(ConfigError, match="shots must be >= 0"):
         TaskSpec(str(path), shots=-1)
 
 
 def test_a_bigbench_file_few_shot_says_its_task_prefix_once_and_separates_as_it_says(tmp_path):
-    exs = [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(5)]
+    exs = [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(6)]
     path = _bigbench_file(tmp_path, exs, task_prefix="Sums.", few_shot_example_separator=" | ")
-    zero = load_task(TaskSpec(str(path)))
-    assert zero.examples[0].prompt == "Sums.\nQ: 0+1=\nA:"
-    two = load_task(TaskSpec(str(path), shots=2))
-    prompt = two.examples[0].prompt
+    task = load_task(TaskSpec(str(path)))
+    assert task.examples[0].prompt == "Sums.\nQ: 0+1=\nA:"
+    two = make_splits(task, TaskSpec(str(path), n_calib=1, n_test=1, shots=2))
+    prompt = two.examples("calib")[0].prompt
     assert prompt.startswith("Sums.\nQ: ") and prompt.count("Sums.") == 1 and prompt.count(" | ") == 2
-    shots = prompt.split(" | ")[:2]
-    assert all(re.fullmatch(r"(Sums\.)?\nQ: (\d)\+1=\nA: (\d)", s) for s in shots)
-    assert all(int(m[3]) == int(m[2]) + 1 for m in (re.fullmatch(r"(Sums\.)?\nQ: (\d)\+1=\nA: (\d)", s) for s in shots))
-    asked = [int(re.search(r"Q: (\d)\+1=\nA:$", e.prompt)[1]) for e in two.examples]
-    assert len(two) == 3 and [e.targets for e in two.examples] == [(f" {q + 1}",) for q in asked]
-    assert not {int(re.search(r"Q: (\d)", s)[1]) for s in shots} & set(asked)
-    plain = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs)), shots=1))  # BIG-bench's separator: a line break
-    assert re.fullmatch(r"\nQ: \d\+1=\nA: \d\n\nQ: \d\+1=\nA:", plain.examples[0].prompt)
+    shots = [re.fullmatch(r"(Sums\.)?\nQ: (\d)\+1=\nA: (\d)", text) for text in prompt.split(" | ")[:2]]
+    assert all(m and int(m[3]) == int(m[2]) + 1 for m in shots)  # solved: the right answer after each
+    asked = [int(re.search(r"Q: (\d)\+1=\nA:$", e.prompt)[1]) for split in ("calib", "val", "test")
+             for e in two.examples(split)]
+    assert [e.targets for split in ("calib", "val", "test") for e in two.examples(split)] == \
+        [(f" {q + 1}",) for q in asked]
+    assert not {int(m[2]) for m in shots} & set(asked)
+    plain = load_task(TaskSpec(str(_bigbench_file(tmp_path, exs))))  # BIG-bench's separator: a line break
+    one = make_splits(plain, TaskSpec(str(tmp_path / "task.json"), n_calib=1, n_test=1, shots=1))
+    assert re.fullmatch(r"\nQ: \d\+1=\nA: \d\n\nQ: \d\+1=\nA:", one.examples("test")[0].prompt)
 
 
 def test_splits_are_disjoint_seeded_and_test_is_stable_across_calibration_sizes():
