@@ -72,8 +72,8 @@ def _interruptible():
 
 
 def _cmd_search(args, method: str) -> int:
-    from .estimate import SPLIT_WORDS, estimate_search
     from .answers import answer_rule_words
+    from .estimate import SPLIT_WORDS, estimate_search
     from .recipe import check_out_file, recipe_from_report, save_recipe
     from .scores import skip_text
     from .search import SEARCH_SPLIT, run_search
@@ -176,8 +176,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
         print(f"held-out change from the best edit alone {over.summary()}")
     recipe = make_recipe(lm, comp.edits, tspec, recipe_metrics(report.search_split, report.base, comp.result,
                                                                comp.base_test, comp.result_test), "composed")
-    capped = f"-max{args.compose_max}" if comp.left else ""  # a capped run leaves a full one's recipe as it is
-    print(f"composed recipe: {save_recipe(recipe, best_path.with_name(f'{best_path.stem}-composed{capped}{best_path.suffix}'))}")
+    suffix = f"-composed-max{args.compose_max}" if comp.left else "-composed"  # a capped run keeps a full one's
+    print(f"composed recipe: {save_recipe(recipe, best_path.with_name(best_path.stem + suffix + best_path.suffix))}")
     return 0
 
 

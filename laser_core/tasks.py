@@ -265,11 +265,11 @@ def make_splits(task: Task, spec: TaskSpec, warn: bool = True) -> Splits:
     random.Random(spec.seed).shuffle(order)
     free = n - spec.shots  # the last spec.shots of the order are the solved examples: no split holds them
     if spec.n_calib + 1 > free:
-        shots = f" and {spec.shots} few-shot examples" if spec.shots else ""
+        shots, or_shots = (f" and {spec.shots} few-shot examples", ", or the shots") if spec.shots else ("", "")
+        spare = f", e.g. {max(1, free // 2)} to leave the rest for validation and test" if free > 1 else ""
         raise TaskFormatError(f"task {task.name!r} has {n} distinct examples, too few for {spec.n_calib} calibration "
                               f"examples plus at least 1 test example{shots}; lower the calibration size (n_calib) to "
-                              f"at most {free - 1}" + (f", e.g. {max(1, free // 2)} to leave the rest for validation "
-                                                       "and test" if free > 1 else "") + (", or the shots" if shots else ""))
+                              f"at most {free - 1}{spare}{or_shots}")
     n_val = spec.n_val if spec.n_val is not None else max(1, round(0.2 * n))
     # small tasks: the test split shrinks first so that validation keeps its share (LASER needs it)
     n_test = max(1, min(spec.n_test, free - spec.n_calib - n_val))
