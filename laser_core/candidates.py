@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict
 
 from .config import Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
@@ -90,7 +89,7 @@ def result_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edit: 
 
 def doc_edit(doc: dict) -> Edit | None:
     """The edit an evaluation (a cached result or a report's row) is of; None for the base model."""
-    return Edit(doc["name"], int(doc["k"]), float(doc["rho"])) if doc.get("name") else None
+    return Edit.of(doc) if doc.get("name") else None
 
 
 def cached_results(store: Store, lm: LoadedModel, splits: Splits, failed: bool = False) -> list[dict]:
@@ -142,13 +141,13 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     else:
         ref = lm.ref(edit.name)
         store.counts["eval"] += 1
-        f = get_factors(lm, edit.name, edit.k, store, factors)
+        f = get_factors(lm, edit.name, edit.k, store, factors, edit.grouping)
         prefix = prefixes.for_edits(splits, split, [edit]) if prefixes is not None else None
         ranks, kept = params_kept(ref, edit.k, edit.rho)
-        row = {"name": edit.name, "layer": ref.layer, "type": ref.type, "k": edit.k, "rho": edit.rho,
+        row = {**to_dict(edit), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
                "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
         try:
-            with edited(lm, [edit], {(edit.name, edit.k): f}):
+            with edited(lm, [edit], {edit.blocks: f}):
                 res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)
         except NumericsError as e:
             store.put_json(key, {**row, "split": split, "task": splits.task.name, "error": str(e)})
@@ -167,7 +166,8 @@ def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: 
     under its own kind, which :func:`cached_results` (single edits, what a search compares) does not list."""
     if len(edits) <= 1:
         return result_key(store, lm, splits, split, edits[0] if edits else None)
-    ident = {**split_ident(splits, split), "edits": sorted((e.name, e.k, e.rho) for e in edits)}
+    ident = {**split_ident(splits, split),
+             "edits": sorted((e.name, e.k, e.rho) + ((e.grouping,) if e.grouping != "contiguous" else ()) for e in edits)}
     return store.key("together", lm.fingerprint, splits.task.digest, ident)
 
 
@@ -217,10 +217,10 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
         return doc
     key = edits_key(store, lm, splits, split, edits)
     t0 = time.perf_counter()
-    which = {"name": None, "edits": [asdict(e) for e in edits], "split": split, "task": splits.task.name}
+    which = {"name": None, "edits": [to_dict(e) for e in edits], "split": split, "task": splits.task.name}
     for e in check_one_per_matrix(edits):  # a wrong name or a matrix twice: before any SVD
         lm.ref(e.name)
-    factors = {(e.name, e.k): get_factors(lm, e.name, e.k, store) for e in edits}
+    factors = {e.blocks: get_factors(lm, e.name, e.k, store, grouping=e.grouping) for e in edits}
     prefix = prefixes.for_edits(splits, split, edits) if prefixes is not None else None
     try:
         with edited(lm, edits, factors):
@@ -237,7 +237,7 @@ def evaluate_edits(lm: LoadedModel, edits: list[Edit], splits: Splits, split: st
 
 def edit_identity(lm: LoadedModel, edit: Edit) -> tuple:
     """What an edit does to the weights: two rhos that keep the same rank in every block are one edit."""
-    return edit.name, edit.k, tuple(block_ranks(lm.ref(edit.name).shape, edit.k, edit.rho))
+    return edit.blocks + (tuple(block_ranks(lm.ref(edit.name).shape, edit.k, edit.rho)),)
 
 
 def same_result(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: Store, same: dict) -> dict:

@@ -33,14 +33,13 @@ def _fmt(d: dict | None) -> str:
 
 
 def _cmd_scores(args) -> int:
-    from .scores import load_spectra, score_table
+    from .scores import load_spectra, score_table, spectra_needed
 
     cfg = SearchConfig(score=args.score, tail_fraction=args.tail_fraction)
     lm, tspec, splits, store = _setup(args)
     timings: dict = {}
     bars = Bars()
-    spectra, loss = load_spectra(lm, splits, store, cfg.ks if args.score == "first_order" else (1,),
-                                 progress=bars, timings=timings)
+    spectra, loss = load_spectra(lm, splits, store, progress=bars, timings=timings, **spectra_needed(cfg))
     bars.close()
     rows = sorted([r for r in score_table(lm, spectra, args.score, cfg) if r["rank"] is not None], key=lambda r: r["rank"])
     print(f"calibration log-loss {loss:.4f} on {len(splits.calib)} examples; score '{args.score}' "
@@ -109,7 +108,8 @@ def _cmd_search(args, method: str) -> int:
     if b is None:
         print("no candidate finished (each was skipped, see above): no edit to export", file=sys.stderr)
         return 1
-    print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']} ranks={b['ranks']}"
+    rows = f" ({b['grouping']} rows)" if b.get("grouping") else ""
+    print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']}{rows} ranks={b['ranks']}"
           + ("" if report.improves else "  [does not beat the base model on the search split]"))
     t = report.timings
     cached = sum(1 for c in report.candidates if c.get("cached") and "same_as_rho" not in c)
@@ -121,7 +121,8 @@ def _cmd_search(args, method: str) -> int:
         print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)
     path = Path(args.recipe_out) if args.recipe_out else \
-        Path(store.directory or "cache").parent / "recipes" / f"{splits.task.name}-{method}-{lm.fingerprint[:8]}.json"
+        Path(store.directory or "cache").parent / "recipes" / "-".join(
+            [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != "contiguous") + [f"{lm.fingerprint[:8]}.json"])
     print(f"recipe: {save_recipe(recipe, path)}")
     if args.compose or args.compose_max:
         return _compose_after(args, lm, tspec, splits, store, report, path)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
 from .answers import MATCH_HELP, MATCH_RULES
+from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
+from .grouping import GROUPING_HELP, GROUPINGS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -122,6 +123,10 @@ def parser() -> argparse.ArgumentParser:
     grid(sp)
     sp.add_argument("--q", type=int, default=5, help="how many top-scored matrices to try (default 5)")
     sp.add_argument("--ks", type=_ints, default=PAPER_KS, help="block counts K, e.g. 1,2,4,8 (the default)")
+    sp.add_argument("--grouping", default="contiguous", choices=list(GROUPINGS),
+                    help="how a matrix's rows form its K blocks: " + "; ".join(f"{name}: {text}" for name, text
+                                                                           in GROUPING_HELP.items())
+                    + " (default contiguous)")
     scoring(sp)
     sp = sub.add_parser("laser", help="LASER baseline: layers x types x rho, K=1, on the validation split")
     common(sp)
@@ -186,7 +191,8 @@ def search_config_of(args, method: str) -> SearchConfig:
     shared = dict(rhos=args.rhos, early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse,
                   prefix_budget_mb=args.prefix_budget_mb)
     if method == "c2i":
-        return SearchConfig("c2i", args.score, args.q, args.ks, tail_fraction=args.tail_fraction, **shared)
+        return SearchConfig("c2i", args.score, args.q, args.ks, tail_fraction=args.tail_fraction,
+                            grouping=args.grouping, **shared)
     return SearchConfig("laser", ks=(1,), layers=args.layers, types=args.types, **shared)
 
 
@@ -202,7 +208,7 @@ def search_args(cfg: SearchConfig) -> list[str]:
     out = ["search" if cfg.method == "c2i" else "laser"]
     text = {"ks": lambda v: ",".join(map(str, v)), "rhos": lambda v: ",".join(f"{r:g}" for r in v),
             "layers": lambda v: ",".join(map(str, v)), "types": ",".join}
-    fields = ("q", "ks", "score", "tail_fraction") if cfg.method == "c2i" else ("layers", "types")
+    fields = ("q", "ks", "grouping", "score", "tail_fraction") if cfg.method == "c2i" else ("layers", "types")
     for f in (*fields, "rhos", "prefix_budget_mb"):
         value = getattr(cfg, f)
         if value != getattr(default, f) and value is not None:

@@ -10,11 +10,11 @@ is evaluated once, at the end, for the base and the edits kept, so it stays a fa
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 from .candidates import PrefixPool, best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
-from .config import Edit, SearchConfig
+from .config import Edit, SearchConfig, to_dict
 from .errors import ConfigError, NumericsError
 from .estimate import block_share
 from .evaluate import CancelToken
@@ -49,7 +49,7 @@ class Composition:
         return change_between(self.base_test, self.result_test)
 
     def to_dict(self) -> dict:
-        return asdict(self)  # the edits too: asdict recurses into dataclasses in lists
+        return to_dict(self)  # the edits too, as dicts (a grouping where not contiguous)
 
 
 def compose_pool(candidates: list[dict], start: dict, base: dict | None = None) -> list[dict]:
@@ -152,11 +152,11 @@ def _greedy(start: dict, candidates: list[dict], base: dict | None, held_out: bo
     for i, cand in enumerate(to_try):
         if cancel:
             cancel.check()
-        step = {"name": cand["name"], "k": cand["k"], "rho": cand["rho"], "alone": cand["accuracy"]}
+        step = {**to_dict(doc_edit(cand)), "alone": cand["accuracy"]}
         try:
             tried = evaluate([*edits, doc_edit(cand)], split)
         except NumericsError as e:  # these edits together broke the model's numerics: not kept, as a search skips
-            log.warning("composition: %s K=%d rho=%g not kept: %s", cand["name"], cand["k"], cand["rho"], e)
+            log.warning("composition: %s not kept: %s", doc_edit(cand).label, e)
             steps.append({**step, "accuracy": None, "log_loss": None, "kept": False, "error": str(e)})
             continue
         kept = merit(tried) > merit(result)
@@ -165,7 +165,7 @@ def _greedy(start: dict, candidates: list[dict], base: dict | None, held_out: bo
             edits, result = [*edits, doc_edit(cand)], tried
         if progress:
             progress({"phase": "compose", "done": i + 1, "total": total,
-                      "message": f"+ {cand['name']} K={cand['k']} rho={cand['rho']}: acc {tried['accuracy']:.3f}"
+                      "message": f"+ {doc_edit(cand).label}: acc {tried['accuracy']:.3f}"
                                  + (" (kept)" if kept else "")})
     comp = Composition(split, start, steps, result, edits, left=left)
     if held_out:

@@ -38,10 +38,25 @@ def read_json(path: Path):
 
 
 def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the text every hash is taken of."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+    """JSON with sorted keys and no whitespace: the text every hash is taken of. A dataclass field marked
+    ``OMIT_DEFAULT`` is left out while it holds its default, so adding one keeps every existing key."""
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), default=list)
+
+
+OMIT_DEFAULT = {"omit_default": True}  # a field's metadata: not serialised while it holds its default
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with its dataclasses (nested in lists, tuples and dicts too) as dicts, as ``dataclasses.asdict``
+    makes them, less the ``OMIT_DEFAULT`` fields that hold their default."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -174,15 +189,38 @@ def template_columns(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Edit:
-    """One rank reduction: keep a fraction ``rho`` of the rank of each of ``k`` contiguous row blocks."""
+    """One rank reduction: keep a fraction ``rho`` of the rank of each of ``k`` row blocks (contiguous, or as
+    ``grouping`` groups the rows: see :mod:`laser_core.grouping`)."""
 
     name: str  # parameter name, e.g. "model.layers.3.mlp.up_proj.weight"
     k: int = 1
     rho: float = 0.1
+    grouping: str = dataclasses.field(default="contiguous", metadata=OMIT_DEFAULT)  # how rows form the K blocks
 
     def __post_init__(self) -> None:
         check_k(self.k)
         check_rho(self.rho)
+        from .grouping import check_grouping  # the registry lives beside the groupings
+
+        check_grouping(self.grouping)
+        if self.k == 1:  # one block of every row under any grouping: one edit, with one cache key
+            object.__setattr__(self, "grouping", "contiguous")
+
+    @property
+    def blocks(self) -> tuple[str, int, str]:
+        """What its SVD factors depend on: (matrix, K, grouping); every rho of it truncates the same factors."""
+        return self.name, self.k, self.grouping
+
+    @property
+    def label(self) -> str:
+        """``name K=k rho=r``, and its grouping where not contiguous: how logs and progress lines name it."""
+        return f"{self.name} K={self.k} rho={self.rho:g}" + (f" ({self.grouping})" if self.grouping != "contiguous" else "")
+
+    @classmethod
+    def of(cls, doc: dict) -> "Edit":
+        """The edit a dict describes (a cached result, a report's row, a recipe's edit): name, k, rho and, where it
+        is not contiguous, grouping."""
+        return cls(doc["name"], int(doc["k"]), float(doc["rho"]), doc.get("grouping") or "contiguous")
 
 
 @dataclass(frozen=True)
@@ -200,6 +238,7 @@ class SearchConfig:
     early_stop: bool = False  # stop a candidate once it cannot beat the best accuracy (exact)
     prefix_reuse: bool = True  # run only from the edited matrix on, from cached hidden states (exact)
     prefix_budget_mb: int = 2048  # RAM for cached hidden states and outputs; least recently used layers are dropped
+    grouping: str = dataclasses.field(default="contiguous", metadata=OMIT_DEFAULT)  # c2i: how rows form K blocks
 
     def __post_init__(self) -> None:
         if self.method not in ("c2i", "laser"):
@@ -210,6 +249,9 @@ class SearchConfig:
             raise ConfigError(f"unknown score {self.score!r}; known scores: {', '.join(sorted(SCORES))}")
         if self.q < 1:
             raise ConfigError(f"q (matrices to try) must be >= 1, got {self.q}")
+        from .grouping import check_grouping
+
+        check_grouping(self.grouping)
         if not self.ks:
             raise ConfigError("the K grid is empty: give at least one block count, e.g. 1")
         if not self.rhos:
@@ -228,6 +270,11 @@ class SearchConfig:
         # grids as tuples of one type, each value once (a repeated value would be evaluated, and cached, twice)
         object.__setattr__(self, "ks", tuple(dict.fromkeys(int(k) for k in self.ks)))
         object.__setattr__(self, "rhos", tuple(dict.fromkeys(float(r) for r in self.rhos)))
+        if self.method == "laser" and self.grouping != "contiguous":
+            raise ConfigError(f"a LASER sweep reduces whole matrices (K=1), so there are no row blocks to group "
+                              f"({self.grouping!r}); a C2I search takes a row grouping")
+        if max(self.ks) == 1:  # one block of every row under any grouping: one configuration, one cached report
+            object.__setattr__(self, "grouping", "contiguous")
         # a sweep's layers and types: sorted too, as their order changes nothing (the sweep goes in model order), so
         # that --types up,down and a dashboard's "down, up" are one configuration, with one cached report
         if self.layers is not None:

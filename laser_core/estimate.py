@@ -13,10 +13,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .candidates import cached_results, edit_identity, merit, prefix_reuse_applies
+from .candidates import cached_results, doc_edit, edit_identity, merit, prefix_reuse_applies
 from .config import Edit, SearchConfig
 from .models import LoadedModel
-from .scores import c2i_plan, cached_spectra, laser_plan, score_table
+from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
 from .search import SEARCH_SPLIT
 from .store import Store
 from .tasks import Splits
@@ -94,16 +94,14 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     if found is None:
         return None
     full, basis = found
-    spectra = cached_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,)) \
-        if cfg.method == "c2i" else None
+    spectra = cached_spectra(lm, splits, store, **spectra_needed(cfg)) if cfg.method == "c2i" else None
     if cfg.method == "laser":
         plan: list[Edit | None] = [e for e, _ in laser_plan(lm, cfg)]
     elif spectra is not None:
         plan = [e for e, _ in c2i_plan(lm, cfg, spectra[0], score_table(lm, spectra[0], cfg.score, cfg))[0]]
     else:
         plan = [None] * (cfg.q * len(cfg.ks) * len(cfg.rhos))  # matrices unknown until the gradient step
-    done = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == split and d.get("name")
-            and not d.get("stopped_early")}
+    done = {doc_edit(d) for d in docs if d["split"] == split and d.get("name") and not d.get("stopped_early")}
     seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
     for edit in plan:
         layer = None  # unknown: a full evaluation
@@ -113,7 +111,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
                 same += 1
                 continue
             seen.add(ident)
-            if (edit.name, edit.k, edit.rho) in done:
+            if edit in done:
                 cached += 1
                 continue
             layer = lm.ref(edit.name).layer
@@ -124,13 +122,13 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     # the hidden states entering each edited layer are built once per search: a forward up to that layer
     seconds += sum(full * (1 - block_share(lm, layer, reuse)) for layer in layers)
     test = full * len(splits.test) / max(1, len(getattr(splits, split)))
-    tested = {(d["name"], d["k"], d["rho"]) for d in docs if d["split"] == "test" and not d.get("stopped_early")}
-    if (None, None, None) not in tested:
+    tested = {doc_edit(d) for d in docs if d["split"] == "test" and not d.get("stopped_early")}  # None: the base
+    if None not in tested:
         seconds += test  # the base model on the held-out test split
-    planned = {(e.name, e.k, e.rho) for e in plan if e is not None} if len(plan) == cached + same else set()
-    ran = [d for d in docs if d["split"] == split and (d["name"], d["k"], d["rho"]) in planned and not d.get("error")]
+    planned = {e for e in plan if e is not None} if len(plan) == cached + same else set()
+    ran = [d for d in docs if d["split"] == split and doc_edit(d) in planned and not d.get("error")]
     best = max(ran, key=merit, default=None)  # known once every one is cached
-    if best is None or (best["name"], best["k"], best["rho"]) not in tested:
+    if best is None or doc_edit(best) not in tested:
         seconds += test  # the best candidate on it
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
                           scores_cached=cfg.method == "laser" or spectra is not None,

@@ -78,15 +78,18 @@ class MatrixSpectrum:
     finite: bool = True
 
 
-def spectrum(w: torch.Tensor, grad: torch.Tensor, ks: Sequence[int]) -> tuple[dict, dict]:
-    """Block singular values and singular-value gradients of ``w`` for each K in ``ks``, computed on ``w``'s
-    device (``grad`` in float32, one matrix at a time) and returned on the CPU."""
+def spectrum(w: torch.Tensor, grad: torch.Tensor, ks: Sequence[int],
+             grouping: str = "contiguous") -> tuple[dict, dict]:
+    """Block singular values and singular-value gradients of ``w`` for each K in ``ks`` (rows grouped into blocks
+    by ``grouping``), computed on ``w``'s device (``grad`` in float32, one matrix at a time) and returned on the
+    CPU."""
     grad = grad.to(w.device, torch.float32)
     S, g = {}, {}
     for k in ks:
-        f = block_svd(w, k)
+        f = block_svd(w, k, grouping)
+        rows = grad if f.rows is None else grad[f.rows]  # the gradient's rows in the blocks' order
         S[k] = [s.cpu() for s in f.S]
-        g[k] = [singular_value_gradients(u, grad[a:b], vh).cpu()
+        g[k] = [singular_value_gradients(u, rows[a:b], vh).cpu()
                 for (a, b), u, vh in zip(row_blocks(w.shape[0], k), f.U, f.Vh)]
     return S, g
 
@@ -131,10 +134,11 @@ def get_score(name: str) -> Callable[..., float]:
 
 
 def compute_spectra(lm: LoadedModel, grads: dict[str, torch.Tensor], ks: Sequence[int] = (1,),
-                    cancel: CancelToken | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, MatrixSpectrum]:
-    """SVD of every located matrix (per K) and its singular-value gradients. Non-finite gradients are kept
-    but flagged (``finite=False``): the matrix is skipped by searches and reported, not a crash."""
+                    cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None,
+                    grouping: str = "contiguous") -> dict[str, MatrixSpectrum]:
+    """SVD of every located matrix (per K, rows grouped by ``grouping``) and its singular-value gradients.
+    Non-finite gradients are kept but flagged (``finite=False``): the matrix is skipped by searches and reported,
+    not a crash."""
     params = dict(lm.model.named_parameters())
     out = {}
     for i, r in enumerate(lm.matrices):
@@ -145,7 +149,7 @@ def compute_spectra(lm: LoadedModel, grads: dict[str, torch.Tensor], ks: Sequenc
         w = matrix_of(params[r.name], r).detach().float()  # the SVD runs where the model is
         usable_ks = [k for k in ks if k <= r.shape[0]]
         if finite:
-            S, g = spectrum(w, grad, usable_ks)
+            S, g = spectrum(w, grad, usable_ks, grouping)
         else:
             log.warning("gradient of %s is NaN/inf: matrix skipped", r.name)
             S, g = spectrum(w, torch.zeros_like(grad), [1])

@@ -38,7 +38,7 @@ def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None
     for e in edits:
         ref = lm.ref(e.name)
         ranks, kept = params_kept(ref, e.k, e.rho)
-        rows.append({"name": e.name, "layer": ref.layer, "type": ref.type, "k": e.k, "rho": e.rho,
+        rows.append({**to_dict(e), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
                      "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]})
     return {"laser_lab_recipe": RECIPE_VERSION, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
             "task": to_dict(task) if task else None, "method": method, "edits": rows, "metrics": metrics or {},
@@ -164,7 +164,7 @@ def compose_recipes(recipes: list[dict], sources: list[str] | None = None) -> di
 def recipe_edits(recipe: dict) -> list[Edit]:
     """The recipe's edits as ``Edit`` objects (validated)."""
     try:
-        edits = [Edit(e["name"], int(e["k"]), float(e["rho"])) for e in recipe["edits"]]
+        edits = [Edit.of(e) for e in recipe["edits"]]
     except (KeyError, TypeError) as e:
         raise ConfigError(f"a recipe edit lacks a field: {e}") from e
     return check_one_per_matrix(edits)

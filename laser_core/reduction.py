@@ -1,12 +1,14 @@
 """Block-SVD rank reduction (its factors cached per matrix and K, for every rho) and the one context manager through
 which the model's weights are edited.
 
-Rows of W (out x in) are split into K contiguous blocks; block k keeps rank
-``max(1, floor(rho * min(rows_k, cols)))`` of its own SVD. K = 1 is plain LASER truncation.
+Rows of W (out x in) are split into K blocks (contiguous, or grouped as :mod:`laser_core.grouping` says, in blocks of
+the same sizes); block k keeps rank ``max(1, floor(rho * min(rows_k, cols)))`` of its own SVD. K = 1 is plain LASER
+truncation.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from .config import Edit, check_k, check_one_per_matrix, check_rho
 from .errors import JobBusy
+from .grouping import CONTIGUOUS, block_sizes, row_order
 from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
 from .store import FACTORS, Store
@@ -25,11 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BlockFactors:
-    """SVD factors of each row block: ``U[k] @ diag(S[k]) @ Vh[k]`` equals block k of W."""
+    """SVD factors of each row block: ``U[k] @ diag(S[k]) @ Vh[k]`` equals block k of W, the rows
+    ``rows[start_k:end_k]`` of W where a grouping ordered them (``rows``), else its contiguous rows."""
 
     U: list[torch.Tensor]
     S: list[torch.Tensor]
     Vh: list[torch.Tensor]
+    rows: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -40,23 +45,27 @@ class BlockFactors:
         out = {}
         for i in range(self.k):
             out[f"U{i}"], out[f"S{i}"], out[f"Vh{i}"] = self.U[i], self.S[i], self.Vh[i]
+        if self.rows is not None:
+            out["rows"] = self.rows
         return out
 
     def to(self, device: torch.device) -> "BlockFactors":
         """The same factors on ``device`` (where the weight they truncate lives)."""
-        return BlockFactors(*([t.to(device) for t in ts] for ts in (self.U, self.S, self.Vh)))
+        return BlockFactors(*([t.to(device) for t in ts] for ts in (self.U, self.S, self.Vh)),
+                            rows=None if self.rows is None else self.rows.to(device))
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "BlockFactors":
         k = sum(1 for name in t if name.startswith("S"))
-        return cls([t[f"U{i}"] for i in range(k)], [t[f"S{i}"] for i in range(k)], [t[f"Vh{i}"] for i in range(k)])
+        return cls([t[f"U{i}"] for i in range(k)], [t[f"S{i}"] for i in range(k)], [t[f"Vh{i}"] for i in range(k)],
+                   rows=t.get("rows"))
 
 
 def row_blocks(rows: int, k: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) row ranges of K blocks, sizes differing by at most one."""
     check_k(k, rows)
-    bounds = [round(i * rows / k) for i in range(k + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+    ends = list(itertools.accumulate(block_sizes(rows, k)))
+    return list(zip([0] + ends[:-1], ends))
 
 
 def block_rank(rows: int, cols: int, rho: float) -> int:
@@ -94,24 +103,31 @@ def _full_precision(w: torch.Tensor) -> torch.Tensor:
     return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
 
 
-def block_svd(w: torch.Tensor, k: int) -> BlockFactors:
+def grouped_blocks(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The K row blocks of ``w`` under ``grouping`` (views for contiguous blocks), and the row order they follow
+    (None: W's own)."""
+    rows = row_order(w, k, grouping)
+    ordered = w if rows is None else w[rows]
+    return [ordered[s:e] for s, e in row_blocks(w.shape[0], k)], rows
+
+
+def block_svd(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> BlockFactors:
     """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``, on
     ``w``'s device (a GPU computes the SVDs of a large model's matrices far faster than a few CPU cores)."""
-    w32 = _full_precision(w)
+    blocks, rows = grouped_blocks(_full_precision(w), k, grouping)
     us, ss, vhs = [], [], []
-    for s, e in row_blocks(w32.shape[0], k):
-        u, sv, vh = _svd(w32[s:e])
+    for block in blocks:
+        u, sv, vh = _svd(block)
         us.append(u)
         ss.append(sv)
         vhs.append(vh)
-    return BlockFactors(us, ss, vhs)
+    return BlockFactors(us, ss, vhs, rows)
 
 
-def block_singular_values(w: torch.Tensor, k: int) -> list[torch.Tensor]:
+def block_singular_values(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> list[torch.Tensor]:
     """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``, without the factors),
     on the CPU."""
-    w32 = _full_precision(w)
-    return [torch.linalg.svdvals(w32[s:e]).cpu() for s, e in row_blocks(w32.shape[0], k)]
+    return [torch.linalg.svdvals(b).cpu() for b in grouped_blocks(_full_precision(w), k, grouping)[0]]
 
 
 def energy_kept(S: Sequence[torch.Tensor], rho: float) -> float:
@@ -132,7 +148,12 @@ def block_truncate(f: BlockFactors, rho: float) -> torch.Tensor:
     for u, s, vh in zip(f.U, f.S, f.Vh):
         r = block_rank(u.shape[0], vh.shape[1], rho)
         parts.append((u[:, :r] * s[:r]) @ vh[:r])
-    return torch.cat(parts, dim=0)
+    w = torch.cat(parts, dim=0)
+    if f.rows is None:
+        return w
+    out = torch.empty_like(w)
+    out[f.rows] = w  # each row back where the grouping took it from
+    return out
 
 
 def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = None) -> torch.Tensor:
@@ -141,66 +162,70 @@ def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = N
     param = dict(lm.model.named_parameters())[edit.name]
     check_k(edit.k, ref.shape[0])
     if factors is None:
-        factors = block_svd(matrix_of(param, ref), edit.k)
+        factors = block_svd(matrix_of(param, ref), edit.k, edit.grouping)
     w = block_truncate(factors, edit.rho)
     w = w.t() if ref.transposed else w
     return w.to(device=param.device, dtype=param.dtype).contiguous()
 
 
-def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None) -> BlockFactors:
-    """Block-SVD factors of matrix ``name`` for K blocks, on the model's device: one SVD per (matrix, K) serves
-    every rho (cached in ``store``).
+def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None,
+                grouping: str = CONTIGUOUS) -> BlockFactors:
+    """Block-SVD factors of matrix ``name`` for K blocks grouped by ``grouping``, on the model's device: one SVD per
+    (matrix, K, grouping) serves every rho (cached in ``store``).
 
     ``memo`` (a dict a search passes to every candidate) keeps the last (matrix, K)'s factors in memory, so
     that the candidates of one matrix's rho grid neither read them back from the store one by one nor, where
     the store caches nothing (``--no-cache``, the benchmark), compute the SVD again.
     """
-    if memo is not None and (name, k) in memo:
-        return memo[(name, k)]
-    key = _factors_key(store, lm, name, k)
+    if memo is not None and (name, k, grouping) in memo:
+        return memo[(name, k, grouping)]
+    key = _factors_key(store, lm, name, k, grouping)
     t = store.get_tensors(key)
     if t is not None:
         f = BlockFactors.from_tensors(t).to(lm.device)
     else:
         store.counts["svd"] += 1
         with lm.lock:  # the base weights: no running job's edit may be in them meanwhile
-            f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k)
+            f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k, grouping)
         store.put_tensors(key, f.tensors())
     if memo is not None:
         memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
-        memo[(name, k)] = f
+        memo[(name, k, grouping)] = f
     return f
 
 
-def _factors_key(store: Store, lm: LoadedModel, name: str, k: int) -> str:
-    return store.key(FACTORS, lm.fingerprint, "-", {"name": name, "k": k})  # FACTORS: the store's bounded part
+def _factors_key(store: Store, lm: LoadedModel, name: str, k: int, grouping: str) -> str:
+    ident = {"name": name, "k": k, **({"grouping": grouping} if k > 1 and grouping != CONTIGUOUS else {})}
+    return store.key(FACTORS, lm.fingerprint, "-", ident)  # FACTORS: the store's bounded part
 
 
-def block_spectrum(lm: LoadedModel, name: str, k: int, store: Store, blocking: bool = True) -> list | None:
-    """The singular values of each of the K row blocks of matrix ``name`` of the unedited model (on the CPU): from
-    the cached SVD factors where a candidate of this (matrix, K) was evaluated, else computed from the weights.
+def block_spectrum(lm: LoadedModel, name: str, k: int, store: Store, blocking: bool = True,
+                   grouping: str = CONTIGUOUS) -> list | None:
+    """The singular values of each of the K row blocks (grouped by ``grouping``) of matrix ``name`` of the unedited
+    model (on the CPU): from the cached SVD factors where a candidate of this (matrix, K, grouping) was evaluated,
+    else computed from the weights.
 
     The weights hold a running evaluation's edit until it ends, so they are read under the model's lock; with
     ``blocking`` False, None where another job holds it.
     """
-    t = store.get_tensors(_factors_key(store, lm, name, k))
+    t = store.get_tensors(_factors_key(store, lm, name, k, grouping))
     if t is not None:
         return [s.cpu() for s in BlockFactors.from_tensors(t).S]
     if not lm.lock.acquire(blocking=blocking):
         return None
     try:
-        return block_singular_values(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k)
+        return block_singular_values(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k, grouping)
     finally:
         lm.lock.release()
 
 
 @contextlib.contextmanager
-def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int], BlockFactors] | None = None,
+def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int, str], BlockFactors] | None = None,
            blocking: bool = True) -> Iterator[None]:
     """Apply ``edits`` to ``lm.model`` for the duration of the block; restore every touched weight bit-exactly.
 
     Holds ``lm.lock`` so no two edits overlap on the same model. Restores on normal exit, exceptions and
-    cancellation alike.
+    cancellation alike. ``factors``: SVD factors already at hand, by :attr:`Edit.blocks` (else computed here).
 
     Raises:
         JobBusy: ``blocking=False`` and another edit holds the model.
@@ -213,7 +238,7 @@ def edited(lm: LoadedModel, edits: Sequence[Edit], factors: dict[tuple[str, int]
     saved: dict[str, torch.Tensor] = {}
     params = dict(lm.model.named_parameters())
     try:
-        new = {e.name: reduced_weight(lm, e, (factors or {}).get((e.name, e.k))) for e in edits}
+        new = {e.name: reduced_weight(lm, e, (factors or {}).get(e.blocks)) for e in edits}
         with torch.no_grad():
             for name in list(new):  # popped: once in the weights, no second copy lives through the block
                 saved[name] = params[name].detach().clone()

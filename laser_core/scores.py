@@ -16,16 +16,25 @@ from .progress import Progress, emit
 from .store import Store
 from .tasks import Splits
 
-def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks) -> str:
-    return store.key("spectra", lm.fingerprint, splits.task.digest,
-                     {"calib": splits.key("calib"), "ks": sorted(set(ks) | {1})})
+def spectra_needed(cfg: SearchConfig) -> dict:
+    """What of the spectra a C2I search with ``cfg`` scores and plans from, as ``ks`` and ``grouping`` arguments:
+    every K of its grid, its rows grouped as it groups them, for ``first_order`` (it scores each (K, rho)); else K=1,
+    which every grouping leaves one block."""
+    return {"ks": cfg.ks, "grouping": cfg.grouping} if cfg.score == "first_order" else {"ks": (1,)}
 
 
-def cached_spectra(lm: LoadedModel, splits: Splits, store: Store,
-                   ks=(1,)) -> tuple[dict[str, MatrixSpectrum], float] | None:
-    """(spectra, calibration log-loss) from the cache, or None when they were not computed for these K yet."""
+def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str) -> str:
     ks = sorted(set(ks) | {1})
-    cached = store.get_tensors(_spectra_key(store, lm, splits, ks))
+    blocks = {"grouping": grouping} if grouping != "contiguous" and max(ks) > 1 else {}  # K = 1: one block, any way
+    return store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": ks, **blocks})
+
+
+def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
+                   grouping: str = "contiguous") -> tuple[dict[str, MatrixSpectrum], float] | None:
+    """(spectra, calibration log-loss) from the cache, or None when they were not computed for these K (and row
+    grouping) yet."""
+    ks = sorted(set(ks) | {1})
+    cached = store.get_tensors(_spectra_key(store, lm, splits, ks, grouping))
     if cached is None or "loss" not in cached:
         return None
     spectra = {}
@@ -41,12 +50,14 @@ def cached_spectra(lm: LoadedModel, splits: Splits, store: Store,
 
 
 def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel: CancelToken | None = None,
-                 progress: Progress | None = None, timings: dict | None = None) -> tuple[dict[str, MatrixSpectrum], float]:
-    """Singular values and their gradients of every matrix, per K, for the calibration split (cached).
+                 progress: Progress | None = None, timings: dict | None = None,
+                 grouping: str = "contiguous") -> tuple[dict[str, MatrixSpectrum], float]:
+    """Singular values and their gradients of every matrix, per K (rows grouped into blocks by ``grouping``), for
+    the calibration split (cached).
 
     Returns (spectra by parameter name, calibration log-loss). ``timings`` gets "gradients" and "svd" seconds.
     """
-    found = cached_spectra(lm, splits, store, ks)
+    found = cached_spectra(lm, splits, store, ks, grouping)
     if found is not None:
         if timings is not None:
             timings.update(gradients=0.0, svd=0.0)
@@ -60,7 +71,8 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
         lambda d, t: emit(progress, phase="gradients", done=d, total=t, message="forward+backward"))
     t1 = time.perf_counter()
     spectra = compute_spectra(lm, grads, ks, cancel,
-                              lambda d, t: emit(progress, phase="svd", done=d, total=t, message="SVD of every matrix"))
+                              lambda d, t: emit(progress, phase="svd", done=d, total=t, message="SVD of every matrix"),
+                              grouping)
     t2 = time.perf_counter()
     if timings is not None:
         timings.update(gradients=t1 - t0, svd=t2 - t1)
@@ -71,7 +83,7 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
             for b in range(len(sp.S[k])):
                 flat[f"{name}|S|{k}|{b}"] = sp.S[k][b]
                 flat[f"{name}|g|{k}|{b}"] = sp.g[k][b]
-    store.put_tensors(_spectra_key(store, lm, splits, ks), flat)
+    store.put_tensors(_spectra_key(store, lm, splits, ks, grouping), flat)
     return spectra, loss
 
 
@@ -112,7 +124,7 @@ def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectr
                 continue
             for rho in cfg.rhos:
                 gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
-                plan.append((Edit(name, k, rho), gain))
+                plan.append((Edit(name, k, rho, cfg.grouping), gain))
     if not plan:
         raise ConfigError("no K of the grid fits the chosen matrices (" + "; ".join(map(skip_text, unfit))
                           + "); add a smaller K: K=1 fits every matrix")

@@ -11,7 +11,7 @@ from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken
 from .models import LoadedModel
 from .progress import Progress, emit
-from .scores import c2i_plan, laser_plan, load_spectra, score_table
+from .scores import c2i_plan, laser_plan, load_spectra, score_table, spectra_needed
 from .significance import PairedChange, change_between
 from .store import Store, null_store
 from .tasks import Splits
@@ -66,7 +66,7 @@ class SearchReport:
         return self.best is not None and better(self.best, self.base)
 
     def best_edit(self) -> Edit | None:
-        return Edit(self.best["name"], self.best["k"], self.best["rho"]) if self.best else None
+        return Edit.of(self.best) if self.best else None
 
     def held_out_change(self) -> PairedChange | None:
         """Base vs best on the held-out test questions, paired (None without both evaluations)."""
@@ -121,8 +121,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         base = evaluate_candidate(lm, None, splits, split, store, cancel)
         emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}", base=_slim(base))
         if method == "c2i":
-            spectra, _ = load_spectra(lm, splits, store, cfg.ks if cfg.score == "first_order" else (1,),
-                                      cancel, progress, timings)
+            spectra, _ = load_spectra(lm, splits, store, cancel=cancel, progress=progress, timings=timings,
+                                      **spectra_needed(cfg))
             t0 = time.perf_counter()
             matrices = score_table(lm, spectra, cfg.score, cfg)
             plan, unfit = c2i_plan(lm, cfg, spectra, matrices)
@@ -153,7 +153,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             if not doc.get("stopped_early") and better(doc, best):
                 best = doc
             emit(progress, phase="search", done=i + 1, total=len(plan), row=_slim(doc),
-                  message=f"{edit.name} K={edit.k} rho={edit.rho}: acc {doc['accuracy']:.3f}")
+                  message=f"{edit.label}: acc {doc['accuracy']:.3f}")
         timings["search"] = time.perf_counter() - t0
     except Cancelled:
         status = "partial"
@@ -164,8 +164,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         emit(progress, phase="test", done=0, total=2, message="held-out test: base and best")
         base_test = evaluate_candidate(lm, None, splits, "test", store, cancel)
         if best is not None:
-            best_test = evaluate_candidate(lm, Edit(best["name"], best["k"], best["rho"]), splits, "test", store, cancel,
-                                           factors=factors)
+            best_test = evaluate_candidate(lm, Edit.of(best), splits, "test", store, cancel, factors=factors)
         timings["test"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     counts = {k: store.counts.get(k, 0) - counts0.get(k, 0) for k in set(store.counts) | set(counts0)}

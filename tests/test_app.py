@@ -773,6 +773,40 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
         "gives p < 0.05; the interval is Newcombe's for paired accuracies."]
 
 
+def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_them_apart(app_env):
+    from laser_core import Edit, edited
+    from laser_core.evaluate import evaluate
+    from laser_core.reduction import block_svd, block_truncate
+
+    at = page("pages/3_Explore.py")
+    at.slider(key="q").set_value(1)
+    at.multiselect(key="ks").set_value([2])
+    at.multiselect(key="rhos").set_value([0.5])
+    at.radio(key="grouping").set_value("clustered").run()
+    assert at.code[0].value.startswith("python -m laser_core search --q 1 --ks 2 --grouping clustered --rhos 0.5 ")
+    click(at, "Run")
+    wait_for(at, lambda a: any("finished" in s.value for s in a.success))
+    lm, _, splits = app_model(app_env)
+    (best,) = [m.value for m in at.markdown if "clustered" in m.value and "ranks" in m.value]
+    name = best.split("`")[1]
+    with edited(lm, [Edit(name, 2, 0.5, "clustered")]):  # the same edit, evaluated without the app or its cache
+        assert metrics(at)["Best (calib)"] == f"{evaluate(lm, splits.examples('calib')).accuracy:.3f}"
+    results = page("pages/4_Results.py")
+    table = next(d.value for d in results.dataframe if "grouping" in d.value.columns)
+    assert "clustered" in set(table["grouping"])
+    at.radio(key="method").set_value("One candidate (sliders)").run()
+    at.selectbox(key="one_matrix").set_value(name)
+    at.select_slider(key="one_k").set_value(2)
+    at.select_slider(key="one_rho").set_value(0.5)
+    at.radio(key="one_grouping").set_value("clustered").run()
+    w = lm.model.get_parameter(name).detach()
+    share = 1 - float(((w - block_truncate(block_svd(w, 2, "clustered"), 0.5)) ** 2).sum() / (w ** 2).sum())
+    assert f"keeps {share:.1%} of the squared Frobenius norm" in at.caption[0].value
+    (chart,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert chart["layout"]["title"]["text"].endswith("K=2 clustered ρ=0.5: singular values of each row block")
+    assert "This edit (calib)" in metrics(at)  # the search evaluated this very edit: from the cache
+
+
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
     from laser_core import SearchConfig, Store
     from laser_core.scores import c2i_matrices, cached_spectra, score_table
@@ -1020,6 +1054,7 @@ def test_export_finds_edits_to_add_greedily_on_the_search_split_and_picks_them(a
 def test_export_shows_a_composition_found_before_from_the_cache_and_caps_the_edits_tried(app_env, searched):
     """Before, a greedy composition lasted as long as the session that ran it, and --compose's was never shown;
     a LASER sweep's pool (a matrix per layer) could not be cut short."""
+    import laser_ui
     from laser_core import SearchConfig, Store, run_search
     from laser_core.candidates import cached_results, evaluate_edits
     from laser_core.compose import compose_greedy, compose_pool
@@ -1028,8 +1063,7 @@ def test_export_shows_a_composition_found_before_from_the_cache_and_caps_the_edi
     at = page("pages/5_Export.py")
     chosen = at.selectbox(key="export_pick")
     docs = cached_results(Store(), lm, splits)
-    start = next(d for d in docs if d["split"] == "calib" and d["name"] and chosen.format_func(chosen.value).startswith(
-        f"{d['name']} K={d['k']} ρ={d['rho']:g} "))
+    start = next(d for d in docs if d["name"] and chosen.format_func(chosen.value) == laser_ui.candidate_label(d))
     base = evaluate_edits(lm, [], splits, "calib", Store())
     pool = compose_pool(docs, start, base)
     assert len(pool) >= 2 and at.number_input(key="greedy_max").value == len(pool)
@@ -1048,7 +1082,7 @@ def test_export_shows_a_composition_found_before_from_the_cache_and_caps_the_edi
         steps = next(d.value for d in at.dataframe if "edit added" in d.value.columns)
         assert list(steps["together"]) == pytest.approx([s["accuracy"] for s in want.steps])
         assert sorted(p.split(" (")[0] for p in at.multiselect(key="combine_pick").value) == \
-            sorted(f"{e.name} K={e.k} ρ={e.rho:g}" for e in want.edits[1:])  # the edits kept, picked below
+            sorted(f"{e.name} {laser_ui.k_label(e.k, e.grouping)} ρ={e.rho:g}" for e in want.edits[1:])  # kept, picked
     fresh = page("pages/5_Export.py")  # another session: the same, with no job run
     assert greedy_caption(fresh) == greedy_caption(at) and "job_combine" not in fresh.session_state
     # "all" stays all on another candidate, whose pool holds the first one's matrix: one more edit to try
@@ -1056,7 +1090,7 @@ def test_export_shows_a_composition_found_before_from_the_cache_and_caps_the_edi
     other, label = next((i, lab) for i, lab in enumerate(pick.options) if " (calib acc" in lab and
                         lab.split(" K=")[0] not in {start["name"], *(c["name"] for c in pool)})
     pick.set_value(other).run()
-    second = next(d for d in docs if d["split"] == "calib" and label.startswith(f"{d['name']} K={d['k']} ρ={d['rho']:g} "))
+    second = next(d for d in docs if d["name"] and label == laser_ui.candidate_label(d))
     assert len(compose_pool(docs, second, base)) == len(pool) + 1
     assert fresh.number_input(key="greedy_max").value == len(pool) + 1
 

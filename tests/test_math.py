@@ -12,6 +12,7 @@ import torch
 from laser_core import ConfigError, Edit
 from laser_core.sequences import Seq, least_padded_batches
 from laser_core.gradients import (MatrixSpectrum, first_order_gain, paper_score, singular_value_gradients, spectrum)
+from laser_core.grouping import row_order
 from laser_core.matrices import MatrixRef
 from laser_core.reduction import (block_rank, block_ranks, block_singular_values, block_svd, block_truncate,
                                   energy_kept, row_blocks)
@@ -178,8 +179,10 @@ def test_paper_score_sums_only_positive_gradients_of_the_tail():
     assert paper_score(sp, tail_fraction=0.3) == pytest.approx(0.5 + 0.5 + 1)
 
 
-def test_first_order_prediction_matches_measured_loss_change(tiny_lm, mc_task):
-    """Shrink the trailing components by a tiny step and compare the loss change with -eps * sum sigma g."""
+@pytest.mark.parametrize("grouping", ["contiguous", "clustered"])
+def test_first_order_prediction_matches_measured_loss_change(tiny_lm, mc_task, grouping):
+    """Shrink the trailing components by a tiny step and compare the loss change with -eps * sum sigma g (with
+    clustered row blocks, the gradient's rows must follow the rows grouped into each block)."""
     from laser_core import TaskSpec, load_task, make_splits
     from laser_core.evaluate import evaluate
     from laser_core.gradients import calibration_gradients
@@ -191,11 +194,13 @@ def test_first_order_prediction_matches_measured_loss_change(tiny_lm, mc_task):
     grads, _ = calibration_gradients(lm, ex)
     ref = lm.ref(name)
     w0 = dict(lm.model.named_parameters())[name].detach().clone()
-    S, g = spectrum(w0, grads[name], [1, 2])
+    S, g = spectrum(w0, grads[name], [1, 4], grouping)
     sp = MatrixSpectrum(ref, S, g)
-    for k, rho in [(1, 0.25), (2, 0.5)]:
+    for k, rho in [(1, 0.25), (4, 0.5)]:
         predicted = first_order_gain(sp, k, rho)  # predicted decrease of L when the tail is removed
-        tail = w0 - block_truncate(block_svd(w0, k), rho)
+        tail = w0 - block_truncate(block_svd(w0, k, grouping), rho)
+        if grouping == "clustered" and k > 1:  # its blocks are not the contiguous ones
+            assert not torch.equal(row_order(w0, k, grouping), torch.arange(w0.shape[0]))
         eps = 1e-2
         losses = []
         for sign in (1, -1):

@@ -110,7 +110,7 @@ def test_one_svd_per_matrix_and_k_serves_its_rho_grid_with_no_cache(tiny_lm, mc_
     _, splits = _splits(mc_task)
     calls = []
     real = reduction.block_svd
-    monkeypatch.setattr(reduction, "block_svd", lambda w, k: calls.append((tuple(w.shape), k)) or real(w, k))
+    monkeypatch.setattr(reduction, "block_svd", lambda w, k, *a: calls.append((tuple(w.shape), k)) or real(w, k, *a))
     rep = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25)), null_store(), held_out=False)
     pairs = {(c["name"], c["k"]) for c in rep.candidates}
     evaluated = [c for c in rep.candidates if "same_as_rho" not in c]
@@ -497,6 +497,7 @@ def test_search_args_give_the_cli_the_same_search_settings():
 
     for cfg in [SearchConfig(), SearchConfig("laser", ks=(1,)),
                 SearchConfig("c2i", "first_order", 3, (1, 4), (0.5, 0.01), 0.3, early_stop=True, prefix_budget_mb=64),
+                SearchConfig("c2i", ks=(2, 8), grouping="clustered"),
                 SearchConfig("laser", ks=(1,), rhos=(0.25,), layers=(0, 2), types=("up", "down"), prefix_reuse=False)]:
         args = search_args(cfg)
         assert search_config_of(parser().parse_args(args), cfg.method) == cfg, args
