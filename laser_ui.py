@@ -31,7 +31,7 @@ import torch
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
 from laser_core.candidates import best_by_matrix, doc_edit, merit
-from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json
+from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
@@ -642,7 +642,8 @@ def session_job(kind: str, lm, splits) -> Job | None:
 # as its top q are the ones a C2I search on Explore tries.
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
-                            "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain"}
+                            "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
+                            "grouping": "contiguous", "one_grouping": "contiguous"}
 MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
 
 
@@ -763,7 +764,7 @@ def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
     if best:
         b = max(best, key=merit)
         vs = f" (base {base['accuracy']:.3f})" if base else ""
-        st.caption(f"Best so far: `{b['name']}` K={b['k']}, ρ={b['rho']:g}: {b['split']} accuracy "
+        st.caption(f"Best so far: `{b['name']}` {k_label(b['k'], b.get('grouping'))}, ρ={b['rho']:g}: {b['split']} accuracy "
                    f"{b['accuracy']:.3f}{vs} · {len(best)} matrices evaluated")
     st.plotly_chart(accuracy_heatmap(lm, rows, base["accuracy"] if base else None))
 
@@ -783,8 +784,8 @@ def score_inputs(lm) -> tuple[str, float, int]:
 def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> int | None:
     """Which matrices a C2I search with ``cfg`` tries, and the K each is too small for, where the scores are cached
     (else when they come). Returns the number of candidates where known; a grid that fits none stops the page."""
-    from laser_core.scores import c2i_matrices, c2i_plan, cached_spectra, score_table
-    found = cached_spectra(lm, splits, store(), cfg.ks if cfg.score == "first_order" else (1,))
+    from laser_core.scores import c2i_matrices, c2i_plan, cached_spectra, score_table, spectra_needed
+    found = cached_spectra(lm, splits, store(), **spectra_needed(cfg))
     if found is None:
         st.caption(f"Tries the top {cfg.q} matrices by the {cfg.score} score: the run computes the scores first "
                    "(or compute them on Layer scores to see which).")
@@ -902,7 +903,8 @@ def render_score_vs_change(lm, splits, rows: list[dict], base: dict | None, spli
         if r["name"] not in gains or gain > gains[r["name"]]["gain"]:
             m = scored[r["name"]]
             gains[r["name"]] = {"matrix": r["name"], "type": r["type"], "layer": r["layer"], "score": m["score"],
-                                "rank": m["rank"] + 1, "gain": gain, "K": r["k"], "ρ": r["rho"]}
+                                "rank": m["rank"] + 1, "gain": gain, "K": k_text(r["k"], r.get("grouping")),
+                                "ρ": r["rho"]}
     points = pd.DataFrame(list(gains.values()))
     rank_corr = points["score"].rank().corr(points["gain"].rank())  # Spearman's: Pearson's of the ranks (ties: mean)
     fig = px.scatter(points, x="score", y="gain", color="type", hover_data=["matrix", "layer", "rank", "K", "ρ"],
@@ -922,19 +924,19 @@ class _ModelBusy(Exception):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _block_spectrum(fingerprint: str, name: str, k: int, _lm) -> list:
+def _block_spectrum(fingerprint: str, name: str, k: int, grouping: str, _lm) -> list:
     from laser_core.reduction import block_spectrum
-    S = block_spectrum(_lm, name, k, store(), blocking=False)
+    S = block_spectrum(_lm, name, k, store(), blocking=False, grouping=grouping)
     if S is None:
         raise _ModelBusy  # not cached: the next rerun tries again
     return S
 
 
-def one_spectrum(lm, name: str, k: int) -> list | None:
-    """The singular values of each of the K row blocks of matrix ``name`` (computed once per model, matrix and K;
-    None while a job holds the model)."""
+def one_spectrum(lm, name: str, k: int, grouping: str = "contiguous") -> list | None:
+    """The singular values of each of the K row blocks (grouped by ``grouping``) of matrix ``name`` (computed once per
+    model, matrix, K and grouping; None while a job holds the model)."""
     try:
-        return _block_spectrum(lm.fingerprint, name, k, lm)
+        return _block_spectrum(lm.fingerprint, name, k, grouping, lm)
     except _ModelBusy:
         return None
 
@@ -980,16 +982,17 @@ def render_one_candidate(lm, splits) -> None:
         st.session_state["one_k"] = 1
     k = c2.select_slider("K (row blocks)", ks, key="one_k")
     rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, key="one_rho")
-    edit, short = Edit(name, k, rho), short_label(ref.layer, ref.type, k, rho)
+    edit = Edit(name, k, rho, grouping_input(c3, "one_grouping"))  # K = 1: contiguous, one block
+    short = short_label(ref.layer, ref.type, k, rho, edit.grouping)
     ranks, kept = params_kept(ref, k, rho)
     full = ref.shape[0] * ref.shape[1]
     line = (f"layer {ref.layer}, {ref.type}, {ref.shape[0]}×{ref.shape[1]}: rank kept per block {ranks}; "
             f"{kept:,} of {full:,} parameters in factored form ({kept / full:.1%})")
-    spectra = cached_spectra(lm, splits, store(), PAPER_KS) or cached_spectra(lm, splits, store(), (1,))
+    spectra = cached_spectra(lm, splits, store(), PAPER_KS, edit.grouping) or cached_spectra(lm, splits, store(), (1,))
     mine = spectra[0][name] if spectra is not None and k in spectra[0][name].S else None  # the gradient's, for this K
     if mine is not None:
         line += f"; first-order predicted change of the calibration log-loss {-first_order_gain(mine, k, rho):+.4f}"
-    S = mine.S[k] if mine is not None else one_spectrum(lm, name, k)
+    S = mine.S[k] if mine is not None else one_spectrum(lm, name, k, edit.grouping)
     if S is not None:
         share = energy_kept(S, rho)
         line += (f"; keeps {share:.1%} of the squared Frobenius norm (relative error of the reduced matrix "
@@ -1057,7 +1060,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
         return edits, recipe
-    ids = sorted([e.name, e.k, e.rho] for e in edits)
+    ids = evaluation_id({"edits": [to_dict(e) for e in edits]})
     job = session_job("combine", lm, splits)
     running = job is not None and job.status == "running"
     if st.button(f"Evaluate the {len(edits)} edits together on held-out test", key="combine_run", disabled=running):
@@ -1129,7 +1132,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
                    + ("" if steps else " (no other matrix's best beats the base alone there)")
                    + (" — from the cache" if isinstance(source, tuple) else "") + ".")
         if steps:
-            st.dataframe([{"edit added": edit_short(lm, r["name"], r["k"], r["rho"]), "alone": r["alone"],
+            st.dataframe([{"edit added": edit_short(lm, r), "alone": r["alone"],
                            "together": r["accuracy"], "log_loss": r["log_loss"],
                            "kept": "yes" if r["kept"] else ("no: " + r["error"] if r.get("error") else "")}
                           for r in steps], hide_index=True, key="greedy_steps")
@@ -1137,22 +1140,32 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
         live_job("combine", lm, splits)
 
 
-def short_label(layer: int, type_: str, k: int, rho: float) -> str:
-    """An edit as tables and captions show it: 'L2.down K=8 ρ=0.1'."""
-    return f"L{layer}.{type_} K={k} ρ={rho:g}"
+def k_text(k: int, grouping: str | None = None) -> str:
+    """'8', and the rows' grouping where it is not contiguous: '8 clustered' (a K column's value)."""
+    return f"{k}" + (f" {grouping}" if grouping and grouping != "contiguous" else "")
 
 
-def edit_short(lm, name: str, k: int, rho: float) -> str:
-    """:func:`short_label` of the edit of matrix ``name`` of ``lm``."""
-    ref = lm.ref(name)
-    return short_label(ref.layer, ref.type, k, rho)
+def k_label(k: int, grouping: str | None = None) -> str:
+    """'K=8', or 'K=8 clustered' (see :func:`k_text`)."""
+    return f"K={k_text(k, grouping)}"
+
+
+def short_label(layer: int, type_: str, k: int, rho: float, grouping: str | None = None) -> str:
+    """An edit as tables and captions show it: 'L2.down K=8 ρ=0.1' ('L2.down K=8 clustered ρ=0.1')."""
+    return f"L{layer}.{type_} {k_label(k, grouping)} ρ={rho:g}"
+
+
+def edit_short(lm, edit: dict) -> str:
+    """:func:`short_label` of ``edit`` (a dict with its name, k, rho and any grouping) of a matrix of ``lm``."""
+    ref = lm.ref(edit["name"])
+    return short_label(ref.layer, ref.type, edit["k"], edit["rho"], edit.get("grouping"))
 
 
 def candidate_label(d, with_split: bool = True) -> str:
     """An evaluated candidate (a dict or a table row) as Export's boxes and Results' compare box list it: its matrix,
     K, ρ, and accuracy on its split (``with_split``: the split named, where the box mixes them)."""
     where = f"{d['split']} " if with_split else ""
-    return (f"{d['name']} K={d['k']} ρ={d['rho']:g} ({where}acc {d['accuracy']:.3f}"
+    return (f"{d['name']} {k_label(d['k'], d.get('grouping'))} ρ={d['rho']:g} ({where}acc {d['accuracy']:.3f}"
             + (", stopped early)" if d.get("stopped_early") else ")"))
 
 
@@ -1171,7 +1184,8 @@ def render_recipe_check(lm, splits) -> None:
     except LaserError as e:
         st.error(f"Cannot use this recipe: {e}")
         return
-    st.dataframe([{"matrix": e.name, "K": e.k, "ρ": e.rho} for e in edits], hide_index=True, key="recipe_edits")
+    st.dataframe([{"matrix": e.name, "K": k_text(e.k, e.grouping), "ρ": e.rho} for e in edits], hide_index=True,
+                 key="recipe_edits")
     task = recipe.get("task") or {}
     recorded = (recipe.get("metrics") or {}).get("edited_test")
     same_task = made_on_task == splits.spec
@@ -1230,7 +1244,8 @@ def family_caption(df: pd.DataFrame) -> str | None:
         return None
     return ("Each p is for its edit looked at alone, as a search's best is tested; picking among these rows by their "
             "held-out results picks on the test split. " + family_summary(
-                [(short_label(r.layer, r.type, r.k, r.rho), r.p) for r in rows.itertuples()]))
+                [(short_label(r.layer, r.type, r.k, r.rho, getattr(r, "grouping", None)), r.p)
+                 for r in rows.itertuples()]))
 
 
 def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.DataFrame:
@@ -1248,14 +1263,22 @@ def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.D
     return df
 
 
+def k_column(df: pd.DataFrame) -> list[str]:
+    """Each row's K as :func:`k_text` gives it (with its rows' grouping where not contiguous), for a chart's legend."""
+    groupings = df["grouping"] if "grouping" in df.columns else [None] * len(df)
+    return [k_text(k, g) for k, g in zip(df["k"], groupings)]
+
+
 def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame:
     """Candidates' evaluations as a table. With the ``base`` model's evaluation of the same held-out questions,
     each row also gets its paired change from it: ``vs_base``, its 95% interval and McNemar ``p``, and
     ``beyond_noise`` (see ``laser_core.significance``); pass it for held-out test only."""
-    cols = ["layer", "type", "k", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept", "params_full",
-            "predicted_gain", "same_as_rho", "cached", "name"]
+    cols = ["layer", "type", "k", "grouping", "rho", "accuracy", "log_loss", "split", "ranks", "params_kept",
+            "params_full", "predicted_gain", "same_as_rho", "cached", "name"]
     df = _with_changes(pd.DataFrame([{c: r.get(c) for c in cols} for r in rows]), rows, base)
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
+    if "grouping" in df.columns:  # some rows' blocks are clustered: say the others' are contiguous
+        df["grouping"] = df["grouping"].fillna("contiguous")
     if any(r.get("stopped_early") for r in rows):  # their accuracy counts only the examples seen before the stop
         df.insert(df.columns.get_loc("accuracy") + 1, "stopped_early",
                   ["yes" if r.get("stopped_early") else "" for r in rows])
@@ -1271,7 +1294,7 @@ def combinations_frame(lm, rows: list[dict], base: dict | None = None) -> pd.Dat
     edits in short, accuracy, log-loss and, with the ``base`` on the same held-out questions, the paired change
     (as :func:`candidates_frame`)."""
     rows = sorted(rows, key=merit, reverse=True)
-    df = pd.DataFrame([{"edits": " + ".join(edit_short(lm, e["name"], e["k"], e["rho"])
+    df = pd.DataFrame([{"edits": " + ".join(edit_short(lm, e)
                                             for e in sorted(r["edits"], key=lambda e: lm.ref(e["name"]).layer)),
                         "n_edits": len(r["edits"]), "accuracy": r["accuracy"], "log_loss": r["log_loss"],
                         "split": r["split"]} for r in rows])
@@ -1330,7 +1353,7 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
     hover = [[""] * len(types) for _ in layers]
     for r in best.values():
         hover[layers.index(r["layer"])][types.index(r["type"])] = \
-            f"accuracy {r['accuracy']:.3f} at K={r['k']}, ρ={r['rho']:g}<br>{r['name']}"
+            f"accuracy {r['accuracy']:.3f} at {k_label(r['k'], r.get('grouping'))}, ρ={r['rho']:g}<br>{r['name']}"
     label = "accuracy − base" if base_accuracy is not None else "accuracy"
     # Against the base: a symmetric scale of at least ±5 points, so that a gain of an example or two stays pale
     span = max([0.05] + [abs(v) for line in z for v in line if v is not None]) if base_accuracy is not None else None
@@ -1351,7 +1374,8 @@ def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> g
                       / total})
     stopped = df["stopped_early"] == "yes" if "stopped_early" in df.columns else pd.Series(False, index=df.index)
     ran = df[~stopped]
-    fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type", hover_data=["layer", "k", "rho"],
+    fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type",
+                     hover_data=["layer", "k", *(["grouping"] if "grouping" in ran.columns else []), "rho"],
                      title="Accuracy vs parameters kept (Pareto front)",
                      labels={"params_kept_%": "parameters kept (% of the model)"})
     if stopped.any():
@@ -1394,8 +1418,8 @@ def scores_frame(table: list[dict]) -> pd.DataFrame:
 
 
 def candidate_id(doc: dict | None) -> tuple:
-    """The edit a cached evaluation or report row is of: (matrix name, K, rho); (None, None, None) for the base."""
-    return (doc["name"], doc["k"], doc["rho"]) if doc else (None, None, None)
+    """The edit a cached evaluation or report row is of: (matrix name, K, rho, row grouping); all None for the base."""
+    return (doc["name"], doc["k"], doc["rho"], doc.get("grouping") or "contiguous") if doc else (None,) * 4
 
 
 def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
@@ -1470,7 +1494,8 @@ def render_search_report(report: dict, lm) -> None:
     if report.get("best_test"):
         render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
                              report["best_test"])
-    st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, K={b['k']}, ρ={b['rho']:g}, ranks {b['ranks']}")
+    st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, {k_label(b['k'], b.get('grouping'))}, ρ={b['rho']:g}, "
+             f"ranks {b['ranks']}")
     st.plotly_chart(accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
@@ -1572,12 +1597,21 @@ def grid_inputs(ks: bool = True) -> dict:
     if ks:
         c1, c2 = st.columns(2)
         k_grid = _number_grid(c1, "K grid (row blocks)", "ks", K_CHOICES, int)
+        grouping = grouping_input(c1, "grouping")
     else:
-        c2, k_grid = st.container(), [1]
+        c2, k_grid, grouping = st.container(), [1], "contiguous"
     rhos = _number_grid(c2, "ρ grid (fraction of rank kept)", "rhos", set(PAPER_RHOS) | {1.0}, float, descending=True)
     if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
-    return {"ks": k_grid, "rhos": rhos}
+    return {"ks": k_grid, "rhos": rhos, "grouping": grouping}
+
+
+def grouping_input(where, key: str) -> str:
+    """How a matrix's rows form its K blocks (``laser_core.grouping``): contiguous, as the paper, or clustered."""
+    from laser_core.grouping import GROUPING_HELP
+    return where.radio("Row blocks", list(GROUPING_HELP), key=key, horizontal=True,
+                       help="; ".join(f"**{name}**: {text}" for name, text in GROUPING_HELP.items())
+                            + ". K = 1 is one block of every row either way.")
 
 
 def laser_inputs(layers: list[int], types: list[str]) -> tuple[int, int, list[str]]:
@@ -1602,7 +1636,7 @@ def cached_results(lm, splits, failed: bool = False) -> list[dict]:
 def render_failed(lm, failed: list[dict], split: str) -> None:
     """Results: the candidates of ``split`` that broke the model's numerics (``failed``: cached entries with an
     ``error``), which the table cannot list (they have no accuracy), so that a missing ρ or K is explained."""
-    rows = [{"edit": edit_short(lm, d["name"], d["k"], d["rho"]), "name": d["name"], "error": d["error"]}
+    rows = [{"edit": edit_short(lm, d), "name": d["name"], "error": d["error"]}
             for d in failed if d["split"] == split]
     if rows:
         with st.expander(f"{len(rows)} candidate{'s' * (len(rows) != 1)} broke the model's numerics: no result"):
@@ -1617,9 +1651,9 @@ def _as_edits(edit) -> list:
 
 
 def evaluation_id(doc: dict) -> tuple:
-    """The edits a cached evaluation or a job's result is of, as sorted (matrix name, K, rho): () for the base."""
+    """The edits a cached evaluation or a job's result is of, as sorted :func:`candidate_id`: () for the base."""
     rows = doc.get("edits") or ([doc] if doc.get("name") else [])
-    return tuple(sorted((r["name"], r["k"], r["rho"]) for r in rows))
+    return tuple(sorted(candidate_id(r) for r in rows))
 
 
 def cached_combinations(lm, splits) -> list[dict]:
@@ -1647,8 +1681,7 @@ def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dic
             if key not in wanted or got[key] is not None:
                 continue
             e, split = wanted[key]
-            if doc["split"] == split and evaluation_id(doc) == tuple(sorted((x.name, x.k, x.rho)
-                                                                            for x in _as_edits(e))):
+            if doc["split"] == split and evaluation_id(doc) == evaluation_id({"edits": [to_dict(x) for x in _as_edits(e)]}):
                 got[key] = doc
     return got
 

@@ -35,7 +35,7 @@ early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot
 try:
     if method.startswith("C2I"):
         cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),
-                           tail, early_stop=early)
+                           tail, early_stop=early, grouping=grid["grouping"])
         n = q * len(grid["ks"]) * len(grid["rhos"])
     else:
         cfg = SearchConfig("laser", ks=(1,), rhos=tuple(sorted(grid["rhos"], reverse=True)),

@@ -63,7 +63,7 @@ with c1:
                           help="Matrices in order of their best accuracy on this split (of candidates that ran to "
                                "the end: one stopped early counts only the examples it saw)")
     sub = df[df["name"] == matrix].sort_values(["k", "rho"])  # the legend in K order, each line in ρ order
-    fig = px.line(sub, x="rho", y="accuracy", color=sub["k"].astype(str), markers=True, log_x=True,
+    fig = px.line(sub, x="rho", y="accuracy", color=ui.k_column(sub), markers=True, log_x=True,
                   labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(dtick=1)  # 0.01, 0.1, 1
     if base:
         fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
