@@ -982,7 +982,7 @@ def render_one_candidate(lm, splits) -> None:
         st.session_state["one_k"] = 1
     k = c2.select_slider("K (row blocks)", ks, key="one_k")
     rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, key="one_rho")
-    edit = Edit(name, k, rho, grouping_input(c3, "one_grouping"))  # K = 1: contiguous, one block
+    edit = Edit(name, k, rho, grouping_input(c3, "one_grouping", disabled=k == 1))  # K = 1: contiguous, one block
     short = short_label(ref.layer, ref.type, k, rho, edit.grouping)
     ranks, kept = params_kept(ref, k, rho)
     full = ref.shape[0] * ref.shape[1]
@@ -1606,10 +1606,11 @@ def grid_inputs(ks: bool = True) -> dict:
     return {"ks": k_grid, "rhos": rhos, "grouping": grouping}
 
 
-def grouping_input(where, key: str) -> str:
-    """How a matrix's rows form its K blocks (``laser_core.grouping``): contiguous, as the paper, or clustered."""
+def grouping_input(where, key: str, disabled: bool = False) -> str:
+    """How a matrix's rows form its K blocks (``laser_core.grouping``): contiguous, as the paper, or clustered
+    (``disabled`` where K = 1, one block of every row)."""
     from laser_core.grouping import GROUPING_HELP
-    return where.radio("Row blocks", list(GROUPING_HELP), key=key, horizontal=True,
+    return where.radio("Row blocks", list(GROUPING_HELP), key=key, horizontal=True, disabled=disabled,
                        help="; ".join(f"**{name}**: {text}" for name, text in GROUPING_HELP.items())
                             + ". K = 1 is one block of every row either way.")
 

@@ -795,9 +795,10 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     table = next(d.value for d in results.dataframe if "grouping" in d.value.columns)
     assert "clustered" in set(table["grouping"])
     at.radio(key="method").set_value("One candidate (sliders)").run()
+    assert at.radio(key="one_grouping").disabled  # K = 1: one block of every row
     at.selectbox(key="one_matrix").set_value(name)
     at.select_slider(key="one_k").set_value(2)
-    at.select_slider(key="one_rho").set_value(0.5)
+    at.select_slider(key="one_rho").set_value(0.5).run()  # K = 1 left its row blocks disabled: one block either way
     at.radio(key="one_grouping").set_value("clustered").run()
     w = lm.model.get_parameter(name).detach()
     share = 1 - float(((w - block_truncate(block_svd(w, 2, "clustered"), 0.5)) ** 2).sum() / (w ** 2).sum())
