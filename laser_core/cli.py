@@ -254,7 +254,7 @@ def _cmd_report(args) -> int:
                 print(f"warning: could not write {json_out}: {e.strerror or e}", file=sys.stderr, flush=True)
 
     result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
-                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row)
+                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row, grouping=args.grouping)
     print(table_markdown(result))
     return 0
 

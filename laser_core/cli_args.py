@@ -149,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-calib", type=int, default=100, help="calibration examples per task (default 100)")
     sp.add_argument("--n-test", type=int, default=300, help="held-out test examples per task (default 300)")
     sp.add_argument("--json-out", default=None, help="also write the rows as JSON here")
+    sp.add_argument("--grouping", default="contiguous", choices=list(GROUPINGS),
+                    help="clustered: also run C2I's K grid with clustered row blocks, as one more column (default "
+                         "contiguous: the paper's columns only)")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
     sp.add_argument("--recipe", required=True, help="the recipe (.json/.yaml) to apply")
     sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")

@@ -1,4 +1,5 @@
-"""The paper's Table 1 on our models and tasks: base, LASER, C2I with K=1, C2I with the K grid.
+"""The paper's Table 1 on our models and tasks: base, LASER, C2I with K=1, C2I with the K grid (and, where asked, the K
+grid with clustered row blocks beside it).
 
 Every method runs on a fresh, cache-less store so that its wall time is its own; the held-out test split is
 evaluated outside the timed searches, the base once per task and each method's best once. ``quick`` (for CPUs)
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 from .candidates import PrefixPool, edit_identity, evaluate_candidate
 from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
 from .errors import ConfigError
+from .grouping import CONTIGUOUS, GROUPINGS, check_grouping
 from .models import LoadedModel
 from .search import SearchReport, run_search
 from .significance import change_between, family_summary, p_text
@@ -24,6 +26,13 @@ from .tasks import BUNDLED, Splits, load_task, make_splits
 
 log = logging.getLogger(__name__)
 METHODS = {"laser": "LASER", "c2i_k1": "C2I K=1", "c2i_kgrid": "C2I K grid"}  # the table's edited columns
+
+
+def methods_of(row: dict) -> dict[str, str]:
+    """The edited columns a row of the table has: :data:`METHODS`, and C2I's K grid under another row grouping where
+    the run asked for one (``c2i_kgrid_clustered``: "C2I K grid clustered")."""
+    extra = {f"c2i_kgrid_{g}": f"C2I K grid {g}" for g in GROUPINGS if g != CONTIGUOUS and f"c2i_kgrid_{g}_test" in row}
+    return {**METHODS, **extra}
 
 
 @dataclass
@@ -90,11 +99,14 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
 
 def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
                 n_test: int = 300, progress: Callable[[str], None] | None = None,
-                on_row: Callable[[dict], None] | None = None) -> dict:
+                on_row: Callable[[dict], None] | None = None, grouping: str = CONTIGUOUS) -> dict:
     """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used.
 
-    ``on_row(result_so_far)`` is called after each task, so a long run can be followed (and kept) row by row.
+    ``grouping`` other than contiguous (the paper's row blocks) also runs C2I's K grid with the rows grouped so, as
+    one more column (``c2i_kgrid_<grouping>``). ``on_row(result_so_far)`` is called after each task, so a long run
+    can be followed (and kept) row by row.
     """
+    check_grouping(grouping)
     from .models import load_model
 
     tasks = list(dict.fromkeys(tasks))
@@ -130,11 +142,14 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
                **_against_base("laser", base_doc, held_out_result(lm, splits, laser.report)),
                "laser_s": laser_s, "laser_measured_s": laser.measured_seconds, "laser_note": laser.note,
                "laser_best": _edit(laser.report)}
-        for label, grid in (("c2i_k1", (1,)), ("c2i_kgrid", ks)):
+        runs = [("c2i_k1", (1,), CONTIGUOUS), ("c2i_kgrid", ks, CONTIGUOUS)]
+        runs += [(f"c2i_kgrid_{grouping}", ks, grouping)] * (grouping != CONTIGUOUS)
+        for label, grid, rows_grouped in runs:
             if progress:
-                progress(f"{name}: C2I K={list(grid)}")
+                progress(f"{name}: C2I K={list(grid)}" + (f", {rows_grouped} rows" if rows_grouped != CONTIGUOUS else ""))
             t0 = time.perf_counter()
-            rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos), null_store(), held_out=False)
+            rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos, grouping=rows_grouped),
+                             null_store(), held_out=False)
             seconds = time.perf_counter() - t0
             out.update({**_against_base(label, base_doc, held_out_result(lm, splits, rep)), f"{label}_s": seconds,
                         f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
@@ -166,7 +181,7 @@ def _marked(row: dict, label: str) -> str:
 def row_line(row: dict) -> str:
     """A task's held-out accuracies on one line, marked as in the table: 'fever: base 0.523, LASER 0.550†, …'."""
     return f"{row['task']}: base {row['base_test']:.3f}, " + ", ".join(f"{name} {_marked(row, label)}"
-                                                                      for label, name in METHODS.items())
+                                                                      for label, name in methods_of(row).items())
 
 
 def _change_text(change: dict) -> str:
@@ -175,18 +190,21 @@ def _change_text(change: dict) -> str:
 
 def _edit(rep: SearchReport) -> str:
     b = rep.best
-    return f"L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']}"
+    rows = f" {b['grouping']}" if b.get("grouping") else ""
+    return f"L{b['layer']}.{b['type']} K={b['k']}{rows} rho={b['rho']}"
 
 
 def table_markdown(result: dict) -> str:
     """The table in the layout of the paper's Table 1 (held-out test accuracy, search time, speedup)."""
     s = result["settings"]
-    lines = ["| task | base | LASER | C2I K=1 | C2I K grid | LASER time (s) | C2I K=1 time (s) / speedup | "
-             "C2I K grid time (s) / speedup |", "|---|---|---|---|---|---|---|---|"]
+    methods = methods_of(result["rows"][0]) if result["rows"] else METHODS
+    c2i = [label for label in methods if label != "laser"]
+    header = ["task", "base", *methods.values(), "LASER time (s)", *(f"{methods[c]} time (s) / speedup" for c in c2i)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['base_test']:.3f} | {_marked(r, 'laser')} | {_marked(r, 'c2i_k1')} | "
-                     f"{_marked(r, 'c2i_kgrid')} | {r['laser_s']:.0f}{'*' if s['quick'] else ''} | "
-                     f"{r['c2i_k1_s']:.0f} / {r['c2i_k1_speedup']:.1f}x | {r['c2i_kgrid_s']:.0f} / {r['c2i_kgrid_speedup']:.1f}x |")
+        cells = [r["task"], f"{r['base_test']:.3f}", *(_marked(r, label) for label in methods),
+                 f"{r['laser_s']:.0f}{'*' if s['quick'] else ''}", *(f"{r[f'{c}_s']:.0f} / {r[f'{c}_speedup']:.1f}x" for c in c2i)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Held-out test accuracy; model `{s['model']}` on {s.get('machine', s['device'])}, {s.get('date', '')}; seed {s['seed']}, calibration "
                  f"{s['n_calib']}, test up to {s['n_test']} (per task: "
@@ -196,14 +214,14 @@ def table_markdown(result: dict) -> str:
         lines.append("*quick mode: LASER measured on its last layer only with validation capped at 200 examples; its "
                      "time is extrapolated to all layers (probe-interpolated) and to the full validation split "
                      "(linear in examples), and its accuracy is the best of the measured layer only.")
-    if all(f"{label}_change" in r for r in result["rows"] for label in METHODS):
+    if all(f"{label}_change" in r for r in result["rows"] for label in methods):
         lines.append("†: differs from the base beyond noise (McNemar mid-p < 0.05 on the paired held-out questions). "
                      "Change from the base, 95% interval, p: " + "; ".join(
                          f"{r['task']}: " + ", ".join(f"{name} {_change_text(r[f'{label}_change'])}"
-                                                      for label, name in METHODS.items()) for r in result["rows"]))
+                                                      for label, name in methods.items()) for r in result["rows"]))
         lines.append(family_summary([(f"{r['task']} {name}", r[f"{label}_change"]["p_value"])
-                                  for r in result["rows"] for label, name in METHODS.items()]))
+                                  for r in result["rows"] for label, name in methods.items()]))
     lines.append("Best edits: " + "; ".join(f"{r['task']}: " + ", ".join(f"{name} {r[f'{label}_best']}"
-                                                                         for label, name in METHODS.items())
+                                                                         for label, name in methods.items())
                                             for r in result["rows"]))
     return "\n".join(lines)

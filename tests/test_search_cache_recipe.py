@@ -605,23 +605,33 @@ def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, mo
             on_test.append(edit)
         return real(lm, edit, splits, split, *args, **kwargs)
 
+    configs, real_search = [], report.run_search
     monkeypatch.setattr(search, "evaluate_candidate", counted)
     monkeypatch.setattr(report, "evaluate_candidate", counted)
+    monkeypatch.setattr(report, "run_search", lambda lm, splits, cfg, *a, **kw: configs.append(cfg)
+                        or real_search(lm, splits, cfg, *a, **kw))
     result = paper_table(ModelSpec(str(tiny_dirs["llama"]), "cpu"), [str(task)], quick=True, n_calib=30, n_test=30,
-                         on_row=seen.append)
+                         on_row=seen.append, grouping="clustered")
     row = result["rows"][0]
     assert len(seen) == 1 and row["n_val"] == 40 and row["n_test"] == 30
-    assert len(on_test) == 4 and on_test.count(None) == 1  # the base once, then each method's best once
-    for k in ("base_test", "laser_test", "c2i_k1_test", "c2i_kgrid_test"):
+    assert len(on_test) == 5 and on_test.count(None) == 1  # the base once, then each method's best once
+    for k in ("base_test", "laser_test", "c2i_k1_test", "c2i_kgrid_test", "c2i_kgrid_clustered_test"):
         assert 0.0 <= row[k] <= 1.0
+    assert [(c.method, c.ks, c.grouping) for c in configs] == [
+        ("laser", (1,), "contiguous"), ("c2i", (1,), "contiguous"), ("c2i", (1, 4), "contiguous"),
+        ("c2i", (1, 4), "clustered")]  # the paper's columns as before, then the K grid with clustered rows
     assert row["laser_s"] > row["laser_measured_s"] > 0  # one of two layers measured: the rest extrapolated
-    for label in ("laser", "c2i_k1", "c2i_kgrid"):  # each paired with the base on the same 30 test questions
+    for label in ("laser", "c2i_k1", "c2i_kgrid", "c2i_kgrid_clustered"):  # each paired with the base on the same 30
         change = row[f"{label}_change"]
         assert change["n"] == 30 and change["change"] == pytest.approx(row[f"{label}_test"] - row["base_test"])
         assert change["low"] <= change["change"] <= change["high"] and 0 < change["p_value"] <= 1
     text = table_markdown(result)
-    assert text.startswith("| task | base | LASER | C2I K=1 | C2I K grid |") and "quick mode" in text
+    assert text.startswith("| task | base | LASER | C2I K=1 | C2I K grid | C2I K grid clustered | LASER time (s) | "
+                           "C2I K=1 time (s) / speedup | C2I K grid time (s) / speedup | C2I K grid clustered time (s) / "
+                           "speedup |\n|---|---|---|---|---|---|---|---|---|---|\n") and "quick mode" in text
+    assert f"| {row['c2i_kgrid_clustered_s']:.0f} / {row['c2i_kgrid_clustered_speedup']:.1f}x |" in text
     assert "†: differs from the base beyond noise" in text and f"{row['task']}: LASER " in text
+    assert "Read together, as 4 tests" in text and "C2I K grid clustered L" in text
 
 
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
