@@ -31,7 +31,7 @@ import torch
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
 from laser_core.candidates import best_by_matrix, doc_edit, merit
-from laser_core.config import PAPER_KS, PAPER_RHOS, canonical_json, to_dict
+from laser_core.config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
@@ -643,7 +643,7 @@ def session_job(kind: str, lm, splits) -> Job | None:
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
                             "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
-                            "grouping": "contiguous", "one_grouping": "contiguous"}
+                            "grouping": CONTIGUOUS, "one_grouping": CONTIGUOUS}
 MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
 
 
@@ -932,7 +932,7 @@ def _block_spectrum(fingerprint: str, name: str, k: int, grouping: str, _lm) -> 
     return S
 
 
-def one_spectrum(lm, name: str, k: int, grouping: str = "contiguous") -> list | None:
+def one_spectrum(lm, name: str, k: int, grouping: str = CONTIGUOUS) -> list | None:
     """The singular values of each of the K row blocks (grouped by ``grouping``) of matrix ``name`` (computed once per
     model, matrix, K and grouping; None while a job holds the model)."""
     try:
@@ -1142,7 +1142,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
 
 def k_text(k: int, grouping: str | None = None) -> str:
     """'8', and the rows' grouping where it is not contiguous: '8 clustered' (a K column's value)."""
-    return f"{k}" + (f" {grouping}" if grouping and grouping != "contiguous" else "")
+    return f"{k}" + (f" {grouping}" if grouping and grouping != CONTIGUOUS else "")
 
 
 def k_label(k: int, grouping: str | None = None) -> str:
@@ -1278,7 +1278,7 @@ def candidates_frame(rows: list[dict], base: dict | None = None) -> pd.DataFrame
     df = _with_changes(pd.DataFrame([{c: r.get(c) for c in cols} for r in rows]), rows, base)
     df = df[[c for c in df.columns if c in ("layer", "name") or df[c].notna().any()]]  # drop per-run columns not known here
     if "grouping" in df.columns:  # some rows' blocks are clustered: say the others' are contiguous
-        df["grouping"] = df["grouping"].fillna("contiguous")
+        df["grouping"] = df["grouping"].fillna(CONTIGUOUS)
     if any(r.get("stopped_early") for r in rows):  # their accuracy counts only the examples seen before the stop
         df.insert(df.columns.get_loc("accuracy") + 1, "stopped_early",
                   ["yes" if r.get("stopped_early") else "" for r in rows])
@@ -1419,7 +1419,7 @@ def scores_frame(table: list[dict]) -> pd.DataFrame:
 
 def candidate_id(doc: dict | None) -> tuple:
     """The edit a cached evaluation or report row is of: (matrix name, K, rho, row grouping); all None for the base."""
-    return (doc["name"], doc["k"], doc["rho"], doc.get("grouping") or "contiguous") if doc else (None,) * 4
+    return (doc["name"], doc["k"], doc["rho"], doc.get("grouping") or CONTIGUOUS) if doc else (None,) * 4
 
 
 def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
@@ -1599,7 +1599,7 @@ def grid_inputs(ks: bool = True) -> dict:
         k_grid = _number_grid(c1, "K grid (row blocks)", "ks", K_CHOICES, int)
         grouping = grouping_input(c1, "grouping")
     else:
-        c2, k_grid, grouping = st.container(), [1], "contiguous"
+        c2, k_grid, grouping = st.container(), [1], CONTIGUOUS
     rhos = _number_grid(c2, "ρ grid (fraction of rank kept)", "rhos", set(PAPER_RHOS) | {1.0}, float, descending=True)
     if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")

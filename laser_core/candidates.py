@@ -7,7 +7,7 @@ import math
 import time
 from collections import OrderedDict
 
-from .config import Edit, TaskSpec, check_one_per_matrix, to_dict
+from .config import CONTIGUOUS, Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
 from .evaluate import CancelToken, EvalResult, evaluate
 from .models import LoadedModel
@@ -167,7 +167,7 @@ def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: 
     if len(edits) <= 1:
         return result_key(store, lm, splits, split, edits[0] if edits else None)
     ident = {**split_ident(splits, split),
-             "edits": sorted((e.name, e.k, e.rho) + ((e.grouping,) if e.grouping != "contiguous" else ()) for e in edits)}
+             "edits": sorted((e.name, e.k, e.rho) + ((e.grouping,) if e.grouping != CONTIGUOUS else ()) for e in edits)}
     return store.key("together", lm.fingerprint, splits.task.digest, ident)
 
 

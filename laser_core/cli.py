@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .cli_args import parser, search_config_of, spec_args, specs_of
-from .config import ModelSpec, SearchConfig
+from .config import CONTIGUOUS, ModelSpec, SearchConfig
 from .errors import Cancelled, LaserError
 from .progress import Bars
 
@@ -122,7 +122,7 @@ def _cmd_search(args, method: str) -> int:
     recipe = recipe_from_report(lm, report, tspec)
     path = Path(args.recipe_out) if args.recipe_out else \
         Path(store.directory or "cache").parent / "recipes" / "-".join(
-            [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != "contiguous") + [f"{lm.fingerprint[:8]}.json"])
+            [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != CONTIGUOUS) + [f"{lm.fingerprint[:8]}.json"])
     print(f"recipe: {save_recipe(recipe, path)}")
     if args.compose or args.compose_max:
         return _compose_after(args, lm, tspec, splits, store, report, path)

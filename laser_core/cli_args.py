@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .answers import MATCH_HELP, MATCH_RULES
-from .config import PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
+from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
 from .grouping import GROUPING_HELP, GROUPINGS
 
 
@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     grid(sp)
     sp.add_argument("--q", type=int, default=5, help="how many top-scored matrices to try (default 5)")
     sp.add_argument("--ks", type=_ints, default=PAPER_KS, help="block counts K, e.g. 1,2,4,8 (the default)")
-    sp.add_argument("--grouping", default="contiguous", choices=list(GROUPINGS),
+    sp.add_argument("--grouping", default=CONTIGUOUS, choices=list(GROUPINGS),
                     help="how a matrix's rows form its K blocks: " + "; ".join(f"{name}: {text}" for name, text
                                                                            in GROUPING_HELP.items())
                     + " (default contiguous)")
@@ -149,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-calib", type=int, default=100, help="calibration examples per task (default 100)")
     sp.add_argument("--n-test", type=int, default=300, help="held-out test examples per task (default 300)")
     sp.add_argument("--json-out", default=None, help="also write the rows as JSON here")
-    sp.add_argument("--grouping", default="contiguous", choices=list(GROUPINGS),
+    sp.add_argument("--grouping", default=CONTIGUOUS, choices=list(GROUPINGS),
                     help="clustered: also run C2I's K grid with clustered row blocks, as one more column (default "
                          "contiguous: the paper's columns only)")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")

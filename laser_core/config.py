@@ -15,6 +15,7 @@ from .errors import ConfigError, LaserError, TaskFormatError
 ALGO_VERSION = 2  # bump when a cached quantity would change meaning (2: choices tokenised after their prompt)
 PAPER_RHOS = (0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.005)  # LASER's grid: 10%..99.5% of rank removed
 PAPER_KS = (1, 2, 4, 8)
+CONTIGUOUS = "contiguous"  # the paper's row blocks (laser_core.grouping holds every grouping)
 
 
 def read_text(path: Path, error: type[LaserError]) -> str:
@@ -195,7 +196,7 @@ class Edit:
     name: str  # parameter name, e.g. "model.layers.3.mlp.up_proj.weight"
     k: int = 1
     rho: float = 0.1
-    grouping: str = dataclasses.field(default="contiguous", metadata=OMIT_DEFAULT)  # how rows form the K blocks
+    grouping: str = dataclasses.field(default=CONTIGUOUS, metadata=OMIT_DEFAULT)  # how rows form the K blocks
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -204,7 +205,7 @@ class Edit:
 
         check_grouping(self.grouping)
         if self.k == 1:  # one block of every row under any grouping: one edit, with one cache key
-            object.__setattr__(self, "grouping", "contiguous")
+            object.__setattr__(self, "grouping", CONTIGUOUS)
 
     @property
     def blocks(self) -> tuple[str, int, str]:
@@ -214,13 +215,13 @@ class Edit:
     @property
     def label(self) -> str:
         """``name K=k rho=r``, and its grouping where not contiguous: how logs and progress lines name it."""
-        return f"{self.name} K={self.k} rho={self.rho:g}" + (f" ({self.grouping})" if self.grouping != "contiguous" else "")
+        return f"{self.name} K={self.k} rho={self.rho:g}" + (f" ({self.grouping})" if self.grouping != CONTIGUOUS else "")
 
     @classmethod
     def of(cls, doc: dict) -> "Edit":
         """The edit a dict describes (a cached result, a report's row, a recipe's edit): name, k, rho and, where it
         is not contiguous, grouping."""
-        return cls(doc["name"], int(doc["k"]), float(doc["rho"]), doc.get("grouping") or "contiguous")
+        return cls(doc["name"], int(doc["k"]), float(doc["rho"]), doc.get("grouping") or CONTIGUOUS)
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class SearchConfig:
     early_stop: bool = False  # stop a candidate once it cannot beat the best accuracy (exact)
     prefix_reuse: bool = True  # run only from the edited matrix on, from cached hidden states (exact)
     prefix_budget_mb: int = 2048  # RAM for cached hidden states and outputs; least recently used layers are dropped
-    grouping: str = dataclasses.field(default="contiguous", metadata=OMIT_DEFAULT)  # c2i: how rows form K blocks
+    grouping: str = dataclasses.field(default=CONTIGUOUS, metadata=OMIT_DEFAULT)  # c2i: how rows form K blocks
 
     def __post_init__(self) -> None:
         if self.method not in ("c2i", "laser"):
@@ -270,11 +271,11 @@ class SearchConfig:
         # grids as tuples of one type, each value once (a repeated value would be evaluated, and cached, twice)
         object.__setattr__(self, "ks", tuple(dict.fromkeys(int(k) for k in self.ks)))
         object.__setattr__(self, "rhos", tuple(dict.fromkeys(float(r) for r in self.rhos)))
-        if self.method == "laser" and self.grouping != "contiguous":
+        if self.method == "laser" and self.grouping != CONTIGUOUS:
             raise ConfigError(f"a LASER sweep reduces whole matrices (K=1), so there are no row blocks to group "
                               f"({self.grouping!r}); a C2I search takes a row grouping")
         if max(self.ks) == 1:  # one block of every row under any grouping: one configuration, one cached report
-            object.__setattr__(self, "grouping", "contiguous")
+            object.__setattr__(self, "grouping", CONTIGUOUS)
         # a sweep's layers and types: sorted too, as their order changes nothing (the sweep goes in model order), so
         # that --types up,down and a dashboard's "down, up" are one configuration, with one cached report
         if self.layers is not None:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import CONTIGUOUS
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, loss_backward
 from .matrices import MatrixRef, matrix_of
@@ -79,7 +80,7 @@ class MatrixSpectrum:
 
 
 def spectrum(w: torch.Tensor, grad: torch.Tensor, ks: Sequence[int],
-             grouping: str = "contiguous") -> tuple[dict, dict]:
+             grouping: str = CONTIGUOUS) -> tuple[dict, dict]:
     """Block singular values and singular-value gradients of ``w`` for each K in ``ks`` (rows grouped into blocks
     by ``grouping``), computed on ``w``'s device (``grad`` in float32, one matrix at a time) and returned on the
     CPU."""
@@ -135,7 +136,7 @@ def get_score(name: str) -> Callable[..., float]:
 
 def compute_spectra(lm: LoadedModel, grads: dict[str, torch.Tensor], ks: Sequence[int] = (1,),
                     cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None,
-                    grouping: str = "contiguous") -> dict[str, MatrixSpectrum]:
+                    grouping: str = CONTIGUOUS) -> dict[str, MatrixSpectrum]:
     """SVD of every located matrix (per K, rows grouped by ``grouping``) and its singular-value gradients.
     Non-finite gradients are kept but flagged (``finite=False``): the matrix is skipped by searches and reported,
     not a crash."""

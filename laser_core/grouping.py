@@ -15,9 +15,8 @@ from typing import Callable
 
 import torch
 
+from .config import CONTIGUOUS
 from .errors import ConfigError
-
-CONTIGUOUS = "contiguous"
 MAX_ITERATIONS = 25
 
 

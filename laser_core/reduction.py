@@ -16,9 +16,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import Edit, check_k, check_one_per_matrix, check_rho
+from .config import CONTIGUOUS, Edit, check_k, check_one_per_matrix, check_rho
 from .errors import JobBusy
-from .grouping import CONTIGUOUS, block_sizes, row_order
+from .grouping import block_sizes, row_order
 from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
 from .store import FACTORS, Store

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .candidates import PrefixPool, edit_identity, evaluate_candidate
-from .config import PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
+from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
 from .errors import ConfigError
-from .grouping import CONTIGUOUS, GROUPINGS, check_grouping
+from .grouping import GROUPINGS, check_grouping
 from .models import LoadedModel
 from .search import SearchReport, run_search
 from .significance import change_between, family_summary, p_text

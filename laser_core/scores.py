@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import Edit, SearchConfig
+from .config import CONTIGUOUS, Edit, SearchConfig
 from .errors import ConfigError
 from .evaluate import CancelToken
 from .gradients import MatrixSpectrum, calibration_gradients, compute_spectra, first_order_gain, score_matrices, top_q
@@ -25,12 +25,12 @@ def spectra_needed(cfg: SearchConfig) -> dict:
 
 def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str) -> str:
     ks = sorted(set(ks) | {1})
-    blocks = {"grouping": grouping} if grouping != "contiguous" and max(ks) > 1 else {}  # K = 1: one block, any way
+    blocks = {"grouping": grouping} if grouping != CONTIGUOUS and max(ks) > 1 else {}  # K = 1: one block, any way
     return store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": ks, **blocks})
 
 
 def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
-                   grouping: str = "contiguous") -> tuple[dict[str, MatrixSpectrum], float] | None:
+                   grouping: str = CONTIGUOUS) -> tuple[dict[str, MatrixSpectrum], float] | None:
     """(spectra, calibration log-loss) from the cache, or None when they were not computed for these K (and row
     grouping) yet."""
     ks = sorted(set(ks) | {1})
@@ -51,7 +51,7 @@ def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
 
 def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel: CancelToken | None = None,
                  progress: Progress | None = None, timings: dict | None = None,
-                 grouping: str = "contiguous") -> tuple[dict[str, MatrixSpectrum], float]:
+                 grouping: str = CONTIGUOUS) -> tuple[dict[str, MatrixSpectrum], float]:
     """Singular values and their gradients of every matrix, per K (rows grouped into blocks by ``grouping``), for
     the calibration split (cached).
 
