@@ -787,8 +787,11 @@ def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> int | None:
     from laser_core.scores import c2i_matrices, c2i_plan, cached_spectra, score_table, spectra_needed
     found = cached_spectra(lm, splits, store(), **spectra_needed(cfg))
     if found is None:
+        own = cfg.score == "first_order" and (tuple(sorted(cfg.ks)) != score_ks(cfg.score) or cfg.grouping != CONTIGUOUS)
         st.caption(f"Tries the top {cfg.q} matrices by the {cfg.score} score: the run computes the scores first "
-                   "(or compute them on Layer scores to see which).")
+                   + (f"(Layer scores computes them for the K grid {', '.join(map(str, PAPER_KS))} in contiguous blocks, not "
+                      "this one)." if own
+                      else "(or compute them on Layer scores to see which)."))
         return None
     table = score_table(lm, found[0], cfg.score, cfg)
     refs = [lm.ref(n) for n in c2i_matrices(table, cfg.q)]

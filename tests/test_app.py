@@ -784,6 +784,9 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     at.multiselect(key="rhos").set_value([0.5])
     at.radio(key="grouping").set_value("clustered").run()
     assert at.code[0].value.startswith("python -m laser_core search --q 1 --ks 2 --grouping clustered --rhos 0.5 ")
+    at.selectbox(key="score").set_value("first_order").run()  # its scores depend on the blocks: Layer scores' do not do
+    assert any("in contiguous blocks, not this one" in c.value for c in at.caption)
+    at.selectbox(key="score").set_value("paper").run()
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     lm, _, splits = app_model(app_env)
