@@ -809,6 +809,13 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     (chart,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert chart["layout"]["title"]["text"].endswith("K=2 clustered ρ=0.5: singular values of each row block")
     assert "This edit (calib)" in metrics(at)  # the search evaluated this very edit: from the cache
+    export = page("pages/5_Export.py")
+    pick = export.selectbox(key="export_pick")
+    pick.set_value(next(i for i, label in enumerate(pick.options) if "K=2 clustered ρ=0.5 (calib" in label)).run()
+    recipe = json.loads(next(c.value for c in export.code if c.language == "json"))
+    assert [(e["name"], e["grouping"]) for e in recipe["edits"]] == [(name, "clustered")]
+    assert any("re-run the search that found it" in c.value and "--grouping clustered" in c.value
+               for c in export.caption)
 
 
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
