@@ -787,10 +787,9 @@ def render_c2i_matrices(lm, splits, cfg: SearchConfig) -> int | None:
     from laser_core.scores import c2i_matrices, c2i_plan, cached_spectra, score_table, spectra_needed
     found = cached_spectra(lm, splits, store(), **spectra_needed(cfg))
     if found is None:
-        own = cfg.score == "first_order" and (tuple(sorted(cfg.ks)) != score_ks(cfg.score) or cfg.grouping != CONTIGUOUS)
+        own = cfg.score == "first_order" and tuple(sorted(cfg.ks)) != score_ks(cfg.score)  # grouping: the same setting
         st.caption(f"Tries the top {cfg.q} matrices by the {cfg.score} score: the run computes the scores first "
-                   + (f"(Layer scores computes them for the K grid {', '.join(map(str, PAPER_KS))} in contiguous blocks, not "
-                      "this one)." if own
+                   + (f"(Layer scores computes them for the K grid {', '.join(map(str, PAPER_KS))}, not this one)." if own
                       else "(or compute them on Layer scores to see which)."))
         return None
     table = score_table(lm, found[0], cfg.score, cfg)
@@ -850,9 +849,10 @@ def session_scores(lm, splits) -> tuple[list[dict], SearchConfig] | None:
     config; None where the scores are not in the cache."""
     from laser_core.scores import cached_spectra, score_table
     score = st.session_state.get("score", "paper")
+    grouping = st.session_state.get("grouping", CONTIGUOUS) if score == "first_order" else CONTIGUOUS
     cfg = SearchConfig(score=score, tail_fraction=st.session_state.get("tail", SearchConfig.tail_fraction)
-                       if score == "paper" else SearchConfig.tail_fraction)
-    found = cached_spectra(lm, splits, store(), score_ks(score))
+                       if score == "paper" else SearchConfig.tail_fraction, grouping=grouping)
+    found = cached_spectra(lm, splits, store(), score_ks(score), grouping)
     return (score_table(lm, found[0], score, cfg), cfg) if found else None
 
 

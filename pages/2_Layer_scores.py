@@ -6,6 +6,7 @@ import streamlit as st
 
 import laser_ui as ui
 from laser_core import SearchConfig
+from laser_core.config import CONTIGUOUS
 from laser_core.scores import cached_spectra, load_spectra, score_table
 
 ui.use_app_navigation()
@@ -18,19 +19,21 @@ ui.render_sidebar_status()
 lm, splits = ui.current_model(), ui.current_splits()
 
 score, tail, q = ui.score_inputs(lm)
-ks = ui.score_ks(score)
-cfg = SearchConfig(score=score, q=q, tail_fraction=tail)
+grouping = ui.grouping_input(st, "grouping") if score == "first_order" else CONTIGUOUS  # it scores each block's tail
+ks, label = ui.score_ks(score), f"scores ({score}" + (f", {grouping} rows)" if grouping != CONTIGUOUS else ")")
+cfg = SearchConfig(score=score, q=q, tail_fraction=tail, grouping=grouping)
 
-found = cached_spectra(lm, splits, ui.store(), ks)
+found = cached_spectra(lm, splits, ui.store(), ks, grouping)
 job = ui.session_job("scores", lm, splits)
-if found is None and job is not None and job.status == "done" and set(ks) <= set(next(iter(job.result[0].values())).S):
+if found is None and job is not None and job.status == "done" and set(ks) <= set(next(iter(job.result[0].values())).S) \
+        and (ks == (1,) or job.label == label):  # K = 1 is one block under any grouping
     found = job.result  # computed this session but not cached (cache switched off or unwritable)
 if found is None:
     st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
             f"all {len(lm.matrices)} matrices.")
     if st.button("Compute scores", type="primary"):
-        ui.start_job("scores", f"scores ({score})", lm, splits,
-                     lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress))
+        ui.start_job("scores", label, lm, splits,
+                     lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress, grouping=grouping))
     ui.live_job("scores", lm, splits)
     st.stop()
 spectra, loss = found

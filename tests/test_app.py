@@ -535,6 +535,33 @@ def test_layer_scores_page_computes_scores_and_draws_heatmap_and_profile(app_env
     assert every["score"].is_monotonic_decreasing and set(every["rows × cols"]) >= {"32×32"}
 
 
+def test_layer_scores_first_order_scores_the_row_blocks_explore_would_reduce(app_env):
+    from laser_core import SearchConfig
+    from laser_core.config import PAPER_KS
+    from laser_core.scores import load_spectra, score_table
+    from laser_core.store import null_store
+    lm, _, splits = app_model(app_env)
+    at = page("pages/2_Layer_scores.py")
+    at.selectbox(key="score").set_value("first_order").run()
+    at.radio(key="grouping").set_value("clustered").run()
+    click(at, "Compute scores")
+    wait_for(at, lambda a: len(a.get("plotly_chart")) == 2)
+    shown = next(d.value for d in at.dataframe if "rows × cols" in d.value.columns)
+    cfg = SearchConfig(score="first_order", grouping="clustered")
+    want = score_table(lm, load_spectra(lm, splits, null_store(), PAPER_KS, grouping="clustered")[0], "first_order", cfg)
+    assert dict(zip(shown["name"], shown["score"])) == pytest.approx({r["name"]: r["score"] for r in want})
+    contiguous = score_table(lm, load_spectra(lm, splits, null_store(), PAPER_KS)[0], "first_order",
+                             SearchConfig(score="first_order"))
+    assert [r["score"] for r in want] != pytest.approx([r["score"] for r in contiguous])  # the blocks matter
+    explore = page("pages/3_Explore.py")  # the same settings: the matrices it names are Layer scores' top q
+    explore.session_state["score"], explore.session_state["grouping"] = "first_order", "clustered"
+    explore.run()
+    assert explore.radio(key="grouping").value == "clustered"
+    top = sorted(want, key=lambda r: -r["score"])[:explore.slider(key="q").value]
+    assert any(c.value.startswith("Tries the top") and all(f"layer {r['layer']} {r['type']}" in c.value for r in top)
+               for c in explore.caption)
+
+
 def _small_grid(at: AppTest) -> AppTest:
     at.multiselect(key="ks").set_value([1, 2])
     at.multiselect(key="rhos").set_value([0.5, 0.1])
@@ -784,8 +811,8 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     at.multiselect(key="rhos").set_value([0.5])
     at.radio(key="grouping").set_value("clustered").run()
     assert at.code[0].value.startswith("python -m laser_core search --q 1 --ks 2 --grouping clustered --rhos 0.5 ")
-    at.selectbox(key="score").set_value("first_order").run()  # its scores depend on the blocks: Layer scores' do not do
-    assert any("in contiguous blocks, not this one" in c.value for c in at.caption)
+    at.selectbox(key="score").set_value("first_order").run()  # over another K grid than Layer scores computes
+    assert any("Layer scores computes them for the K grid 1, 2, 4, 8, not this one" in c.value for c in at.caption)
     at.selectbox(key="score").set_value("paper").run()
     click(at, "Run")
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
