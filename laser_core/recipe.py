@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 
-from .config import Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
+from .config import CONTIGUOUS, Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
 from .reduction import reduced_weight
 from .significance import change_between
 
 log = logging.getLogger(__name__)
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # the newest this reads. 2: an edit may group its rows otherwise than contiguously; only such a
+# recipe is written as 2 (older versions refuse it rather than reduce other blocks), any other as 1, read by all
 
 
 def library_versions() -> dict[str, str]:
@@ -40,7 +41,8 @@ def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None
         ranks, kept = params_kept(ref, e.k, e.rho)
         rows.append({**to_dict(e), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
                      "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]})
-    return {"laser_lab_recipe": RECIPE_VERSION, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
+    version = 2 if any(e.grouping != CONTIGUOUS for e in edits) else 1
+    return {"laser_lab_recipe": version, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
             "task": to_dict(task) if task else None, "method": method, "edits": rows, "metrics": metrics or {},
             "versions": library_versions()}
 
@@ -155,7 +157,7 @@ def compose_recipes(recipes: list[dict], sources: list[str] | None = None) -> di
                           f"{', '.join(map(str, prints))}); compose recipes of one model")
     check_one_per_matrix([e for r in recipes for e in recipe_edits(r)])
     tasks = [recipe_task(r) for r in recipes]
-    return {"laser_lab_recipe": RECIPE_VERSION, "model": recipes[0]["model"],
+    return {"laser_lab_recipe": max(r["laser_lab_recipe"] for r in recipes), "model": recipes[0]["model"],
             "task": to_dict(tasks[0]) if tasks[0] is not None and all(t == tasks[0] for t in tasks) else None,
             "method": "composed", "edits": [row for r in recipes for row in r["edits"]], "metrics": {},
             "composed_from": list(sources) if sources else None, "versions": library_versions()}

@@ -12,6 +12,7 @@ from laser_core.candidates import edits_key, result_key
 from laser_core.cli import main
 from laser_core.config import to_dict
 from laser_core.grouping import block_sizes, row_order
+from laser_core.recipe import load_recipe
 from laser_core.reduction import block_ranks, block_svd, block_truncate
 
 
@@ -91,10 +92,16 @@ def test_a_clustered_search_writes_its_own_recipe_that_apply_and_eval_reproduce(
     recipe = json.loads(path.read_text())
     (edit,) = recipe["edits"]
     assert edit["grouping"] == "clustered" and edit["k"] == 4
+    assert recipe["laser_lab_recipe"] == 2  # a LASER Lab from before groupings refuses it, not reduce other blocks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("laser_core.recipe.RECIPE_VERSION", 1)
+        with pytest.raises(ConfigError, match="written by a newer LASER Lab"):
+            load_recipe(path)
     assert main(["search", *args, *grid]) == 0  # contiguous: its own candidates and recipe, beside the clustered one
     plain = capsys.readouterr().out
     assert "candidates from cache 0/1" in plain and "(clustered rows)" not in plain
-    assert len(list((tmp_path / "recipes").glob("*.json"))) == 2
+    recipes = sorted((tmp_path / "recipes").glob("*.json"))
+    assert len(recipes) == 2 and [json.loads(r.read_text())["laser_lab_recipe"] for r in recipes] == [1, 2]
     assert main(["search", *args, *grid, "--grouping", "clustered"]) == 0
     assert "candidates from cache 1/1" in capsys.readouterr().out
     assert main(["apply", "--recipe", str(path), "--out", str(tmp_path / "m")]) == 0
