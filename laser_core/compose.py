@@ -152,20 +152,21 @@ def _greedy(start: dict, candidates: list[dict], base: dict | None, held_out: bo
     for i, cand in enumerate(to_try):
         if cancel:
             cancel.check()
-        step = {**to_dict(doc_edit(cand)), "alone": cand["accuracy"]}
+        edit = doc_edit(cand)
+        step = {**to_dict(edit), "alone": cand["accuracy"]}
         try:
-            tried = evaluate([*edits, doc_edit(cand)], split)
+            tried = evaluate([*edits, edit], split)
         except NumericsError as e:  # these edits together broke the model's numerics: not kept, as a search skips
-            log.warning("composition: %s not kept: %s", doc_edit(cand).label, e)
+            log.warning("composition: %s not kept: %s", edit.label, e)
             steps.append({**step, "accuracy": None, "log_loss": None, "kept": False, "error": str(e)})
             continue
         kept = merit(tried) > merit(result)
         steps.append({**step, "accuracy": tried["accuracy"], "log_loss": tried["log_loss"], "kept": kept})
         if kept:
-            edits, result = [*edits, doc_edit(cand)], tried
+            edits, result = [*edits, edit], tried
         if progress:
             progress({"phase": "compose", "done": i + 1, "total": total,
-                      "message": f"+ {doc_edit(cand).label}: acc {tried['accuracy']:.3f}"
+                      "message": f"+ {edit.label}: acc {tried['accuracy']:.3f}"
                                  + (" (kept)" if kept else "")})
     comp = Composition(split, start, steps, result, edits, left=left)
     if held_out:

@@ -17,6 +17,7 @@ import torch
 
 from .config import CONTIGUOUS
 from .errors import ConfigError
+
 MAX_ITERATIONS = 25
 
 
@@ -49,9 +50,10 @@ def _balanced_assign(sim: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def _clustered(w: torch.Tensor, k: int) -> torch.Tensor:
     """Row order of balanced K-lines clustering: the rows of block 0 (ascending), then block 1's, and so on."""
-    x = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    norms = w.norm(dim=1)
+    x = w / norms[:, None].clamp_min(torch.finfo(w.dtype).tiny)
     # a deterministic start far apart: the longest row, then each time the row least aligned with those chosen
-    picks = [int(w.norm(dim=1).argmax())]
+    picks = [int(norms.argmax())]
     near = (x @ x[picks[0]]).abs()
     for _ in range(1, k):
         picks.append(int(near.argmin()))
