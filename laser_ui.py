@@ -1034,6 +1034,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
     from laser_core.config import check_one_per_matrix
     from laser_core.estimate import SPLIT_WORDS
     from laser_core.recipe import make_recipe, recipe_metrics
+    from laser_core.saving import recipe_text
     from laser_core.search import SEARCH_SPLIT
 
     split = chosen["split"]  # each other matrix's best candidate on the chosen one's split: accuracies to compare
@@ -1059,7 +1060,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base,
                              f"{len(edits)} edits together (held-out test)", together)
         recipe = make_recipe(lm, edits, splits.spec, recipe_metrics("test", None, None, base, together), "composed")
-        st.download_button("Download the combined recipe (JSON)", json.dumps(recipe, indent=2, sort_keys=True),
+        st.download_button("Download the combined recipe (JSON)", recipe_text(recipe),
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
         return edits, recipe

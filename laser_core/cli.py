@@ -73,7 +73,8 @@ def _interruptible():
 def _cmd_search(args, method: str) -> int:
     from .answers import answer_rule_words
     from .estimate import SPLIT_WORDS, estimate_search
-    from .recipe import check_out_file, recipe_from_report, save_recipe
+    from .recipe import recipe_from_report
+    from .saving import check_out_file, save_recipe
     from .scores import skip_text
     from .search import SEARCH_SPLIT, run_search
 
@@ -135,7 +136,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     from .candidates import prefix_reuse_applies
     from .compose import compose_greedy, compose_pool, composition_seconds
     from .estimate import SPLIT_WORDS, human_seconds
-    from .recipe import make_recipe, recipe_metrics, save_recipe
+    from .recipe import make_recipe, recipe_metrics
+    from .saving import save_recipe
     from .significance import change_between
 
     split = SPLIT_WORDS[report.search_split]
@@ -222,7 +224,8 @@ def _cmd_apply(args) -> int:
 
 
 def _cmd_compose(args) -> int:
-    from .recipe import compose_recipes, load_recipe, recipe_model, recipe_task, save_recipe
+    from .recipe import compose_recipes, load_recipe, recipe_model, recipe_task
+    from .saving import save_recipe
 
     recipe = compose_recipes([load_recipe(r) for r in args.recipes], args.recipes)
     path = save_recipe(recipe, args.out)
@@ -238,7 +241,7 @@ def _cmd_compose(args) -> int:
 def _cmd_report(args) -> int:
     import json
 
-    from .recipe import check_out_file
+    from .saving import check_out_file
     from .report import paper_table, row_line, table_markdown
 
     tasks = [t for t in args.tasks.split(",") if t]

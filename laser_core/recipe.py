@@ -4,9 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ from .config import CONTIGUOUS, Edit, ModelSpec, TaskSpec, check_one_per_matrix,
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
 from .reduction import reduced_weight
+from .saving import check_out_folder, save_model_atomic
 from .significance import change_between
 
 log = logging.getLogger(__name__)
@@ -70,25 +68,6 @@ def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, ba
     return {"search_split": search_split, "base": pick(base), "edited": pick(edited),
             "base_test": pick(base_test), "edited_test": pick(edited_test),
             "held_out_change": change.to_dict() if change else None}
-
-
-def save_recipe(recipe: dict, path: str | Path) -> Path:
-    """Write ``recipe`` as YAML (``.yaml``/``.yml``) or JSON (anything else), sorted keys, atomically."""
-    path = check_out_file(path)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        text = yaml.safe_dump(recipe, sort_keys=True)
-    else:
-        text = json.dumps(recipe, indent=2, sort_keys=True) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
-    return path
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -192,80 +171,6 @@ def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
         new = {e.name: reduced_weight(lm, e) for e in edits}
         for name, value in new.items():
             params[name].copy_(value)
-
-
-RECIPE_FILE = "laser_recipe.json"  # beside every model LASER Lab saves; what marks a folder it may overwrite
-
-
-def check_out_folder(out: str | Path, overwrite: bool = False, source: str | None = None) -> Path:
-    """The absolute path a model is to be saved to, once it is known that it can be: ``ConfigError`` where ``out``
-    is or holds the model ``source`` being edited, exists (unless ``overwrite``, which replaces only an empty
-    folder or one LASER Lab saved a model into: anything else would be deleted), lies under a file, or its
-    nearest existing folder cannot be written."""
-    out = Path(out).expanduser().resolve()
-    src = Path(source).expanduser() if source else None
-    if src is not None and src.exists() and (src.resolve() == out or out in src.resolve().parents):
-        raise ConfigError(f"{out} holds the model being edited ({src.resolve()}); save the edited model to another "
-                          "folder, so that the original stays")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another folder or pass --overwrite")
-    if out.exists() and not (out.is_dir() and ((out / RECIPE_FILE).is_file() or not any(out.iterdir()))):
-        raise ConfigError(f"{out} is not a model folder saved by LASER Lab (it has no {RECIPE_FILE}), so overwrite "
-                          "leaves it as it is: replacing it would delete what it holds; choose another folder")
-    return _check_parent(out)
-
-
-def check_out_file(path: str | Path) -> Path:
-    """The absolute path of a file to be written at the end of a run (a recipe, a report's JSON): ``ConfigError``
-    now, not after the run, where it is a folder, a read-only file, lies under a file or cannot be created."""
-    out = Path(path).expanduser().resolve()
-    if out.is_dir():
-        raise ConfigError(f"cannot save to {out}: it is a folder; give a file name")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ConfigError(f"cannot save to {out}: the file is read-only; choose another file")
-    return _check_parent(out)
-
-
-def _check_parent(out: Path) -> Path:
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot save to {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot save to {out}: {parent} is not writable; choose another folder")
-    return out
-
-
-def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
-    and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
-    ``overwrite``, and the folder of the model itself (see :func:`check_out_folder`); a write that fails (a full
-    disk) is a ``ConfigError`` too."""
-    out = check_out_folder(out, overwrite, lm.spec.source)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise ConfigError(f"cannot save to {out}: {e.strerror or e}") from e
-    try:
-        lm.model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        save_recipe(recipe, tmp / RECIPE_FILE)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ConfigError(f"could not save the edited model to {out} (nothing was left there): "
-                              f"{e.strerror or e}") from e
-        raise
-    return out
 
 
 def matches_recorded(accuracy: float, recorded: dict) -> bool:

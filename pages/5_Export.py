@@ -2,16 +2,14 @@
 recipe file opened to check its edits on the session's model and task."""
 from __future__ import annotations
 
-import json
-
 import streamlit as st
-import yaml
 
 import laser_ui as ui
 from laser_core import LaserError, SearchConfig, edited
 from laser_core.candidates import doc_edit
 from laser_core.cli_args import command_defaults
-from laser_core.recipe import make_recipe, recipe_metrics, save_model_atomic
+from laser_core.recipe import make_recipe, recipe_metrics
+from laser_core.saving import recipe_text, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
 
 ui.use_app_navigation()
@@ -52,7 +50,7 @@ else:
 with st.expander("Combine with edits of other matrices (applied together)"):
     combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
-text = json.dumps(recipe, indent=2, sort_keys=True) if fmt == "JSON" else yaml.safe_dump(recipe, sort_keys=True)
+text = recipe_text(recipe, fmt)
 st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{fmt.lower()}",
                    mime="application/json" if fmt == "JSON" else "application/yaml", type="primary")
 with st.expander(f"The recipe ({fmt})"):

@@ -226,7 +226,7 @@ def test_ctrl_c_outside_a_search_ends_the_cli_with_one_line_not_a_traceback(monk
 
 
 def test_a_recipe_that_cannot_be_written_is_one_error_line_and_no_temp_file(tmp_path, monkeypatch):
-    from laser_core.recipe import save_recipe
+    from laser_core.saving import save_recipe
 
     def full_disk(self, *a, **k):
         raise OSError(28, "No space left on device")
@@ -382,7 +382,8 @@ def test_overwrite_replaces_only_a_model_laser_lab_saved_and_never_the_model_bei
 
     from conftest import TEST_DEVICE
     from laser_core import load_model
-    from laser_core.recipe import make_recipe, save_model_atomic
+    from laser_core.recipe import make_recipe
+    from laser_core.saving import save_model_atomic
     models = tmp_path / "models"
     lm = load_model(ModelSpec(str(shutil.copytree(tiny_dirs["llama"], models / "llama")), device=TEST_DEVICE))
     recipe = make_recipe(lm, [Edit(lm.matrices[0].name, 1, 0.5)])
@@ -425,7 +426,8 @@ def test_a_demo_conversion_finishing_second_keeps_the_first_ones_folder(tmp_path
 
 
 def test_interrupted_save_leaves_no_half_model_and_no_temp_files(tiny_lm, tmp_path, monkeypatch):
-    from laser_core.recipe import make_recipe, save_model_atomic
+    from laser_core.recipe import make_recipe
+    from laser_core.saving import save_model_atomic
     lm = tiny_lm("llama")
     before = weight_hashes(lm.model)
     recipe = make_recipe(lm, [Edit(lm.matrices[0].name, 1, 0.5)])

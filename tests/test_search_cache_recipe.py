@@ -13,7 +13,8 @@ from laser_core import (CancelToken, ConfigError, Edit, JobBusy, SearchConfig, S
                         make_splits, run_search)
 from laser_core.cli import main
 from laser_core.models import weight_hashes
-from laser_core.recipe import apply_recipe, load_recipe, recipe_from_report, save_recipe
+from laser_core.recipe import apply_recipe, load_recipe, recipe_from_report
+from laser_core.saving import save_model_atomic, save_recipe
 
 SMALL = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1))
 
@@ -699,5 +700,5 @@ def test_apply_says_where_it_cannot_save_before_loading_and_leaves_nothing_when_
     with pytest.raises(ConfigError, match=f"could not save the edited model to {tmp_path}/out \\(nothing was left "
                                           "there\\): No space left on device"):
         with edited(lm, recipe_mod.recipe_edits(recipe)):
-            recipe_mod.save_model_atomic(lm, tmp_path / "out", recipe)
+            save_model_atomic(lm, tmp_path / "out", recipe)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and weight_hashes(lm.model) == before
