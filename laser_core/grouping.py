@@ -87,6 +87,17 @@ def check_grouping(name: str) -> str:
     return name
 
 
+def check_row_order(order, rows: int, what: str) -> torch.Tensor:
+    """``order`` (a list of row indices, as a recipe records it) as a tensor, once it is known to be an order of all
+    ``rows`` rows: each once. ConfigError naming ``what`` otherwise."""
+    if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order):
+        raise ConfigError(f"{what}: the row order must be a list of row numbers")
+    if sorted(order) != list(range(rows)):
+        raise ConfigError(f"{what}: the row order must list each of the matrix's {rows} rows once "
+                          f"(it lists {len(order)} numbers, {len(set(order))} distinct)")
+    return torch.tensor(order, dtype=torch.long)
+
+
 def row_order(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> torch.Tensor | None:
     """The order of ``w``'s rows whose consecutive :func:`block_sizes` runs are the K blocks; None for the
     identity (contiguous blocks, or K = 1). Computed in float32 (or better) on ``w``'s device."""

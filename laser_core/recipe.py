@@ -12,7 +12,8 @@ import torch
 from .config import CONTIGUOUS, Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
 from .models import LoadedModel, load_model
-from .reduction import reduced_weight
+from .grouping import check_row_order
+from .reduction import edit_row_order, reduced_weight
 from .saving import check_out_folder, save_model_atomic
 from .significance import change_between
 
@@ -30,7 +31,8 @@ def library_versions() -> dict[str, str]:
 
 def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None, metrics: dict | None = None,
                 method: str | None = None) -> dict:
-    """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks, metrics."""
+    """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks (and, for rows grouped
+    otherwise than contiguously, the ``row_order`` of the blocks: see :func:`recipe_row_orders`), metrics."""
     from .reduction import params_kept
 
     rows = []
@@ -39,6 +41,8 @@ def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None
         ranks, kept = params_kept(ref, e.k, e.rho)
         rows.append({**to_dict(e), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
                      "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]})
+        if e.grouping != CONTIGUOUS:  # its blocks as found here, so that apply reduces these on any device
+            rows[-1]["row_order"] = edit_row_order(lm, e)
     version = 2 if any(e.grouping != CONTIGUOUS for e in edits) else 1
     return {"laser_lab_recipe": version, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
             "task": to_dict(task) if task else None, "method": method, "edits": rows, "metrics": metrics or {},
@@ -92,7 +96,7 @@ def load_recipe(path: str | Path) -> dict:
         raise ConfigError(f"{path} was written by a newer LASER Lab (recipe v{recipe['laser_lab_recipe']}); upgrade")
     if not isinstance(recipe.get("edits"), list) or not recipe["edits"]:
         raise ConfigError(f"{path} has no edits")
-    recipe_edits(recipe)  # validates K and rho
+    recipe_row_orders(None, recipe)  # validates K, rho and row orders (their lengths once a model is loaded)
     return recipe
 
 
@@ -151,8 +155,32 @@ def recipe_edits(recipe: dict) -> list[Edit]:
     return check_one_per_matrix(edits)
 
 
-def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False) -> list[Edit]:
-    """Check that every edit names a matrix of ``lm`` and that the fingerprints agree (unless ``force``)."""
+def recipe_row_orders(lm: LoadedModel | None, recipe: dict) -> dict[str, torch.Tensor]:
+    """The row order each edit with clustered (not contiguous) blocks records, by matrix: its blocks are the
+    consecutive runs of the contiguous blocks' sizes (see :mod:`laser_core.grouping`). A recipe written before
+    LASER Lab recorded them has none: its blocks are clustered again where it is used.
+
+    Raises:
+        ConfigError: an order that does not list each row of its matrix (of ``lm``'s; without a model, of as many rows
+            as it lists) once, or one given for contiguous blocks.
+    """
+    orders = {}
+    for row, e in zip(recipe["edits"], recipe_edits(recipe)):
+        order = row.get("row_order")
+        if order is None:
+            continue
+        if e.grouping == CONTIGUOUS:
+            raise ConfigError(f"the recipe's edit of {e.name} gives a row order, but its K={e.k} blocks are contiguous")
+        rows = lm.ref(e.name).shape[0] if lm is not None else len(order) if isinstance(order, list) else 0
+        orders[e.name] = check_row_order(order, rows, f"the recipe's edit of {e.name}")
+    return orders
+
+
+def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False, same_blocks: bool = True) -> list[Edit]:
+    """Check that every edit names a matrix of ``lm`` and that the fingerprints agree (unless ``force``); and, with
+    ``same_blocks`` (where the edits are to be reduced as this machine groups the rows: an evaluation), that each
+    recorded row order is the one the grouping gives here. Clustering compares floating-point sums, which another
+    device or library version may round otherwise, moving a row near a tie; ``apply`` reduces the recorded blocks."""
     edits = recipe_edits(recipe)
     for e in edits:
         lm.ref(e.name)
@@ -160,15 +188,22 @@ def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False) -> lis
     if want and want != lm.fingerprint and not force:
         raise ConfigError(f"the recipe was made on a model with fingerprint {want}, but this model's is "
                           f"{lm.fingerprint}; apply it to the same weights, or pass --force")
+    orders = recipe_row_orders(lm, recipe)
+    for e in edits if same_blocks else ():
+        if e.name in orders and orders[e.name].tolist() != edit_row_order(lm, e):
+            raise ConfigError(f"the recipe's {e.grouping} blocks of {e.name} are not those this machine groups its "
+                              "rows into (a row near a tie, rounded otherwise); apply reduces the recipe's own blocks: "
+                              "apply it, then evaluate the saved model (eval --model <its folder>)")
     return edits
 
 
-def apply_edits_permanently(lm: LoadedModel, edits: list[Edit]) -> None:
-    """Write the reduced weights into ``lm.model`` for good (only for a model about to be saved)."""
+def apply_edits_permanently(lm: LoadedModel, edits: list[Edit], orders: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the reduced weights into ``lm.model`` for good (only for a model about to be saved); an edit whose matrix
+    has a row order in ``orders`` (a recipe's, see :func:`recipe_row_orders`) reduces the blocks it gives."""
     params = dict(lm.model.named_parameters())
     edits = check_one_per_matrix(edits)
     with lm.lock, torch.no_grad():
-        new = {e.name: reduced_weight(lm, e) for e in edits}
+        new = {e.name: reduced_weight(lm, e, rows=(orders or {}).get(e.name)) for e in edits}
         for name, value in new.items():
             params[name].copy_(value)
 
@@ -189,8 +224,8 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     out_path = check_out_folder(out, overwrite, spec.source)  # before the model load and the check (minutes)
     tspec = recipe_task(recipe)  # before the model load: a bad task fails in seconds
     lm = load_model(spec, progress)
-    edits = check_recipe_fits(lm, recipe, force)
-    apply_edits_permanently(lm, edits)
+    edits = check_recipe_fits(lm, recipe, force, same_blocks=False)
+    apply_edits_permanently(lm, edits, recipe_row_orders(lm, recipe))
     result = {"check": None}
     if check and tspec is not None:
         from .candidates import evaluate_split

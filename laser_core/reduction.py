@@ -103,18 +103,23 @@ def _full_precision(w: torch.Tensor) -> torch.Tensor:
     return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
 
 
-def grouped_blocks(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def grouped_blocks(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS,
+                   rows: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The K row blocks of ``w`` under ``grouping`` (views for contiguous blocks), and the row order they follow
-    (None: W's own)."""
-    rows = row_order(w, k, grouping)
+    (None: W's own). ``rows``: an order to follow instead of computing the grouping's (a recipe's recorded one)."""
+    if rows is None:
+        rows = row_order(w, k, grouping)
+    else:
+        rows = rows.to(w.device)
     ordered = w if rows is None else w[rows]
     return [ordered[s:e] for s, e in row_blocks(w.shape[0], k)], rows
 
 
-def block_svd(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> BlockFactors:
+def block_svd(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS, rows: torch.Tensor | None = None) -> BlockFactors:
     """Deterministic full-precision SVD (``torch.linalg.svd``, float32 or better) of each row block of ``w``, on
-    ``w``'s device (a GPU computes the SVDs of a large model's matrices far faster than a few CPU cores)."""
-    blocks, rows = grouped_blocks(_full_precision(w), k, grouping)
+    ``w``'s device (a GPU computes the SVDs of a large model's matrices far faster than a few CPU cores); the blocks
+    follow ``rows`` where given (see :func:`grouped_blocks`)."""
+    blocks, rows = grouped_blocks(_full_precision(w), k, grouping, rows)
     us, ss, vhs = [], [], []
     for block in blocks:
         u, sv, vh = _svd(block)
@@ -156,16 +161,35 @@ def block_truncate(f: BlockFactors, rho: float) -> torch.Tensor:
     return out
 
 
-def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = None) -> torch.Tensor:
-    """New value of the parameter ``edit.name`` (in the parameter's own layout, dtype and device)."""
+def reduced_weight(lm: LoadedModel, edit: Edit, factors: BlockFactors | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """New value of the parameter ``edit.name`` (in the parameter's own layout, dtype and device), from ``factors``
+    where given, else from an SVD of the blocks (which follow ``rows`` where given, see :func:`grouped_blocks`)."""
     ref = lm.ref(edit.name)
     param = dict(lm.model.named_parameters())[edit.name]
     check_k(edit.k, ref.shape[0])
     if factors is None:
-        factors = block_svd(matrix_of(param, ref), edit.k, edit.grouping)
+        factors = block_svd(matrix_of(param, ref), edit.k, edit.grouping, rows)
     w = block_truncate(factors, edit.rho)
     w = w.t() if ref.transposed else w
     return w.to(device=param.device, dtype=param.dtype).contiguous()
+
+
+_ORDERS: dict[tuple, list[int] | None] = {}  # edit_row_order's, by (weights, matrix, K, grouping)
+
+
+def edit_row_order(lm: LoadedModel, edit: Edit) -> list[int] | None:
+    """The order of the rows of ``edit``'s matrix whose consecutive runs of :func:`block_sizes` are its K blocks on
+    the unedited weights (None: contiguous blocks), computed under the model's lock once per weights, matrix, K and
+    grouping in this process: what a recipe records of a clustered edit (see :mod:`laser_core.grouping`)."""
+    key = (lm.fingerprint, *edit.blocks)
+    if key not in _ORDERS:
+        if len(_ORDERS) >= 256:
+            _ORDERS.clear()
+        with lm.lock:
+            rows = row_order(matrix_of(lm.model.get_parameter(edit.name), lm.ref(edit.name)), edit.k, edit.grouping)
+        _ORDERS[key] = None if rows is None else rows.cpu().tolist()
+    return _ORDERS[key]
 
 
 def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None,

@@ -115,3 +115,41 @@ def test_a_clustered_search_writes_its_own_recipe_that_apply_and_eval_reproduce(
         main(["search", *args, *grid, "--grouping", "kmeans"])
     assert exit_.value.code == 2
     assert "invalid choice: 'kmeans'" in capsys.readouterr().err
+
+
+def test_apply_reduces_the_blocks_a_recipe_records_and_eval_refuses_blocks_this_machine_groups_otherwise(tiny_lm,
+                                                                                                        tmp_path):
+    from laser_core.recipe import apply_recipe, check_recipe_fits, make_recipe
+    from laser_core.saving import save_recipe
+    lm = tiny_lm("llama")
+    name = "model.layers.1.mlp.up_proj.weight"
+    base = lm.model.get_parameter(name).detach().clone()
+    recipe = make_recipe(lm, [Edit(name, 4, 0.25, "clustered")])
+    here = row_order(base, 4, "clustered")
+    assert recipe["edits"][0]["row_order"] == here.tolist()
+    line = next(t for t in save_recipe(recipe, tmp_path / "r.json").read_text().splitlines() if "row_order" in t)
+    assert json.loads("{" + line.rstrip(",") + "}")["row_order"] == here.tolist()  # one line, not one row per line
+    assert check_recipe_fits(lm, recipe) == [Edit(name, 4, 0.25, "clustered")]
+
+    n = len(here) // 4  # another device rounding a tie otherwise: the first row of block 0 and of block 1 swapped
+    other = here.clone()
+    other[0], other[n] = here[n], here[0]
+    moved = json.loads(json.dumps(recipe))
+    moved["edits"][0]["row_order"] = other.tolist()
+    with pytest.raises(ConfigError, match=f"clustered blocks of {name} are not those this machine groups"):
+        check_recipe_fits(lm, moved)
+    apply_recipe(moved, tmp_path / "m", check=False)
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "m").named_parameters())[name].detach()
+    torch.testing.assert_close(saved, block_truncate(block_svd(base, 4, "clustered", rows=other), 0.25))
+    assert (saved - block_truncate(block_svd(base, 4, "clustered"), 0.25)).abs().max() > 1e-3
+
+    for order, why in (([0] * len(here), "list each of the matrix's"), (list(range(len(here) - 1)), f"{len(here)} rows"),
+                       ("0 1 2", "list of row numbers")):
+        moved["edits"][0]["row_order"] = order
+        with pytest.raises(ConfigError, match=why):
+            save_recipe(moved, tmp_path / "bad.json")
+            load_recipe(tmp_path / "bad.json")
+            check_recipe_fits(lm, moved)
+    moved["edits"][0].update(row_order=here.tolist(), grouping="contiguous")
+    with pytest.raises(ConfigError, match="gives a row order, but its K=4 blocks are contiguous"):
+        check_recipe_fits(lm, moved)
