@@ -1165,6 +1165,19 @@ def edit_short(lm, edit: dict) -> str:
     return short_label(ref.layer, ref.type, edit["k"], edit["rho"], edit.get("grouping"))
 
 
+def edited_folder(lm, splits, edits: list) -> Path:
+    """Export's default folder for an edited model, under the cache and named by what it holds, so that saving another
+    candidate does not meet the last one's folder: the task, the edit ('L2.down-K8-rho0.1', '-clustered' after K for
+    clustered blocks) or, for several, their number and a digest of the set, and the weights' fingerprint."""
+    if len(edits) == 1:
+        e, ref = edits[0], lm.ref(edits[0].name)
+        grouping = f"-{e.grouping}" if e.grouping != CONTIGUOUS else ""
+        what = f"L{ref.layer}.{ref.type}-K{e.k}{grouping}-rho{e.rho:g}"
+    else:
+        what = f"{len(edits)}-edits-" + hashlib.sha256(" ".join(sorted(e.label for e in edits)).encode()).hexdigest()[:6]
+    return cache_dir() / "edited" / f"{splits.task.name}-{what}-{lm.fingerprint[:8]}"
+
+
 def candidate_label(d, with_split: bool = True) -> str:
     """An evaluated candidate (a dict or a table row) as Export's boxes and Results' compare box list it: its matrix,
     K, ρ, and accuracy on its split (``with_split``: the split named, where the box mixes them)."""

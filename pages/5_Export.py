@@ -62,13 +62,14 @@ cfg = SearchConfig(**found_by["config"]) if found_by else command_defaults(metho
 st.caption(("or re-run the search that found it: " if found_by else "or run a search: ") + f"`{ui.cli_command(lm, splits, cfg)}`")
 
 st.subheader("Save the edited model")
-out = st.text_input("Folder", value=str(ui.cache_dir() / "edited" / f"{splits.task.name}-{lm.fingerprint[:8]}"), key="out")
-overwrite = st.checkbox("Overwrite if it exists", key="overwrite")
 save_edits, save_recipe = [edit], recipe
 if combined is not None:
     together = f"the {len(combined[0])} edits combined above, together"
     if st.radio("Apply", ["this candidate's edit alone", together], horizontal=True, key="save_what") == together:
         save_edits, save_recipe = combined
+default_out = str(ui.edited_folder(lm, splits, save_edits))
+out = st.text_input("Folder", value=default_out, key=f"out:{default_out}")  # its own box per edit: a name kept each
+overwrite = st.checkbox("Overwrite if it exists", key="overwrite")
 if st.button("Save edited model"):
     try:
         with edited(lm, save_edits, blocking=False):  # restored on exit: the cached model is never left edited

@@ -803,6 +803,7 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
 def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_them_apart(app_env):
     from laser_core import Edit, edited
     from laser_core.evaluate import evaluate
+    from laser_core.grouping import row_order
     from laser_core.reduction import block_svd, block_truncate
 
     at = page("pages/3_Explore.py")
@@ -841,8 +842,11 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     pick.set_value(next(i for i, label in enumerate(pick.options) if "K=2 clustered ρ=0.5 (calib" in label)).run()
     recipe = json.loads(next(c.value for c in export.code if c.language == "json"))
     assert [(e["name"], e["grouping"]) for e in recipe["edits"]] == [(name, "clustered")]
+    assert recipe["edits"][0]["row_order"] == row_order(w, 2, "clustered").tolist()  # the blocks apply will reduce
     assert any("re-run the search that found it" in c.value and "--grouping clustered" in c.value
                for c in export.caption)
+    folder = next(t for t in export.text_input if t.label == "Folder").value
+    assert folder.endswith(f"-K2-clustered-rho0.5-{lm.fingerprint[:8]}")
 
 
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
@@ -964,7 +968,10 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
             f"--rhos 0.5,0.1 {spec_flags}`") in [c.value for c in found_by.caption]
     at.radio(key="fmt").set_value("YAML").run()
     assert "laser_lab_recipe: 1" in at.code[0].value
-    at.text_input(key="out").set_value(str(tmp_path / "edited"))
+    folder = next(t for t in at.text_input if t.label == "Folder")  # named by the candidate, so that saving another
+    ref, task = lm.ref(e["name"]), splits.task.name  # candidate does not meet its folder
+    assert Path(folder.value).name == f"{task}-L{ref.layer}.{ref.type}-K{e['k']}-rho{e['rho']:g}-{lm.fingerprint[:8]}"
+    folder.set_value(str(tmp_path / "edited"))
     click(at, "Save edited model")
     assert any("Saved to" in s.value for s in at.success)
     assert (tmp_path / "edited" / "model.safetensors").exists()
@@ -1013,8 +1020,8 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     lm, _, splits = app_model(app_env)
 
     def edit_of(label):
-        n, k, rho = re.match(r"(\S+) K=(\d+) ρ=([\d.]+)", label).groups()
-        return Edit(n, int(k), float(rho))
+        n, k, grouping, rho = re.match(r"(\S+) K=(\d+)(?: (\w+))? ρ=([\d.]+)", label).groups()
+        return Edit(n, int(k), float(rho), grouping or "contiguous")
     edits = [edit_of(chosen.format_func(chosen.value)), edit_of(options[0])]
     together = evaluate_edits(lm, edits, splits, "test", null_store())  # computed afresh, not read from the app's cache
     assert metrics(at)["2 edits together (held-out test)"] == f"{together['accuracy']:.3f}"
@@ -1032,13 +1039,16 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     results = page("pages/4_Results.py")  # listed on Results with the other held-out results, paired with the base
     results.radio(key="res_split").set_value("test").run()
     row = next(d.value for d in results.dataframe if "edits" in d.value.columns).iloc[0]
-    shown = {f"L{lm.ref(e.name).layer}.{lm.ref(e.name).type} K={e.k} ρ={e.rho:g}" for e in edits}
+    from laser_ui import short_label
+    shown = {short_label(lm.ref(e.name).layer, lm.ref(e.name).type, e.k, e.rho, e.grouping) for e in edits}
     assert set(row["edits"].split(" + ")) == shown and row["n_edits"] == 2
     assert row["accuracy"] == together["accuracy"] and row["vs_base"] == pytest.approx(
         together["accuracy"] - float(metrics(results)["Base accuracy (test)"]))
     # saved as one model: both edits in its weights and in its recipe (before, Save took the chosen edit alone)
     again.radio(key="save_what").set_value("the 2 edits combined above, together").run()
-    again.text_input(key="out").set_value(str(tmp_path / "both"))
+    folder = next(t for t in again.text_input if t.label == "Folder")
+    assert re.fullmatch(r".*-2-edits-[0-9a-f]{6}-[0-9a-f]{8}", folder.value)
+    folder.set_value(str(tmp_path / "both"))
     click(again, "Save edited model")
     assert any("Saved to" in m.value for m in again.success), [e.value for e in again.error]
     import torch
