@@ -180,16 +180,21 @@ _ORDERS: dict[tuple, list[int] | None] = {}  # edit_row_order's, by (weights, ma
 
 def edit_row_order(lm: LoadedModel, edit: Edit) -> list[int] | None:
     """The order of the rows of ``edit``'s matrix whose consecutive runs of :func:`block_sizes` are its K blocks on
-    the unedited weights (None: contiguous blocks), computed under the model's lock once per weights, matrix, K and
-    grouping in this process: what a recipe records of a clustered edit (see :mod:`laser_core.grouping`)."""
+    the unedited weights (None: contiguous blocks), once per weights, matrix, K and grouping in this process: those
+    of the factors :func:`get_factors` gave (what a search reduced), else computed under the model's lock. What a
+    recipe records of a clustered edit (see :mod:`laser_core.grouping`)."""
     key = (lm.fingerprint, *edit.blocks)
     if key not in _ORDERS:
-        if len(_ORDERS) >= 256:
-            _ORDERS.clear()
         with lm.lock:
             rows = row_order(matrix_of(lm.model.get_parameter(edit.name), lm.ref(edit.name)), edit.k, edit.grouping)
-        _ORDERS[key] = None if rows is None else rows.cpu().tolist()
+        _remember_order(key, rows)
     return _ORDERS[key]
+
+
+def _remember_order(key: tuple, rows: torch.Tensor | None) -> None:
+    if len(_ORDERS) >= 256:
+        _ORDERS.clear()
+    _ORDERS[key] = None if rows is None else rows.cpu().tolist()
 
 
 def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | None = None,
@@ -212,6 +217,8 @@ def get_factors(lm: LoadedModel, name: str, k: int, store: Store, memo: dict | N
         with lm.lock:  # the base weights: no running job's edit may be in them meanwhile
             f = block_svd(matrix_of(dict(lm.model.named_parameters())[name], lm.ref(name)), k, grouping)
         store.put_tensors(key, f.tensors())
+    if grouping != CONTIGUOUS and (lm.fingerprint, name, k, grouping) not in _ORDERS:
+        _remember_order((lm.fingerprint, name, k, grouping), f.rows)  # a recipe of it needs no lock to record them
     if memo is not None:
         memo.clear()  # searches go matrix by matrix and K by K: one entry is all they reuse
         memo[(name, k, grouping)] = f

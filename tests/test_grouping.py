@@ -153,3 +153,25 @@ def test_apply_reduces_the_blocks_a_recipe_records_and_eval_refuses_blocks_this_
     moved["edits"][0].update(row_order=here.tolist(), grouping="contiguous")
     with pytest.raises(ConfigError, match="gives a row order, but its K=4 blocks are contiguous"):
         check_recipe_fits(lm, moved)
+
+
+def test_a_recipe_records_the_blocks_a_search_reduced_without_waiting_for_the_model_a_job_is_editing(tiny_lm, store):
+    import threading
+
+    from laser_core.reduction import edit_row_order, get_factors
+    lm = tiny_lm("llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    f = get_factors(lm, name, 2, store, grouping="clustered")  # as a search's candidate reads them
+    held, done, got = threading.Event(), threading.Event(), []
+
+    def job():  # a background evaluation holding the model (its weights edited) until the recipe is made
+        with lm.lock:
+            held.set()
+            done.wait(10)
+    threading.Thread(target=job, daemon=True).start()
+    held.wait(5)
+    maker = threading.Thread(target=lambda: got.append(edit_row_order(lm, Edit(name, 2, 0.5, "clustered"))))
+    maker.start()
+    maker.join(5)
+    done.set()
+    assert got == [f.rows.tolist()]  # before the job let the model go
