@@ -11,8 +11,8 @@ import torch
 
 from .config import CONTIGUOUS, Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
-from .models import LoadedModel, load_model
 from .grouping import check_row_order
+from .models import LoadedModel, load_model
 from .reduction import edit_row_order, reduced_weight
 from .saving import check_out_folder, save_model_atomic
 from .significance import change_between
