@@ -3,7 +3,8 @@
 huggingface_hub retries every request that cannot connect five times over ~26 s, and transformers asks the hub for
 each optional file of a model (chat template, generation config, ...) in turn. Measured offline: a hub id that IS in
 the local cache took 2 min 28 s to load, and one that is not ~27 s to fail. When the hub's host name does not
-resolve, nothing can be downloaded, so loads go straight to the local cache and fail at once when it lacks them.
+resolve, or resolves but does not take a connection within a few seconds (a firewall that drops it), nothing can be
+downloaded, so loads go straight to the local cache and fail at once when it lacks them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from typing import Iterator
 
 _TRUE = ("1", "on", "yes", "true")
+CONNECT_SECONDS = 3.0  # how long the probe waits for the hub to take a connection (a handshake takes well under 1 s)
 _offline_lock = threading.Lock()
 
 
@@ -23,23 +25,32 @@ def hub_unreachable() -> str | None:
     """Why the hub cannot be reached from this process, or None when it may be (then the libraries try).
 
     Returns "HF_HUB_OFFLINE is set" when offline mode is on, "<host> does not resolve" when the hub's host name
-    (``HF_ENDPOINT``'s) has no address; None when it resolves or when a proxy is set for it (the proxy resolves
-    names, so a failing local lookup says nothing).
+    (``HF_ENDPOINT``'s) has no address, "<host> does not take a connection (...)" when it resolves but a TCP
+    connection to its port is refused or not answered within ``CONNECT_SECONDS``; None when it takes one, or when a
+    proxy is set for it (the proxy resolves names and connects, so a failing local lookup says nothing).
     """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
         return "HF_HUB_OFFLINE is set"
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    host = url.hostname
     proxies = urllib.request.getproxies()
     if not host or ((proxies.get("https") or proxies.get("all")) and not urllib.request.proxy_bypass(host)):
         return None
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.getaddrinfo(host, 443)
+        socket.getaddrinfo(host, port)
     except socket.gaierror:
         return f"{host} does not resolve"
     except OSError:
         return None
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+    except socket.timeout:
+        return f"{host} does not take a connection (no answer on port {port} within {CONNECT_SECONDS:g} s)"
+    except OSError as e:
+        return f"{host} does not take a connection (port {port}: {e.strerror or e})"
     return None
 
 

@@ -122,6 +122,36 @@ def test_hub_unreachable_when_its_host_does_not_resolve_unless_a_proxy_resolves_
     assert hub_unreachable() == "HF_HUB_OFFLINE is set"
 
 
+def test_hub_unreachable_when_its_host_resolves_but_takes_no_connection(monkeypatch):
+    """A firewall that drops the hub's packets: before, the probe trusted the name lookup, and each of transformers'
+    requests then waited out huggingface_hub's retries (~26 s)."""
+    import socket
+
+    from laser_core.hub import CONNECT_SECONDS, hub_unreachable
+
+    _host_does_not_resolve(monkeypatch)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **kw: [(socket.AF_INET, 1, 6, "",
+                                                                             ("10.0.0.1", port))])
+    asked = []
+
+    def dropped(address, timeout=None):
+        asked.append((address, timeout))
+        raise socket.timeout("timed out")
+    monkeypatch.setattr(socket, "create_connection", dropped)
+    assert hub_unreachable() == ("huggingface.co does not take a connection (no answer on port 443 within "
+                                 f"{CONNECT_SECONDS:g} s)")
+    assert asked == [(("huggingface.co", 443), CONNECT_SECONDS)]
+
+    def refused(address, timeout=None):
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert hub_unreachable() == "huggingface.co does not take a connection (port 443: Connection refused)"
+    closed = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: type(
+        "Conn", (), {"close": lambda self: closed.append(address)})())
+    assert hub_unreachable() is None and closed == [("huggingface.co", 443)]
+
+
 def test_uncached_hub_model_and_dataset_fail_at_once_when_the_hub_does_not_resolve(monkeypatch):
     """Before, huggingface_hub retried each request 5 times (~27 s) and the message only guessed "offline?"."""
     from huggingface_hub import constants
