@@ -225,7 +225,12 @@ def apply_recipe(recipe: dict, out: str | Path, model: ModelSpec | None = None, 
     tspec = recipe_task(recipe)  # before the model load: a bad task fails in seconds
     lm = load_model(spec, progress)
     edits = check_recipe_fits(lm, recipe, force, same_blocks=False)
-    apply_edits_permanently(lm, edits, recipe_row_orders(lm, recipe))
+    orders = recipe_row_orders(lm, recipe)
+    for e in edits:
+        if e.grouping != CONTIGUOUS and e.name not in orders:
+            log.warning("the recipe records no row order for %s (it was written before LASER Lab recorded them): its "
+                        "%s blocks are found again here", e.name, e.grouping)
+    apply_edits_permanently(lm, edits, orders)
     result = {"check": None}
     if check and tspec is not None:
         from .candidates import evaluate_split

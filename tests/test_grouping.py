@@ -117,8 +117,7 @@ def test_a_clustered_search_writes_its_own_recipe_that_apply_and_eval_reproduce(
     assert "invalid choice: 'kmeans'" in capsys.readouterr().err
 
 
-def test_apply_reduces_the_blocks_a_recipe_records_and_eval_refuses_blocks_this_machine_groups_otherwise(tiny_lm,
-                                                                                                        tmp_path):
+def test_apply_reduces_the_recorded_blocks_and_eval_refuses_blocks_grouped_otherwise_here(tiny_lm, tmp_path, caplog):
     from laser_core.recipe import apply_recipe, check_recipe_fits, make_recipe
     from laser_core.saving import save_recipe
     lm = tiny_lm("llama")
@@ -142,6 +141,11 @@ def test_apply_reduces_the_blocks_a_recipe_records_and_eval_refuses_blocks_this_
     saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "m").named_parameters())[name].detach()
     torch.testing.assert_close(saved, block_truncate(block_svd(base, 4, "clustered", rows=other), 0.25))
     assert (saved - block_truncate(block_svd(base, 4, "clustered"), 0.25)).abs().max() > 1e-3
+    del moved["edits"][0]["row_order"]  # a recipe from before row orders were recorded: clustered here, and said so
+    apply_recipe(moved, tmp_path / "old", check=False)
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "old").named_parameters())[name].detach()
+    torch.testing.assert_close(saved, block_truncate(block_svd(base, 4, "clustered"), 0.25))
+    assert f"the recipe records no row order for {name}" in caplog.text
 
     for order, why in (([0] * len(here), "list each of the matrix's"), (list(range(len(here) - 1)), f"{len(here)} rows"),
                        ("0 1 2", "list of row numbers")):
