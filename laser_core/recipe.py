@@ -193,7 +193,8 @@ def check_recipe_fits(lm: LoadedModel, recipe: dict, force: bool = False, same_b
         if e.name in orders and orders[e.name].tolist() != edit_row_order(lm, e):
             raise ConfigError(f"the recipe's {e.grouping} blocks of {e.name} are not those this machine groups its "
                               "rows into (a row near a tie, rounded otherwise); apply reduces the recipe's own blocks: "
-                              "apply it, then evaluate the saved model (eval --model <its folder>)")
+                              "apply it (python -m laser_core apply --recipe <file> --out <folder>), then evaluate the "
+                              "saved model (eval --model <folder>, or load it here as a local folder)")
     return edits
 
 
