@@ -30,6 +30,7 @@ import torch
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
+from laser_core.answers import MATCH_HELP, MATCH_RULES, answer_rule_words
 from laser_core.candidates import best_by_matrix, doc_edit, merit
 from laser_core.config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
@@ -37,7 +38,6 @@ from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES
-from laser_core.answers import MATCH_HELP, MATCH_RULES, answer_rule_words
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
