@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .cli_args import parser, search_config_of, spec_args, specs_of
 from .config import CONTIGUOUS, ModelSpec, SearchConfig
-from .errors import Cancelled, LaserError
+from .errors import Cancelled, ConfigError, LaserError
 from .progress import Bars
 
 
@@ -187,12 +187,18 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 def _cmd_eval(args) -> int:
     from .answers import answer_rule_words
     from .candidates import evaluate_edits
+    from .other_tasks import effects_lines, other_task_effects, other_task_specs, other_task_splits
     from .recipe import check_recipe_fits, load_recipe
     from .significance import change_between
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails in seconds, not after a model load
+    if args.other_tasks is not None and not recipe:
+        raise ConfigError("--other-tasks compares the base model with a recipe's edits: give --recipe too")
+    names = None if args.other_tasks in (None, "all") else args.other_tasks.split(",")
+    others = [] if args.other_tasks is None else other_task_splits(other_task_specs(specs_of(args)[1], names))
     lm, tspec, splits, store = _setup(args)
-    doc = evaluate_edits(lm, check_recipe_fits(lm, recipe) if recipe else [], splits, args.split, store)
+    edits = check_recipe_fits(lm, recipe) if recipe else []
+    doc = evaluate_edits(lm, edits, splits, args.split, store)
     rule = answer_rule_words(splits.task, tspec.match)  # "" for multiple choice
     print(f"{args.split}: {_fmt(doc)}" + ("  (cached)" if doc.get("cached") else "") + (f"  ({rule})" if rule else ""))
     if recipe and args.split == "test":  # held out: a fair comparison with the base model (see significance)
@@ -201,6 +207,10 @@ def _cmd_eval(args) -> int:
         change = change_between(base, doc)
         if change is not None:
             print(f"held-out change {change.summary()}")
+    if others:
+        with _interruptible() as (cancel, bars):
+            rows = other_task_effects(lm, edits, others, store, cancel=cancel, progress=bars)
+        print("on other tasks, held-out test, base -> with the recipe:\n  " + "\n  ".join(effects_lines(rows)))
     return 0
 
 

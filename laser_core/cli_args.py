@@ -139,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--recipe", default=None, help="a recipe (.json/.yaml) whose edit to evaluate (default: the base model)")
     sp.add_argument("--split", default="test", choices=["calib", "val", "test"], help="which split (default test)")
+    sp.add_argument("--other-tasks", nargs="?", const="all", default=None, metavar="TASKS",
+                    help="with --recipe: also the base model and the recipe on these tasks' held-out test splits "
+                         "(comma-separated bundled names or task files, split with this task's sizes and seed), each "
+                         "change paired; alone or 'all': every bundled task but --task")
     sp = sub.add_parser("report", help="the paper's Table 1: base, LASER, C2I K=1, C2I K grid on bundled tasks")
     sp.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
