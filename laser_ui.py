@@ -1229,6 +1229,61 @@ def render_recipe_check(lm, splits) -> None:
         live_job("recipe_test", lm, splits)
 
 
+def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
+    """Export's held-out test of the chosen candidate: base and edited (``tests``, :func:`results_of` of ``wanted``)
+    side by side where both are computed, else a button that evaluates them in the background, and its progress."""
+    if all(tests.values()):
+        render_accuracy_pair(st.columns(2), "Base (held-out test)", tests["base_test"], "Edited (held-out test)",
+                             tests["edited_test"])
+        return
+    st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
+            "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
+    if st.button("Evaluate on held-out test"):
+        start_eval_job("export_test", "held-out test", lm, splits, [(k, *v) for k, v in wanted.items()])
+    job = session_job("export_test", lm, splits)
+    if job is not None and job.status != "done":  # once done, the page reruns and reads the result
+        live_job("export_test", lm, splits)
+
+
+def render_other_tasks(lm, splits, edits: list) -> None:
+    """What ``edits`` do beyond this session's task: the base model and the edited one on the held-out test split of
+    every other bundled task (``laser_core.other_tasks``), paired. Results in the cache show at once; the rest are
+    evaluated in a background job on request (and cached under those tasks)."""
+    import shlex
+
+    from laser_core.cli_args import spec_args
+    from laser_core.other_tasks import effects_table, other_task_effects, other_task_specs
+    others = [_cached_splits(canonical_json(s), _path_stamp(s.source))[0] for s in other_task_specs(splits.spec)]
+    rows = other_task_effects(lm, edits, others, store(), compute=False)
+    job, asked = session_job("other_tasks", lm, splits), evaluation_id({"edits": [to_dict(e) for e in edits]})
+    if job is not None and job.status == "done" and st.session_state.get("other_tasks_of") == asked:
+        rows = [r if r["change"] is not None or r.get("error") else mine for r, mine in zip(rows, job.result)]
+    df = pd.DataFrame(effects_table(rows))
+    accuracy = st.column_config.NumberColumn(format="%.3f")
+    noise = st.column_config.TextColumn(help="yes: p < 0.05, and still so read with the other tasks (Holm's "
+                                             "correction); alone only: p < 0.05 for this task looked at alone")
+    st.dataframe(df if df["note"].any() else df.drop(columns="note"), hide_index=True, width="stretch",
+                 key="other_tasks_rows", column_config={**CHANGE_COLUMNS, "base": accuracy, "edited": accuracy,
+                                                        "beyond_noise": noise})
+    st.caption("The same from the command line, with the recipe downloaded below: `" + shlex.join(
+        ["python", "-m", "laser_core", "eval", "--recipe", "laser_recipe.json", *spec_args(lm.spec, splits.spec),
+         "--other-tasks"]) + "`")
+    left = [r["task"] for r in rows if r["change"] is None and not r.get("error")]
+    if not left:
+        st.caption("Each other task's held-out questions, as a session on that task with these split sizes and seed "
+                   "has them. An edit chosen on one task can cost others: a loss here is the price of the gain.")
+        return
+    st.caption(f"Not evaluated yet: {', '.join(left)} (base and edited, each on its held-out test split; cached, so "
+               "the base runs once per task).")
+    running = job is not None and job.status == "running"
+    if st.button("Evaluate on the other tasks", disabled=running, key="other_tasks_go"):
+        st.session_state["other_tasks_of"] = asked
+        start_job("other_tasks", "other tasks", lm, splits, lambda j: other_task_effects(
+            lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
+    if session_job("other_tasks", lm, splits) is not None:
+        live_job("other_tasks", lm, splits)
+
+
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, held_out: bool = True) -> None:
     """Two evaluations' accuracies in ``cols[0]`` and ``cols[1]``, the second with its change from the first; each
     metric's help gives its log-loss (the search's tie-breaker). For two ``held_out`` evaluations, a caption below
@@ -1248,7 +1303,7 @@ CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds o
         format="%+.3f", help="Held-out accuracy minus the base model's, on the same questions"),
     "ci95": st.column_config.TextColumn(help="95% interval of that change (Newcombe, for paired accuracies)"),
     "p": st.column_config.NumberColumn(
-        help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed nothing"),
+        format="%.2g", help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed nothing"),
     "beyond_noise": st.column_config.TextColumn(help="yes: p < 0.05, a change that chance explains badly"),
 }
 

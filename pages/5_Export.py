@@ -35,18 +35,9 @@ tests = ui.results_of("export_test", lm, splits, wanted)  # from the cache, or t
 method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
 recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests), method=method)
 
-if all(tests.values()):
-    ui.render_accuracy_pair(st.columns(2), "Base (held-out test)", tests["base_test"], "Edited (held-out test)",
-                            tests["edited_test"])
-else:
-    st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
-            "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
-    if st.button("Evaluate on held-out test"):
-        ui.start_eval_job("export_test", "held-out test", lm, splits, [(k, *v) for k, v in wanted.items()])
-    job = ui.session_job("export_test", lm, splits)
-    if job is not None and job.status != "done":  # once done, the page reruns and reads the result
-        ui.live_job("export_test", lm, splits)
-
+ui.render_held_out(lm, splits, tests, wanted)
+with st.expander("On the other bundled tasks: what else does this edit change?"):
+    ui.render_other_tasks(lm, splits, [edit])
 with st.expander("Combine with edits of other matrices (applied together)"):
     combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")

@@ -1003,6 +1003,36 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     assert check["matches"] and check["expected"] == recipe["metrics"]["edited_test"]
 
 
+def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(app_env, searched, tmp_path,
+                                                                                 monkeypatch):
+    """An edit chosen on one task can cost others: Export measures it on them, paired with the base."""
+    from laser_core import Edit, TaskSpec, load_task, make_splits
+    from laser_core import other_tasks
+    from laser_core.candidates import evaluate_edits
+    from laser_core.store import null_store
+    others = [str(write_mc_jsonl(tmp_path / f"{name}.jsonl", 500, seed=i + 1)) for i, name in enumerate("ab")]
+    monkeypatch.setattr(other_tasks, "BUNDLED", dict.fromkeys([app_env["LASER_LAB_DEFAULT_TASK"], *others]))
+    at = page("pages/5_Export.py")
+
+    def table(a):
+        return next(d.value for d in a.dataframe if "beyond_noise" in d.value.columns and "task" in d.value.columns)
+    assert list(table(at)["task"]) == ["a", "b"] and table(at)["edited"].isna().all()  # the session's own left out
+    assert any(c.value.startswith("Not evaluated yet: a, b") for c in at.caption)
+    assert any(c.value.endswith(f"--task {app_env['LASER_LAB_DEFAULT_TASK']} --other-tasks`") for c in at.caption)
+    click(at, "Evaluate on the other tasks")
+    wait_for(at, lambda a: table(a)["edited"].notna().all())
+    assert not any(b.label == "Evaluate on the other tasks" for b in at.button)
+    e = json.loads(at.code[0].value)["edits"][0]
+    edit = Edit(e["name"], e["k"], e["rho"])
+    for task, row in zip(others, table(at).itertuples()):  # computed afresh, not read from the app's cache
+        spec = TaskSpec(task)
+        splits = make_splits(load_task(spec), spec)
+        base, after = (evaluate_edits(app_model(app_env)[0], e, splits, "test", null_store()) for e in ([], [edit]))
+        assert (row.n, row.base, row.edited) == (300, base["accuracy"], after["accuracy"])
+        assert row.vs_base == pytest.approx(after["accuracy"] - base["accuracy"])
+    assert page("pages/5_Export.py") and table(page("pages/5_Export.py"))["edited"].notna().all()  # from the cache
+
+
 def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched, tmp_path):
     """LASER composes reductions of several matrices; before, the dashboard exported one edit only."""
     from laser_core import Edit, Store
