@@ -1278,7 +1278,7 @@ def render_other_tasks(lm, splits, edits: list) -> None:
     running = job is not None and job.status == "running"
     if st.button("Evaluate on the other tasks", disabled=running, key="other_tasks_go"):
         st.session_state["other_tasks_of"] = asked
-        start_job("other_tasks", "other tasks", lm, splits, lambda j: other_task_effects(
+        start_job("other_tasks", "the edit on the other tasks", lm, splits, lambda j: other_task_effects(
             lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
     if session_job("other_tasks", lm, splits) is not None:
         live_job("other_tasks", lm, splits)
