@@ -1302,8 +1302,9 @@ CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds o
     "vs_base": st.column_config.NumberColumn(
         format="%+.3f", help="Held-out accuracy minus the base model's, on the same questions"),
     "ci95": st.column_config.TextColumn(help="95% interval of that change (Newcombe, for paired accuracies)"),
-    "p": st.column_config.NumberColumn(
-        format="%.2g", help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed nothing"),
+    "p": st.column_config.NumberColumn(  # two significant digits: 1.7e-24, not 0.0000000000000000000000017
+        format="%.2g", help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed "
+                            "nothing"),
     "beyond_noise": st.column_config.TextColumn(help="yes: p < 0.05, a change that chance explains badly"),
 }
 
