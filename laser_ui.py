@@ -1253,11 +1253,21 @@ def render_other_tasks(lm, splits, edits: list) -> None:
 
     from laser_core.cli_args import spec_args
     from laser_core.other_tasks import effects_table, other_task_effects, other_task_specs
-    others = [_cached_splits(canonical_json(s), _path_stamp(s.source))[0] for s in other_task_specs(splits.spec)]
+    others, left_out = [], []
+    for spec in other_task_specs(splits.spec):  # with the session's sizes, a smaller task may not split
+        try:
+            others.append(_cached_splits(canonical_json(spec), _path_stamp(spec.source))[0])
+        except LaserError as e:
+            left_out.append(f"{spec.source} ({e})")
+    if left_out:
+        st.caption("Left out, as they cannot be split with this session's sizes: " + "; ".join(left_out))
+    if not others:
+        return
     rows = other_task_effects(lm, edits, others, store(), compute=False)
     job, asked = session_job("other_tasks", lm, splits), evaluation_id({"edits": [to_dict(e) for e in edits]})
     if job is not None and job.status == "done" and st.session_state.get("other_tasks_of") == asked:
-        rows = [r if r["change"] is not None or r.get("error") else mine for r, mine in zip(rows, job.result)]
+        mine = {r["task"]: r for r in job.result}  # where the cache has none (switched off or unwritable)
+        rows = [r if r["change"] is not None or r.get("error") else mine.get(r["task"], r) for r in rows]
     df = pd.DataFrame(effects_table(rows))
     accuracy = st.column_config.NumberColumn(format="%.3f")
     noise = st.column_config.TextColumn(help="yes: p < 0.05, and still so read with the other tasks (Holm's "

@@ -1011,8 +1011,11 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     from laser_core.candidates import evaluate_edits
     from laser_core.store import null_store
     others = [str(write_mc_jsonl(tmp_path / f"{name}.jsonl", 500, seed=i + 1)) for i, name in enumerate("ab")]
-    monkeypatch.setattr(other_tasks, "BUNDLED", dict.fromkeys([app_env["LASER_LAB_DEFAULT_TASK"], *others]))
+    small = str(write_mc_jsonl(tmp_path / "small.jsonl", 60))  # too few for the session's 100 calibration examples
+    monkeypatch.setattr(other_tasks, "BUNDLED", dict.fromkeys([app_env["LASER_LAB_DEFAULT_TASK"], *others, small]))
     at = page("pages/5_Export.py")
+    assert any(c.value.startswith(f"Left out, as they cannot be split with this session's sizes: {small} (task "
+                                  "'small' has 60 distinct examples, too few for 100 calibration") for c in at.caption)
 
     def table(a):
         return next(d.value for d in a.dataframe if "beyond_noise" in d.value.columns and "task" in d.value.columns)
