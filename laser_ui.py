@@ -1245,14 +1245,15 @@ def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
         live_job("export_test", lm, splits)
 
 
-def render_other_tasks(lm, splits, edits: list) -> None:
+def render_other_tasks(lm, splits, edits: list) -> list[dict]:
     """What ``edits`` do beyond this session's task: the base model and the edited one on the held-out test split of
     every other bundled task (``laser_core.other_tasks``), paired. Results in the cache show at once; the rest are
-    evaluated in a background job on request (and cached under those tasks)."""
+    evaluated in a background job on request (and cached under those tasks). Returns those measured, as a recipe's
+    ``metrics.other_tasks`` holds them."""
     import shlex
 
     from laser_core.cli_args import spec_args
-    from laser_core.other_tasks import effects_table, other_task_effects, other_task_specs
+    from laser_core.other_tasks import effects_metrics, effects_table, other_task_effects, other_task_specs
     others, left_out = [], []
     for spec in other_task_specs(splits.spec):  # with the session's sizes, a smaller task may not split
         try:
@@ -1262,7 +1263,7 @@ def render_other_tasks(lm, splits, edits: list) -> None:
     if left_out:
         st.caption("Left out, as they cannot be split with this session's sizes: " + "; ".join(left_out))
     if not others:
-        return
+        return []
     rows = other_task_effects(lm, edits, others, store(), compute=False)
     job, asked = session_job("other_tasks", lm, splits), evaluation_id({"edits": [to_dict(e) for e in edits]})
     if job is not None and job.status == "done" and st.session_state.get("other_tasks_of") == asked:
@@ -1281,8 +1282,9 @@ def render_other_tasks(lm, splits, edits: list) -> None:
     left = [r["task"] for r in rows if r["change"] is None and not r.get("error")]
     if not left:
         st.caption("Each other task's held-out questions, as a session on that task with these split sizes and seed "
-                   "has them. An edit chosen on one task can cost others: a loss here is the price of the gain.")
-        return
+                   "has them. An edit chosen on one task can cost others: a loss here is the price of the gain. The "
+                   "recipe and a saved model's card carry these results.")
+        return effects_metrics(rows)
     st.caption(f"Not evaluated yet: {', '.join(left)} (base and edited, each on its held-out test split; cached, so "
                "the base runs once per task).")
     running = job is not None and job.status == "running"
@@ -1292,6 +1294,7 @@ def render_other_tasks(lm, splits, edits: list) -> None:
             lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
     if session_job("other_tasks", lm, splits) is not None:
         live_job("other_tasks", lm, splits)
+    return effects_metrics(rows)  # those measured so far (a task whose base alone is cached has no change yet)
 
 
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, held_out: bool = True) -> None:

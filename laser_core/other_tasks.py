@@ -67,7 +67,8 @@ def other_task_effects(lm: LoadedModel, edits: list[Edit], splits: Sequence[Spli
     for i, s in enumerate(splits):
         row = {"task": s.task.name, "kind": s.task.kind, "n": len(s.test), "base": None, "edited": None, "change": None}
         for j, (which, chosen) in enumerate((("base", []), ("edited", list(edits)))):
-            emit(progress, phase="other tasks", done=2 * i + j, total=2 * len(splits), message=f"{s.task.name}: {which}")
+            emit(progress, phase="other tasks", done=2 * i + j, total=2 * len(splits),
+                 message=f"{s.task.name}: {which}")
             try:
                 row[which] = (evaluate_edits(lm, chosen, s, "test", store, cancel) if compute
                               else cached_edits(store, lm, s, "test", chosen))
@@ -98,6 +99,13 @@ def effects_table(rows: list[dict]) -> list[dict]:
                     "vs_base": c.change if c else None, "ci95": f"{c.low:+.3f} to {c.high:+.3f}" if c else "",
                     "p": c.p_value if c else None, "beyond_noise": verdict, "note": r.get("error", "")})
     return out
+
+
+def effects_metrics(rows: list[dict]) -> list[dict]:
+    """:func:`other_task_effects`' rows that have a paired change, as a recipe's ``metrics.other_tasks`` holds them
+    (plain data: task, n, base and edited accuracy, the change's ``PairedChange.to_dict()``)."""
+    return [{"task": r["task"], "n": r["n"], "base": r["base"]["accuracy"], "edited": r["edited"]["accuracy"],
+             "change": r["change"].to_dict()} for r in rows if r["change"] is not None]
 
 
 def effects_lines(rows: list[dict]) -> list[str]:

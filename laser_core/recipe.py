@@ -59,19 +59,21 @@ def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
 
 
 def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, base_test: dict | None = None,
-                   edited_test: dict | None = None) -> dict:
+                   edited_test: dict | None = None, other_tasks: list[dict] | None = None) -> dict:
     """A recipe's ``metrics``: accuracy, log-loss and size of each evaluation given (None where not computed),
     base and edited on the split the search scored, and on held-out test (what ``apply`` re-checks), with the
     paired held-out change (questions fixed and broken, its 95% interval and p-value; see ``significance``). An
-    evaluation stopped early counts as not computed: its accuracy counts only the examples it saw."""
+    evaluation stopped early counts as not computed: its accuracy counts only the examples it saw. ``other_tasks``:
+    the edit on other tasks' held-out test (``other_tasks.effects_metrics``), where measured."""
     def pick(d: dict | None) -> dict | None:
         if d is None or d.get("stopped_early"):
             return None
         return {"accuracy": d["accuracy"], "log_loss": d["log_loss"], "n": d["n"]}
     change = change_between(base_test, edited_test)
-    return {"search_split": search_split, "base": pick(base), "edited": pick(edited),
-            "base_test": pick(base_test), "edited_test": pick(edited_test),
-            "held_out_change": change.to_dict() if change else None}
+    out = {"search_split": search_split, "base": pick(base), "edited": pick(edited),
+           "base_test": pick(base_test), "edited_test": pick(edited_test),
+           "held_out_change": change.to_dict() if change else None}
+    return {**out, "other_tasks": other_tasks} if other_tasks else out
 
 
 def load_recipe(path: str | Path) -> dict:

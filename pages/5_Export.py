@@ -33,11 +33,12 @@ base = ui.cached_result(lm, splits, d["split"])
 wanted = {"base_test": (None, "test"), "edited_test": (edit, "test")}
 tests = ui.results_of("export_test", lm, splits, wanted)  # from the cache, or the finished job's own results
 method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
-recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests), method=method)
 
 ui.render_held_out(lm, splits, tests, wanted)
 with st.expander("On the other bundled tasks: what else does this edit change?"):
-    ui.render_other_tasks(lm, splits, [edit])
+    elsewhere = ui.render_other_tasks(lm, splits, [edit])  # those measured go into the recipe and the model card
+recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests, other_tasks=elsewhere),
+                     method=method)
 with st.expander("Combine with edits of other matrices (applied together)"):
     combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")

@@ -1034,6 +1034,9 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
         assert (row.n, row.base, row.edited) == (300, base["accuracy"], after["accuracy"])
         assert row.vs_base == pytest.approx(after["accuracy"] - base["accuracy"])
     assert page("pages/5_Export.py") and table(page("pages/5_Export.py"))["edited"].notna().all()  # from the cache
+    carried = json.loads(at.code[0].value)["metrics"]["other_tasks"]  # the recipe (and a saved model's card) has them
+    assert [(t["task"], t["edited"], t["change"]["change"]) for t in carried] == \
+        [(row.task, row.edited, pytest.approx(row.vs_base)) for row in table(at).itertuples()]
 
 
 def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched, tmp_path):

@@ -8,11 +8,12 @@ import pytest
 from conftest import write_jsonl, write_mc_jsonl
 from laser_core import ConfigError, Edit, TaskSpec, edited, evaluate, load_task, make_splits
 from laser_core.cli import main
-from laser_core.other_tasks import (effects_lines, effects_table, other_task_effects, other_task_specs,
-                                    other_task_splits)
-from laser_core.recipe import make_recipe
+from laser_core.card import model_card
+from laser_core.other_tasks import (effects_lines, effects_metrics, effects_table, other_task_effects,
+                                    other_task_specs, other_task_splits)
+from laser_core.recipe import make_recipe, recipe_metrics
 from laser_core.saving import save_recipe
-from laser_core.significance import paired_change
+from laser_core.significance import p_text, paired_change
 from laser_core.tasks import BUNDLED
 
 
@@ -66,6 +67,16 @@ def test_an_edit_on_other_tasks_is_paired_with_the_base_on_their_held_out_questi
     lines = effects_lines(rows)
     assert lines[0].startswith("a ") and f"base {rows[0]['change'].before:.3f} -> edited" in lines[0]
     assert "not evaluated: " in lines[2] and lines[3].startswith("Read together, as 2 tests")
+    measured = effects_metrics(rows)  # into a recipe, and from it a saved model's card
+    assert [(m["task"], m["n"], m["change"]["fixed"]) for m in measured] == \
+        [(r["task"], 28, r["change"].fixed) for r in rows[:2]]
+    card = model_card(make_recipe(lm, edits, own, recipe_metrics("calib", None, None, other_tasks=measured)))
+    table = card.split("## On other tasks")[1].splitlines()
+    c = rows[0]["change"]
+    assert table[6] == (f"| a | 28 | {c.before:.3f} | {c.after:.3f} | {c.change:+.3f} | {c.low:+.3f} to {c.high:+.3f} "
+                        f"| {p_text(c.p_value).removeprefix('p = ')} |")
+    assert table[7].startswith("| b | 28 |") and table[9].startswith("Read together, as 2 tests")
+    assert "## On other tasks" not in model_card(make_recipe(lm, edits, own, recipe_metrics("calib", None, None)))
 
 
 def test_a_change_real_alone_is_marked_so_where_it_does_not_stay_real_among_the_tasks():
