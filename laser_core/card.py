@@ -55,8 +55,8 @@ def _edit_row(e: dict) -> str:
 def _edits_section(edits: list[dict]) -> list[str]:
     return ["## Edits", "", "| matrix | layer | type | K | row blocks | ρ | rank kept | factor parameters |",
             "|---|---|---|---|---|---|---|---|", *map(_edit_row, edits), "",
-            "The saved weights are dense, of the original shapes; the factor parameters are what the low-rank blocks "
-            "hold (of the matrix's).", ""]
+            "The saved weights are dense, of the original shapes; the factor parameters count what the low-rank "
+            "blocks hold, and their share of the matrix.", ""]
 
 
 def _results_section(metrics: dict) -> list[str]:
@@ -90,7 +90,7 @@ def _other_tasks_section(elsewhere: list[dict]) -> list[str]:
     for t in elsewhere:
         c = _change(t["change"])
         out.append(f"| {t['task']} | {t['n']} | {t['base']:.3f} | {t['edited']:.3f} | {c.change:+.3f} | "
-                   f"{c.low:+.3f} to {c.high:+.3f} | {p_text(c.p_value).removeprefix('p = ')} |")
+                   f"{c.low:+.3f} to {c.high:+.3f} | {p_text(c.p_value).removeprefix('p = ').removeprefix('p ')} |")
     tests = [(t["task"], t["change"]["p_value"]) for t in elsewhere]
     alone = f"The change on {tests[0][0]} is {_change(elsewhere[0]['change']).verdict()}."
     return out + ["", family_summary(tests) if len(tests) > 1 else alone, ""]
