@@ -257,17 +257,22 @@ def _cmd_report(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     json_out = check_out_file(args.json_out) if args.json_out else None  # not after the first task's tens of minutes
 
-    def on_row(partial: dict) -> None:  # each finished task is printed and saved at once
-        print(row_line(partial["rows"][-1]), file=sys.stderr, flush=True)
-        if json_out:
-            try:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps(partial, indent=2))
-            except OSError as e:  # the table is still printed at the end
-                print(f"warning: could not write {json_out}: {e.strerror or e}", file=sys.stderr, flush=True)
+    def save(partial: dict) -> None:  # each finished task is saved at once, and the whole run at its end
+        if not json_out:
+            return
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(partial, indent=2))
+        except OSError as e:  # the table is still printed at the end
+            print(f"warning: could not write {json_out}: {e.strerror or e}", file=sys.stderr, flush=True)
 
+    def on_row(partial: dict) -> None:
+        print(row_line(partial["rows"][-1]), file=sys.stderr, flush=True)
+        save(partial)
     result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
-                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row, grouping=args.grouping)
+                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row,
+                         grouping=args.grouping, other_tasks=args.other_tasks)
+    save(result)  # with the other tasks' table, where asked
     print(table_markdown(result))
     return 0
 
@@ -281,17 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     args = parser().parse_args(argv)
     try:
-        if args.cmd == "scores":
-            return _cmd_scores(args)
-        if args.cmd in ("search", "laser"):
-            return _cmd_search(args, "c2i" if args.cmd == "search" else "laser")
-        if args.cmd == "eval":
-            return _cmd_eval(args)
-        if args.cmd == "report":
-            return _cmd_report(args)
-        if args.cmd == "compose":
-            return _cmd_compose(args)
-        return _cmd_apply(args)
+        commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
+                    "laser": lambda a: _cmd_search(a, "laser"), "report": _cmd_report, "compose": _cmd_compose}
+        return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

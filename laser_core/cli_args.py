@@ -156,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--grouping", default=CONTIGUOUS, choices=list(GROUPINGS),
                     help="clustered: also run C2I's K grid with clustered row blocks, as one more column (default "
                          "contiguous: the paper's columns only)")
+    sp.add_argument("--other-tasks", action="store_true",
+                    help="then each task's C2I K-grid edit on the other tasks' held-out test splits, as a table of "
+                         "changes from their base")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
     sp.add_argument("--recipe", required=True, help="the recipe (.json/.yaml) to apply")
     sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")

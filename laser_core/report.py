@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .candidates import PrefixPool, edit_identity, evaluate_candidate
-from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec
+from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec, to_dict
 from .errors import ConfigError
 from .grouping import GROUPINGS, check_grouping
 from .models import LoadedModel
@@ -99,12 +99,14 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
 
 def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
                 n_test: int = 300, progress: Callable[[str], None] | None = None,
-                on_row: Callable[[dict], None] | None = None, grouping: str = CONTIGUOUS) -> dict:
+                on_row: Callable[[dict], None] | None = None, grouping: str = CONTIGUOUS,
+                other_tasks: bool = False) -> dict:
     """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used.
 
     ``grouping`` other than contiguous (the paper's row blocks) also runs C2I's K grid with the rows grouped so, as
     one more column (``c2i_kgrid_<grouping>``). ``on_row(result_so_far)`` is called after each task, so a long run
-    can be followed (and kept) row by row.
+    can be followed (and kept) row by row. ``other_tasks``: then each task's C2I K-grid edit on every other task's
+    held-out test split, paired with that task's base (``transfer``: see :func:`transfer_rows`).
     """
     check_grouping(grouping)
     from .models import load_model
@@ -126,7 +128,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "seed": seed, "n_calib": n_calib, "n_test": n_test,
                 "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
                 "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}
-    rows = []
+    rows, finals = [], []  # finals: (task, its splits, its base's held-out result, its C2I K-grid search)
     for name, ts, task, splits in prepared:
         full_val = len(splits.val)
         if quick and full_val > 200:  # LASER's validation capped; its time is scaled back to the full split
@@ -153,10 +155,36 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             seconds = time.perf_counter() - t0
             out.update({**_against_base(label, base_doc, held_out_result(lm, splits, rep)), f"{label}_s": seconds,
                         f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
+            if label == "c2i_kgrid":
+                finals.append((name, splits, base_doc, rep))
         rows.append(out)
         if on_row:
             on_row({"settings": settings, "rows": list(rows)})
-    return {"settings": settings, "rows": rows}
+    result = {"settings": settings, "rows": rows}
+    if other_tasks and len(finals) > 1:
+        result["transfer"] = transfer_rows(lm, finals, progress)
+    return result
+
+
+def transfer_rows(lm: LoadedModel, finals: list[tuple],
+                  progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Each task's C2I K-grid best edit (``finals``: task, splits, base held-out result, search report) on every
+    other task's held-out test split, paired with that task's base: ``from``, ``edit``, ``to``, ``test`` (accuracy)
+    and ``change`` (``significance``), with the edit (``name``, ``k``, ``rho``, its grouping where not contiguous). A
+    search chooses an edit for its own task only; this is what it does to the
+    others."""
+    out = []
+    for name, _, _, rep in finals:
+        if rep.best_edit() is None:
+            continue
+        for other, splits, base_doc, _ in finals:
+            if other != name:
+                if progress:
+                    progress(f"{name}'s C2I edit on {other}")
+                doc = held_out_result(lm, splits, rep)
+                out.append({"from": name, "edit": _edit(rep), **to_dict(rep.best_edit()), "to": other,
+                            "test": doc["accuracy"], "change": change_between(base_doc, doc).to_dict()})
+    return out
 
 
 def held_out_result(lm: LoadedModel, splits: Splits, rep: SearchReport | None) -> dict:
@@ -221,7 +249,29 @@ def table_markdown(result: dict) -> str:
                                                       for label, name in methods.items()) for r in result["rows"]))
         lines.append(family_summary([(f"{r['task']} {name}", r[f"{label}_change"]["p_value"])
                                   for r in result["rows"] for label, name in methods.items()]))
+    lines += transfer_markdown(result)
     lines.append("Best edits: " + "; ".join(f"{r['task']}: " + ", ".join(f"{name} {r[f'{label}_best']}"
                                                                          for label, name in methods.items())
                                             for r in result["rows"]))
     return "\n".join(lines)
+
+
+def transfer_markdown(result: dict) -> list[str]:
+    """The report's ``transfer`` (:func:`transfer_rows`) as a table: a row per task's C2I K-grid edit, a column per
+    task it is evaluated on (its own task: the table's change), each cell the held-out change from that task's base;
+    then which changes on other tasks stay beyond noise read together. Nothing where the run did not measure it."""
+    cells = {(t["from"], t["to"]): t["change"] for t in result.get("transfer") or []}
+    if not cells:
+        return []
+    rows = {r["task"]: r for r in result["rows"]}
+    tasks = list(rows)
+    lines = ["", "Each task's C2I K grid edit on the other tasks (held-out test, change from that task's base; "
+             "†: beyond noise alone; own: the table's):", "",
+             "| edit found on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    def cell(src: str, t: str) -> str:
+        c = rows[src].get("c2i_kgrid_change") if t == src else cells.get((src, t))
+        return "–" if c is None else f"{c['change']:+.3f}" + "†" * c["significant"] + " own" * (t == src)
+    for src in tasks:
+        lines.append(f"| {src} ({rows[src]['c2i_kgrid_best']}) | " + " | ".join(cell(src, t) for t in tasks) + " |")
+    lines += ["", family_summary([(f"{a}'s edit on {b}", c["p_value"]) for (a, b), c in cells.items()]), ""]
+    return lines

@@ -691,6 +691,33 @@ def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without
     assert "| t | 0.300 | 0.450 | 0.305 | 0.305 |" in old and "†" not in old
 
 
+def test_report_other_tasks_pairs_each_tasks_edit_with_every_other_tasks_base(tiny_dirs, tmp_path, capsys):
+    from conftest import write_mc_jsonl
+    from laser_core import ModelSpec, TaskSpec, load_model
+    from laser_core.candidates import evaluate_candidate
+    from laser_core.store import null_store
+    one, two = (str(write_mc_jsonl(tmp_path / f"{n}.jsonl", 200, seed=i)) for i, n in enumerate(("one", "two")))
+    out = tmp_path / "report.json"
+    assert main(["report", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--tasks", f"{one},{two}",
+                 "--quick", "--n-calib", "30", "--n-test", "30", "--other-tasks", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())  # written again at the end, with the table of the other tasks
+    rows = {r["task"]: r for r in result["rows"]}
+    assert [(t["from"], t["to"]) for t in result["transfer"]] == [(one, two), (two, one)]
+    lm = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu"))
+    for t in result["transfer"]:  # evaluated here again, on the other task's held-out split, against its base
+        assert t["edit"] == rows[t["from"]]["c2i_kgrid_best"]
+        spec = TaskSpec(t["to"], n_calib=30, n_test=30)
+        doc = evaluate_candidate(lm, Edit.of(t), make_splits(load_task(spec), spec), "test", null_store())
+        assert t["test"] == doc["accuracy"] and t["change"]["n"] == 30
+        assert t["change"]["change"] == pytest.approx(doc["accuracy"] - rows[t["to"]]["base_test"])
+    assert f"| edit found on | {one} | {two} |\n|---|---|---|" in text
+    own, other = rows[one]["c2i_kgrid_change"], result["transfer"][0]["change"]
+    assert (f"| {one} ({rows[one]['c2i_kgrid_best']}) | {own['change']:+.3f}" + "†" * own["significant"] + " own | "
+            f"{other['change']:+.3f}" + "†" * other["significant"] + " |") in text
+    assert "Read together, as 2 tests (Holm's correction" in text.split("| edit found on |")[1]
+
+
 def test_quick_report_caps_laser_validation_and_scales_its_time_back(tiny_dirs, tmp_path, monkeypatch):
     from laser_core import ModelSpec, report
     from laser_core.report import paper_table
