@@ -124,7 +124,8 @@ def _cmd_search(args, method: str) -> int:
     path = Path(args.recipe_out) if args.recipe_out else \
         Path(store.directory or "cache").parent / "recipes" / "-".join(
             [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != CONTIGUOUS) + [f"{lm.fingerprint[:8]}.json"])
-    print(f"recipe: {save_recipe(recipe, path)}")
+    print(f"recipe: {save_recipe(recipe, path)}\nwhat it does to the other bundled tasks: python -m laser_core eval "
+          f"--recipe {shlex.quote(str(path))} {shlex.join(spec_args(lm.spec, tspec))} --other-tasks")
     if args.compose or args.compose_max:
         return _compose_after(args, lm, tspec, splits, store, report, path)
     return 0

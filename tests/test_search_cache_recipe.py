@@ -395,6 +395,11 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "best   held-out" in out and "chosen edit: transformer.h." in out and "candidates from cache 0/1" in out
+    from laser_core.cli_args import parser
+    said = re.search(r"what it does to the other bundled tasks: python -m laser_core (.*)", out).group(1)
+    parsed = parser().parse_args(said.split())  # a command that runs: eval of this recipe on the other tasks
+    assert (parsed.cmd, parsed.recipe, parsed.other_tasks, parsed.task, parsed.n_test) == \
+        ("eval", str(recipe), "all", str(mc_task), 20)
     base, best = (float(re.search(rf"{who} +held-out +accuracy ([\d.]+)", out).group(1)) for who in ("base", "best"))
     change = re.search(r"held-out change ([+-][\d.]+) \(95% CI .* (\d+) fixed, (\d+) broken of 20; McNemar p", out)
     assert float(change.group(1)) == pytest.approx(best - base, abs=1e-3)
