@@ -173,7 +173,7 @@ def transfer_rows(lm: LoadedModel, finals: list[tuple],
     and ``change`` (``significance``), with the edit (``name``, ``k``, ``rho``, its grouping where not contiguous). A
     search chooses an edit for its own task only; this is what it does to the
     others."""
-    out = []
+    out, done = [], {}  # done: (edit, task) -> its result, where two tasks' searches chose the same edit
     for name, _, _, rep in finals:
         if rep.best_edit() is None:
             continue
@@ -181,7 +181,8 @@ def transfer_rows(lm: LoadedModel, finals: list[tuple],
             if other != name:
                 if progress:
                     progress(f"{name}'s C2I edit on {other}")
-                doc = held_out_result(lm, splits, rep)
+                key = (rep.best_edit(), other)
+                doc = done[key] = done.get(key) or held_out_result(lm, splits, rep)
                 out.append({"from": name, "edit": _edit(rep), **to_dict(rep.best_edit()), "to": other,
                             "test": doc["accuracy"], "change": change_between(base_doc, doc).to_dict()})
     return out
@@ -259,8 +260,10 @@ def table_markdown(result: dict) -> str:
 def transfer_markdown(result: dict) -> list[str]:
     """The report's ``transfer`` (:func:`transfer_rows`) as a table: a row per task's C2I K-grid edit, a column per
     task it is evaluated on (its own task: the table's change), each cell the held-out change from that task's base;
-    then which changes on other tasks stay beyond noise read together. Nothing where the run did not measure it."""
-    cells = {(t["from"], t["to"]): t["change"] for t in result.get("transfer") or []}
+    then which changes on other tasks stay beyond noise read together (an edit that several tasks' searches chose
+    counts once per task it is evaluated on). Nothing where the run did not measure it."""
+    transfer = result.get("transfer") or []
+    cells = {(t["from"], t["to"]): t["change"] for t in transfer}
     if not cells:
         return []
     rows = {r["task"]: r for r in result["rows"]}
@@ -273,5 +276,6 @@ def transfer_markdown(result: dict) -> list[str]:
         return "–" if c is None else f"{c['change']:+.3f}" + "†" * c["significant"] + " own" * (t == src)
     for src in tasks:
         lines.append(f"| {src} ({rows[src]['c2i_kgrid_best']}) | " + " | ".join(cell(src, t) for t in tasks) + " |")
-    lines += ["", family_summary([(f"{a}'s edit on {b}", c["p_value"]) for (a, b), c in cells.items()]), ""]
+    tests = {(t["edit"], t["to"]): t["change"]["p_value"] for t in transfer}  # the same edit on a task: one test
+    lines += ["", family_summary([(f"{edit} on {b}", p) for (edit, b), p in tests.items()]), ""]
     return lines
