@@ -276,6 +276,7 @@ def transfer_markdown(result: dict) -> list[str]:
         return "–" if c is None else f"{c['change']:+.3f}" + "†" * c["significant"] + " own" * (t == src)
     for src in tasks:
         lines.append(f"| {src} ({rows[src]['c2i_kgrid_best']}) | " + " | ".join(cell(src, t) for t in tasks) + " |")
-    tests = {(t["edit"], t["to"]): t["change"]["p_value"] for t in transfer}  # the same edit on a task: one test
-    lines += ["", family_summary([(f"{edit} on {b}", p) for (edit, b), p in tests.items()]), ""]
+    tests = {(t.get("name"), t.get("k"), t.get("rho"), t.get("grouping"), t["edit"], t["to"]): t["change"]["p_value"]
+             for t in transfer}  # the same edit on a task: one test
+    lines += ["", family_summary([(f"{key[-2]} on {key[-1]}", p) for key, p in tests.items()]), ""]
     return lines

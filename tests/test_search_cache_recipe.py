@@ -723,6 +723,33 @@ def test_report_other_tasks_pairs_each_tasks_edit_with_every_other_tasks_base(ti
     assert "Read together, as 2 tests (Holm's correction" in text.split("| edit found on |")[1]
 
 
+def test_an_edit_several_searches_chose_is_evaluated_once_per_task_and_tested_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from laser_core import report
+    from laser_core.report import transfer_markdown, transfer_rows
+    from laser_core.significance import paired_change
+
+    def search_of(name, layer):  # a search report whose best edit is ``name`` (a down matrix), K=1, rho=0.5
+        return SimpleNamespace(best_edit=lambda: Edit(name, 1, 0.5), best={"layer": layer, "type": "down", "k": 1,
+                                                                            "rho": 0.5})
+    base = {"accuracy": 0.5, "correct": [True] * 10 + [False] * 10}
+    finals = [("a", "splits a", base, search_of("m", 1)), ("b", "splits b", base, search_of("m", 1)),
+              ("c", "splits c", base, search_of("other", 2))]
+    runs = []
+    monkeypatch.setattr(report, "held_out_result", lambda lm, splits, rep: runs.append((splits, rep.best_edit().name))
+                        or {"accuracy": 0.6, "correct": [True] * 12 + [False] * 8})
+    rows = transfer_rows(None, finals)
+    assert [(r["from"], r["to"]) for r in rows] == [("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"), ("c", "a"),
+                                                    ("c", "b")]
+    assert sorted(runs) == sorted([("splits b", "m"), ("splits c", "m"), ("splits a", "m"), ("splits a", "other"),
+                                   ("splits b", "other")])  # "m" on c once, though a's and b's searches chose it
+    change = paired_change(base["correct"], [True] * 12 + [False] * 8).to_dict()
+    table = {"rows": [{"task": t, "c2i_kgrid_best": "L1.down K=1 rho=0.5", "c2i_kgrid_change": change} for t in "abc"],
+             "transfer": rows}
+    assert "Read together, as 5 tests" in "\n".join(transfer_markdown(table))  # (m, c) once, not twice
+
+
 def test_quick_report_caps_laser_validation_and_scales_its_time_back(tiny_dirs, tmp_path, monkeypatch):
     from laser_core import ModelSpec, report
     from laser_core.report import paper_table
