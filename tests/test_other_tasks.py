@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import write_jsonl, write_mc_jsonl
-from laser_core import ConfigError, Edit, TaskSpec, edited, evaluate, load_task, make_splits
+from laser_core import ConfigError, Edit, TaskSpec, edited, evaluate
 from laser_core.cli import main
 from laser_core.card import model_card
 from laser_core.other_tasks import (effects_lines, effects_metrics, effects_table, other_task_effects,
