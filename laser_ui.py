@@ -1589,7 +1589,8 @@ def render_search_report(report: dict, lm) -> None:
     if report.get("status") == "complete":
         st.caption("Edits of several matrices may do more together: on Export, \"Combine with edits of other "
                    "matrices\" finds which to add to this one, greedily on this search's split (from the CLI: "
-                   "`--compose`).")
+                   "`--compose`). What this edit does to the other bundled tasks: Export, \"On the other bundled "
+                   "tasks\" (from the CLI: `eval --recipe … --other-tasks`).")
 
 
 def render_compare_two(lm, splits, df: pd.DataFrame) -> None:

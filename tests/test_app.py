@@ -579,7 +579,8 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
     assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
-    assert any("Combine with edits of other matrices" in c.value and "`--compose`" in c.value for c in at.caption)
+    assert any("Combine with edits of other matrices" in c.value and "`--compose`" in c.value
+               and "On the other bundled tasks" in c.value and "--other-tasks" in c.value for c in at.caption)
     shown = metrics(at)
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # each of the q=2 matrices' best vs the base
     assert len(z) == 2 and max(z) == pytest.approx(float(shown["Best (calib)"]) - float(shown["Base (calib)"]), abs=1e-3)
