@@ -737,7 +737,9 @@ def render_job(job: Job | None, table: bool = True) -> None:
     elif job.status == "done":
         st.success(f"{job.label}: finished in {job.elapsed:.1f} s")
     elif job.status == "cancelled":
-        st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {len(job.rows)} finished candidates kept")
+        kept = f"{len(job.rows)} finished candidates kept" if job.kind == "search" else \
+            "what it had finished is kept in the cache"  # evaluations that report no candidate rows
+        st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {kept}")
     elif job.status == "error":
         st.error(f"{job.label} failed: {job.error}")
     for note in job.warnings[:5]:

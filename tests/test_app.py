@@ -882,6 +882,23 @@ def test_explore_one_candidate_runs_an_edit_that_a_search_stopped_early_instead_
     assert metrics(at)["This edit (calib)"] == f"{full['accuracy']:.3f}"
 
 
+def test_a_cancelled_job_says_what_it_kept_as_its_kind_keeps_it():
+    """A search keeps its finished candidates; an evaluation job (other tasks, held-out test) its finished
+    evaluations. Before, every cancelled job said "0 finished candidates kept"."""
+    def script():
+        import laser_ui
+        for kind, rows in (("search", [{}, {}]), ("other_tasks", [])):
+            laser_ui.render_job(laser_ui.Job(kind, kind, f"{kind} job", "cpu", status="cancelled", rows=rows,
+                                             started=0.0, finished=1.5), table=False)
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [w.value for w in at.warning] == ["search job: cancelled after 1.5 s; 2 finished candidates kept",
+                                             "other_tasks job: cancelled after 1.5 s; what it had finished is kept "
+                                             "in the cache"]
+
+
 def test_a_comparison_on_a_generation_task_names_every_accepted_answer():
     """The flipped examples' "gold" of a generation task lists its accepted answers; before, the first alone."""
     def script():
