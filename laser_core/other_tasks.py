@@ -20,10 +20,9 @@ from .models import LoadedModel
 from .progress import Progress, emit
 from .significance import change_between, family_summary, holm
 from .store import Store
-from .tasks import BUNDLED, Splits, load_task, make_splits
+from .tasks import BUNDLED, KIND_WORDS, Splits, load_task, make_splits
 
 SHARED_SETTINGS = ("n_calib", "n_test", "n_val", "seed", "max_new_tokens", "match", "shots")  # kept from the session's
-KIND_WORDS = {"mc": "multiple choice", "gen": "generation"}
 
 
 def other_task_specs(spec: TaskSpec, tasks: Sequence[str] | None = None) -> list[TaskSpec]:

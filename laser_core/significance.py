@@ -64,6 +64,11 @@ class PairedChange:
     def to_dict(self) -> dict:
         return {**asdict(self), "change": self.change, "significant": self.significant}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PairedChange":
+        """The change :meth:`to_dict` wrote (a recipe's ``held_out_change``), its derived keys left aside."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
 
 def p_text(p: float) -> str:
     """A p-value as papers print it: 'p = 0.035' (two significant digits below 0.1), 'p < 0.001' below that."""

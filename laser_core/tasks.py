@@ -23,6 +23,8 @@ BUNDLED: dict[str, str] = {
     "qa_wikidata": "qa_wikidata.json",
     "truthful_qa": "truthful_qa_mc.json",
 }
+KIND_WORDS = {"mc": "multiple choice", "gen": "generation"}  # a task's kind, as pages and tables say it
+SPLIT_WORDS = {"calib": "calibration", "val": "validation", "test": "held-out test"}  # a split, as messages say it
 
 
 @dataclass(frozen=True)
