@@ -504,7 +504,10 @@ def load_setup_form() -> None:
         tsource = f["bundled"]
     elif f["task_kind"] == "upload a file":
         if f.get("upload") is None:
-            user_error("Choose a JSONL, CSV, Parquet or JSON file to upload first.", status=True)
+            # also where Load was pressed the instant an upload ended: the browser enables the button a frame
+            # before it sends the file's entry
+            user_error("Choose a JSONL, CSV, Parquet or JSON file to upload first (where one shows as picked, it had "
+                       "not finished uploading: press Load model and task again).", status=True)
         tsource = str(saved_upload(f["upload"]))
     else:
         tsource = ("hf:" + path if path else "") if f["task_kind"] == "HF dataset" else path

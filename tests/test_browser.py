@@ -72,6 +72,13 @@ def idle(page) -> None:
         .first.wait_for(state="hidden")
 
 
+def rendered(page) -> None:
+    """Wait until the browser has drawn what the page changed and run what it does after drawing (two animation
+    frames): Streamlit enables a form's submit button as an upload ends, but sends the file's entry only once the
+    next frame is drawn, so a click in between submits the form without the file."""
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done())))")
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     idle(page)  # no "Stop" mid-capture
@@ -172,6 +179,8 @@ def test_a_bad_model_path_shows_a_message_not_a_traceback(server, browser):
 
 def test_an_uploaded_task_stays_the_sessions_task_when_another_session_uploads_a_file_of_its_name(server, browser,
                                                                                                  tmp_path):
+    from playwright.sync_api import expect
+
     # uploads used to be saved under their file name alone: a later upload of that name in another session
     # replaced the file this session's task was read from
     def upload(n: int):
@@ -187,8 +196,13 @@ def test_an_uploaded_task_stays_the_sessions_task_when_another_session_uploads_a
         with page.expect_response(lambda r: "upload_file" in r.url and r.request.method == "PUT"):  # on the server
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(task))
         page.get_by_test_id("stFileUploader").get_by_text("mine.jsonl").wait_for()  # as a user sees it picked
+        expect(page.get_by_role("button", name="Load model and task")).to_be_enabled()  # disabled while uploading
+        rendered(page)
         page.get_by_role("button", name="Load model and task").click()
-        page.get_by_text(f"task mine (mc, {n} examples)").wait_for()  # `mine` is set as code
+        loaded = page.get_by_text(f"task mine (mc, {n} examples)")  # `mine` is set as code
+        refused = page.get_by_test_id("stAlertContentError").or_(page.get_by_test_id("stException"))
+        loaded.or_(refused).first.wait_for()
+        assert not refused.count(), refused.first.inner_text()  # why, rather than a time-out
         return page
 
     first = upload(500)
