@@ -196,7 +196,8 @@ def _cmd_eval(args) -> int:
     if args.other_tasks is not None and not recipe:
         raise ConfigError("--other-tasks compares the base model with a recipe's edits: give --recipe too")
     names = None if args.other_tasks in (None, "all") else args.other_tasks.split(",")
-    others = [] if args.other_tasks is None else other_task_splits(other_task_specs(specs_of(args)[1], names))
+    others, left_out = ([], []) if args.other_tasks is None else other_task_splits(
+        other_task_specs(specs_of(args)[1], names))
     lm, tspec, splits, store = _setup(args)
     edits = check_recipe_fits(lm, recipe) if recipe else []
     doc = evaluate_edits(lm, edits, splits, args.split, store)
@@ -211,7 +212,8 @@ def _cmd_eval(args) -> int:
     if others:
         with _interruptible() as (cancel, bars):
             rows = other_task_effects(lm, edits, others, store, cancel=cancel, progress=bars)
-        print("on other tasks, held-out test, base -> with the recipe:\n  " + "\n  ".join(effects_lines(rows)))
+        print("on other tasks, held-out test, base -> with the recipe:\n  " + "\n  ".join(
+            effects_lines(rows) + [f"left out, too small for these sizes: {why}" for why in left_out]))
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .candidates import cached_edits, evaluate_edits
 from .config import Edit, TaskSpec
-from .errors import Cancelled, ConfigError, LaserError
+from .errors import Cancelled, ConfigError, LaserError, TaskFormatError
 from .evaluate import CancelToken
 from .models import LoadedModel
 from .progress import Progress, emit
@@ -42,9 +42,24 @@ def other_task_specs(spec: TaskSpec, tasks: Sequence[str] | None = None) -> list
     return [TaskSpec(t, **{f: getattr(spec, f) for f in SHARED_SETTINGS}) for t in names]
 
 
-def other_task_splits(specs: Sequence[TaskSpec]) -> list[Splits]:
-    """The splits of :func:`other_task_specs`' tasks (a task file that cannot be read raises its TaskFormatError)."""
-    return [make_splits(load_task(s), s, warn=False) for s in specs]
+def other_task_splits(specs: Sequence[TaskSpec]) -> tuple[list[Splits], list[str]]:
+    """The splits of :func:`other_task_specs`' tasks, and those left out as too small to split with the sizes asked
+    (a session on the task would refuse them too): ``"name (why)"`` each.
+
+    Raises:
+        TaskFormatError: a task file cannot be read (not there, or malformed).
+        ConfigError: every task is too small.
+    """
+    out, left_out = [], []
+    for s in specs:
+        task = load_task(s)
+        try:
+            out.append(make_splits(task, s, warn=False))
+        except TaskFormatError as e:
+            left_out.append(f"{task.name} ({e})")
+    if not out:
+        raise ConfigError("no other task can be split with these sizes: " + "; ".join(left_out))
+    return out, left_out
 
 
 def other_task_effects(lm: LoadedModel, edits: list[Edit], splits: Sequence[Splits], store: Store,

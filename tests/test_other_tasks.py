@@ -43,8 +43,8 @@ def test_an_edit_on_other_tasks_is_paired_with_the_base_on_their_held_out_questi
     lm = tiny_lm("llama")
     own = TaskSpec(str(tmp_path / "own.jsonl"), n_calib=20, n_test=30, seed=3)
     specs = other_task_specs(own, _tasks(tmp_path))
-    splits = other_task_splits(specs)
-    assert [len(s.test) for s in splits] == [28, 28, 12]  # small tasks: the test split gives way to validation
+    splits, left_out = other_task_splits(specs)
+    assert [len(s.test) for s in splits] == [28, 28, 12] and left_out == []  # small tasks: the test split gives way to validation
     edits = [Edit(lm.matrices[0].name, 1, 0.1), Edit(lm.matrices[-1].name, 2, 0.1)]
     before = other_task_effects(lm, edits, splits, store, compute=False)  # nothing in the cache yet
     assert [(r["base"], r["edited"], r["change"]) for r in before] == [(None, None, None)] * 3
@@ -109,3 +109,14 @@ def test_cli_eval_other_tasks_prints_each_task_after_the_recipes_own(tiny_lm, ti
     assert "--other-tasks compares the base model with a recipe's edits: give --recipe too" in capsys.readouterr().err
     assert main(["eval", *args, "--recipe", str(recipe), "--other-tasks", str(tmp_path / "gone.jsonl")]) == 2
     assert "task not found" in (err := capsys.readouterr().err) and "loading" not in err  # before the model load
+    # a task too small for the sizes asked is left out, as a session on it would refuse it; the others still run
+    small = write_mc_jsonl(tmp_path / "small.jsonl", 15, seed=5)
+    assert main(["eval", *args, "--recipe", str(recipe), "--other-tasks", f"{a},{small}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].startswith("  a ") and len(out) == 6
+    assert out[5] == ("  left out, too small for these sizes: small (task 'small' has 15 distinct examples, too few "
+                      "for 20 calibration examples plus at least 1 test example; lower the calibration size (n_calib) "
+                      "to at most 14, e.g. 7 to leave the rest for validation and test)")
+    assert main(["eval", *args, "--recipe", str(recipe), "--other-tasks", str(small)]) == 2  # none left: why, at once
+    assert "no other task can be split with these sizes: small (task 'small' has 15" in (err := capsys.readouterr().err)
+    assert "loading" not in err
