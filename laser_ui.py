@@ -1167,6 +1167,11 @@ def edit_short(lm, edit: dict) -> str:
     return short_label(ref.layer, ref.type, edit["k"], edit["rho"], edit.get("grouping"))
 
 
+def edits_short(lm, edits: list) -> str:
+    """Edits (``Edit`` objects) as jobs and captions name them: 'L2.down K=8 ρ=0.1 + L11.down K=4 ρ=0.25'."""
+    return " + ".join(edit_short(lm, to_dict(e)) for e in edits)
+
+
 def edited_folder(lm, splits, edits: list) -> Path:
     """Export's default folder for an edited model, under the cache and named by what it holds, so that saving another
     candidate does not meet the last one's folder: the task, the edit ('L2.down-K8-rho0.1', '-clustered' after K for
@@ -1241,7 +1246,8 @@ def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
     if st.button("Evaluate on held-out test"):
-        start_eval_job("export_test", "held-out test", lm, splits, [(k, *v) for k, v in wanted.items()])
+        start_eval_job("export_test", f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test", lm, splits,
+                       [(k, *v) for k, v in wanted.items()])  # named: another candidate picked meanwhile shows it
     job = session_job("export_test", lm, splits)
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
         live_job("export_test", lm, splits)
@@ -1290,12 +1296,15 @@ def render_other_tasks(lm, splits, edits: list) -> list[dict]:
     st.caption(f"Not evaluated yet: {', '.join(left)} (base and edited, each on its held-out test split; cached, so "
                "the base runs once per task).")
     running = job is not None and job.status == "running"
+    if running and st.session_state.get("other_tasks_of") != asked:  # its progress below names its candidate
+        st.caption("This candidate's can start once the other candidate's check below ends.")
     if st.button("Evaluate on the other tasks", disabled=running, key="other_tasks_go"):
         st.session_state["other_tasks_of"] = asked
-        start_job("other_tasks", "the edit on the other tasks", lm, splits, lambda j: other_task_effects(
-            lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
-    if session_job("other_tasks", lm, splits) is not None:
-        live_job("other_tasks", lm, splits)
+        start_job("other_tasks", f"{edits_short(lm, edits)} on the other tasks", lm, splits,
+                  lambda j: other_task_effects(lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
+    now = session_job("other_tasks", lm, splits)
+    if now is not None and (now.status == "running" or st.session_state.get("other_tasks_of") == asked):
+        live_job("other_tasks", lm, splits)  # not another candidate's finished check
     return effects_metrics(rows)  # those measured so far (a task whose base alone is cached has no change yet)
 
 

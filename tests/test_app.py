@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -1040,11 +1041,25 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     assert list(table(at)["task"]) == ["a", "b"] and table(at)["edited"].isna().all()  # the session's own left out
     assert any(c.value.startswith("Not evaluated yet: a, b") for c in at.caption)
     assert any(c.value.endswith(f"--task {app_env['LASER_LAB_DEFAULT_TASK']} --other-tasks`") for c in at.caption)
+    release, effects = threading.Event(), other_tasks.other_task_effects
+    monkeypatch.setattr(other_tasks, "other_task_effects",  # the job's call (the one that can be cancelled) waits
+                        lambda *a, **k: (k.get("cancel") is None or release.wait(60)) and effects(*a, **k))
     click(at, "Evaluate on the other tasks")
+    e = json.loads(at.code[0].value)["edits"][0]
+    edit, ref = Edit(e["name"], e["k"], e["rho"]), app_model(app_env)[0].ref(e["name"])
+    named = f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g} on the other tasks"
+    # another candidate picked meanwhile: the running check names its own, and this one's waits for it
+    at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value + 1).run()
+    assert [p.text.split(" — ")[0] for p in at.get("progress")] == [named]
+    assert "This candidate's can start once the other candidate's check below ends." in [c.value for c in at.caption]
+    assert next(b for b in at.button if b.label == "Evaluate on the other tasks").disabled
+    release.set()
+    wait_for(at, lambda a: not a.get("progress"))
+    assert not [m for m in at.success if "on the other tasks" in m.value]  # nor its end shown as this one's
+    assert table(at)["edited"].isna().all()
+    at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value - 1).run()
     wait_for(at, lambda a: table(a)["edited"].notna().all())
     assert not any(b.label == "Evaluate on the other tasks" for b in at.button)
-    e = json.loads(at.code[0].value)["edits"][0]
-    edit = Edit(e["name"], e["k"], e["rho"])
     for task, row in zip(others, table(at).itertuples()):  # computed afresh, not read from the app's cache
         spec = TaskSpec(task)
         splits = make_splits(load_task(spec), spec)
