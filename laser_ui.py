@@ -1028,8 +1028,8 @@ def render_one_candidate(lm, splits) -> None:
 def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list, dict] | None:
     """Export: the ``chosen`` candidate's edit applied together with edits of other matrices (``docs``: this task's
     evaluated candidates), as LASER composes reductions across layers. One click evaluates them together on
-    held-out test against the base; the recipe downloaded holds them all, with that result for ``apply`` to
-    re-check. What edits do together is not what each did alone, so it is measured, never added up.
+    held-out test against the base, and then on the other bundled tasks (:func:`render_other_tasks`); the recipe
+    downloaded holds them all, with those results (``apply`` re-checks the held-out one). What edits do together is not what each did alone, so it is measured, never added up.
 
     Returns (the edits, their recipe) once the combination picked is evaluated, for the page to save; else None."""
     from laser_core.compose import compose_pool
@@ -1061,7 +1061,10 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
         base, together = got["base"], got["together"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base,
                              f"{len(edits)} edits together (held-out test)", together)
-        recipe = make_recipe(lm, edits, splits.spec, recipe_metrics("test", None, None, base, together), "composed")
+        st.markdown(f"**The {len(edits)} edits together on the other bundled tasks**")
+        elsewhere = render_other_tasks(lm, splits, edits, "_combined", "laser_recipe_combined.json")  # into the recipe
+        recipe = make_recipe(lm, edits, splits.spec, recipe_metrics("test", None, None, base, together,
+                                                                    other_tasks=elsewhere), "composed")
         st.download_button("Download the combined recipe (JSON)", recipe_text(recipe),
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
@@ -1253,11 +1256,13 @@ def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
         live_job("export_test", lm, splits)
 
 
-def render_other_tasks(lm, splits, edits: list) -> list[dict]:
-    """What ``edits`` do beyond this session's task: the base model and the edited one on the held-out test split of
-    every other bundled task (``laser_core.other_tasks``), paired. Results in the cache show at once; the rest are
-    evaluated in a background job on request (and cached under those tasks). Returns those measured, as a recipe's
-    ``metrics.other_tasks`` holds them."""
+def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str = "laser_recipe.json") -> list[dict]:
+    """What ``edits`` (applied together) do beyond this session's task: the base model and the edited one on the
+    held-out test split of every other bundled task (``laser_core.other_tasks``), paired. Results in the cache show
+    at once; the rest are evaluated in a background job on request (and cached under those tasks), one such job at a
+    time: another set of edits' running job is named, and this one's can start when it ends. ``key`` tells the
+    widgets of two such views on one page apart; ``recipe_file`` is the download the CLI command names. Returns those measured, as a recipe's ``metrics.other_tasks`` holds
+    them."""
     import shlex
 
     from laser_core.cli_args import spec_args
@@ -1282,10 +1287,10 @@ def render_other_tasks(lm, splits, edits: list) -> list[dict]:
     noise = st.column_config.TextColumn(help="yes: p < 0.05, and still so read with the other tasks (Holm's "
                                              "correction); alone only: p < 0.05 for this task looked at alone")
     st.dataframe(df if df["note"].any() else df.drop(columns="note"), hide_index=True, width="stretch",
-                 key="other_tasks_rows", column_config={**CHANGE_COLUMNS, "base": accuracy, "edited": accuracy,
+                 key=f"other_tasks_rows{key}", column_config={**CHANGE_COLUMNS, "base": accuracy, "edited": accuracy,
                                                         "beyond_noise": noise})
     st.caption("The same from the command line, with the recipe downloaded below: `" + shlex.join(
-        ["python", "-m", "laser_core", "eval", "--recipe", "laser_recipe.json", *spec_args(lm.spec, splits.spec),
+        ["python", "-m", "laser_core", "eval", "--recipe", recipe_file, *spec_args(lm.spec, splits.spec),
          "--other-tasks"]) + "`")
     left = [r["task"] for r in rows if r["change"] is None and not r.get("error")]
     if not left:
@@ -1296,15 +1301,16 @@ def render_other_tasks(lm, splits, edits: list) -> list[dict]:
     st.caption(f"Not evaluated yet: {', '.join(left)} (base and edited, each on its held-out test split; cached, so "
                "the base runs once per task).")
     running = job is not None and job.status == "running"
-    if running and st.session_state.get("other_tasks_of") != asked:  # its progress below names its candidate
-        st.caption("This candidate's can start once the other candidate's check below ends.")
-    if st.button("Evaluate on the other tasks", disabled=running, key="other_tasks_go"):
+    if st.button("Evaluate on the other tasks", disabled=running, key=f"other_tasks_go{key}"):
         st.session_state["other_tasks_of"] = asked
         start_job("other_tasks", f"{edits_short(lm, edits)} on the other tasks", lm, splits,
                   lambda j: other_task_effects(lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
     now = session_job("other_tasks", lm, splits)
-    if now is not None and (now.status == "running" or st.session_state.get("other_tasks_of") == asked):
-        live_job("other_tasks", lm, splits)  # not another candidate's finished check
+    if now is not None and st.session_state.get("other_tasks_of") == asked:
+        live_job("other_tasks", lm, splits)
+    elif now is not None and now.status == "running":  # another set of edits': named, and polled to free the button
+        live_job("other_tasks", lm, splits, show=lambda j: j is not None and j.status == "running" and st.caption(
+            f"Running: {j.label}. This check can start when it ends."))
     return effects_metrics(rows)  # those measured so far (a task whose base alone is cached has no change yet)
 
 

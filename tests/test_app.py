@@ -1049,12 +1049,14 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     edit, ref = Edit(e["name"], e["k"], e["rho"]), app_model(app_env)[0].ref(e["name"])
     named = f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g} on the other tasks"
     # another candidate picked meanwhile: the running check names its own, and this one's waits for it
-    at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value + 1).run()
-    assert [p.text.split(" — ")[0] for p in at.get("progress")] == [named]
-    assert "This candidate's can start once the other candidate's check below ends." in [c.value for c in at.caption]
-    assert next(b for b in at.button if b.label == "Evaluate on the other tasks").disabled
-    release.set()
-    wait_for(at, lambda a: not a.get("progress"))
+    try:
+        at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value + 1).run()
+        assert not at.get("progress") and f"Running: {named}. This check can start when it ends." in \
+            [c.value for c in at.caption]
+        assert next(b for b in at.button if b.label == "Evaluate on the other tasks").disabled
+    finally:
+        release.set()  # else a failure here would leave the job, and the device, busy for the next tests
+    wait_for(at, lambda a: not any(c.value.startswith("Running: ") for c in a.caption))
     assert not [m for m in at.success if "on the other tasks" in m.value]  # nor its end shown as this one's
     assert table(at)["edited"].isna().all()
     at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value - 1).run()
@@ -1072,11 +1074,14 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
         [(row.task, row.edited, pytest.approx(row.vs_base)) for row in table(at).itertuples()]
 
 
-def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched, tmp_path):
+def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_env, searched, tmp_path,
+                                                                             monkeypatch):
     """LASER composes reductions of several matrices; before, the dashboard exported one edit only."""
-    from laser_core import Edit, Store
+    from laser_core import Edit, Store, TaskSpec, load_task, make_splits, other_tasks
     from laser_core.candidates import evaluate_edits
     from laser_core.store import null_store
+    other = str(write_mc_jsonl(tmp_path / "other.jsonl", 500, seed=4))
+    monkeypatch.setattr(other_tasks, "BUNDLED", dict.fromkeys([app_env["LASER_LAB_DEFAULT_TASK"], other]))
     at = page("pages/5_Export.py")
     chosen = at.selectbox(key="export_pick")
     name = chosen.format_func(chosen.value).split(" K=")[0]
@@ -1113,6 +1118,14 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     assert set(row["edits"].split(" + ")) == shown and row["n_edits"] == 2
     assert row["accuracy"] == together["accuracy"] and row["vs_base"] == pytest.approx(
         together["accuracy"] - float(metrics(results)["Base accuracy (test)"]))
+    # the combination on the other tasks, beside the chosen edit's own check: into its recipe and its model card
+    assert len([b for b in again.button if b.label == "Evaluate on the other tasks"]) == 2
+    again.button(key="other_tasks_go_combined").click().run()
+    wait_for(again, lambda a: [d.value["edited"].notna().all() for d in a.dataframe if "beyond_noise" in d.value.columns]
+             == [False, True])  # the chosen edit's own left as it was
+    spec = TaskSpec(other)
+    base_other, both_other = (evaluate_edits(lm, e, make_splits(load_task(spec), spec), "test", null_store())
+                              for e in ([], edits))
     # saved as one model: both edits in its weights and in its recipe (before, Save took the chosen edit alone)
     again.radio(key="save_what").set_value("the 2 edits combined above, together").run()
     folder = next(t for t in again.text_input if t.label == "Folder")
@@ -1131,8 +1144,11 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
         want = {e.name: params[e.name].detach().clone() for e in edits}
     for e in edits:
         assert torch.equal(saved[e.name], want[e.name]) and not torch.equal(saved[e.name], params[e.name])
-    assert sorted((r["name"], r["k"], r["rho"]) for r in load_recipe(tmp_path / "both" / "laser_recipe.json")["edits"]) \
-        == sorted((e.name, e.k, e.rho) for e in edits)
+    recipe = load_recipe(tmp_path / "both" / "laser_recipe.json")
+    assert sorted((r["name"], r["k"], r["rho"]) for r in recipe["edits"]) == sorted((e.name, e.k, e.rho) for e in edits)
+    assert [(t["task"], t["base"], t["edited"]) for t in recipe["metrics"]["other_tasks"]] == \
+        [("other", base_other["accuracy"], both_other["accuracy"])]
+    assert "## On other tasks" in (tmp_path / "both" / "README.md").read_text()
 
 
 def test_export_finds_edits_to_add_greedily_on_the_search_split_and_picks_them(app_env, searched):
