@@ -1331,7 +1331,8 @@ def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, hel
 CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds on held-out test
     "vs_base": st.column_config.NumberColumn(
         format="%+.3f", help="Held-out accuracy minus the base model's, on the same questions"),
-    "ci95": st.column_config.TextColumn(help="95% interval of that change (Newcombe, for paired accuracies)"),
+    "ci95": st.column_config.TextColumn(width="medium",  # '-0.287 to -0.111' whole, beside eight other columns
+                                        help="95% interval of that change (Newcombe, for paired accuracies)"),
     "p": st.column_config.NumberColumn(  # two significant digits: 1.7e-24, not 0.0000000000000000000000017
         format="%.2g", help="McNemar mid-p: how likely answers flip at least this unevenly if the edit changed "
                             "nothing"),
