@@ -1010,6 +1010,11 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     recipe = json.loads(at.code[0].value)
     assert recipe["method"] == "c2i" and recipe["metrics"]["edited_test"] is None
     click(at, "Evaluate on held-out test")
+    import laser_ui
+    e, ref = recipe["edits"][0], app_model(app_env)[0].ref(recipe["edits"][0]["name"])
+    job = laser_ui.job_manager().jobs[at.session_state["job_export_test"]]  # named: its candidate, if another is picked
+    blocks = f"{e['k']}" + (f" {e['grouping']}" if e.get("grouping", "contiguous") != "contiguous" else "")
+    assert job.label == f"L{ref.layer}.{ref.type} K={blocks} ρ={e['rho']:g} on held-out test"
     wait_for(at, lambda a: "Edited (held-out test)" in metrics(a))
     recipe = json.loads(at.code[0].value)
     assert metrics(at)["Edited (held-out test)"] == f"{recipe['metrics']['edited_test']['accuracy']:.3f}"
