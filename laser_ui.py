@@ -1029,7 +1029,8 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
     """Export: the ``chosen`` candidate's edit applied together with edits of other matrices (``docs``: this task's
     evaluated candidates), as LASER composes reductions across layers. One click evaluates them together on
     held-out test against the base, and then on the other bundled tasks (:func:`render_other_tasks`); the recipe
-    downloaded holds them all, with those results (``apply`` re-checks the held-out one). What edits do together is not what each did alone, so it is measured, never added up.
+    downloaded holds them all, with those results (``apply`` re-checks the held-out one). What edits do together is
+    not what each did alone, so it is measured, never added up.
 
     Returns (the edits, their recipe) once the combination picked is evaluated, for the page to save; else None."""
     from laser_core.compose import compose_pool
@@ -1261,8 +1262,8 @@ def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str 
     held-out test split of every other bundled task (``laser_core.other_tasks``), paired. Results in the cache show
     at once; the rest are evaluated in a background job on request (and cached under those tasks), one such job at a
     time: another set of edits' running job is named, and this one's can start when it ends. ``key`` tells the
-    widgets of two such views on one page apart; ``recipe_file`` is the download the CLI command names. Returns those measured, as a recipe's ``metrics.other_tasks`` holds
-    them."""
+    widgets of two such views on one page apart; ``recipe_file`` is the download the CLI command names. Returns those
+    measured, as a recipe's ``metrics.other_tasks`` holds them."""
     import shlex
 
     from laser_core.cli_args import spec_args
@@ -1287,8 +1288,8 @@ def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str 
     noise = st.column_config.TextColumn(help="yes: p < 0.05, and still so read with the other tasks (Holm's "
                                              "correction); alone only: p < 0.05 for this task looked at alone")
     st.dataframe(df if df["note"].any() else df.drop(columns="note"), hide_index=True, width="stretch",
-                 key=f"other_tasks_rows{key}", column_config={**CHANGE_COLUMNS, "base": accuracy, "edited": accuracy,
-                                                        "beyond_noise": noise})
+                 key=f"other_tasks_rows{key}", column_config={**CHANGE_COLUMNS, "base": accuracy,
+                                                              "edited": accuracy, "beyond_noise": noise})
     st.caption("The same from the command line, with the recipe downloaded below: `" + shlex.join(
         ["python", "-m", "laser_core", "eval", "--recipe", recipe_file, *spec_args(lm.spec, splits.spec),
          "--other-tasks"]) + "`")

@@ -171,8 +171,7 @@ def transfer_rows(lm: LoadedModel, finals: list[tuple],
     """Each task's C2I K-grid best edit (``finals``: task, splits, base held-out result, search report) on every
     other task's held-out test split, paired with that task's base: ``from``, ``edit``, ``to``, ``test`` (accuracy)
     and ``change`` (``significance``), with the edit (``name``, ``k``, ``rho``, its grouping where not contiguous). A
-    search chooses an edit for its own task only; this is what it does to the
-    others."""
+    search chooses an edit for its own task only; this is what it does to the others."""
     out, done = [], {}  # done: (edit, task) -> its result, where two tasks' searches chose the same edit
     for name, _, _, rep in finals:
         if rep.best_edit() is None:

@@ -87,9 +87,8 @@ def _check_parent(out: Path) -> Path:
 def save_model_atomic(lm: LoadedModel, out: str | Path, recipe: dict, overwrite: bool = False) -> Path:
     """``save_pretrained`` (safetensors) + tokenizer + ``laser_recipe.json`` + a model card (``README.md``, see
     :func:`laser_core.card.model_card`) into ``out`` via a temp folder and one rename, so an interrupted save never
-    leaves a half model. Refuses an existing ``out`` unless
-    ``overwrite``, and the folder of the model itself (see :func:`check_out_folder`); a write that fails (a full
-    disk) is a ``ConfigError`` too."""
+    leaves a half model. Refuses an existing ``out`` unless ``overwrite``, and the folder of the model itself (see
+    :func:`check_out_folder`); a write that fails (a full disk) is a ``ConfigError`` too."""
     out = check_out_folder(out, overwrite, lm.spec.source)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,8 @@ def test_an_edit_on_other_tasks_is_paired_with_the_base_on_their_held_out_questi
     own = TaskSpec(str(tmp_path / "own.jsonl"), n_calib=20, n_test=30, seed=3)
     specs = other_task_specs(own, _tasks(tmp_path))
     splits, left_out = other_task_splits(specs)
-    assert [len(s.test) for s in splits] == [28, 28, 12] and left_out == []  # small tasks: the test split gives way to validation
+    assert left_out == []
+    assert [len(s.test) for s in splits] == [28, 28, 12]  # small tasks: the test split gives way to validation
     edits = [Edit(lm.matrices[0].name, 1, 0.1), Edit(lm.matrices[-1].name, 2, 0.1)]
     before = other_task_effects(lm, edits, splits, store, compute=False)  # nothing in the cache yet
     assert [(r["base"], r["edited"], r["change"]) for r in before] == [(None, None, None)] * 3
