@@ -77,15 +77,18 @@ def other_task_effects(lm: LoadedModel, edits: list[Edit], splits: Sequence[Spli
         not, where an evaluation failed (the edits overflow the model's numerics there, the task's questions are
         longer than the model's context). Cancelled is raised; what finished is cached.
     """
-    rows = []
-    for i, s in enumerate(splits):
+    runs = (("base", []), ("edited", list(edits)))
+    todo = sum(cached_edits(store, lm, s, "test", chosen) is None for s in splits for _, chosen in runs) \
+        if compute else 0  # progress counts the evaluations to run: a cached one takes no time, and counting it
+    rows, done = [], 0  # made the first time-left estimates far too short
+    for s in splits:
         row = {"task": s.task.name, "kind": s.task.kind, "n": len(s.test), "base": None, "edited": None, "change": None}
-        for j, (which, chosen) in enumerate((("base", []), ("edited", list(edits)))):
-            emit(progress, phase="other tasks", done=2 * i + j, total=2 * len(splits),
-                 message=f"{s.task.name}: {which}")
+        for which, chosen in runs:
             try:
-                row[which] = (evaluate_edits(lm, chosen, s, "test", store, cancel) if compute
-                              else cached_edits(store, lm, s, "test", chosen))
+                row[which] = cached_edits(store, lm, s, "test", chosen)
+                if row[which] is None and compute:
+                    emit(progress, phase="other tasks", done=done, total=todo, message=f"{s.task.name}: {which}")
+                    row[which], done = evaluate_edits(lm, chosen, s, "test", store, cancel), done + 1
             except Cancelled:
                 raise
             except LaserError as e:  # the edits overflow the model's numerics here, or the model cannot take the task
@@ -93,7 +96,7 @@ def other_task_effects(lm: LoadedModel, edits: list[Edit], splits: Sequence[Spli
                 break
         row["change"] = change_between(row["base"], row["edited"])
         rows.append(row)
-    emit(progress, phase="other tasks", done=2 * len(splits), total=2 * len(splits), message="done")
+    emit(progress, phase="other tasks", done=todo, total=todo, message="done")
     return rows
 
 

@@ -62,6 +62,10 @@ def test_an_edit_on_other_tasks_is_paired_with_the_base_on_their_held_out_questi
     assert rows[2]["change"] is None and "longer than the model's context" in rows[2]["error"]  # the others still ran
     again = other_task_effects(lm, edits, splits, store, compute=False)  # now read from the cache
     assert [r["change"] for r in again[:2]] == [r["change"] for r in rows[:2]]
+    events.clear()  # another edit: the bases are cached, so progress counts only what runs (and the long task)
+    other_task_effects(lm, edits[:1], splits, store, progress=events.append)
+    assert [(e["done"], e["message"]) for e in events] == [(0, "a: edited"), (1, "b: edited"), (2, "long: base"),
+                                                           (4, "done")] and {e["total"] for e in events} == {4}
     table = effects_table(rows)
     assert [t["task"] for t in table] == ["a", "b", "long"] and table[0]["base"] == rows[0]["base"]["accuracy"]
     assert table[2]["note"] == rows[2]["error"] and table[2]["vs_base"] is None
