@@ -553,19 +553,21 @@ def device_key(lm) -> str:
     return str(lm.device)
 
 
-def start_job(kind: str, label: str, lm, splits, fn: Callable[[Job], Any]) -> Job | None:
-    """Submit a job on ``lm``'s device that computes on ``splits``; shows a message instead when the device is busy."""
+def start_job(kind: str, label: str, lm, splits, fn: Callable[[Job], Any]) -> None:
+    """Submit a job on ``lm``'s device that computes on ``splits``, then rerun the page, so that the button that
+    started it is drawn disabled (:func:`job_running`) beside its progress; shows a message instead when the device
+    is busy. Before, the button stayed enabled until the job ended, and a second click got the busy message."""
     from laser_core import JobBusy
     try:
         job = job_manager().submit(kind, label, device_key(lm), fn, made_on(lm, splits))
     except JobBusy as e:
         st.warning(str(e))
-        return None
+        return
     st.session_state[f"job_{kind}"] = job.id
-    return job
+    st.rerun()
 
 
-def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any, str]]) -> Job | None:
+def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any, str]]) -> None:
     """Background evaluation of (name, edit or None for the base or a list of edits applied together, split)
     items; result: {name: result doc}."""
     from laser_core.candidates import evaluate_edits
@@ -576,7 +578,7 @@ def start_eval_job(kind: str, label: str, lm, splits, items: list[tuple[str, Any
             job.on_progress({"phase": kind, "done": i, "total": len(items), "message": name[:40]})
             out[name] = evaluate_edits(lm, _as_edits(edit), splits, split, store(), job.cancel)
         return out
-    return start_job(kind, label, lm, splits, work)
+    start_job(kind, label, lm, splits, work)
 
 
 def poll_seconds(threads: int | None = None) -> float:
@@ -625,6 +627,12 @@ def made_on(lm, splits) -> dict:
     from laser_core.search import report_task
 
     return _made_on(lm.fingerprint, report_task(splits))
+
+
+def job_running(kind: str, lm, splits) -> bool:
+    """Whether this session's ``kind`` job on ``lm`` and ``splits`` is running: its button is then disabled."""
+    job = session_job(kind, lm, splits)
+    return job is not None and job.status == "running"
 
 
 def session_job(kind: str, lm, splits) -> Job | None:
@@ -1018,9 +1026,12 @@ def render_one_candidate(lm, splits) -> None:
                                  got["edit_test"])
     calib = [(key, *wanted[key]) for key in ("base", "edit") if not got[key]]
     test = [(key, *wanted[key]) for key in ("base_test", "edit_test") if not got[key]]
-    if calib and st.button(f"Evaluate on calibration ({len(splits.calib)} examples)", type="primary"):
+    running = job_running("one", lm, splits)
+    if calib and st.button(f"Evaluate on calibration ({len(splits.calib)} examples)", type="primary",
+                           disabled=running):
         start_eval_job("one", f"{short} (calibration)", lm, splits, calib)
-    elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)"):
+    elif not calib and test and st.button(f"Evaluate on held-out test ({len(splits.test)} examples)",
+                                          disabled=running):
         start_eval_job("one", f"{short} (held-out test)", lm, splits, test)
     live_job("one", lm, splits)
 
@@ -1071,8 +1082,7 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
         return edits, recipe
     ids = evaluation_id({"edits": [to_dict(e) for e in edits]})
-    job = session_job("combine", lm, splits)
-    running = job is not None and job.status == "running"
+    running = job_running("combine", lm, splits)
     if st.button(f"Evaluate the {len(edits)} edits together on held-out test", key="combine_run", disabled=running):
         st.session_state["combine_of"] = ids
         start_eval_job("combine", "edits together on held-out test", lm, splits,
@@ -1231,8 +1241,7 @@ def render_recipe_check(lm, splits) -> None:
                 f"The recipe recorded {recorded['accuracy']:.3f} on this task's held-out test split: "
                 + ("the same." if agree else "not the same (other weights, another library version or device?)"))
         return
-    job = session_job("recipe_test", lm, splits)
-    if st.button("Evaluate the recipe on held-out test", disabled=job is not None and job.status == "running"):
+    if st.button("Evaluate the recipe on held-out test", disabled=job_running("recipe_test", lm, splits)):
         st.session_state["recipe_test_of"] = str(path)
         start_eval_job("recipe_test", "recipe on held-out test", lm, splits,
                        [("base", None, "test"), ("recipe", list(edits), "test")])
@@ -1249,7 +1258,7 @@ def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
         return
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
-    if st.button("Evaluate on held-out test"):
+    if st.button("Evaluate on held-out test", disabled=job_running("export_test", lm, splits)):
         start_eval_job("export_test", f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test", lm, splits,
                        [(k, *v) for k, v in wanted.items()])  # named: another candidate picked meanwhile shows it
     job = session_job("export_test", lm, splits)
@@ -1624,7 +1633,7 @@ def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
     def edit_of(label: str):
         return None if label == "base" else doc_edit(df.iloc[labels.index(label) - 1])
 
-    if st.button("Compare on held-out test", type="primary"):
+    if st.button("Compare on held-out test", type="primary", disabled=job_running("compare", lm, splits)):
         start_eval_job("compare", "compare on test", lm, splits, [("A", edit_of(a), "test"), ("B", edit_of(b), "test")])
     live_job("compare", lm, splits, lambda job: render_comparison(job, splits))
 

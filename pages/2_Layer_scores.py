@@ -31,7 +31,7 @@ if found is None and job is not None and job.status == "done" and set(ks) <= set
 if found is None:
     st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
             f"all {len(lm.matrices)} matrices.")
-    if st.button("Compute scores", type="primary"):
+    if st.button("Compute scores", type="primary", disabled=ui.job_running("scores", lm, splits)):
         ui.start_job("scores", label, lm, splits,
                      lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress, grouping=grouping))
     ui.live_job("scores", lm, splits)

@@ -61,7 +61,7 @@ else:
         ui.user_error(str(e))
 with st.expander("The same search from the command line"):
     st.code(ui.cli_command(lm, splits, cfg), language="bash")
-if st.button("Run", type="primary", disabled=bool(cached)):
+if st.button("Run", type="primary", disabled=bool(cached) or ui.job_running("search", lm, splits)):
     ui.start_job("search", f"{cfg.method} search", lm, splits,
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))
 

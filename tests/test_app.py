@@ -114,6 +114,38 @@ def test_model_page_shows_facts_and_computes_the_baseline(app_env):
     assert 0.0 <= float(metrics(at)["Held-out test accuracy"]) <= 1.0
 
 
+@pytest.mark.parametrize("name, label, kind, module, fn", [
+    ("pages/1_Model_and_task.py", "Compute baseline accuracy", "baseline", "laser_core.candidates", "evaluate_edits"),
+    ("pages/2_Layer_scores.py", "Compute scores", "scores", "laser_core.scores", "load_spectra"),
+    ("pages/3_Explore.py", "Run", "search", "laser_core", "run_search")])
+def test_a_jobs_button_is_disabled_from_the_click_until_the_job_ends(app_env, tmp_path, monkeypatch, name, label,
+                                                                      kind, module, fn):
+    """Before, the button stayed enabled while its job ran, and a second click got "... is still running"."""
+    import importlib
+
+    import laser_ui
+    from laser_core import TaskSpec
+    mod = importlib.import_module(module)
+    release, real = threading.Event(), getattr(mod, fn)
+    monkeypatch.setattr(mod, fn, lambda *a, **k: release.wait(60) and real(*a, **k))  # the job waits
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    at.session_state["task_spec"] = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=7)))
+    at.run()
+    assert not next(b for b in at.button if b.label == label).disabled
+    job = None
+    try:
+        click(at, label)
+        job = laser_ui.job_manager().jobs[at.session_state[f"job_{kind}"]]
+        assert job.status == "running" and at.get("progress") and not [w for w in at.warning if "running" in w.value]
+        assert next(b for b in at.button if b.label == label).disabled
+    finally:  # else a failure here would leave the job, and the device, busy for the next tests
+        if job is not None:
+            job.cancel.cancel()
+        release.set()
+    wait_for(at, lambda a: job.status != "running" and not a.get("progress"))
+    assert job.status == "cancelled" and not next(b for b in at.button if b.label == label).disabled
+
+
 def test_pages_show_a_finished_job_only_on_the_model_and_task_it_ran_on(app_env, tmp_path):
     """Before, a page fell back on this session's finished job where the cache had no result, whatever task the job
     ran on: after loading another task, the Model page showed the previous task's baseline as this one's, and Layer
