@@ -11,4 +11,6 @@ pages = [
     st.Page("pages/4_Results.py", title="Results", icon=":material/table_chart:"),
     st.Page("pages/5_Export.py", title="Export", icon=":material/download:"),
 ]
-st.navigation(pages).run()
+page = st.navigation(pages)
+st.session_state["_page"] = page.title  # which page a job's progress is drawn on (laser_ui.render_sidebar_jobs)
+page.run()

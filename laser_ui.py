@@ -564,6 +564,7 @@ def start_job(kind: str, label: str, lm, splits, fn: Callable[[Job], Any]) -> No
         st.warning(str(e))
         return
     st.session_state[f"job_{kind}"] = job.id
+    _jobs_shown().add(kind)  # the page that started it shows it: the sidebar does not poll it too
     st.rerun()
 
 
@@ -599,6 +600,8 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
     show = show or render_job
     job = session_job(kind, lm, splits)
     running = job is not None and job.status == "running"
+    if job is not None:  # the sidebar leaves it to the page (render_sidebar_jobs)
+        _jobs_shown().add(kind)
 
     @st.fragment(run_every=poll_seconds() if running else None)
     def poll() -> None:
@@ -707,10 +710,62 @@ def render_sidebar_status() -> None:
                       if value)
     st.sidebar.caption(f"Model: `{spec.source}` ({spec.device}, {spec.dtype})  \nTask: `{tspec.source}` "
                        f"({sizes}, seed {tspec.seed}{f', {tspec.shots}-shot' if tspec.shots else ''}){reading}")
-    jm = job_manager()
-    running = [j for j in jm.jobs.values() if j.status == "running"]
-    if running:
-        st.sidebar.info(f"Running: {running[0].label} ({running[0].done}/{running[0].total})")
+    render_sidebar_jobs()
+
+
+# The page each kind of job shows on (its results, and its progress while it runs on that model and task).
+JOB_PAGES = {"baseline": "Model & task", "scores": "Layer scores", "search": "Explore", "one": "Explore",
+             "compare": "Results", "export_test": "Export", "other_tasks": "Export", "combine": "Export",
+             "recipe_test": "Export"}
+
+
+def _jobs_shown() -> set[str]:
+    """The kinds of job the page being run draws itself (:func:`live_job`), filled as it runs; the set of its last
+    full run stays under ``"last"`` for the sidebar, which is drawn before the page's own job."""
+    record = st.session_state.setdefault("_jobs_shown", {})
+    return record.setdefault(st.session_state.get("_page", ""), {"now": set(), "last": set()})["now"]
+
+
+def render_sidebar_jobs() -> None:
+    """The sidebar's running jobs. This session's job that the page does not draw (started on another page, or on
+    another model or task since loaded) shows its progress there, redrawn every :func:`poll_seconds`, with a Cancel
+    button and the page its results show on; when it ends, the page reruns. One the page draws is named only;
+    another session's job is named as what keeps the device busy. Before, the sidebar named the first running job
+    of any session with its progress as of the page's last run, and a job could be cancelled only on its page, on
+    the model and task it ran on."""
+    record = st.session_state.setdefault("_jobs_shown", {}).setdefault(st.session_state.get("_page", ""),
+                                                                       {"now": set(), "last": set()})
+    record["last"], record["now"] = record["now"], set()
+    mine = {v for k, v in st.session_state.items() if str(k).startswith("job_")}
+    ran_full = []  # the fragment's first run is this full run's: the page's own jobs are not drawn yet
+
+    def running() -> list[Job]:
+        return [j for j in job_manager().jobs.values() if j.status == "running"]
+    elsewhere = [j.id for j in running() if j.id in mine and j.kind not in record["last"]]
+
+    @st.fragment(run_every=poll_seconds() if elsewhere else None)
+    def jobs() -> None:
+        shown = record["now"] if ran_full else record["last"]
+        ran_full.append(True)
+        now = running()
+        for j in now:
+            if j.id not in mine:
+                st.caption(f"Running for another session: {j.label}. This device takes no other job until it ends.")
+            elif j.kind in shown:
+                st.caption(f"Running: {j.label} (below)")
+            else:
+                eta = j.eta
+                st.progress(min(1.0, j.done / max(1, j.total)), text=f"{j.label}: {j.done}/{j.total} · "
+                            f"{j.elapsed:.0f} s" + (f" · about {human_seconds(eta)} left" if eta is not None else ""))
+                st.caption(f"Its results show on {JOB_PAGES.get(j.kind, 'its page')}.")
+                if st.button("Cancel", key=f"sidebar-cancel-{j.id}"):
+                    j.cancel.cancel()
+                    st.caption("Cancelling: stops after the current step.")
+        if elsewhere and not any(j.id in elsewhere for j in now):
+            st.rerun()  # ended: the page shows what it left, and nothing polls
+    with st.sidebar:
+        jobs()
+        st.empty()  # as after live_job's fragment
 
 
 def render_example(splits) -> None:

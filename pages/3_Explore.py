@@ -62,7 +62,7 @@ else:
 with st.expander("The same search from the command line"):
     st.code(ui.cli_command(lm, splits, cfg), language="bash")
 if st.button("Run", type="primary", disabled=bool(cached) or ui.job_running("search", lm, splits)):
-    ui.start_job("search", f"{cfg.method} search", lm, splits,
+    ui.start_job("search", "C2I search" if cfg.method == "c2i" else "LASER sweep", lm, splits,
                  lambda job: run_search(lm, splits, cfg, ui.store(), job.on_progress, job.cancel))
 
 

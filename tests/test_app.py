@@ -146,6 +146,45 @@ def test_a_jobs_button_is_disabled_from_the_click_until_the_job_ends(app_env, tm
     assert job.status == "cancelled" and not next(b for b in at.button if b.label == label).disabled
 
 
+def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names_another_sessions(
+        app_env, tmp_path, monkeypatch):
+    """Before, the sidebar named the first running job with its progress as of the page's last run, and a job could
+    be cancelled only on its own page, on the model and task it ran on."""
+    import laser_core
+    import laser_ui
+    from laser_core import TaskSpec
+    release, real = threading.Event(), laser_core.run_search
+    monkeypatch.setattr(laser_core, "run_search", lambda *a, **k: release.wait(60) and real(*a, **k))
+    task = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=8)))
+
+    def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
+        at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+        at.session_state["_page"], at.session_state["task_spec"] = title, task
+        for k, v in state.items():
+            at.session_state[k] = v
+        return at.run()
+    at, job = session("pages/3_Explore.py", "Explore"), None
+    try:
+        click(at, "Run")
+        job = laser_ui.job_manager().jobs[at.session_state["job_search"]]
+        assert "Running: C2I search (below)" in [c.value for c in at.sidebar.caption]  # Explore draws it
+        assert len(at.get("progress")) == 1 and not at.sidebar.get("progress")
+        other = page("pages/3_Explore.py")  # another browser session
+        assert "Running for another session: C2I search. This device takes no other job until it ends." in \
+            [c.value for c in other.sidebar.caption] and not other.sidebar.button
+        at = session("pages/4_Results.py", "Results", job_search=job.id)  # its page does not draw it: the sidebar
+        assert at.sidebar.get("progress")[0].proto.text.startswith("C2I search: 0/")  # does, with Cancel
+        assert "Its results show on Explore." in [c.value for c in at.sidebar.caption]
+        next(b for b in at.sidebar.button if b.label == "Cancel").click().run()
+        assert job.cancel.cancelled
+    finally:  # else a failure here would leave the job, and the device, busy for the next tests
+        if job is not None:
+            job.cancel.cancel()
+        release.set()
+    wait_for(at, lambda a: job.status != "running" and not a.sidebar.get("progress"))
+    assert job.status == "cancelled" and not [c for c in at.sidebar.caption if c.value.startswith("Running")]
+
+
 def test_pages_show_a_finished_job_only_on_the_model_and_task_it_ran_on(app_env, tmp_path):
     """Before, a page fell back on this session's finished job where the cache had no result, whatever task the job
     ran on: after loading another task, the Model page showed the previous task's baseline as this one's, and Layer
@@ -1306,6 +1345,7 @@ def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
 def test_app_entry_point_opens_the_model_and_task_page(app_env):
     at = page("app.py")
     assert at.title[0].value == "LASER Lab · Model & task"
+    assert at.session_state["_page"] == "Model & task"  # the sidebar's jobs are drawn by page (render_sidebar_jobs)
     assert metrics(at)["Matrices"] == "14"
 
 

@@ -130,7 +130,7 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     page.get_by_text("candidates, each evaluated").wait_for()
     if page.get_by_role("button", name="Run").is_enabled():  # disabled when this config is in the cache
         page.get_by_role("button", name="Run").click()
-        page.get_by_text("c2i search: finished").wait_for()
+        page.get_by_text("C2I search: finished").wait_for()
     page.get_by_text("Best candidate").wait_for()
     assert page.get_by_test_id("stMetric").filter(has_text="Best (held-out test)").count() == 1
     page.locator(".js-plotly-plot .main-svg").first.wait_for()  # each matrix's best against the base
