@@ -754,9 +754,7 @@ def render_sidebar_jobs() -> None:
             elif j.kind in shown:
                 st.caption(f"Running: {j.label} (below)")
             else:
-                eta = j.eta
-                st.progress(min(1.0, j.done / max(1, j.total)), text=f"{j.label}: {j.done}/{j.total} · "
-                            f"{j.elapsed:.0f} s" + (f" · about {human_seconds(eta)} left" if eta is not None else ""))
+                job_progress(j)
                 st.caption(f"Its results show on {JOB_PAGES.get(j.kind, 'its page')}.")
                 if st.button("Cancel", key=f"sidebar-cancel-{j.id}"):
                     j.cancel.cancel()
@@ -785,15 +783,20 @@ def render_example(splits) -> None:
                     + ("" if splits.task.answer_format.is_set else " (its first line)"))
 
 
+def job_progress(job: Job) -> None:
+    """A running job's progress bar: its label, phase, steps, time so far and left, and what it is on."""
+    eta = job.eta
+    left = f" · about {human_seconds(eta)} left" if eta is not None else ""
+    st.progress(min(1.0, job.done / max(1, job.total)),
+                text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s{left} · {job.message}")
+
+
 def render_job(job: Job | None, table: bool = True) -> None:
     """Progress bar, elapsed time, a Cancel button and (``table``) the rows so far of ``job``."""
     if job is None:
         return
-    frac = min(1.0, job.done / max(1, job.total))
     if job.status == "running":
-        eta = job.eta
-        left = f" · about {human_seconds(eta)} left" if eta is not None else ""
-        st.progress(frac, text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s{left} · {job.message}")
+        job_progress(job)
         if st.button("Cancel", key=f"cancel-{job.id}"):
             job.cancel.cancel()
             st.info("Cancelling: stops after the current step; finished candidates are kept.")

@@ -173,7 +173,7 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
         assert "Running for another session: C2I search. This device takes no other job until it ends." in \
             [c.value for c in other.sidebar.caption] and not other.sidebar.button
         at = session("pages/4_Results.py", "Results", job_search=job.id)  # its page does not draw it: the sidebar
-        assert at.sidebar.get("progress")[0].proto.text.startswith("C2I search: 0/")  # does, with Cancel
+        assert at.sidebar.get("progress")[0].proto.text.startswith("C2I search — ")  # does, with Cancel
         assert "Its results show on Explore." in [c.value for c in at.sidebar.caption]
         next(b for b in at.sidebar.button if b.label == "Cancel").click().run()
         assert job.cancel.cancelled
