@@ -650,7 +650,9 @@ def session_job(kind: str, lm, splits) -> Job | None:
 # Settings that stay as the user left them on leaving a page and coming back (Streamlit drops the value of a
 # widget whose page is not shown): widget key -> default. The widgets get their default from here, not from a
 # value= of their own. Layer scores and Explore share "score", "tail" and "q": the matrices Layer scores lists
-# as its top q are the ones a C2I search on Explore tries.
+# as its top q are the ones a C2I search on Explore tries. Each of these widgets is also made with
+# persist_state="session": re-assigning alone lost the value once a polling fragment (a job's live view) had rerun
+# before the page was left (streamlit#10805; Streamlit 1.67).
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
                             "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
@@ -719,36 +721,36 @@ JOB_PAGES = {"baseline": "Model & task", "scores": "Layer scores", "search": "Ex
              "recipe_test": "Export"}
 
 
+def _jobs_record() -> dict[str, set[str]]:
+    """The kinds of job the page being run draws itself (:func:`live_job`): ``"now"``, filled as this full run goes,
+    and ``"last"``, its previous full run's, for the sidebar, which is drawn before the page's own jobs."""
+    return st.session_state.setdefault("_jobs_shown", {}).setdefault(st.session_state.get("_page", ""),
+                                                                      {"now": set(), "last": set()})
+
+
 def _jobs_shown() -> set[str]:
-    """The kinds of job the page being run draws itself (:func:`live_job`), filled as it runs; the set of its last
-    full run stays under ``"last"`` for the sidebar, which is drawn before the page's own job."""
-    record = st.session_state.setdefault("_jobs_shown", {})
-    return record.setdefault(st.session_state.get("_page", ""), {"now": set(), "last": set()})["now"]
+    return _jobs_record()["now"]
 
 
 def render_sidebar_jobs() -> None:
     """The sidebar's running jobs. This session's job that the page does not draw (started on another page, or on
-    another model or task since loaded) shows its progress there, redrawn every :func:`poll_seconds`, with a Cancel
-    button and the page its results show on; when it ends, the page reruns. One the page draws is named only;
-    another session's job is named as what keeps the device busy. Before, the sidebar named the first running job
-    of any session with its progress as of the page's last run, and a job could be cancelled only on its page, on
-    the model and task it ran on."""
-    record = st.session_state.setdefault("_jobs_shown", {}).setdefault(st.session_state.get("_page", ""),
-                                                                       {"now": set(), "last": set()})
+    another model or task since loaded) shows its progress there, with a Cancel button and the page its results
+    show on; when it ends, the page reruns. One the page draws is named only. While one of this session's jobs runs,
+    the sidebar is redrawn every :func:`poll_seconds` (a few small elements): its first drawing, before the page's,
+    goes by what the page's last run drew, and the next ones by what this run drew. Another session's job is named
+    as what keeps the device busy. Before, the sidebar named the first running job of any session with its progress
+    as of the page's last run, and a job could be cancelled only on its page, on the model and task it ran on."""
+    record = _jobs_record()
     record["last"], record["now"] = record["now"], set()
     mine = {v for k, v in st.session_state.items() if str(k).startswith("job_")}
+    watched = [j.id for j in job_manager().jobs.values() if j.status == "running" and j.id in mine]
     ran_full = []  # the fragment's first run is this full run's: the page's own jobs are not drawn yet
 
-    def running() -> list[Job]:
-        return [j for j in job_manager().jobs.values() if j.status == "running"]
-    elsewhere = [j.id for j in running() if j.id in mine and j.kind not in record["last"]]
-
-    @st.fragment(run_every=poll_seconds() if elsewhere else None)
+    @st.fragment(run_every=poll_seconds() if watched else None)
     def jobs() -> None:
         shown = record["now"] if ran_full else record["last"]
         ran_full.append(True)
-        now = running()
-        for j in now:
+        for j in [j for j in job_manager().jobs.values() if j.status == "running"]:
             if j.id not in mine:
                 st.caption(f"Running for another session: {j.label}. This device takes no other job until it ends.")
             elif j.kind in shown:
@@ -759,8 +761,9 @@ def render_sidebar_jobs() -> None:
                 if st.button("Cancel", key=f"sidebar-cancel-{j.id}"):
                     j.cancel.cancel()
                     st.caption("Cancelling: stops after the current step.")
-        if elsewhere and not any(j.id in elsewhere for j in now):
-            st.rerun()  # ended: the page shows what it left, and nothing polls
+        ended = [j for j in map(job_manager().jobs.get, watched) if j.status != "running"]
+        if any(j.kind not in shown for j in ended):  # one the page draws: its live_job reruns the page
+            st.rerun()  # the page then shows what the job left, and nothing polls
     with st.sidebar:
         jobs()
         st.empty()  # as after live_job's fragment
@@ -840,12 +843,13 @@ def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
 def score_inputs(lm) -> tuple[str, float, int]:
     """Score rule, trailing fraction and q: the same three settings on Layer scores and on Explore."""
     c1, c2, c3 = st.columns(3)
-    score = c1.selectbox("Score", ["paper", "first_order"], key="score",
+    score = c1.selectbox("Score", ["paper", "first_order"], key="score", persist_state="session",
                          help="paper: the push toward zero over the trailing part of the spectrum; first_order: the "
                               "predicted loss decrease of the best (K, ρ) reduction")
-    tail = c2.slider("Trailing fraction (paper score)", 0.05, 1.0, step=0.05, key="tail", disabled=score != "paper")
+    tail = c2.slider("Trailing fraction (paper score)", 0.05, 1.0, step=0.05, key="tail", disabled=score != "paper",
+                     persist_state="session")
     st.session_state["q"] = min(st.session_state["q"], min(30, len(lm.matrices)))  # a smaller model than before
-    q = c3.slider("q (top-scored matrices to try)", 1, min(30, len(lm.matrices)), key="q")
+    q = c3.slider("q (top-scored matrices to try)", 1, min(30, len(lm.matrices)), key="q", persist_state="session")
     return score, tail if score == "paper" else SearchConfig.tail_fraction, q
 
 
@@ -948,10 +952,11 @@ def render_score_vs_change(lm, splits, rows: list[dict], base: dict | None, spli
     words = SPLIT_WORDS.get(split, split)
     st.subheader("Does the score pick the matrices that help?")
     c1, c2 = st.columns(2)
-    c1.selectbox("Score", ["paper", "first_order"], key="score",
+    c1.selectbox("Score", ["paper", "first_order"], key="score", persist_state="session",
                  help="The same setting as on Layer scores and Explore (the paper score's trailing fraction is set "
                       "there)")
     measure = c2.radio("Gain measured as", list(SCORE_CHECKS), horizontal=True, key="score_check",
+                       persist_state="session",
                        help="Per matrix, the most any of its candidates on this split gained over the base model: in "
                             "accuracy (what a search ranks by first), or in log-loss (the loss the score is the "
                             "gradient of, finer-grained on a small split)")
@@ -1052,7 +1057,7 @@ def render_one_candidate(lm, splits) -> None:
     if st.session_state.get("one_k") not in ks:
         st.session_state["one_k"] = 1
     k = c2.select_slider("K (row blocks)", ks, key="one_k")
-    rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, key="one_rho")
+    rho = c3.select_slider("ρ (fraction of rank kept)", ONE_RHOS, key="one_rho", persist_state="session")
     edit = Edit(name, k, rho, grouping_input(c3, "one_grouping", disabled=k == 1))  # K = 1: contiguous, one block
     short = short_label(ref.layer, ref.type, k, rho, edit.grouping)
     ranks, kept = params_kept(ref, k, rho)
@@ -1757,6 +1762,7 @@ def _number_grid(where, label: str, key: str, presets, kind: type, descending: b
     st.session_state[key] = sorted(set(kept), reverse=descending)
     options = sorted(set(presets) | set(kept), reverse=descending)
     chosen = where.multiselect(label, options, key=key, accept_new_options=True,  # the numbers just set above
+                               persist_state="session",
                                help="Pick values, or type one and press Enter.")
     if bad:
         what = "a whole number" if kind is int else "a number"
@@ -1784,6 +1790,7 @@ def grouping_input(where, key: str, disabled: bool = False) -> str:
     (``disabled`` where K = 1, one block of every row)."""
     from laser_core.grouping import GROUPING_HELP
     return where.radio("Row blocks", list(GROUPING_HELP), key=key, horizontal=True, disabled=disabled,
+                       persist_state="session",
                        help="; ".join(f"**{name}**: {text}" for name, text in GROUPING_HELP.items())
                             + ". K = 1 is one block of every row either way.")
 
@@ -1797,7 +1804,7 @@ def laser_inputs(layers: list[int], types: list[str]) -> tuple[int, int, list[st
     lo, hi = st.select_slider("Layers", options=layers, key="layer_range",
                               value=kept if kept and set(kept) <= set(layers) else (layers[0], layers[-1]))
     st.session_state["laser_layers"] = (lo, hi)
-    return lo, hi, st.multiselect("Matrix types", types, key="types")
+    return lo, hi, st.multiselect("Matrix types", types, key="types", persist_state="session")
 
 
 def cached_results(lm, splits, failed: bool = False) -> list[dict]:

@@ -18,7 +18,7 @@ layers = sorted({r.layer for r in lm.matrices})
 types = sorted({r.type for r in lm.matrices})
 
 method = st.radio("Method", ["C2I (gradient-selected)", "LASER sweep (brute force)", "One candidate (sliders)"],
-                  horizontal=True, key="method")
+                  horizontal=True, key="method", persist_state="session")
 if method.startswith("One"):
     ui.render_one_candidate(lm, splits)
     st.stop()
@@ -31,7 +31,7 @@ else:
         grid = ui.grid_inputs(ks=False)
     with c2:
         lo, hi, sel_types = ui.laser_inputs(layers, types)
-early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early")
+early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early", persist_state="session")
 try:
     if method.startswith("C2I"):
         cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),

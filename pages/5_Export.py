@@ -41,7 +41,7 @@ recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d
                      method=method)
 with st.expander("Combine with edits of other matrices (applied together)"):
     combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
-fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt")
+fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt", persist_state="session")
 text = recipe_text(recipe, fmt)
 st.download_button(f"Download recipe ({fmt})", text, file_name=f"laser_recipe.{fmt.lower()}",
                    mime="application/json" if fmt == "JSON" else "application/yaml", type="primary")

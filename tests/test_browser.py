@@ -213,3 +213,40 @@ def test_an_uploaded_task_stays_the_sessions_task_when_another_session_uploads_a
     first.get_by_text("task mine (mc, 500 examples)").wait_for()
     assert not first.get_by_test_id("stException").count()
     shot(first, "7_uploaded_task")
+
+
+def test_the_explore_settings_survive_a_look_at_another_page_while_a_search_runs(server, browser, tmp_path):
+    """Streamlit drops a value kept across pages once a fragment that polls has rerun (streamlit#10805): after a
+    look at Results during a LASER sweep, Explore came back on C2I with its default grids. The settings widgets
+    now keep their values for the session (``persist_state``)."""
+    big = write_mc_jsonl(tmp_path / "big.jsonl", 20000)  # LASER's validation split: 4000 examples, minutes of sweep
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(server)
+    page.get_by_text("Model facts").wait_for()
+    page.get_by_text("task file path", exact=True).click()
+    page.get_by_role("textbox", name="Task file path").fill(str(big))
+    page.get_by_role("button", name="Load model and task").click()
+    page.get_by_test_id("stSidebar").get_by_text(str(big)).wait_for()
+    nav(page, "Explore")
+    page.get_by_text("LASER sweep (brute force)").click()
+    page.get_by_text("Matrix types").wait_for()
+    idle(page)
+    page.get_by_role("button", name="Run").click()
+    bar = page.get_by_test_id("stMain").get_by_test_id("stProgress")
+    try:
+        bar.wait_for()
+        first = bar.inner_text()  # its elapsed seconds change when the polling fragment redraws it
+        page.wait_for_function("t => { const b = document.querySelector('[data-testid=stMain] "
+                               "[data-testid=stProgress]'); return b && b.innerText !== t; }", arg=first)
+        nav(page, "Results")
+        page.get_by_role("heading", name="Results").wait_for()
+        idle(page)
+        nav(page, "Explore")
+        page.get_by_role("heading", name="Explore").wait_for()
+        idle(page)
+        assert page.get_by_text("Matrix types").count() == 1 and page.get_by_text("Trailing fraction").count() == 0
+    finally:
+        page.get_by_role("button", name="Cancel").first.click()
+        page.get_by_text("LASER sweep: cancelled").wait_for()
+        page.close()
