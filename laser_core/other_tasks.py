@@ -78,14 +78,14 @@ def other_task_effects(lm: LoadedModel, edits: list[Edit], splits: Sequence[Spli
         longer than the model's context). Cancelled is raised; what finished is cached.
     """
     runs = (("base", []), ("edited", list(edits)))
-    todo = sum(cached_edits(store, lm, s, "test", chosen) is None for s in splits for _, chosen in runs) \
-        if compute else 0  # progress counts the evaluations to run: a cached one takes no time, and counting it
-    rows, done = [], 0  # made the first time-left estimates far too short
-    for s in splits:
+    found = [{which: cached_edits(store, lm, s, "test", chosen) for which, chosen in runs} for s in splits]
+    todo = sum(doc is None for f in found for doc in f.values()) if compute else 0  # progress counts what runs: a
+    rows, done = [], 0  # cached evaluation takes no time, and counting it made the first time-left estimates too short
+    for s, cached in zip(splits, found):
         row = {"task": s.task.name, "kind": s.task.kind, "n": len(s.test), "base": None, "edited": None, "change": None}
         for which, chosen in runs:
             try:
-                row[which] = cached_edits(store, lm, s, "test", chosen)
+                row[which] = cached[which]
                 if row[which] is None and compute:
                     emit(progress, phase="other tasks", done=done, total=todo, message=f"{s.task.name}: {which}")
                     row[which], done = evaluate_edits(lm, chosen, s, "test", store, cancel), done + 1
