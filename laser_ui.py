@@ -586,7 +586,9 @@ def poll_seconds(threads: int | None = None) -> float:
     """How often a running job's view is redrawn: every second where torch has 4 or more threads, every 3 s on
     fewer cores (``$LASER_LAB_POLL_S`` overrides). Each redraw runs the view's script on the server and repaints it
     in the browser, on the cores the job computes on: on this 2-core machine a C2I search from an empty cache took
-    168 s with the Explore page redrawn every second, 115 s every 3 s, and 85 s from the CLI."""
+    168 s with the Explore page redrawn every second, 115 s every 3 s, and 85 s from the CLI. Most of that was
+    Streamlit's full garbage collection after every script run, fragment reruns included (~0.4 s of the interpreter
+    with torch and a model loaded), which `.streamlit/config.toml` switches off (``runner.postScriptGC``)."""
     if os.environ.get("LASER_LAB_POLL_S"):
         return float(os.environ["LASER_LAB_POLL_S"])
     import torch
