@@ -604,6 +604,8 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
     running = job is not None and job.status == "running"
     if job is not None:  # the sidebar leaves it to the page (render_sidebar_jobs)
         _jobs_shown().add(kind)
+        if job.status != "running":  # its end is shown here: the sidebar no longer reports it
+            _jobs_seen().add(job.id)
 
     @st.fragment(run_every=poll_seconds() if running else None)
     def poll() -> None:
@@ -734,6 +736,11 @@ def _jobs_shown() -> set[str]:
     return _jobs_record()["now"]
 
 
+def _jobs_seen() -> set[str]:
+    """This session's ended jobs whose end it has seen: drawn by their page, or dismissed in the sidebar."""
+    return st.session_state.setdefault("_jobs_seen", set())
+
+
 def render_sidebar_jobs() -> None:
     """The sidebar's running jobs. This session's job that the page does not draw (started on another page, or on
     another model or task since loaded) shows its progress there, with a Cancel button and the page its results
@@ -741,7 +748,10 @@ def render_sidebar_jobs() -> None:
     the sidebar is redrawn every :func:`poll_seconds` (a few small elements): its first drawing, before the page's,
     goes by what the page's last run drew, and the next ones by what this run drew. Another session's job is named
     as what keeps the device busy. Before, the sidebar named the first running job of any session with its progress
-    as of the page's last run, and a job could be cancelled only on its page, on the model and task it ran on."""
+    as of the page's last run, and a job could be cancelled only on its page, on the model and task it ran on.
+    A job of this session that ended is reported there (finished, cancelled or failed, and where its results show)
+    until its page has drawn it or it is dismissed: before, one that ended while another page was shown left no
+    word of it."""
     record = _jobs_record()
     record["last"], record["now"] = record["now"], set()
     mine = {v for k, v in st.session_state.items() if str(k).startswith("job_")}
@@ -766,6 +776,15 @@ def render_sidebar_jobs() -> None:
         ended = [j for j in map(job_manager().jobs.get, watched) if j.status != "running"]
         if any(j.kind not in shown for j in ended):  # one the page draws: its live_job reruns the page
             st.rerun()  # the page then shows what the job left, and nothing polls
+        page = st.session_state.get("_page")
+        ended_here = [j for j in map(job_manager().jobs.get, mine) if j is not None and j.status != "running"]
+        for j in sorted(ended_here, key=lambda j: j.started):
+            if j.id in _jobs_seen() or j.kind in shown or JOB_PAGES.get(j.kind) == page:
+                continue  # seen, or its page is this one (which draws it, and marks it seen, if it ran here)
+            show, text = job_outcome(j)
+            show(text)
+            st.caption(f"Its results show on {JOB_PAGES.get(j.kind, 'its page')}.")
+            st.button("Dismiss", key=f"sidebar-dismiss-{j.id}", on_click=_jobs_seen().add, args=(j.id,))
     with st.sidebar:
         jobs()
         st.empty()  # as after live_job's fragment
@@ -796,6 +815,17 @@ def job_progress(job: Job) -> None:
                 text=f"{job.label} — {job.phase} {job.done}/{job.total} · {job.elapsed:.0f} s{left} · {job.message}")
 
 
+def job_outcome(job: Job) -> tuple[Callable[[str], Any], str]:
+    """How an ended job is reported: (``st.success``, ``st.warning`` or ``st.error``, its line)."""
+    if job.status == "done":
+        return st.success, f"{job.label}: finished in {job.elapsed:.1f} s"
+    if job.status == "cancelled":
+        kept = f"{len(job.rows)} finished candidates kept" if job.kind == "search" else \
+            "what it had finished is kept in the cache"  # evaluations that report no candidate rows
+        return st.warning, f"{job.label}: cancelled after {job.elapsed:.1f} s; {kept}"
+    return st.error, f"{job.label} failed: {job.error}"
+
+
 def render_job(job: Job | None, table: bool = True) -> None:
     """Progress bar, elapsed time, a Cancel button and (``table``) the rows so far of ``job``."""
     if job is None:
@@ -805,14 +835,9 @@ def render_job(job: Job | None, table: bool = True) -> None:
         if st.button("Cancel", key=f"cancel-{job.id}"):
             job.cancel.cancel()
             st.info("Cancelling: stops after the current step; finished candidates are kept.")
-    elif job.status == "done":
-        st.success(f"{job.label}: finished in {job.elapsed:.1f} s")
-    elif job.status == "cancelled":
-        kept = f"{len(job.rows)} finished candidates kept" if job.kind == "search" else \
-            "what it had finished is kept in the cache"  # evaluations that report no candidate rows
-        st.warning(f"{job.label}: cancelled after {job.elapsed:.1f} s; {kept}")
-    elif job.status == "error":
-        st.error(f"{job.label} failed: {job.error}")
+    else:
+        show, text = job_outcome(job)
+        show(text)
     for note in job.warnings[:5]:
         st.warning(note)
     if len(job.warnings) > 5:

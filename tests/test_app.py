@@ -185,6 +185,44 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
     assert job.status == "cancelled" and not [c for c in at.sidebar.caption if c.value.startswith("Running")]
 
 
+def test_a_job_that_ends_away_from_its_page_is_reported_in_the_sidebar_until_its_page_shows_it(app_env):
+    """Before, a job that ended while another page was shown left no word of it: the sidebar dropped it once it
+    stopped running, and the page being looked at said nothing."""
+    import laser_ui
+    lm, _, splits = app_model(app_env)
+    job = laser_ui.Job("ended-away", "search", "C2I search", "cpu", status="done", made_on=laser_ui.made_on(lm, splits))
+    job.finished = job.started + 12.0
+    laser_ui.job_manager().jobs[job.id] = job
+
+    def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
+        at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+        at.session_state["_page"], at.session_state["job_search"] = title, job.id
+        for k, v in state.items():
+            at.session_state[k] = v
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    def said(at: AppTest) -> list[str]:
+        return [e.value for e in at.sidebar.success] + [c.value for c in at.sidebar.caption if "results show" in c.value]
+    try:
+        at = session("pages/4_Results.py", "Results")
+        assert said(at) == ["C2I search: finished in 12.0 s", "Its results show on Explore."]
+        next(b for b in at.sidebar.button if b.label == "Dismiss").click().run()
+        assert said(at) == [] and job.id in at.session_state["_jobs_seen"]
+        at = session("pages/5_Export.py", "Export")  # another session: not dismissed there
+        assert said(at) == ["C2I search: finished in 12.0 s", "Its results show on Explore."]
+        at = session("pages/3_Explore.py", "Explore")  # its page shows it, the sidebar does not
+        assert "C2I search: finished in 12.0 s" in [e.value for e in at.success] and said(at) == []
+        at = session("pages/5_Export.py", "Export", _jobs_seen=at.session_state["_jobs_seen"])  # seen there
+        assert said(at) == []
+        job.status, job.error = "error", "out of memory"  # a failed one says so
+        at = session("pages/1_Model_and_task.py", "Model & task")
+        assert [e.value for e in at.sidebar.error] == ["C2I search failed: out of memory"]
+    finally:
+        del laser_ui.job_manager().jobs[job.id]
+
+
 def test_streamlit_does_not_collect_garbage_after_every_script_run():
     """A job's live view reruns its fragment every few seconds, and Streamlit by default runs a full garbage
     collection after every run: with torch and a model in memory ~0.4 s of the interpreter each time, which slowed
