@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_args import parser, search_config_of, spec_args, specs_of
+from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of
 from .config import CONTIGUOUS, ModelSpec, SearchConfig
 from .errors import Cancelled, ConfigError, LaserError
 from .progress import Bars
@@ -122,7 +122,7 @@ def _cmd_search(args, method: str) -> int:
         print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)
     path = Path(args.recipe_out) if args.recipe_out else \
-        Path(store.directory or "cache").parent / "recipes" / "-".join(
+        recipes_folder(args) / "-".join(
             [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != CONTIGUOUS) + [f"{lm.fingerprint[:8]}.json"])
     print(f"recipe: {save_recipe(recipe, path)}\nwhat it does to the other bundled tasks: python -m laser_core eval "
           f"--recipe {shlex.quote(str(path))} {shlex.join(spec_args(lm.spec, tspec))} --other-tasks")

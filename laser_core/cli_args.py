@@ -3,6 +3,7 @@ back (the dashboard prints the command that repeats what it ran)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .answers import MATCH_HELP, MATCH_RULES
 from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, ModelSpec, SearchConfig, TaskSpec
@@ -24,6 +25,14 @@ def _ints(text: str) -> tuple[int, ...]:
             raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a whole number: give numbers separated by "
                                              "commas, e.g. 1,2,4 (ranges as 20-29)") from None
     return tuple(out)
+
+
+def recipes_folder(args: argparse.Namespace) -> Path:
+    """Where a search writes its recipe without ``--recipe-out``: ``recipes/`` in the project cache folder
+    (``$LASER_LAB_CACHE`` or ``<repo>/cache``), or in ``DIR`` for ``--cache-dir DIR``. Before, it went beside the
+    store's folder: ``recipes/`` in the working directory with ``--no-cache``, in DIR's parent with ``--cache-dir``."""
+    from .models import cache_root
+    return Path(args.cache_dir) / "recipes" if args.cache_dir and not args.no_cache else cache_root() / "recipes"
 
 
 def _positive(text: str) -> int:
@@ -99,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
                         help="RAM for prefix reuse's cached hidden states; least recently used layers are dropped "
                              "(default %(default)s)")
-        sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml)")
+        sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml; default: "
+                        "cache/recipes/, or DIR/recipes with --cache-dir DIR)")
         sp.add_argument("--compose", action="store_true",
                         help="then add other matrices' best edits to the best one, one at a time, keeping each where "
                              "the edits together score better on the search's split (as LASER composes reductions); "

@@ -88,7 +88,7 @@ def test_a_clustered_search_writes_its_own_recipe_that_apply_and_eval_reproduce(
     assert main(["search", *args, *grid, "--grouping", "clustered"]) == 0
     out = capsys.readouterr().out
     assert "K=4 rho=0.25 (clustered rows) ranks=" in out
-    path = next((tmp_path / "recipes").glob("*-c2i-clustered-*.json"))
+    path = next((tmp_path / "c" / "recipes").glob("*-c2i-clustered-*.json"))
     recipe = json.loads(path.read_text())
     (edit,) = recipe["edits"]
     assert edit["grouping"] == "clustered" and edit["k"] == 4
@@ -100,7 +100,7 @@ def test_a_clustered_search_writes_its_own_recipe_that_apply_and_eval_reproduce(
     assert main(["search", *args, *grid]) == 0  # contiguous: its own candidates and recipe, beside the clustered one
     plain = capsys.readouterr().out
     assert "candidates from cache 0/1" in plain and "(clustered rows)" not in plain
-    recipes = sorted((tmp_path / "recipes").glob("*.json"))
+    recipes = sorted((tmp_path / "c" / "recipes").glob("*.json"))
     assert len(recipes) == 2 and [json.loads(r.read_text())["laser_lab_recipe"] for r in recipes] == [1, 2]
     assert main(["search", *args, *grid, "--grouping", "clustered"]) == 0
     assert "candidates from cache 1/1" in capsys.readouterr().out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import pathlib
 import re
 
 import pytest
@@ -384,6 +385,23 @@ def test_two_edits_of_one_matrix_are_refused_everywhere_and_leave_the_model_as_i
     assert weight_hashes(lm.model) == before
     with concurrent.futures.ThreadPoolExecutor(1) as other:  # the lock (re-entrant) is free for another thread
         assert other.submit(lambda: lm.lock.acquire(blocking=False) and (lm.lock.release() or True)).result()
+
+
+def test_a_cli_search_writes_its_recipe_in_the_cache_it_was_given_or_the_projects(tiny_dirs, mc_task, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """Before, the recipe went beside the store's folder: with --no-cache to recipes/ in the working directory, with
+    --cache-dir DIR to DIR's parent."""
+    monkeypatch.setenv("LASER_LAB_CACHE", str(tmp_path / "project"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+            "--n-test", "20", "--q", "1", "--ks", "1", "--rhos", "0.5"]
+    for flags, folder in ((["--no-cache"], tmp_path / "project" / "recipes"),
+                          (["--cache-dir", str(tmp_path / "mine")], tmp_path / "mine" / "recipes")):
+        assert main(["search", *args, *flags]) == 0
+        said = pathlib.Path(re.search(r"^recipe: (.*)$", capsys.readouterr().out, re.M).group(1))
+        assert said.parent == folder and json.loads(said.read_text())["edits"][0]["rho"] == 0.5
+    assert not (tmp_path / "elsewhere" / "recipes").exists() and not (tmp_path / "recipes").exists()
 
 
 def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, mc_task, tmp_path, capsys):
