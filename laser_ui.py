@@ -1405,10 +1405,9 @@ def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str 
         st.session_state["other_tasks_of"] = asked
         start_job("other_tasks", f"{edits_short(lm, edits)} on the other tasks", lm, splits,
                   lambda j: other_task_effects(lm, list(edits), others, store(), cancel=j.cancel, progress=j.on_progress))
-    now = session_job("other_tasks", lm, splits)
-    if now is not None and st.session_state.get("other_tasks_of") == asked:
-        live_job("other_tasks", lm, splits)
-    elif now is not None and now.status == "running":  # another set of edits': named, and polled to free the button
+    if job is not None and st.session_state.get("other_tasks_of") == asked:  # (start_job reruns the page: no new
+        live_job("other_tasks", lm, splits)  # job can be here that ``job`` above does not name)
+    elif running:  # another set of edits': named, and polled to free the button
         live_job("other_tasks", lm, splits, show=lambda j: j is not None and j.status == "running" and st.caption(
             f"Running: {j.label}. This check can start when it ends."))
     return effects_metrics(rows)  # those measured so far (a task whose base alone is cached has no change yet)
