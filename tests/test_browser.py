@@ -140,9 +140,10 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     shot(page, "3_explore")
 
     nav(page, "Results")
+    page.get_by_role("heading", name="Results", exact=True).wait_for()  # not Explore's elements while they fade out
     page.locator(".js-plotly-plot .main-svg").first.wait_for()
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
-    assert page.get_by_test_id("stDataFrame").count() >= 1  # the sortable table of result rows
+    page.get_by_test_id("stDataFrame").first.wait_for()  # the sortable table of result rows
     shot(page, "4_results")
 
     nav(page, "Export")
