@@ -1,6 +1,7 @@
 """Every dashboard page under streamlit.testing.v1.AppTest, on a tiny random model."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -104,6 +105,23 @@ def metrics(at: AppTest) -> dict:
     return {m.label: m.value for m in at.metric}
 
 
+@contextlib.contextmanager
+def held(monkeypatch, owner, fn: str, gate=lambda *a, **k: True, cancel: bool = False):
+    """``owner.fn`` waits (60 s at most) until the block ends, on the calls where ``gate(*args, **kwargs)``: a job
+    that calls it stays running meanwhile. On the way out, also on a failure (else a job, and the device, would
+    stay busy for the next tests), the block cancels every running job where ``cancel``, then lets the calls go."""
+    import laser_ui
+    release, real = threading.Event(), getattr(owner, fn)
+    monkeypatch.setattr(owner, fn, lambda *a, **k: (not gate(*a, **k) or release.wait(60)) and real(*a, **k))
+    try:
+        yield
+    finally:
+        for job in list(laser_ui.job_manager().jobs.values()) if cancel else ():
+            if job.status == "running":
+                job.cancel.cancel()
+        release.set()
+
+
 def test_model_page_shows_facts_and_computes_the_baseline(app_env):
     at = page("pages/1_Model_and_task.py")
     m = metrics(at)
@@ -125,23 +143,15 @@ def test_a_jobs_button_is_disabled_from_the_click_until_the_job_ends(app_env, tm
 
     import laser_ui
     from laser_core import TaskSpec
-    mod = importlib.import_module(module)
-    release, real = threading.Event(), getattr(mod, fn)
-    monkeypatch.setattr(mod, fn, lambda *a, **k: release.wait(60) and real(*a, **k))  # the job waits
     at = AppTest.from_file(str(ROOT / name), default_timeout=120)
     at.session_state["task_spec"] = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=7)))
-    at.run()
-    assert not next(b for b in at.button if b.label == label).disabled
-    job = None
-    try:
+    with held(monkeypatch, importlib.import_module(module), fn, cancel=True):  # the job waits, then is cancelled
+        at.run()
+        assert not next(b for b in at.button if b.label == label).disabled
         click(at, label)
         job = laser_ui.job_manager().jobs[at.session_state[f"job_{kind}"]]
         assert job.status == "running" and at.get("progress") and not [w for w in at.warning if "running" in w.value]
         assert next(b for b in at.button if b.label == label).disabled
-    finally:  # else a failure here would leave the job, and the device, busy for the next tests
-        if job is not None:
-            job.cancel.cancel()
-        release.set()
     wait_for(at, lambda a: job.status != "running" and not a.get("progress"))
     assert job.status == "cancelled" and not next(b for b in at.button if b.label == label).disabled
 
@@ -153,8 +163,6 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
     import laser_core
     import laser_ui
     from laser_core import TaskSpec
-    release, real = threading.Event(), laser_core.run_search
-    monkeypatch.setattr(laser_core, "run_search", lambda *a, **k: release.wait(60) and real(*a, **k))
     task = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=8)))
 
     def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
@@ -163,8 +171,8 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
         for k, v in state.items():
             at.session_state[k] = v
         return at.run()
-    at, job = session("pages/3_Explore.py", "Explore"), None
-    try:
+    with held(monkeypatch, laser_core, "run_search", cancel=True):
+        at = session("pages/3_Explore.py", "Explore")
         click(at, "Run")
         job = laser_ui.job_manager().jobs[at.session_state["job_search"]]
         assert "Running: C2I search (below)" in [c.value for c in at.sidebar.caption]  # Explore draws it
@@ -177,10 +185,6 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
         assert "Its results show on Explore." in [c.value for c in at.sidebar.caption]
         next(b for b in at.sidebar.button if b.label == "Cancel").click().run()
         assert job.cancel.cancelled
-    finally:  # else a failure here would leave the job, and the device, busy for the next tests
-        if job is not None:
-            job.cancel.cancel()
-        release.set()
     wait_for(at, lambda a: job.status != "running" and not a.sidebar.get("progress"))
     assert job.status == "cancelled" and not [c for c in at.sidebar.caption if c.value.startswith("Running")]
 
@@ -1167,21 +1171,17 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     assert list(table(at)["task"]) == ["a", "b"] and table(at)["edited"].isna().all()  # the session's own left out
     assert any(c.value.startswith("Not evaluated yet: a, b") for c in at.caption)
     assert any(c.value.endswith(f"--task {app_env['LASER_LAB_DEFAULT_TASK']} --other-tasks`") for c in at.caption)
-    release, effects = threading.Event(), other_tasks.other_task_effects
-    monkeypatch.setattr(other_tasks, "other_task_effects",  # the job's call (the one that can be cancelled) waits
-                        lambda *a, **k: (k.get("cancel") is None or release.wait(60)) and effects(*a, **k))
-    click(at, "Evaluate on the other tasks")
-    e = json.loads(at.code[0].value)["edits"][0]
-    edit, ref = Edit(e["name"], e["k"], e["rho"]), app_model(app_env)[0].ref(e["name"])
-    named = f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g} on the other tasks"
-    # another candidate picked meanwhile: the running check names its own, and this one's waits for it
-    try:
+    # the job's call (the one that can be cancelled) waits
+    with held(monkeypatch, other_tasks, "other_task_effects", gate=lambda *a, **k: k.get("cancel") is not None):
+        click(at, "Evaluate on the other tasks")
+        e = json.loads(at.code[0].value)["edits"][0]
+        edit, ref = Edit(e["name"], e["k"], e["rho"]), app_model(app_env)[0].ref(e["name"])
+        named = f"L{ref.layer}.{ref.type} K={e['k']} ρ={e['rho']:g} on the other tasks"
+        # another candidate picked meanwhile: the running check names its own, and this one's waits for it
         at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value + 1).run()
         assert not at.get("progress") and f"Running: {named}. This check can start when it ends." in \
             [c.value for c in at.caption]
         assert next(b for b in at.button if b.label == "Evaluate on the other tasks").disabled
-    finally:
-        release.set()  # else a failure here would leave the job, and the device, busy for the next tests
     wait_for(at, lambda a: not any(c.value.startswith("Running: ") for c in a.caption))
     assert not [m for m in at.success if "on the other tasks" in m.value]  # nor its end shown as this one's
     assert table(at)["edited"].isna().all()
