@@ -125,9 +125,13 @@ def c2i_plan(lm: LoadedModel, cfg: SearchConfig, spectra: dict[str, MatrixSpectr
             for rho in cfg.rhos:
                 gain = first_order_gain(spectra[name], k, rho) if k in spectra[name].S else None
                 plan.append((Edit(name, k, rho, cfg.grouping), gain))
-    if not plan:
-        raise ConfigError("no K of the grid fits the chosen matrices (" + "; ".join(map(skip_text, unfit))
-                          + "); add a smaller K: K=1 fits every matrix")
+    if not plan:  # each matrix once, grouped by its rows, rather than once per K
+        rows: dict[int, list[str]] = {}
+        for name in dict.fromkeys(u["name"] for u in unfit):
+            rows.setdefault(lm.ref(name).shape[0], []).append(name)
+        raise ConfigError(f"no K of the grid ({', '.join(map(str, sorted(cfg.ks)))}) fits the chosen matrices, each "
+                          "has fewer rows (" + "; ".join(f"{n} rows: {', '.join(names)}" for n, names in rows.items())
+                          + f"); add a K of at most {min(rows)}, which fits them all (K=1 fits every matrix)")
     return plan, unfit
 
 
