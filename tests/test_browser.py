@@ -67,7 +67,8 @@ def browser():
 
 
 def idle(page) -> None:
-    """Wait until the page's script has finished its run (Streamlit's running icon is gone)."""
+    """Wait until the page's script has finished its run (Streamlit's running icon is gone). The icon shows a
+    moment after a run starts: called right then, this returns at once, so check what a run draws with ``expect``."""
     page.locator('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]') \
         .first.wait_for(state="hidden")
 
@@ -223,6 +224,8 @@ def test_the_explore_settings_survive_a_look_at_another_page_while_a_search_runs
     """Streamlit drops a value kept across pages once a fragment that polls has rerun (streamlit#10805): after a
     look at Results during a LASER sweep, Explore came back on C2I with its default grids. The settings widgets
     now keep their values for the session (``persist_state``)."""
+    from playwright.sync_api import expect
+
     big = write_mc_jsonl(tmp_path / "big.jsonl", 20000)  # LASER's validation split: 4000 examples, minutes of sweep
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(120_000)
@@ -249,7 +252,10 @@ def test_the_explore_settings_survive_a_look_at_another_page_while_a_search_runs
         nav(page, "Explore")
         page.get_by_role("heading", name="Explore").wait_for()
         idle(page)
-        assert page.get_by_text("Matrix types").count() == 1 and page.get_by_text("Trailing fraction").count() == 0
+        # expect retries: idle() can return before the running icon shows, with the page half drawn (CI once
+        # counted neither setting there). Lost settings would bring C2I back: its trailing fraction, no matrix types
+        expect(page.get_by_text("Matrix types")).to_have_count(1)
+        expect(page.get_by_text("Trailing fraction")).to_have_count(0)
     finally:
         page.get_by_role("button", name="Cancel").first.click()
         page.get_by_text("LASER sweep: cancelled").wait_for()
