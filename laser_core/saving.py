@@ -3,6 +3,7 @@ that produces it (a wrong folder fails in seconds, not after a search)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -10,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 from .card import CARD_FILE, model_card
-from .errors import ConfigError
+from .config import Edit
+from .errors import ConfigError, LaserError
 from .models import LoadedModel
 
+log = logging.getLogger(__name__)
 _INT_LIST = re.compile(r"\[\n\s*(-?\d+(?:,\n\s*-?\d+)*)\n\s*\]")  # json's indented list (a string holds no newline)
 
 
@@ -30,6 +33,7 @@ def save_recipe(recipe: dict, path: str | Path) -> Path:
     """Write ``recipe`` as YAML (``.yaml``/``.yml``) or JSON (anything else), sorted keys, atomically."""
     path = check_out_file(path)
     text = recipe_text(recipe, "YAML" if path.suffix in (".yaml", ".yml") else "JSON")
+    replaced = _replaced(path, recipe)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +42,30 @@ def save_recipe(recipe: dict, path: str | Path) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
+    if replaced:  # a search's recipe has one name per task, method and model: another run's would be gone unsaid
+        log.warning("%s held another recipe (%s: other settings, data or model); it is replaced. Where the search "
+                    "that made it used the cache, running it again writes it back in seconds; --recipe-out FILE keeps "
+                    "a search's recipe apart", path, replaced)
     return path
+
+
+def _replaced(path: Path, recipe: dict) -> str | None:
+    """The edits (and held-out accuracy) of the recipe at ``path``, in words, where ``recipe`` would replace it by
+    other edits or ones made on another model or task; None where there is none, or it is the same."""
+    from .recipe import load_recipe
+    try:
+        old = load_recipe(path) if path.is_file() else None
+    except ConfigError:  # not a recipe: check_out_file lets it be replaced
+        return None
+    new = json.loads(json.dumps({k: recipe.get(k) for k in ("edits", "model", "task")}, default=str))  # as read
+    if old is None or new == {k: old.get(k) for k in new}:
+        return None
+    try:
+        edits = "; ".join(Edit.of(e).label for e in old["edits"])
+    except (KeyError, TypeError, ValueError, LaserError):  # a malformed edit: said where the recipe is used
+        edits = f"{len(old['edits'])} edits"
+    test = (old.get("metrics") or {}).get("edited_test") or {}
+    return edits + (f", held-out accuracy {test['accuracy']:.3f}" if isinstance(test.get("accuracy"), float) else "")
 
 
 RECIPE_FILE = "laser_recipe.json"  # beside every model LASER Lab saves; what marks a folder it may overwrite

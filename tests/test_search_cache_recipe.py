@@ -404,6 +404,24 @@ def test_a_cli_search_writes_its_recipe_in_the_cache_it_was_given_or_the_project
     assert not (tmp_path / "elsewhere" / "recipes").exists() and not (tmp_path / "recipes").exists()
 
 
+def test_a_cli_search_that_replaces_another_searchs_recipe_says_which_and_a_rerun_says_nothing(
+        tiny_dirs, mc_task, tmp_path, caplog):
+    """A search's recipe has one name per task, method and model: before, a search with other settings replaced the
+    recipe of the one before without a word."""
+    args = ["search", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+            "--n-test", "20", "--q", "1", "--ks", "1", "--cache-dir", str(tmp_path / "c")]
+    said = []
+    for rho in ("0.5", "0.25", "0.25"):
+        caplog.clear()
+        assert main([*args, "--rhos", rho]) == 0
+        said.append([r.getMessage() for r in caplog.records if r.name == "laser_core.saving"])
+    recipe = next((tmp_path / "c" / "recipes").iterdir())
+    assert said[0] == [] and said[2] == [] and len(said[1]) == 1  # the first, and the same search again: nothing
+    assert said[1][0].startswith(f"{recipe} held another recipe (model.layers.") and " K=1 rho=0.5, held-out " \
+        "accuracy " in said[1][0] and "it is replaced" in said[1][0]
+    assert json.loads(recipe.read_text())["edits"][0]["rho"] == 0.25
+
+
 def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, mc_task, tmp_path, capsys):
     args = ["--model", str(tiny_dirs["gpt2"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
             "--n-test", "20", "--cache-dir", str(tmp_path / "c")]
