@@ -114,19 +114,21 @@ class JobManager:
             self.jobs[job.id] = job
 
         def work() -> None:
+            status, error = "error", "stopped before it finished"
             try:  # the job's warnings: the cache switching itself off, ties a masked LM cannot break...
                 with _warnings_into(job.warnings):
                     job.result = fn(job)
                 partial = getattr(job.result, "status", "complete") == "partial"
-                job.status = "cancelled" if partial or job.cancel.cancelled else "done"
+                status, error = "cancelled" if partial or job.cancel.cancelled else "done", None
             except Cancelled:
-                job.status = "cancelled"
+                status, error = "cancelled", None
             except LaserError as e:
-                job.status, job.error = "error", str(e)
+                error = str(e)
             except Exception as e:  # noqa: BLE001 - a real bug: keep the traceback for the page
-                job.status, job.error = "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-            finally:
-                job.finished = time.time()
+                error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            finally:  # its end time before its status: one that is not running has one (live_job compares it)
+                job.finished, job.error = time.time(), error
+                job.status = status
 
         threading.Thread(target=work, name=f"laser-job-{job.id}", daemon=True).start()
         return job
@@ -598,10 +600,14 @@ def poll_seconds(threads: int | None = None) -> float:
 def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = None) -> None:
     """Draw this session's ``kind`` job on ``lm`` and ``splits`` (``show``, default :func:`render_job`). While it
     runs the drawing is redone every :func:`poll_seconds`; when it ends (done, cancelled or failed) the page reruns
-    once to show its result, and from then on nothing polls."""
+    once to show its result, and from then on nothing polls. A job that ended during this run (after
+    :func:`use_app_navigation` began it) reruns the page at once: what the page read before may predate its end (a
+    button disabled while it ran, its results not in the cache yet), and nothing would redraw that until a click."""
     show = show or render_job
     job = session_job(kind, lm, splits)
     running = job is not None and job.status == "running"
+    if job is not None and not running and (job.finished or 0) >= st.session_state.get("_run_started", math.inf):
+        st.rerun()
     if job is not None:  # the sidebar leaves it to the page (render_sidebar_jobs)
         _jobs_shown().add(kind)
         if job.status != "running":  # its end is shown here: the sidebar no longer reports it
@@ -676,7 +682,7 @@ def keep_settings() -> None:
 def use_app_navigation() -> None:
     """Make a page opened by a direct link run under app.py's navigation.
 
-    Also keeps the pages' settings (:func:`keep_settings`). Streamlit treats a ``pages/`` folder beside the entry
+    Also keeps the pages' settings (:func:`keep_settings`) and notes when this run began (:func:`live_job`). Streamlit treats a ``pages/`` folder beside the entry
     script as its older automatic navigation until the entry script has called ``st.navigation`` once in the server
     process. Until then, a link straight to a page (a bookmark of /Explore opened right after ``streamlit run``) ran
     that page alone under a sidebar of file names with an extra "app" entry, and kept doing so for every such link
@@ -684,6 +690,7 @@ def use_app_navigation() -> None:
     runs, names the pages and shows this one.
     """
     from streamlit.runtime.pages_manager import PagesManager
+    st.session_state["_run_started"] = time.time()  # a job that ends after this reruns the page (live_job)
     keep_settings()
     if getattr(PagesManager, "uses_pages_directory", None):
         PagesManager.uses_pages_directory = False

@@ -189,13 +189,41 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
     assert job.status == "cancelled" and not [c for c in at.sidebar.caption if c.value.startswith("Running")]
 
 
+def test_a_job_that_ends_while_its_page_runs_reruns_the_page_rather_than_leave_its_button_disabled(app_env,
+                                                                                                  monkeypatch):
+    """The Run button reads the job running; it ends before its live view reads it. Before, the view showed it
+    ended, nothing polled any more, and the button stayed disabled until the next click."""
+    import laser_ui
+    lm, _, splits = app_model(app_env)
+    job = laser_ui.Job("ends-mid-run", "search", "C2I search", "cpu", made_on=laser_ui.made_on(lm, splits))
+    laser_ui.job_manager().jobs[job.id] = job
+    real, reads = laser_ui.job_running, []
+
+    def job_running(*a):  # the button's read, the first time: running, and the job ends right after
+        reads.append(real(*a))
+        if len(reads) == 1:
+            job.status, job.finished = "done", time.time()
+        return reads[-1]
+    monkeypatch.setattr(laser_ui, "job_running", job_running)
+    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at.session_state["job_search"] = job.id
+    try:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert reads == [True, False]  # the page ran again once, and then read it ended
+        assert not next(b for b in at.button if b.label == "Run").disabled
+        assert any(s.value.startswith("C2I search: finished") for s in at.success)
+    finally:
+        del laser_ui.job_manager().jobs[job.id]
+
+
 def test_a_job_that_ends_away_from_its_page_is_reported_in_the_sidebar_until_its_page_shows_it(app_env):
     """Before, a job that ended while another page was shown left no word of it: the sidebar dropped it once it
     stopped running, and the page being looked at said nothing."""
     import laser_ui
     lm, _, splits = app_model(app_env)
     job = laser_ui.Job("ended-away", "search", "C2I search", "cpu", status="done", made_on=laser_ui.made_on(lm, splits))
-    job.finished = job.started + 12.0
+    job.started, job.finished = job.started - 12.0, job.started  # ended before the pages below run
     laser_ui.job_manager().jobs[job.id] = job
 
     def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
