@@ -606,12 +606,12 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
     show = show or render_job
     job = session_job(kind, lm, splits)
     running = job is not None and job.status == "running"
-    if job is not None and not running and (job.finished or 0) >= st.session_state.get("_run_started", math.inf):
-        st.rerun()
     if job is not None:  # the sidebar leaves it to the page (render_sidebar_jobs)
         _jobs_shown().add(kind)
-        if job.status != "running":  # its end is shown here: the sidebar no longer reports it
+        if not running:  # its end is shown here: the sidebar no longer reports it
             _jobs_seen().add(job.id)
+            if (job.finished or 0) >= st.session_state.get("_run_started", math.inf):
+                st.rerun()
 
     @st.fragment(run_every=poll_seconds() if running else None)
     def poll() -> None:
