@@ -75,6 +75,17 @@ def page(name: str) -> AppTest:
     return at
 
 
+def page_as(name: str, title: str, **state) -> AppTest:
+    """A new session of page ``name`` run as app.py runs it (naming it ``title`` first), with ``state`` set."""
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    at.session_state["_page"] = title
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
 def wait_for(at: AppTest, cond, timeout: float = 60) -> AppTest:
     """Re-run the page until ``cond(at)`` holds (background jobs finish in their own thread)."""
     end = time.time() + timeout
@@ -165,12 +176,8 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
     from laser_core import TaskSpec
     task = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=8)))
 
-    def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
-        at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-        at.session_state["_page"], at.session_state["task_spec"] = title, task
-        for k, v in state.items():
-            at.session_state[k] = v
-        return at.run()
+    def session(name: str, title: str, **state) -> AppTest:
+        return page_as(name, title, task_spec=task, **state)
     with held(monkeypatch, laser_core, "run_search", cancel=True):
         at = session("pages/3_Explore.py", "Explore")
         click(at, "Run")
@@ -226,14 +233,8 @@ def test_a_job_that_ends_away_from_its_page_is_reported_in_the_sidebar_until_its
     job.started, job.finished = job.started - 12.0, job.started  # ended before the pages below run
     laser_ui.job_manager().jobs[job.id] = job
 
-    def session(name: str, title: str, **state) -> AppTest:  # as app.py runs a page: it names it first
-        at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-        at.session_state["_page"], at.session_state["job_search"] = title, job.id
-        for k, v in state.items():
-            at.session_state[k] = v
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
+    def session(name: str, title: str, **state) -> AppTest:
+        return page_as(name, title, job_search=job.id, **state)
 
     def said(at: AppTest) -> list[str]:
         return [e.value for e in at.sidebar.success] + [c.value for c in at.sidebar.caption if "results show" in c.value]
