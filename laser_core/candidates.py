@@ -108,6 +108,15 @@ def cached_results(store: Store, lm: LoadedModel, splits: Splits, failed: bool =
     return out
 
 
+def result_row(lm: LoadedModel, edit: Edit) -> dict:
+    """What a result says of its edit: the edit (grouping where not contiguous), its layer, type, ranks per block
+    and parameters kept."""
+    ref = lm.ref(edit.name)
+    ranks, kept = params_kept(ref, edit.k, edit.rho)
+    return {**to_dict(edit), "layer": ref.layer, "type": ref.type, "ranks": ranks, "params_kept": kept,
+            "params_full": ref.shape[0] * ref.shape[1]}
+
+
 def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split: str, store: Store,
                        cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
                        prefixes: PrefixPool | None = None, factors: dict | None = None) -> dict:
@@ -139,13 +148,10 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         row = {"name": None, "layer": None, "type": None, "k": None, "rho": None, "ranks": None,
                "params_kept": None, "params_full": None}
     else:
-        ref = lm.ref(edit.name)
         store.counts["eval"] += 1
         f = get_factors(lm, edit.name, edit.k, store, factors, edit.grouping)
         prefix = prefixes.for_edits(splits, split, [edit]) if prefixes is not None else None
-        ranks, kept = params_kept(ref, edit.k, edit.rho)
-        row = {**to_dict(edit), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
-               "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]}
+        row = result_row(lm, edit)
         try:
             with edited(lm, [edit], {edit.blocks: f}):
                 res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)

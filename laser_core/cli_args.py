@@ -108,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
                         help="RAM for prefix reuse's cached hidden states; least recently used layers are dropped "
                              "(default %(default)s)")
+        sp.add_argument("--stack", type=int, default=0,
+                        help="candidates of one matrix and K evaluated together in one forward (exact; faster where "
+                             "a GPU waits on kernel launches); default 0: 8 on a GPU for a model under 1B parameters, "
+                             "else 1 (one at a time)")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml; default: "
                         "cache/recipes/, or DIR/recipes with --cache-dir DIR)")
         sp.add_argument("--compose", action="store_true",
@@ -209,7 +213,7 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
 def search_config_of(args, method: str) -> SearchConfig:
     """The search settings that parsed ``search`` (method "c2i") or ``laser`` arguments name."""
     shared = dict(rhos=args.rhos, early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse,
-                  prefix_budget_mb=args.prefix_budget_mb)
+                  prefix_budget_mb=args.prefix_budget_mb, stack=args.stack)
     if method == "c2i":
         return SearchConfig("c2i", args.score, args.q, args.ks, tail_fraction=args.tail_fraction,
                             grouping=args.grouping, **shared)
@@ -229,7 +233,7 @@ def search_args(cfg: SearchConfig) -> list[str]:
     text = {"ks": lambda v: ",".join(map(str, v)), "rhos": lambda v: ",".join(f"{r:g}" for r in v),
             "layers": lambda v: ",".join(map(str, v)), "types": ",".join}
     fields = ("q", "ks", "grouping", "score", "tail_fraction") if cfg.method == "c2i" else ("layers", "types")
-    for f in (*fields, "rhos", "prefix_budget_mb"):
+    for f in (*fields, "rhos", "prefix_budget_mb", "stack"):
         value = getattr(cfg, f)
         if value != getattr(default, f) and value is not None:
             out += ["--" + f.replace("_", "-"), text.get(f, str)(value)]

@@ -240,6 +240,8 @@ class SearchConfig:
     prefix_reuse: bool = True  # run only from the edited matrix on, from cached hidden states (exact)
     prefix_budget_mb: int = 2048  # RAM for cached hidden states and outputs; least recently used layers are dropped
     grouping: str = dataclasses.field(default=CONTIGUOUS, metadata=OMIT_DEFAULT)  # c2i: how rows form K blocks
+    # candidates of one (matrix, K) evaluated together in one forward (exact); 0: auto (8 on a GPU, 1 on a CPU)
+    stack: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         if self.method not in ("c2i", "laser"):
@@ -261,6 +263,8 @@ class SearchConfig:
             check_k(k)
         for r in self.rhos:
             check_rho(r)
+        if self.stack < 0:
+            raise ConfigError(f"stack must be >= 0 (0: auto, 1: one candidate at a time), got {self.stack}")
         if self.prefix_budget_mb < 0:
             raise ConfigError(f"prefix_budget_mb must be >= 0, got {self.prefix_budget_mb}")
         if not 0.0 < self.tail_fraction <= 1.0:

@@ -20,8 +20,8 @@ Log-loss: mean over examples of the per-token negative log-prob of the correct a
 also the loss L whose gradient the scores use.
 
 The forward itself (rows, batches, the shared lead, the lean head and their probes) is :mod:`laser_core.forward`;
-this module adds evaluation and the gradient step on top (the cached prefix states it can start from are
-:mod:`laser_core.prefix_states`).
+this module adds evaluation on top (the cached prefix states it can start from are :mod:`laser_core.prefix_states`;
+the gradient step of the same loss is :func:`laser_core.gradients.loss_backward`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ from .errors import Cancelled, ConfigError, NumericsError
 from .checks import overflow_text, unreachable_targets, warn_once
 from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows
 from .models import LoadedModel
+from .prefix import repeated
 from .prefix_states import PrefixStates
 from .sequences import Seq, batch_rows, least_padded_batches, prompt_ids
 from .tasks import Example
@@ -94,38 +95,6 @@ def _on_host(lps: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.cat(lps).cpu().split([len(x) for x in lps]))
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NumericsError(f"{what} is NaN or infinite (the model's output overflowed; try float32)")
-
-
-def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = 4096,
-                  cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None) -> float:
-    """Accumulate ``d log_loss / d weight`` into ``.grad`` of the parameters that require grad.
-
-    Runs batch by batch (backward after each) so memory stays that of one batch. Returns the log-loss.
-    """
-    seqs, fast, lead, batches = rows_and_batches(lm, examples, max_tokens, gold_only=True)
-    ex = list(examples)
-    total = 0.0
-    for bn, idx in enumerate(batches):
-        if cancel:
-            cancel.check()
-        batch = [seqs[i] for i in idx]
-        lps = scored_logprobs(lm, batch, lead=lead_cache(lm, lead))  # per batch: one graph each
-        terms = []
-        for s, lp in zip(batch, lps):
-            e = ex[s.example]
-            terms.append(-lp[e.answer] if (fast or lm.kind == "masked") else -lp.mean())
-        loss = torch.stack(terms).sum() / len(ex)
-        _check_finite(loss, "the calibration loss")
-        loss.backward()
-        total += loss.item()
-        if progress:
-            progress(bn + 1, len(batches))
-    return total
-
-
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int = 12, max_tokens: int = 8192,
              cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
@@ -153,62 +122,102 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
         raise ConfigError("nothing to evaluate: the example list is empty")
     if examples[0].kind == "gen":
         return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match, beat, answer_format)
+    out = evaluate_copies(lm, examples, 1, max_tokens, cancel, beat, prefix, head_rows)[0]
+    if isinstance(out, NumericsError):
+        raise out
+    return out
+
+
+class _Tally:
+    """One evaluation's scores as the head's log-probs come in, batch by batch (the rules of the module docstring)."""
+
+    def __init__(self, examples: list[Example], fast: bool, masked: bool) -> None:
+        self.examples = examples
+        self.scores = [[-math.inf] * len(e.choices) for e in examples]
+        self.gold_nll = [0.0] * len(examples)
+        self.remaining = [len(e.choices) if not (fast or masked) else 1 for e in examples]
+        self.correct = self.done = 0
+
+    def add(self, s: Seq, lp: torch.Tensor) -> None:
+        e = self.examples[s.example]
+        if s.rows is not None:
+            self.scores[s.example] = lp.tolist()
+            self.gold_nll[s.example] = -float(lp[e.answer])
+        elif s.spans is not None:  # every choice of the question in one row
+            parts = lp.split(s.spans)
+            self.scores[s.example] = [float(x.sum()) for x in parts]
+            self.gold_nll[s.example] = -float(parts[e.answer].mean())
+            self.remaining[s.example] = 1
+        else:
+            self.scores[s.example][s.choice] = float(lp.sum())
+            if s.choice == e.answer:
+                self.gold_nll[s.example] = -float(lp.mean())
+        self.remaining[s.example] -= 1
+        if self.remaining[s.example] == 0:
+            self.done += 1
+            row = self.scores[s.example]
+            self.correct += int(max(range(len(row)), key=row.__getitem__) == e.answer)
+
+    def cannot_reach(self, accuracy: float) -> bool:
+        """Even every example still unscored right would leave it under ``accuracy``."""
+        n = len(self.examples)
+        return self.done < n and (self.correct + n - self.done) / n < accuracy
+
+    def result(self, stopped: bool) -> EvalResult | NumericsError:
+        n = len(self.examples)
+        preds = [max(range(len(s)), key=s.__getitem__) for s in self.scores]
+        correct = [p == e.answer for p, e in zip(preds, self.examples)]
+        if stopped:
+            seen = [i for i in range(n) if self.remaining[i] == 0]
+            return EvalResult(sum(correct[i] for i in seen) / n,
+                              sum(self.gold_nll[i] for i in seen) / max(1, len(seen)), n, correct, preds,
+                              stopped_early=True)
+        ll = sum(self.gold_nll) / n
+        if not math.isfinite(ll):
+            return NumericsError("the log-loss is NaN or infinite (the model's output overflowed; try float32)")
+        return EvalResult(sum(correct) / n, ll, n, correct, preds, choice_logprobs=self.scores)
+
+
+@torch.no_grad()
+def evaluate_copies(lm: LoadedModel, examples: Sequence[Example], copies: int, max_tokens: int = 8192,
+                    cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
+                    prefix: PrefixStates | None = None,
+                    head_rows: int = 1024) -> list[EvalResult | NumericsError]:
+    """:func:`evaluate` of a multiple-choice task, every batch run ``copies`` times over in one forward, one
+    run after another: under :func:`laser_core.stacking.stacked`, each run sees its own candidate's weights.
+    Returns one result per run, or the ``NumericsError`` of a run whose log-loss overflowed (the others stand).
+    ``beat`` applies to a single run only (a stack runs to the end)."""
+    if beat is not None and copies > 1:
+        raise ConfigError("an early stop needs one candidate per evaluation, not a stack")
+    examples = list(examples)
     if prefix is not None:
         seqs, fast, batches = prefix.seqs, prefix.fast, prefix.batches
-        lead = prefix.lead_past(lm)
+        lead = prefix.lead_past(lm, copies)
     else:
         seqs, fast, lead_ids, batches = rows_and_batches(lm, examples, max_tokens)
-        lead = lead_cache(lm, lead_ids)
-    n = len(examples)
-    scores = [[-math.inf] * len(e.choices) for e in examples]
-    gold_nll = [0.0] * n
-    remaining = [len(e.choices) if not (fast or lm.kind == "masked") else 1 for e in examples]
-    done_correct, done = 0, 0
+        lead = lead_cache(lm, lead_ids, copies=copies)
+    tallies = [_Tally(examples, fast, lm.kind == "masked") for _ in range(copies)]
     stopped = False
-    pending: list[Seq] = []  # sequences of the batches whose head has not run yet, and their scored rows
+    pending: list[tuple[int, Seq]] = []  # (run, sequence) of the batches whose head has not run yet, and their rows
     pending_rows: list[torch.Tensor] = []
     for bn, idx in enumerate(batches):
         if cancel:
             cancel.check()
         batch = [seqs[i] for i in idx]
-        start = (prefix.layer, prefix.states[bn], prefix.stubs[bn] if prefix.stubs else None) if prefix else None
-        pending += batch
-        pending_rows.append(scored_rows(lm, batch, start, lead=lead))
+        start = None if prefix is None else \
+            (prefix.layer, repeated(prefix.states[bn], copies), repeated(prefix.stubs[bn], copies) if prefix.stubs else None)
+        pending += [(c, s) for c in range(copies) for s in batch]
+        pending_rows.append(scored_rows(lm, batch * copies, start, lead=lead))
         if sum(len(r) for r in pending_rows) < head_rows and bn + 1 < len(batches) and beat is None:
             continue  # the head reads its whole weight once per call: run it over many batches' rows at once
-        together, lps = pending, _on_host(head_logprobs(lm, pending, torch.cat(pending_rows)))
+        lps = _on_host(head_logprobs(lm, [s for _, s in pending], torch.cat(pending_rows)))
+        for (c, s), lp in zip(pending, lps):
+            tallies[c].add(s, lp)
         pending, pending_rows = [], []
-        for s, lp in zip(together, lps):
-            e = examples[s.example]
-            if s.rows is not None:
-                scores[s.example] = lp.tolist()
-                gold_nll[s.example] = -float(lp[e.answer])
-            elif s.spans is not None:  # every choice of the question in one row
-                parts = lp.split(s.spans)
-                scores[s.example] = [float(x.sum()) for x in parts]
-                gold_nll[s.example] = -float(parts[e.answer].mean())
-                remaining[s.example] = 1
-            else:
-                scores[s.example][s.choice] = float(lp.sum())
-                if s.choice == e.answer:
-                    gold_nll[s.example] = -float(lp.mean())
-            remaining[s.example] -= 1
-            if remaining[s.example] == 0:
-                done += 1
-                done_correct += int(max(range(len(e.choices)), key=lambda j: scores[s.example][j]) == e.answer)
-        if beat is not None and done < n and (done_correct + (n - done)) / n < beat[0]:
+        if beat is not None and tallies[0].cannot_reach(beat[0]):
             stopped = True  # after the last batch the result is whole, whatever the best: not a stop
             break
-    preds = [max(range(len(s)), key=lambda j: s[j]) for s in scores]
-    correct = [p == e.answer for p, e in zip(preds, examples)]
-    if stopped:
-        seen = [i for i in range(n) if remaining[i] == 0]
-        return EvalResult(sum(correct[i] for i in seen) / n, sum(gold_nll[i] for i in seen) / max(1, len(seen)),
-                          n, correct, preds, stopped_early=True)
-    ll = sum(gold_nll) / n
-    if not math.isfinite(ll):
-        raise NumericsError("the log-loss is NaN or infinite (the model's output overflowed; try float32)")
-    return EvalResult(sum(correct) / n, ll, n, correct, preds, choice_logprobs=scores)
+    return [t.result(stopped) for t in tallies]
 
 
 def generation_batches(lm: LoadedModel, lengths: list[int], max_new_tokens: int, max_tokens: int) -> list[list[int]]:

@@ -181,9 +181,11 @@ def scored_rows(lm: LoadedModel, batch: list[Seq], start: tuple | None = None, l
         return model(input_ids=ids, attention_mask=mask, **extra).logits[bi, pi]
 
 
-def lead_cache(lm: LoadedModel, lead: list[int] | None, start: tuple | None = None) -> LeadCache | None:
+def lead_cache(lm: LoadedModel, lead: list[int] | None, start: tuple | None = None,
+               copies: int = 1) -> LeadCache | None:
     """Run the lead alone (one row, from ``start`` as in :func:`scored_logprobs`) and keep its keys and values;
-    None where there is no lead (the sequences share none).
+    None where there is no lead (the sequences share none). ``copies``: one row per stacked candidate (``start``'s
+    states hold as many rows).
 
     A capture hook that stops the forward at a block (see :class:`laser_core.prefix_states.PrefixStates`) leaves the
     blocks before it filled, all that the batches stopped at the same block need.
@@ -192,7 +194,7 @@ def lead_cache(lm: LoadedModel, lead: list[int] | None, start: tuple | None = No
         return None
     cache = empty_cache(lm.model)
     try:
-        scored_rows(lm, [Seq(list(lead), [], [])], start, lean=False, fill=cache)
+        scored_rows(lm, [Seq(list(lead), [], [])] * copies, start, lean=False, fill=cache)
     except StopForward:
         pass
     return LeadCache(len(lead), cache)

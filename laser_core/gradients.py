@@ -17,13 +17,46 @@ import torch
 
 from .config import CONTIGUOUS
 from .errors import ConfigError, NumericsError
-from .evaluate import CancelToken, loss_backward
+from .evaluate import CancelToken
+from .forward import lead_cache, rows_and_batches, scored_logprobs
 from .matrices import MatrixRef, matrix_of
 from .models import LoadedModel
 from .reduction import block_rank, block_svd, row_blocks
 from .tasks import Example
 
 log = logging.getLogger(__name__)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NumericsError(f"{what} is NaN or infinite (the model's output overflowed; try float32)")
+
+
+def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = 4096,
+                  cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None) -> float:
+    """Accumulate ``d log_loss / d weight`` into ``.grad`` of the parameters that require grad.
+
+    Runs batch by batch (backward after each) so memory stays that of one batch. Returns the log-loss.
+    """
+    seqs, fast, lead, batches = rows_and_batches(lm, examples, max_tokens, gold_only=True)
+    ex = list(examples)
+    total = 0.0
+    for bn, idx in enumerate(batches):
+        if cancel:
+            cancel.check()
+        batch = [seqs[i] for i in idx]
+        lps = scored_logprobs(lm, batch, lead=lead_cache(lm, lead))  # per batch: one graph each
+        terms = []
+        for s, lp in zip(batch, lps):
+            e = ex[s.example]
+            terms.append(-lp[e.answer] if (fast or lm.kind == "masked") else -lp.mean())
+        loss = torch.stack(terms).sum() / len(ex)
+        _check_finite(loss, "the calibration loss")
+        loss.backward()
+        total += loss.item()
+        if progress:
+            progress(bn + 1, len(batches))
+    return total
 
 
 def singular_value_gradients(u: torch.Tensor, grad: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:

@@ -99,9 +99,12 @@ class LeadCache:
                        if getattr(layer, "is_initialized", False) and layer.keys.numel()]
 
     def past(self, model: torch.nn.Module, rows: int):
-        """A fresh cache holding the lead once per row, as the past of a batch of ``rows`` rows."""
+        """A fresh cache holding the lead once per row, as the past of a batch of ``rows`` rows. A lead run as C rows
+        (one per stacked candidate, see :mod:`laser_core.stacking`) serves C equal runs of rows, in that order."""
         cache = empty_cache(model)
         for i, keys, values in self.layers:
+            if keys.shape[0] > 1:
+                keys, values = (x.repeat_interleave(rows // x.shape[0], dim=0) for x in (keys, values))
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
         return cache
 
@@ -115,6 +118,20 @@ def tensor_bytes(obj) -> int:
     if isinstance(obj, dict):
         return sum(tensor_bytes(x) for x in obj.values())
     return 0
+
+
+def repeated(obj, copies: int):
+    """``obj`` (a tensor, or tuples and lists of them, batch first) with its batch ``copies`` times over, one run
+    after another: the states of a batch for as many stacked candidates."""
+    if copies == 1 or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(copies, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(repeated(x, copies) for x in obj)
+    if isinstance(obj, dict):
+        return {k: repeated(v, copies) for k, v in obj.items()}
+    return obj
 
 
 def _detached(obj):

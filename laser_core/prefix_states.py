@@ -12,7 +12,8 @@ import torch
 from .errors import ConfigError
 from .forward import lead_cache, rows_and_batches, scored_logprobs
 from .models import LoadedModel
-from .prefix import LeadCache, StopForward, block_list, capture_first_arg, record_until, stubbable, tensor_bytes
+from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, record_until, repeated, stubbable,
+                     tensor_bytes)
 from .tasks import Example
 
 
@@ -61,10 +62,10 @@ class PrefixStates:
         """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
         return tensor_bytes([self.states, self.stubs, self.lead_state]) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
 
-    def lead_past(self, lm: LoadedModel) -> LeadCache | None:
+    def lead_past(self, lm: LoadedModel, copies: int = 1) -> LeadCache | None:
         """The lead's keys and values under the model's current weights, run from its states at block ``layer``
-        (None where the sequences have no shared lead)."""
-        return lead_cache(lm, self.lead, (self.layer, self.lead_state, None))
+        (None where the sequences have no shared lead); ``copies``: one row per stacked candidate."""
+        return lead_cache(lm, self.lead, (self.layer, repeated(self.lead_state, copies), None), copies)
 
     def at_matrix(self, lm: LoadedModel, name: str, min_share: float = 0.1,
                   max_bytes: int | None = None) -> "PrefixStates":

@@ -21,6 +21,7 @@ from .grouping import GROUPINGS, check_grouping
 from .models import LoadedModel
 from .search import SearchReport, run_search
 from .significance import change_between, family_summary, p_text
+from .stacking import stack_ahead, stack_size
 from .store import null_store
 from .tasks import BUNDLED, Splits, load_task, make_splits
 
@@ -48,7 +49,7 @@ class LaserTiming:
 
 
 def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layers: Sequence[int] | None = None,
-                   progress: Callable | None = None, held_out: bool = True) -> LaserTiming:
+                   progress: Callable | None = None, held_out: bool = True, stack: int = 0) -> LaserTiming:
     """LASER's sweep (types x rhos, K=1, validation split) over ``layers`` (None: all), timed.
 
     With a layer subset, layer 0 and the middle layer (where not in the subset) are probed: the cached
@@ -56,12 +57,13 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     timed. A measured layer costs what its candidates took (their share of the builds included); every other
     layer costs its interpolated build plus its number of distinct edits times the interpolated candidate time
     (linear between measured layers). The sweep's best is the best of the subset only. ``held_out`` as for
-    :func:`run_search` (the test evaluations are never in the time).
+    :func:`run_search` (the test evaluations are never in the time). ``stack``: ``SearchConfig.stack``; a probe
+    then times a stack of its matrix's rhos, as the sweep evaluates them.
     """
     n_layers = lm.n_layers
     t0 = time.perf_counter()
-    rep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None),
-                     null_store(), progress, held_out=held_out)
+    cfg = SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None, stack=stack)
+    rep = run_search(lm, splits, cfg, null_store(), progress, held_out=held_out)
     measured = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
     total_candidates = len(lm.matrices) * len(rhos)
     per_layer_count = {layer: len({edit_identity(lm, Edit(r.name, 1, rho)) for r in lm.matrices if r.layer == layer
@@ -80,8 +82,10 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         t1 = time.perf_counter()
         pool.get(splits, "val", layer, ref.name)
         build[layer] = time.perf_counter() - t1
-        doc = evaluate_candidate(lm, Edit(ref.name, 1, rhos[0]), splits, "val", null_store(), prefixes=pool)
-        per_layer[layer] = [doc["seconds"]]
+        plan = [(Edit(ref.name, 1, rho), 0.0) for rho in rhos]
+        docs = stack_ahead(lm, plan, 0, stack_size(lm, cfg, splits), splits, "val", null_store(), set(), prefixes=pool)
+        per_layer[layer] = [d["seconds"] for d in docs.values() if isinstance(d, dict)] or \
+            [evaluate_candidate(lm, plan[0][0], splits, "val", null_store(), prefixes=pool)["seconds"]]
     known = sorted((layer, sum(v) / len(v), build[layer]) for layer, v in per_layer.items())
 
     def interp(layer: int, i: int) -> float:

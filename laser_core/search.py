@@ -13,6 +13,7 @@ from .models import LoadedModel
 from .progress import Progress, emit
 from .scores import c2i_plan, laser_plan, load_spectra, score_table, spectra_needed
 from .significance import PairedChange, change_between
+from .stacking import stack_ahead, stack_size
 from .store import Store, null_store
 from .tasks import Splits
 
@@ -131,15 +132,23 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         t0 = time.perf_counter()
         prefixes = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
         done_ranks: dict[tuple, dict] = {}  # (matrix, K, ranks) -> its result: another rho, the same edit
+        stack = stack_size(lm, cfg, splits)
+        ready: dict = {}  # results of candidates evaluated together ahead of their turn (see laser_core.stacking)
         for i, (edit, gain) in enumerate(plan):
             if cancel:
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
             ident = edit_identity(lm, edit)
             same = done_ranks.get(ident)
+            if stack > 1 and not same and edit not in ready:
+                ready.update(stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel,
+                                         prefixes, factors))
             try:
-                doc = same_result(lm, edit, splits, split, store, same) if same else \
-                    evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors)
+                doc = ready.pop(edit, None)
+                if isinstance(doc, NumericsError):
+                    raise doc
+                doc = doc or (same_result(lm, edit, splits, split, store, same) if same else
+                              evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors))
             except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
                 log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
                 ref = lm.ref(edit.name)

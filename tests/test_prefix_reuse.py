@@ -162,7 +162,7 @@ def test_rows_longer_than_a_sliding_window_are_scored_as_the_window_sees_them(to
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lean_last_block_gives_the_same_log_probs_and_gradients(tiny_lm, arch):
-    from laser_core.evaluate import loss_backward
+    from laser_core.gradients import loss_backward
     from laser_core.forward import lean_block_ok
 
     lm = tiny_lm(arch)
@@ -324,7 +324,7 @@ def test_a_shared_lead_run_once_equals_running_it_in_every_row(tiny_lm, arch, ex
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_gradients_through_a_shared_lead_equal_those_without(tiny_lm, arch):
-    from laser_core.evaluate import loss_backward
+    from laser_core.gradients import loss_backward
 
     lm = tiny_lm(arch)
     for p in lm.model.parameters():

@@ -1,0 +1,144 @@
+"""Candidate stacking: several rhos of one (matrix, K) in one forward give each candidate's own evaluation (1e-4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from laser_core import Edit, SearchConfig, TaskSpec, edited, load_task, make_splits, run_search
+from laser_core.errors import Cancelled, ConfigError, NumericsError
+from laser_core.evaluate import CancelToken, evaluate, evaluate_copies
+from laser_core.models import from_module, weight_hashes
+from laser_core.prefix_states import PrefixStates
+from laser_core.reduction import block_svd
+from laser_core.matrices import matrix_of
+from laser_core.stacking import stack_size, stacked
+
+from conftest import OTHER_ARCHS, build_other
+from test_prefix_reuse import LEAD_MULTI, LEAD_ONE, MULTI, ONE_TOKEN
+
+RHOS = (0.9, 0.5, 0.25)
+
+
+def _factors(lm, name, k):
+    return block_svd(matrix_of(lm.model.get_parameter(name), lm.ref(name)), k)
+
+
+def _assert_stack_equals_one_by_one(lm, examples, ref, k=2):
+    """Each run of a stack of RHOS, with and without cached states, against that edit's own evaluation."""
+    edits = [Edit(ref.name, k, r) for r in RHOS]
+    prefix = PrefixStates(lm, examples, ref.layer)
+    starts = [None, prefix, prefix.at_matrix(lm, ref.name)]
+    f = _factors(lm, ref.name, k)
+    with stacked(lm, edits, f) as runs:
+        stacks = [evaluate_copies(lm, examples, runs, prefix=p) for p in starts]
+    alone = []
+    for e in edits:
+        with edited(lm, [e]):
+            alone.append(evaluate(lm, examples))
+    for got in stacks:
+        for e, a, b in zip(edits, got, alone):
+            for x, y in zip(a.choice_logprobs, b.choice_logprobs):
+                assert x == pytest.approx(y, abs=1e-4), (ref.name, e.rho, x, y)
+            assert a.predictions == b.predictions and a.log_loss == pytest.approx(b.log_loss, abs=1e-4)
+    return alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_a_stack_gives_each_candidate_its_own_evaluation_at_every_matrix(tiny_lm, arch):
+    """Every matrix of both blocks (the last with its lean MLP; GPT-2's Conv1D and fused qkv; a masked LM), choices
+    packed or one token, a shared lead, padding: each run equals its edit evaluated alone, with the full forward
+    and from cached states (block and matrix entry), and the runs differ (each has its own weights)."""
+    lm = tiny_lm(arch)
+    before = weight_hashes(lm.model)
+    for examples in ([ONE_TOKEN] if lm.kind == "masked" else [ONE_TOKEN, MULTI, LEAD_ONE, LEAD_MULTI]):
+        for ref in lm.matrices:
+            alone = _assert_stack_equals_one_by_one(lm, examples, ref)
+            assert alone[0].choice_logprobs != alone[-1].choice_logprobs, ref.name
+    assert weight_hashes(lm.model) == before
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())  # every replaced forward restored
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_a_stack_gives_each_candidate_its_own_evaluation_on_every_other_architecture(tokenizer, arch):
+    lm = from_module(build_other(arch, tokenizer), tokenizer)
+    examples = ONE_TOKEN if lm.kind == "masked" else LEAD_MULTI
+    for layer in sorted({r.layer for r in lm.matrices}):
+        for ref in (r for r in lm.matrices if r.layer == layer):
+            _assert_stack_equals_one_by_one(lm, examples, ref)
+
+
+def test_a_stack_cancelled_mid_run_leaves_the_model_as_it_was(tiny_lm):
+    lm = tiny_lm("llama")
+    ref = lm.matrices[0]
+    before = weight_hashes(lm.model)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        with stacked(lm, [Edit(ref.name, 1, r) for r in RHOS], _factors(lm, ref.name, 1)) as runs:
+            evaluate_copies(lm, MULTI, runs, cancel=token)
+    assert weight_hashes(lm.model) == before and not any("forward" in m.__dict__ for m in lm.model.modules())
+    assert evaluate(lm, MULTI).choice_logprobs == evaluate(lm, MULTI).choice_logprobs
+
+
+def test_a_stack_refuses_candidates_of_different_matrices_and_an_early_stop(tiny_lm):
+    lm = tiny_lm("llama")
+    a, b = lm.matrices[:2]
+    with pytest.raises(ConfigError, match="one matrix, K and grouping"):
+        with stacked(lm, [Edit(a.name, 1, 0.5), Edit(b.name, 1, 0.5)], _factors(lm, a.name, 1)):
+            pass
+    with pytest.raises(ConfigError, match="early stop"):
+        evaluate_copies(lm, MULTI, 2, beat=(0.5, 1.0))
+    with pytest.raises(ConfigError, match="stack must be >= 0"):
+        SearchConfig(stack=-1)
+
+
+def _splits(mc_task, n=20):
+    ts = TaskSpec(str(mc_task), n_calib=n, n_test=n)
+    return make_splits(load_task(ts), ts)
+
+
+def test_a_search_with_stacks_gives_the_candidates_of_one_at_a_time(tiny_lm, mc_task, store):
+    """Same candidates, accuracies, log-losses and best; each candidate cached under its own key (a search one at a
+    time reads them all back); rhos that keep the same ranks still evaluated once."""
+    lm = tiny_lm("gpt2")
+    splits = _splits(mc_task)
+    cfg = dict(q=3, ks=(1, 2), rhos=(0.9, 0.5, 0.1, 0.05))
+    one = run_search(lm, splits, SearchConfig(**cfg, stack=1), None)
+    many = run_search(lm, splits, SearchConfig(**cfg, stack=3), store)
+    assert [c.get("stacked") for c in one.candidates] == [None] * len(one.candidates)
+    assert {c.get("stacked") for c in many.candidates} >= {3}
+    for a, b in zip(one.candidates, many.candidates):
+        assert (a["name"], a["k"], a["rho"], a["accuracy"], a.get("same_as_rho")) == \
+               (b["name"], b["k"], b["rho"], b["accuracy"], b.get("same_as_rho"))
+        assert a["log_loss"] == pytest.approx(b["log_loss"], abs=1e-4)
+    assert (one.best["name"], one.best["k"], one.best["rho"]) == (many.best["name"], many.best["k"], many.best["rho"])
+    evals = store.counts["eval"]
+    again = run_search(lm, splits, SearchConfig(**cfg, stack=1), store)
+    assert store.counts["eval"] == evals and all(c["cached"] for c in again.candidates if "same_as_rho" not in c)
+
+
+def test_a_candidate_whose_run_overflows_is_skipped_alone(tiny_lm, mc_task, monkeypatch):
+    import laser_core.stacking as stacking
+
+    real = stacking.evaluate_copies
+
+    def second_overflows(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[1] = NumericsError("the log-loss is NaN or infinite")
+        return out
+
+    monkeypatch.setattr(stacking, "evaluate_copies", second_overflows)
+    lm = tiny_lm("llama")
+    report = run_search(lm, _splits(mc_task), SearchConfig(q=1, ks=(1,), rhos=(0.9, 0.5, 0.25), stack=3), None)
+    assert [c["rho"] for c in report.candidates] == [0.9, 0.25]
+    assert [(s["rho"], s["error"]) for s in report.skipped] == [(0.5, "the log-loss is NaN or infinite")]
+
+
+def test_stacking_is_on_by_default_on_a_gpu_only_and_never_for_an_early_stop(tiny_lm, mc_task, monkeypatch):
+    lm = tiny_lm("llama")
+    splits = _splits(mc_task)
+    assert stack_size(lm, SearchConfig(), splits) == (8 if lm.device.type == "cuda" else 1)
+    assert stack_size(lm, SearchConfig(stack=4), splits) == 4
+    assert stack_size(lm, SearchConfig(stack=4, early_stop=True), splits) == 1
+    monkeypatch.setattr(type(lm), "device", property(lambda self: torch.device("cuda")))  # read by stack_size only
+    assert stack_size(lm, SearchConfig(), splits) == 8
