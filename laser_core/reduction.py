@@ -86,16 +86,32 @@ def params_kept(ref: MatrixRef, k: int, rho: float) -> tuple[list[int], int]:
     return ranks, sum(r * ((b - a) + ref.shape[1]) for r, (a, b) in zip(ranks, blocks))
 
 
+# cuSOLVER drivers tried in turn per device type (None: torch's default). On an H100, over the demo's 210 matrices,
+# gesvda ran in 1.2 s against the default's (gesvdj) 4.2 s, and nearer float64: singular values within 5e-8 of the
+# largest against 1e-4, the matrix rebuilt within 3e-7 against 2e-4. It is an approximate method, so its factors
+# are kept only where they rebuild the block within SVD_RESIDUAL; else the next driver runs.
+SVD_DRIVERS: dict[str, tuple[str | None, ...]] = {"cuda": ("gesvda", None)}
+SVD_RESIDUAL = 1e-5  # ||U S Vh - W||_F / ||W||_F a driver tried before the last must reach
+
+
 def _svd(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.svd`` on the block's own device; where an accelerator's solver fails to converge (it can on
+    """``torch.linalg.svd`` on the block's own device, by the first driver of :data:`SVD_DRIVERS` whose factors rebuild
+    the block (the last one's are taken as they are); where an accelerator's solvers fail to converge (they can on
     ill-conditioned blocks), the CPU's LAPACK solver takes over and the factors go back to that device."""
-    try:
-        return torch.linalg.svd(block, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        if block.device.type == "cpu":
-            raise
-        log.warning("SVD did not converge on %s: computing it on the CPU", block.device)
-        return tuple(t.to(block.device) for t in torch.linalg.svd(block.cpu(), full_matrices=False))
+    drivers = SVD_DRIVERS.get(block.device.type, (None,))
+    for i, driver in enumerate(drivers):
+        try:
+            u, s, vh = torch.linalg.svd(block, full_matrices=False, **({"driver": driver} if driver else {}))
+        except torch.linalg.LinAlgError:
+            continue
+        last = i == len(drivers) - 1
+        if last or float(torch.linalg.norm((u * s) @ vh - block)) <= SVD_RESIDUAL * float(torch.linalg.norm(block)):
+            return u, s, vh
+        log.info("SVD driver %s missed the block by more than %g: trying the next", driver, SVD_RESIDUAL)
+    if block.device.type == "cpu":
+        raise torch.linalg.LinAlgError("the SVD did not converge")
+    log.warning("SVD did not converge on %s: computing it on the CPU", block.device)
+    return tuple(t.to(block.device) for t in torch.linalg.svd(block.cpu(), full_matrices=False))
 
 
 def _full_precision(w: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         stack = stack_size(lm, cfg, splits)
         ready: dict = {}  # results of candidates evaluated together ahead of their turn (see laser_core.stacking)
         for i, (edit, gain) in enumerate(plan):
-            if cancel:
+            if cancel and edit not in ready:  # what a stack evaluated before a cancel is reported (and cached)
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
             ident = edit_identity(lm, edit)

@@ -26,7 +26,7 @@ from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, evaluate_copies
 from .models import LoadedModel
 from .prefix import forwards_replaced
-from .reduction import BlockFactors, block_truncate, get_factors
+from .reduction import BlockFactors, get_factors, reduced_weight
 from .store import Store
 from .tasks import Splits
 
@@ -72,10 +72,10 @@ def stacked(lm: LoadedModel, edits: Sequence[Edit], factors: BlockFactors) -> It
     module = _module(lm, edits[0].name)
     if module is None:
         raise ConfigError(f"{edits[0].name}: its module is not a linear layer; evaluate its candidates one by one")
-    weight, bias = module.weight, module.bias
+    bias, transposed = module.bias, lm.ref(edits[0].name).transposed
     with lm.lock:
-        # each candidate's reduced W (out x in) as the right factor of x @ W^T: (runs, in, out), in the weight's dtype
-        mats = torch.stack([block_truncate(factors, e.rho).t() for e in edits]).to(weight.device, weight.dtype)
+        # each candidate's reduced weight as the right factor of the module's product: (runs, in, out)
+        mats = torch.stack([w if transposed else w.t() for w in (reduced_weight(lm, e, factors) for e in edits)])
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             y = torch.bmm(x.reshape(len(edits), -1, x.shape[-1]), mats)

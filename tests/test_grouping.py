@@ -138,12 +138,12 @@ def test_apply_reduces_the_recorded_blocks_and_eval_refuses_blocks_grouped_other
     with pytest.raises(ConfigError, match=f"clustered blocks of {name} are not those this machine groups"):
         check_recipe_fits(lm, moved)
     apply_recipe(moved, tmp_path / "m", check=False)
-    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "m").named_parameters())[name].detach()
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "m").named_parameters())[name].detach().to(base.device)
     torch.testing.assert_close(saved, block_truncate(block_svd(base, 4, "clustered", rows=other), 0.25))
     assert (saved - block_truncate(block_svd(base, 4, "clustered"), 0.25)).abs().max() > 1e-3
     del moved["edits"][0]["row_order"]  # a recipe from before row orders were recorded: clustered here, and said so
     apply_recipe(moved, tmp_path / "old", check=False)
-    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "old").named_parameters())[name].detach()
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "old").named_parameters())[name].detach().to(base.device)
     torch.testing.assert_close(saved, block_truncate(block_svd(base, 4, "clustered"), 0.25))
     assert f"the recipe records no row order for {name}" in caplog.text
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import pathlib
 import re
@@ -113,7 +114,8 @@ def test_one_svd_per_matrix_and_k_serves_its_rho_grid_with_no_cache(tiny_lm, mc_
     calls = []
     real = reduction.block_svd
     monkeypatch.setattr(reduction, "block_svd", lambda w, k, *a: calls.append((tuple(w.shape), k)) or real(w, k, *a))
-    rep = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25)), null_store(), held_out=False)
+    rep = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25), stack=1), null_store(),
+                     held_out=False)  # one at a time, as evaluate_candidate: the numbers must match to the bit
     pairs = {(c["name"], c["k"]) for c in rep.candidates}
     evaluated = [c for c in rep.candidates if "same_as_rho" not in c]
     assert len(evaluated) > len(pairs)  # each (matrix, K) had rhos with different ranks to evaluate
@@ -158,10 +160,11 @@ def test_cancel_keeps_done_candidates_and_restores_weights(tiny_lm, mc_task, sto
             seen.append(ev)
             if len(seen) == 3:
                 token.cancel()
-    report = run_search(lm, splits, SMALL, store, progress=progress, cancel=token)
+    one_by_one = dataclasses.replace(SMALL, stack=1)  # a stack would finish its candidates (test_stacking)
+    report = run_search(lm, splits, one_by_one, store, progress=progress, cancel=token)
     assert report.status == "partial" and len(report.candidates) == 3 and report.best_test is None
     assert weight_hashes(lm.model) == before
-    resumed = run_search(lm, splits, SMALL, store)
+    resumed = run_search(lm, splits, one_by_one, store)
     assert sum(c["cached"] for c in resumed.candidates) == 3
 
 

@@ -117,6 +117,23 @@ def test_a_search_with_stacks_gives_the_candidates_of_one_at_a_time(tiny_lm, mc_
     assert store.counts["eval"] == evals and all(c["cached"] for c in again.candidates if "same_as_rho" not in c)
 
 
+def test_a_search_cancelled_during_a_stack_reports_and_caches_every_candidate_the_stack_evaluated(tiny_lm, mc_task,
+                                                                                                   store):
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    token = CancelToken()
+    cfg = SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25), stack=3)
+
+    def progress(ev):
+        if ev.get("phase") == "search":
+            token.cancel()  # at the first candidate reported, its stack of 3 is evaluated
+    report = run_search(lm, _splits(mc_task), cfg, store, progress=progress, cancel=token)
+    assert report.status == "partial" and [c["stacked"] for c in report.candidates] == [3, 3, 3]
+    assert weight_hashes(lm.model) == before
+    resumed = run_search(lm, _splits(mc_task), cfg, store)
+    assert [c["cached"] for c in resumed.candidates][:3] == [True] * 3 and not resumed.candidates[3]["cached"]
+
+
 def test_a_candidate_whose_run_overflows_is_skipped_alone(tiny_lm, mc_task, monkeypatch):
     import laser_core.stacking as stacking
 
