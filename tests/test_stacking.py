@@ -151,6 +151,19 @@ def test_a_candidate_whose_run_overflows_is_skipped_alone(tiny_lm, mc_task, monk
     assert [(s["rho"], s["error"]) for s in report.skipped] == [(0.5, "the log-loss is NaN or infinite")]
 
 
+def test_a_matrix_whose_module_stacking_does_not_know_is_evaluated_one_candidate_at_a_time(tiny_lm, mc_task,
+                                                                                              monkeypatch):
+    import laser_core.stacking as stacking
+
+    lm = tiny_lm("llama")
+    monkeypatch.setattr(stacking, "_module", lambda lm, name: None)  # as for a module other than a linear layer
+    with pytest.raises(ConfigError, match="not a linear layer; evaluate its candidates one by one"):
+        with stacked(lm, [Edit(lm.matrices[0].name, 1, r) for r in RHOS], _factors(lm, lm.matrices[0].name, 1)):
+            pass
+    report = run_search(lm, _splits(mc_task), SearchConfig(q=2, ks=(1,), rhos=RHOS, stack=3), None)
+    assert len(report.candidates) == 6 and not any("stacked" in c for c in report.candidates)
+
+
 def test_stacking_is_on_by_default_on_a_gpu_only_and_never_for_an_early_stop(tiny_lm, mc_task, monkeypatch):
     lm = tiny_lm("llama")
     splits = _splits(mc_task)
