@@ -146,9 +146,11 @@ def block_svd(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS, rows: torch.T
 
 
 def block_singular_values(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> list[torch.Tensor]:
-    """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``, without the factors),
-    on the CPU."""
-    return [torch.linalg.svdvals(b).cpu() for b in grouped_blocks(_full_precision(w), k, grouping)[0]]
+    """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``), on the CPU: without
+    the factors where the device has one SVD driver, else by :func:`_svd`'s drivers (a GPU's default alone is off)."""
+    blocks = grouped_blocks(_full_precision(w), k, grouping)[0]
+    many = len(SVD_DRIVERS.get(w.device.type, (None,))) > 1
+    return [(_svd(b)[1] if many else torch.linalg.svdvals(b)).cpu() for b in blocks]
 
 
 def energy_kept(S: Sequence[torch.Tensor], rho: float) -> float:

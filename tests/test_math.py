@@ -161,7 +161,7 @@ def test_block_svd_on_the_test_device_matches_float64_on_an_ill_conditioned_matr
     of a float64 SVD, and the factors rebuild the matrix within 1e-5. On a GPU (LASER_LAB_TEST_DEVICE=cuda) this
     checks its driver: torch's default there (gesvdj) missed the demo's singular values by up to 1e-4."""
     from conftest import TEST_DEVICE
-    from laser_core.reduction import block_svd
+    from laser_core.reduction import block_singular_values, block_svd
 
     torch.manual_seed(0)
     m, n = shape
@@ -174,6 +174,8 @@ def test_block_svd_on_the_test_device_matches_float64_on_an_ill_conditioned_matr
     assert float((f.S[0].double().cpu() - s64).abs().max()) < 1e-5
     rebuilt = (f.U[0] * f.S[0]) @ f.Vh[0]
     assert float(torch.linalg.norm(rebuilt.cpu() - w) / torch.linalg.norm(w)) < 1e-5
+    alone = block_singular_values(w.to(TEST_DEVICE), 1)[0]  # the dashboard's spectrum where no factors are cached
+    assert alone.device.type == "cpu" and float((alone.double() - s64).abs().max()) < 1e-5
 
 
 def test_block_rank_rule_is_floor_of_rho_times_min_side_at_least_one():
