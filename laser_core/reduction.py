@@ -102,14 +102,15 @@ def _svd(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     for i, driver in enumerate(drivers):
         try:
             u, s, vh = torch.linalg.svd(block, full_matrices=False, **({"driver": driver} if driver else {}))
-        except torch.linalg.LinAlgError:
+        except torch.linalg.LinAlgError as e:
+            failed = e
             continue
         last = i == len(drivers) - 1
         if last or float(torch.linalg.norm((u * s) @ vh - block)) <= SVD_RESIDUAL * float(torch.linalg.norm(block)):
             return u, s, vh
         log.info("SVD driver %s missed the block by more than %g: trying the next", driver, SVD_RESIDUAL)
     if block.device.type == "cpu":
-        raise torch.linalg.LinAlgError("the SVD did not converge")
+        raise failed
     log.warning("SVD did not converge on %s: computing it on the CPU", block.device)
     return tuple(t.to(block.device) for t in torch.linalg.svd(block.cpu(), full_matrices=False))
 
@@ -147,10 +148,9 @@ def block_svd(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS, rows: torch.T
 
 def block_singular_values(w: torch.Tensor, k: int, grouping: str = CONTIGUOUS) -> list[torch.Tensor]:
     """The singular values of each of the K row blocks of ``w`` (as :func:`block_svd`'s ``S``), on the CPU: without
-    the factors where the device has one SVD driver, else by :func:`_svd`'s drivers (a GPU's default alone is off)."""
+    the factors, except on a device with drivers of its own in :data:`SVD_DRIVERS` (a GPU's default alone is off)."""
     blocks = grouped_blocks(_full_precision(w), k, grouping)[0]
-    many = len(SVD_DRIVERS.get(w.device.type, (None,))) > 1
-    return [(_svd(b)[1] if many else torch.linalg.svdvals(b)).cpu() for b in blocks]
+    return [(_svd(b)[1] if w.device.type in SVD_DRIVERS else torch.linalg.svdvals(b)).cpu() for b in blocks]
 
 
 def energy_kept(S: Sequence[torch.Tensor], rho: float) -> float:

@@ -134,15 +134,18 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         done_ranks: dict[tuple, dict] = {}  # (matrix, K, ranks) -> its result: another rho, the same edit
         stack = stack_size(lm, cfg, splits)
         ready: dict = {}  # results of candidates evaluated together ahead of their turn (see laser_core.stacking)
+        alone: set[tuple] = set()  # (matrix, K, grouping) left with nothing to stack: not looked through again
         for i, (edit, gain) in enumerate(plan):
             if cancel and edit not in ready:  # what a stack evaluated before a cancel is reported (and cached)
                 cancel.check()
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
             ident = edit_identity(lm, edit)
             same = done_ranks.get(ident)
-            if stack > 1 and not same and edit not in ready:
-                ready.update(stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel,
-                                         prefixes, factors))
+            if stack > 1 and not same and edit not in ready and edit.blocks not in alone:
+                ahead = stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel, prefixes, factors)
+                ready.update(ahead)
+                if not ahead:  # fewer than two of its candidates to run from here on: none later either
+                    alone.add(edit.blocks)
             try:
                 doc = ready.pop(edit, None)
                 if isinstance(doc, NumericsError):

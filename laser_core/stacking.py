@@ -99,6 +99,8 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
     its own key): those not cached yet, one per set of ranks (``done``: the ranks already evaluated). Returns
     each one's result, or the ``NumericsError`` its run raised; empty where fewer than two are left to stack."""
     first = plan[at][0]
+    if not stackable(lm, first):
+        return {}
     chosen: list[Edit] = []
     seen = set(done)
     for edit, _ in plan[at:]:
@@ -108,7 +110,7 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
         if ident not in seen and store.get_json(result_key(store, lm, splits, split, edit)) is None:
             seen.add(ident)
             chosen.append(edit)
-    if len(chosen) < 2 or not stackable(lm, first):
+    if len(chosen) < 2:
         return {}
     t0 = time.perf_counter()  # as evaluate_candidate's seconds: the SVD and cached states it needs included
     f = get_factors(lm, first.name, first.k, store, factors, first.grouping)
