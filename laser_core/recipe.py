@@ -99,6 +99,8 @@ def load_recipe(path: str | Path) -> dict:
     if not isinstance(recipe.get("edits"), list) or not recipe["edits"]:
         raise ConfigError(f"{path} has no edits")
     recipe_row_orders(None, recipe)  # validates K, rho and row orders (their lengths once a model is loaded)
+    if not isinstance(recipe.get("model"), dict) or not isinstance(recipe["model"].get("source"), str):
+        raise ConfigError(f"{path} names no model: it needs a 'model' with the 'source' its edits were found on")
     return recipe
 
 

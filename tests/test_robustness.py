@@ -160,6 +160,18 @@ def test_a_recipe_that_is_not_utf8_or_has_a_text_version_is_refused_by_name(tmp_
         load_recipe(p)
 
 
+@pytest.mark.parametrize("model", [None, {"fingerprint": "0" * 16}, "demo"])
+def test_a_recipe_that_names_no_model_is_refused_by_name_also_by_apply(tmp_path, capsys, model):
+    from laser_core.cli import main
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"laser_lab_recipe": 1, "edits": [{"name": "m.layers.0.w", "k": 1, "rho": 0.5}],
+                             **({"model": model} if model else {})}))
+    assert main(["apply", "--recipe", str(p), "--out", str(tmp_path / "out")]) == 2  # was a KeyError's traceback
+    assert capsys.readouterr().err.strip() == (f"error: {p} names no model: it needs a 'model' with the 'source' its "
+                                               "edits were found on")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- settings and numerics
 
 @pytest.mark.parametrize("kwargs,match", [({"q": 0}, "q \\(matrices to try\\) must be >= 1, got 0"),
@@ -565,3 +577,4 @@ def test_random_cancellation_points_never_corrupt_weights_or_cache(tiny_lm, mc_t
     assert "partial" in statuses
     final = run_search(lm, splits, SMALL, s)
     assert final.status == "complete" and final.cache.get("corrupt", 0) == 0
+
