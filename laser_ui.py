@@ -6,7 +6,6 @@ call Streamlit: they write progress into a ``Job`` that pages poll (``live_job``
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -26,7 +25,6 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
@@ -35,6 +33,7 @@ from laser_core.candidates import best_by_matrix, doc_edit, merit
 from laser_core.config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.matrices import TYPE_ORDER
+from laser_core.memory import free_memory, memory_explained
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES, KIND_WORDS
@@ -116,7 +115,7 @@ class JobManager:
         def work() -> None:
             status, error = "error", "stopped before it finished"
             try:  # the job's warnings: the cache switching itself off, ties a masked LM cannot break...
-                with _warnings_into(job.warnings):
+                with _warnings_into(job.warnings), memory_explained(f"in '{job.label}'"):
                     job.result = fn(job)
                 partial = getattr(job.result, "status", "complete") == "partial"
                 status, error = "cancelled" if partial or job.cancel.cancelled else "done", None
@@ -232,9 +231,7 @@ class ModelShelf:
         with self.lock:
             while len(self.items) >= self.kept:
                 self.items.popitem(last=False)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def clear(self) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of
 from .config import CONTIGUOUS, ModelSpec, SearchConfig
 from .errors import Cancelled, ConfigError, LaserError
+from .memory import memory_explained
 from .progress import Bars
 
 
@@ -221,10 +222,9 @@ def _cmd_apply(args) -> int:
     from .recipe import apply_recipe, load_recipe
 
     recipe = load_recipe(args.recipe)
-    spec = None
-    if args.model or args.device:
-        m = recipe["model"]
-        spec = ModelSpec(args.model or m["source"], args.device or m.get("device", "auto"), m.get("dtype", "float32"))
+    m = recipe["model"]  # where --model or --device is given: the recipe's model spec with them in its place
+    spec = ModelSpec(args.model or m["source"], args.device or m.get("device", "auto"), m.get("dtype", "float32")) \
+        if args.model or args.device else None
     res = apply_recipe(recipe, args.out, spec, overwrite=args.overwrite, force=args.force, check=not args.no_check,
                        progress=lambda m: print(m, file=sys.stderr))
     c = res["check"]
@@ -242,8 +242,7 @@ def _cmd_compose(args) -> int:
 
     recipe = compose_recipes([load_recipe(r) for r in args.recipes], args.recipes)
     path = save_recipe(recipe, args.out)
-    task = recipe_task(recipe)
-    model = recipe_model(recipe)
+    task, model = recipe_task(recipe), recipe_model(recipe)
     flags = spec_args(model, task) if task else ["--model", model.source, "--task", "<task>"]
     print(f"recipe: {path} ({len(recipe['edits'])} edits from {len(args.recipes)} recipes"
           + ("" if task else "; they name no task in common") + ")")
@@ -291,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
                     "laser": lambda a: _cmd_search(a, "laser"), "report": _cmd_report, "compose": _cmd_compose}
-        return commands.get(args.cmd, _cmd_apply)(args)
+        with memory_explained(f"in {args.cmd}"):
+            return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,3 +28,8 @@ class Cancelled(LaserError):
 
 class JobBusy(LaserError):
     """Another job is already editing this model."""
+
+
+class OutOfMemory(LaserError):
+    """The device ran out of memory (a model too large for it, a stack of candidates too tall); nothing was left
+    edited, and what was cached stays."""

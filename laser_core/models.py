@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelSpec, canonical_json
 from .errors import ModelLoadError
+from .memory import memory_explained
 from .hub import hub_unreachable
 from .matrices import TYPE_ORDER, MatrixRef, locate_matrices
 
@@ -260,7 +261,9 @@ def load_model(spec: ModelSpec, progress=None, make_room: Callable[[], None] | N
     except Exception as e:  # noqa: BLE001 - a missing or broken tokenizer fails in many ways
         raise ModelLoadError(f"could not load the tokenizer of {src} (a model folder needs its tokenizer files, "
                              f"e.g. tokenizer.json): {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
-    return _wrap(model.to(device), tokenizer, spec, kind)
+    with memory_explained(f"moving {src} to {device}"):
+        model = model.to(device)
+    return _wrap(model, tokenizer, spec, kind)
 
 
 def from_module(model: torch.nn.Module, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:

@@ -83,7 +83,7 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         pool.get(splits, "val", layer, ref.name)
         build[layer] = time.perf_counter() - t1
         plan = [(Edit(ref.name, 1, rho), 0.0) for rho in rhos]
-        docs = stack_ahead(lm, plan, 0, stack_size(lm, cfg, splits), splits, "val", null_store(), set(), prefixes=pool)
+        docs, _ = stack_ahead(lm, plan, 0, stack_size(lm, cfg, splits), splits, "val", null_store(), set(), prefixes=pool)
         per_layer[layer] = [d["seconds"] for d in docs.values() if isinstance(d, dict)] or \
             [evaluate_candidate(lm, plan[0][0], splits, "val", null_store(), prefixes=pool)["seconds"]]
     known = sorted((layer, sum(v) / len(v), build[layer]) for layer, v in per_layer.items())

@@ -15,6 +15,7 @@ replaced for the call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Iterator, Sequence
 
@@ -24,12 +25,14 @@ from .candidates import PrefixPool, edit_identity, result_key, result_row
 from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, evaluate_copies
+from .memory import free_memory, out_of_memory
 from .models import LoadedModel
 from .prefix import forwards_replaced
 from .reduction import BlockFactors, get_factors, reduced_weight
 from .store import Store
 from .tasks import Splits
 
+log = logging.getLogger(__name__)
 AUTO_STACK = {"cuda": 8}  # candidates stacked by default per device type (others: 1, no stacking)
 SMALL_MODEL = 10**9  # parameters: above this a model fills a GPU by itself, and stacking would only take memory
 
@@ -93,14 +96,20 @@ def stackable(lm: LoadedModel, edit: Edit) -> bool:
 
 def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: int, splits: Splits, split: str,
                 store: Store, done: set, cancel: CancelToken | None = None, prefixes: PrefixPool | None = None,
-                factors: dict | None = None) -> dict[Edit, dict | NumericsError]:
+                factors: dict | None = None) -> tuple[dict[Edit, dict | NumericsError], int]:
     """Evaluate together up to ``size`` candidates of the search ``plan`` from entry ``at`` on that share its
     (matrix, K, grouping), as :func:`~laser_core.candidates.evaluate_candidate` would one by one (each cached under
-    its own key): those not cached yet, one per set of ranks (``done``: the ranks already evaluated). Returns
-    each one's result, or the ``NumericsError`` its run raised; empty where fewer than two are left to stack."""
+    its own key): those not cached yet, one per set of ranks (``done``: the ranks already evaluated).
+
+    A stack that runs out of memory is evaluated again with half its candidates, until one fits (a warning says so).
+
+    Returns:
+        Each one's result, or the ``NumericsError`` its run raised (empty where fewer than two are left to stack);
+        and the stack size to go on with: ``size``, or the one that fit (1: none did, go on one at a time).
+    """
     first = plan[at][0]
     if not stackable(lm, first):
-        return {}
+        return {}, size
     chosen: list[Edit] = []
     seen = set(done)
     for edit, _ in plan[at:]:
@@ -111,13 +120,29 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
             seen.add(ident)
             chosen.append(edit)
     if len(chosen) < 2:
-        return {}
+        return {}, size
     t0 = time.perf_counter()  # as evaluate_candidate's seconds: the SVD and cached states it needs included
     f = get_factors(lm, first.name, first.k, store, factors, first.grouping)
     prefix = prefixes.for_edits(splits, split, [first]) if prefixes is not None else None
-    with stacked(lm, chosen, f) as runs:
-        results = evaluate_copies(lm, splits.examples(split), runs, cancel=cancel, prefix=prefix)
-    seconds = (time.perf_counter() - t0) / len(chosen)
+    setup = time.perf_counter() - t0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            with stacked(lm, chosen, f) as runs:
+                results = evaluate_copies(lm, splits.examples(split), runs, cancel=cancel, prefix=prefix)
+            break
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+        # out of the except clause, the failed run's tensors are released: give them back before a lower stack
+        free_memory()
+        tall, size = len(chosen), len(chosen) // 2
+        log.warning("a stack of %d candidates ran out of memory on %s: %s from here on", tall, lm.device,
+                    f"{size} at a time" if size > 1 else "one at a time")
+        if size < 2:
+            return {}, 1
+        chosen = chosen[:size]
+    seconds = (setup + time.perf_counter() - t0) / len(chosen)
     out: dict[Edit, dict | NumericsError] = {}
     for edit, res in zip(chosen, results):
         store.counts["eval"] += 1
@@ -130,5 +155,4 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
         doc = {**row, **res.to_dict(), "seconds": seconds, "stacked": len(chosen)}
         store.put_json(key, doc)
         out[edit] = {**doc, "cached": False}
-    return out
-
+    return out, size

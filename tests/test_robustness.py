@@ -578,3 +578,71 @@ def test_random_cancellation_points_never_corrupt_weights_or_cache(tiny_lm, mc_t
     final = run_search(lm, splits, SMALL, s)
     assert final.status == "complete" and final.cache.get("corrupt", 0) == 0
 
+
+# ---- running out of memory
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB of which 1.1 GiB "
+            "is free. Including non-PyTorch memory, this process has 22.4 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def _oom_once_edited(monkeypatch):
+    """Make the first evaluation of a candidate, one under its edit, run out of GPU memory (the base model's runs)."""
+    import laser_core.candidates as candidates
+    real, calls = candidates.evaluate, []
+
+    def evaluate(lm, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the first is the base model's
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(lm, *args, **kwargs)
+    monkeypatch.setattr(candidates, "evaluate", evaluate)
+
+
+def test_running_out_of_memory_in_the_cli_is_one_line_naming_the_allocation_and_the_fixes(tiny_dirs, mc_task,
+                                                                                          tmp_path, capsys, monkeypatch):
+    from laser_core.cli import main
+    _oom_once_edited(monkeypatch)
+    rc = main(["search", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib",
+               "20", "--n-test", "20", "--no-cache", "--q", "1", "--ks", "1", "--rhos", "0.5", "--stack", "1",
+               "--recipe-out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (
+        "error: ran out of memory in search: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        "capacity of 23.6 GiB of which 1.1 GiB is free. Nothing was left edited and what was cached stays. Free "
+        "memory (another job or program), or use a smaller model or another device (CLI: --device; dashboard: the "
+        "sidebar's device).")
+    assert not any("Traceback" in line for line in err) and not (tmp_path / "r.json").exists()
+
+
+def test_a_dashboard_job_that_runs_out_of_memory_ends_with_the_message_and_the_model_as_it_was(tiny_lm, mc_task,
+                                                                                              monkeypatch):
+    from laser_ui import JobManager
+    _oom_once_edited(monkeypatch)
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    job = JobManager().submit("search", "C2I on mc", "cpu", lambda job: run_search(lm, _splits(mc_task), SMALL, None))
+    for _ in range(400):
+        if job.status != "running":
+            break
+        time.sleep(0.05)
+    assert job.status == "error" and job.error.startswith(
+        "ran out of memory in 'C2I on mc': CUDA out of memory. Tried to allocate 2.00 GiB. ")
+    assert "Traceback" not in job.error and "PYTORCH_CUDA_ALLOC_CONF" not in job.error
+    assert weight_hashes(lm.model) == before and lm.lock.acquire(blocking=False)  # the job's edit let go of it
+    lm.lock.release()
+
+
+def test_the_cpu_allocator_failing_is_told_apart_from_other_errors():
+    from laser_core.errors import OutOfMemory
+    from laser_core.memory import memory_explained, out_of_memory
+    with pytest.raises(OutOfMemory, match=r"ran out of memory making a tensor: .*can't allocate memory: you tried to "
+                                          r"allocate \d+ bytes"):
+        with memory_explained("making a tensor"):
+            torch.empty(2**48)  # a pebibyte: more than any address space
+    with pytest.raises(RuntimeError, match="a bug"):
+        with memory_explained("making a tensor"):
+            raise RuntimeError("a bug")
+    assert out_of_memory(torch.OutOfMemoryError(CUDA_OOM)) and not out_of_memory(ValueError("can't allocate memory"))
+    with memory_explained("nothing"):
+        pass

@@ -172,3 +172,52 @@ def test_stacking_is_on_by_default_on_a_gpu_only_and_never_for_an_early_stop(tin
     assert stack_size(lm, SearchConfig(stack=4, early_stop=True), splits) == 1
     monkeypatch.setattr(type(lm), "device", property(lambda self: torch.device("cuda")))  # read by stack_size only
     assert stack_size(lm, SearchConfig(), splits) == 8
+
+
+@pytest.mark.parametrize("fits", [2, 1])
+def test_a_stack_that_runs_out_of_memory_is_halved_until_it_fits_and_the_search_gives_the_same_candidates(
+        tiny_lm, mc_task, monkeypatch, caplog, fits):
+    """A stack of 4 that the device cannot hold is run again as 2 (or, where 2 do not fit either, one at a time), and
+    later stacks start from the size that fit: one failed try per halving, not one per (matrix, K). The candidates
+    are those of a search one at a time, the weights untouched, and a warning says what happened."""
+    import laser_core.stacking as stacking
+
+    real, tried = stacking.evaluate_copies, []
+
+    def device_holds_fits(lm, examples, copies, **kwargs):
+        tried.append(copies)
+        if copies > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 23.6 GiB of which 1.1 GiB is free. Including non-PyTorch memory...")
+        return real(lm, examples, copies, **kwargs)
+
+    monkeypatch.setattr(stacking, "evaluate_copies", device_holds_fits)
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    cfg = dict(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25, 0.1))
+    stacks = run_search(lm, _splits(mc_task), SearchConfig(**cfg, stack=8), None)
+    one = run_search(lm, _splits(mc_task), SearchConfig(**cfg, stack=1), None)
+    assert tried[:2] == [4, 2] and tried[2:] == ([2] * (len(tried) - 2) if fits == 2 else [])
+    assert len(tried) == (2 + 2 * 2 * 2 - 1 if fits == 2 else 2)  # (2 matrices x 2 K) groups of 4 rhos, 2 stacks each
+    assert [c.get("stacked") for c in stacks.candidates] == [fits if fits > 1 else None] * len(one.candidates)
+    for a, b in zip(one.candidates, stacks.candidates):
+        assert (a["name"], a["k"], a["rho"], a["accuracy"]) == (b["name"], b["k"], b["rho"], b["accuracy"])
+        assert a["log_loss"] == pytest.approx(b["log_loss"], abs=1e-4)
+    assert weight_hashes(lm.model) == before
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert said == ["a stack of 4 candidates ran out of memory on cpu: 2 at a time from here on"] + \
+        ([] if fits == 2 else ["a stack of 2 candidates ran out of memory on cpu: one at a time from here on"])
+
+
+def test_a_stack_that_fails_otherwise_than_for_memory_is_not_retried(tiny_lm, mc_task, monkeypatch):
+    import laser_core.stacking as stacking
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(stacking, "evaluate_copies", broken)
+    lm = tiny_lm("llama")
+    before = weight_hashes(lm.model)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_search(lm, _splits(mc_task), SearchConfig(q=1, ks=(1,), rhos=RHOS, stack=3), None)
+    assert weight_hashes(lm.model) == before

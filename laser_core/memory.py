@@ -1,0 +1,57 @@
+"""Running out of memory: telling it from other failures, giving back what the allocator holds, and the message a
+user reads instead of a traceback.
+
+A GPU's allocator raises ``torch.OutOfMemoryError``; the CPU's a ``RuntimeError`` naming the bytes it could not
+allocate. Either way the model was not left edited (every edit restores its weights on the way out) and what a
+search had cached stays, so the message only says what to change.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Iterator
+
+import torch
+
+from .errors import OutOfMemory
+
+CPU_ALLOCATOR_FAILED = "can't allocate memory"  # in the text of the CPU allocator's RuntimeError
+ADVICE = ("Nothing was left edited and what was cached stays. Free memory (another job or program), or use a smaller "
+          "model or another device (CLI: --device; dashboard: the sidebar's device)")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Is ``e`` an allocator's failure to find memory (on any device)?"""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and CPU_ALLOCATOR_FAILED in str(e))
+
+
+def free_memory() -> None:
+    """Collect what nothing refers to any more and give the GPU allocator's unused blocks back, so that a retry (or the
+    next job) starts from what is really in use."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def allocator_says(e: BaseException) -> str:
+    """The first sentences of an allocator's message: what it tried to allocate and what was free (torch's CUDA
+    message goes on with tuning advice that does not apply here)."""
+    text = " ".join(str(e).split())
+    return ". ".join(text.split(". ")[:3]).rstrip(".")[:300]
+
+
+@contextlib.contextmanager
+def memory_explained(doing: str) -> Iterator[None]:
+    """Run the block; where it runs out of memory, free what its frames held and raise :class:`OutOfMemory` saying
+    what was being done (``doing``), what the allocator said, and what to change. Other errors pass unchanged."""
+    said = None
+    try:
+        yield
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        said = allocator_says(e)
+    if said is None:
+        return
+    free_memory()  # what the failed work held and nothing refers to any more: for the next job
+    raise OutOfMemory(f"ran out of memory {doing}: {said}. {ADVICE}.")
