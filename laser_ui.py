@@ -919,11 +919,8 @@ def render_skipped(report: dict) -> None:
 
 def cli_command(lm, splits, cfg: SearchConfig) -> str:
     """The shell command that runs ``cfg`` on this model and task."""
-    import shlex
-
-    from laser_core.cli_args import search_args, spec_args
-    return shlex.join(["python", "-m", "laser_core", *search_args(cfg),
-                       *spec_args(lm.spec, splits.spec)])
+    from laser_core.cli_args import search_command
+    return search_command(lm.spec, splits.spec, cfg)
 
 
 def render_estimate(est) -> None:

@@ -118,5 +118,20 @@ def model_card(recipe: dict) -> str:
     lines += ["## Reproduce", "", "`laser_recipe.json` beside this card is the recipe. From the base model:", "",
               "```bash", "python -m laser_core apply --recipe laser_recipe.json --out edited-model", "```", "",
               "It re-checks the held-out accuracy above where the recipe records it. Made with LASER Lab"
-              + (f" ({versions})" if versions else "") + ".", ""]
+              + (f" ({versions})" if versions else "") + ".", "", *_search_section(recipe)]
     return "\n".join(lines)
+
+
+def _search_section(recipe: dict) -> list[str]:
+    """The command of the search that found the edit, where the recipe records its settings, model and task."""
+    from .cli_args import search_command
+    from .errors import LaserError
+    from .recipe import recipe_model, recipe_search, recipe_task
+    try:
+        cfg, task = recipe_search(recipe), recipe_task(recipe)
+    except LaserError:  # a task this version cannot read: the recipe still applies
+        return []
+    if cfg is None or task is None:
+        return []
+    return ["The search that found it (its settings are the recipe's `search`):", "", "```bash",
+            search_command(recipe_model(recipe), task, cfg), "```", ""]

@@ -239,3 +239,9 @@ def search_args(cfg: SearchConfig) -> list[str]:
             out += ["--" + f.replace("_", "-"), text.get(f, str)(value)]
     out += ["--early-stop"] * cfg.early_stop + ["--no-prefix-reuse"] * (not cfg.prefix_reuse)
     return out
+
+
+def search_command(model: ModelSpec, task: TaskSpec, cfg: SearchConfig) -> str:
+    """The shell command that runs the search ``cfg`` on ``model`` and ``task`` (as a page or a model card shows it)."""
+    import shlex
+    return shlex.join(["python", "-m", "laser_core", *search_args(cfg), *spec_args(model, task)])

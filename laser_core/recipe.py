@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import CONTIGUOUS, Edit, ModelSpec, TaskSpec, check_one_per_matrix, read_text, to_dict
+from .config import CONTIGUOUS, Edit, ModelSpec, SearchConfig, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
 from .grouping import check_row_order
 from .models import LoadedModel, load_model
@@ -30,9 +30,10 @@ def library_versions() -> dict[str, str]:
 
 
 def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None, metrics: dict | None = None,
-                method: str | None = None) -> dict:
+                method: str | None = None, search: dict | None = None) -> dict:
     """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks (and, for rows grouped
-    otherwise than contiguously, the ``row_order`` of the blocks: see :func:`recipe_row_orders`), metrics."""
+    otherwise than contiguously, the ``row_order`` of the blocks: see :func:`recipe_row_orders`), metrics, and
+    ``search``: the settings of the search that found the edit (``SearchConfig`` as a dict), where one did."""
     from .reduction import params_kept
 
     rows = []
@@ -46,7 +47,7 @@ def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None
     version = 2 if any(e.grouping != CONTIGUOUS for e in edits) else 1
     return {"laser_lab_recipe": version, "model": {**to_dict(lm.spec), "fingerprint": lm.fingerprint},
             "task": to_dict(task) if task else None, "method": method, "edits": rows, "metrics": metrics or {},
-            "versions": library_versions()}
+            **({"search": search} if search else {}), "versions": library_versions()}
 
 
 def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
@@ -55,7 +56,7 @@ def recipe_from_report(lm: LoadedModel, report, task: TaskSpec) -> dict:
     if edit is None:
         raise LaserError("the search evaluated no candidate, so there is no edit to export")
     metrics = recipe_metrics(report.search_split, report.base, report.best, report.base_test, report.best_test)
-    return make_recipe(lm, [edit], task, metrics, method=report.method)
+    return make_recipe(lm, [edit], task, metrics, method=report.method, search=report.config)
 
 
 def recipe_metrics(search_split: str, base: dict | None, edited: dict | None, base_test: dict | None = None,
@@ -107,6 +108,15 @@ def load_recipe(path: str | Path) -> dict:
 def recipe_model(recipe: dict) -> ModelSpec:
     """The model spec a recipe was made on (its source, device and dtype)."""
     return ModelSpec(**{k: v for k, v in recipe["model"].items() if k in ("source", "device", "dtype")})
+
+
+def recipe_search(recipe: dict) -> SearchConfig | None:
+    """The settings of the search that found a recipe's edits; None where it records none (a recipe from before
+    they were recorded, a composition, a hand-written one) or settings this version cannot read."""
+    try:
+        return SearchConfig(**recipe["search"]) if isinstance(recipe.get("search"), dict) else None
+    except (TypeError, ConfigError):
+        return None
 
 
 def recipe_task(recipe: dict) -> TaskSpec | None:

@@ -37,8 +37,9 @@ method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)
 ui.render_held_out(lm, splits, tests, wanted)
 with st.expander("On the other bundled tasks: what else does this edit change?"):
     elsewhere = ui.render_other_tasks(lm, splits, [edit])  # those measured go into the recipe and the model card
+found_by = ui.search_that_found(lm, splits, d, report)  # Explore's, else one in the cache
 recipe = make_recipe(lm, [edit], splits.spec, recipe_metrics(d["split"], base, d, **tests, other_tasks=elsewhere),
-                     method=method)
+                     method=method, search=found_by["config"] if found_by else None)
 with st.expander("Combine with edits of other matrices (applied together)"):
     combined = ui.render_combination(lm, splits, docs, d)  # (edits, recipe) once a combination is evaluated
 fmt = st.radio("Format", ["JSON", "YAML"], horizontal=True, key="fmt", persist_state="session")
@@ -49,7 +50,6 @@ with st.expander(f"The recipe ({fmt})"):
     st.code(text, language=fmt.lower())
 st.subheader("From the command line")
 st.code(f"python -m laser_core apply --recipe laser_recipe.{fmt.lower()} --out edited-model", language="bash")
-found_by = ui.search_that_found(lm, splits, d, report)  # Explore's, else one in the cache
 cfg = SearchConfig(**found_by["config"]) if found_by else command_defaults(method or "c2i")
 st.caption(("or re-run the search that found it: " if found_by else "or run a search: ") + f"`{ui.cli_command(lm, splits, cfg)}`")
 

@@ -1131,6 +1131,7 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     cached = Store().get_json(report_key(Store(), lm, splits, search_config_of(parser().parse_args(cmd), "c2i")))
     e = json.loads(at.code[0].value)["edits"][0]
     assert any((c["name"], c["k"], c["rho"]) == (e["name"], e["k"], e["rho"]) for c in cached["candidates"])
+    assert json.loads(at.code[0].value)["search"] == cached["config"]  # the recipe says how it was found
     found = {"name": e["name"], "k": e["k"], "rho": e["rho"]}
     found_by = AppTest.from_file(str(ROOT / "pages/5_Export.py"), default_timeout=120)
     found_by.session_state["last_report"] = kept(app_env, {  # as Explore leaves a search that found this candidate
@@ -1139,6 +1140,7 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     found_by.run()
     assert ("or re-run the search that found it: `python -m laser_core search --q 2 --ks 1,2 --tail-fraction 0.3 "
             f"--rhos 0.5,0.1 {spec_flags}`") in [c.value for c in found_by.caption]
+    assert json.loads(found_by.code[0].value)["search"]["tail_fraction"] == 0.3
     at.radio(key="fmt").set_value("YAML").run()
     assert "laser_lab_recipe: 1" in at.code[0].value
     folder = next(t for t in at.text_input if t.label == "Folder")  # named by the candidate, so that saving another

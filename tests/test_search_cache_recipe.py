@@ -571,6 +571,35 @@ def test_every_cli_option_says_what_it_does_and_search_settings_reach_the_config
     assert "the range 5-2 is empty" in capsys.readouterr().err
 
 
+def test_a_searchs_recipe_records_its_settings_and_its_card_the_command_that_reruns_it(tiny_lm, mc_task, store,
+                                                                                        tmp_path, capsys):
+    """The search settings go into the recipe; the card's command, run, is the same search (its report read back from
+    the cache, same best); a recipe without settings (a composition, one from before) has no such section."""
+    import shlex
+
+    from laser_core.card import model_card
+    from laser_core.cli import main
+    from laser_core.recipe import compose_recipes, make_recipe, recipe_search
+    lm = tiny_lm("llama")
+    ts, splits = _splits(mc_task)
+    cfg = SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), score="first_order")
+    recipe = recipe_from_report(lm, run_search(lm, splits, cfg, store), ts)
+    path = save_recipe(recipe, tmp_path / "r.json")
+    assert recipe_search(load_recipe(path)) == cfg and recipe["search"]["score"] == "first_order"
+    lines = model_card(recipe).splitlines()
+    command = lines[lines.index("The search that found it (its settings are the recipe's `search`):") + 3]
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "laser_core"] and "--score" in argv
+    assert main([*argv[3:], "--cache-dir", str(tmp_path / "store"), "--recipe-out", str(tmp_path / "again.json")]) == 0
+    again = load_recipe(tmp_path / "again.json")
+    assert [e["name"] for e in again["edits"]] == [e["name"] for e in recipe["edits"]] and again["search"] == \
+        recipe["search"]
+    assert "candidates from cache 8/8" in capsys.readouterr().out
+    other = next(r.name for r in lm.matrices if r.name != recipe["edits"][0]["name"])
+    assert "The search that found it" not in model_card(compose_recipes([recipe, make_recipe(lm, [Edit(other, 1, .5)])]))
+    assert recipe_search({**recipe, "search": {"q": "many"}}) is None
+
+
 def test_search_args_give_the_cli_the_same_search_settings():
     from laser_core.cli_args import parser, search_args, search_config_of
 
