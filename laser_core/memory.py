@@ -2,7 +2,7 @@
 user reads instead of a traceback.
 
 A GPU's allocator raises ``torch.OutOfMemoryError``; the CPU's a ``RuntimeError`` naming the bytes it could not
-allocate. Either way the model was not left edited (every edit restores its weights on the way out) and what a
+allocate (``... can't allocate memory ...``). Either way the model was not left edited (every edit restores its weights on the way out) and what a
 search had cached stays, so the message only says what to change.
 """
 from __future__ import annotations
@@ -15,14 +15,15 @@ import torch
 
 from .errors import OutOfMemory
 
-CPU_ALLOCATOR_FAILED = "can't allocate memory"  # in the text of the CPU allocator's RuntimeError
+ALLOCATOR_FAILED = ("can't allocate memory", "out of memory")  # a RuntimeError's text: the CPU's allocator, older GPU ones
 ADVICE = ("Nothing was left edited and what was cached stays. Free memory (another job or program), or use a smaller "
-          "model or another device (CLI: --device; dashboard: the sidebar's device)")
+          "model, bfloat16 on a GPU, or another device (CLI: --dtype, --device; dashboard: Model & task)")
 
 
 def out_of_memory(e: BaseException) -> bool:
     """Is ``e`` an allocator's failure to find memory (on any device)?"""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and CPU_ALLOCATOR_FAILED in str(e))
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and any(
+        text in str(e) for text in ALLOCATOR_FAILED))
 
 
 def free_memory() -> None:
@@ -42,8 +43,8 @@ def allocator_says(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def memory_explained(doing: str) -> Iterator[None]:
-    """Run the block; where it runs out of memory, free what its frames held and raise :class:`OutOfMemory` saying
-    what was being done (``doing``), what the allocator said, and what to change. Other errors pass unchanged."""
+    """Run the block; where it runs out of memory, give back what the allocator caches and raise :class:`OutOfMemory`
+    saying what was being done (``doing``), what the allocator said, and what to change. Other errors pass unchanged."""
     said = None
     try:
         yield

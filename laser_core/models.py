@@ -15,9 +15,9 @@ import torch
 
 from .config import ModelSpec, canonical_json
 from .errors import ModelLoadError
-from .memory import memory_explained
 from .hub import hub_unreachable
 from .matrices import TYPE_ORDER, MatrixRef, locate_matrices
+from .memory import memory_explained
 
 log = logging.getLogger(__name__)
 

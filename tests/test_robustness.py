@@ -610,8 +610,8 @@ def test_running_out_of_memory_in_the_cli_is_one_line_naming_the_allocation_and_
     assert rc == 2 and err[-1] == (
         "error: ran out of memory in search: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
         "capacity of 23.6 GiB of which 1.1 GiB is free. Nothing was left edited and what was cached stays. Free "
-        "memory (another job or program), or use a smaller model or another device (CLI: --device; dashboard: the "
-        "sidebar's device).")
+        "memory (another job or program), or use a smaller model, bfloat16 on a GPU, or another device (CLI: --dtype, "
+        "--device; dashboard: Model & task).")
     assert not any("Traceback" in line for line in err) and not (tmp_path / "r.json").exists()
 
 
