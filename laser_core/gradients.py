@@ -20,11 +20,14 @@ from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken
 from .forward import lead_cache, rows_and_batches, scored_logprobs
 from .matrices import MatrixRef, matrix_of
+from .memory import free_memory, out_of_memory
 from .models import LoadedModel
 from .reduction import block_rank, block_svd, row_blocks
 from .tasks import Example
 
 log = logging.getLogger(__name__)
+GRADIENT_TOKENS = 4096  # padded tokens per batch of the gradient step; halved while the device runs out of memory...
+MIN_GRADIENT_TOKENS = 16  # ...down to this (one row per batch, or about)
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -87,8 +90,7 @@ def calibration_gradients(lm: LoadedModel, examples: Sequence[Example], cancel: 
             for n in names:
                 params[n].grad = None
                 params[n].requires_grad_(True)
-            with torch.enable_grad():
-                loss = loss_backward(lm, examples, cancel=cancel, progress=progress)
+            loss = _backward_fitting(lm, examples, [params[n] for n in names], cancel, progress)
             grads = {}
             for r in lm.matrices:
                 g = params[r.name].grad
@@ -100,6 +102,27 @@ def calibration_gradients(lm: LoadedModel, examples: Sequence[Example], cancel: 
                 params[n].requires_grad_(False)
                 params[n].grad = None
     return grads, loss
+
+
+def _backward_fitting(lm: LoadedModel, examples: Sequence[Example], params: list[torch.Tensor],
+                      cancel: CancelToken | None, progress: Callable[[int, int], None] | None) -> float:
+    """:func:`loss_backward` in batches of :data:`GRADIENT_TOKENS` padded tokens, run again from the start with half
+    as many (the gradients accumulated so far of ``params`` dropped) while the device runs out of memory, down to
+    :data:`MIN_GRADIENT_TOKENS`. The same sum either way, up to float rounding. Returns the log-loss."""
+    tokens = GRADIENT_TOKENS
+    while True:
+        try:
+            with torch.enable_grad():
+                return loss_backward(lm, examples, tokens, cancel, progress)
+        except Exception as e:
+            if not out_of_memory(e) or tokens // 2 < MIN_GRADIENT_TOKENS:
+                raise
+        for p in params:  # out of the except clause: the failed batch's graph is released with its traceback
+            p.grad = None
+        free_memory()
+        tokens //= 2
+        log.warning("the gradient step ran out of memory on %s in batches of %d tokens: again in batches of %d",
+                    lm.device, tokens * 2, tokens)
 
 
 @dataclass

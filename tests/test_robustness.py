@@ -646,3 +646,40 @@ def test_the_cpu_allocator_failing_is_told_apart_from_other_errors():
     assert out_of_memory(torch.OutOfMemoryError(CUDA_OOM)) and not out_of_memory(ValueError("can't allocate memory"))
     with memory_explained("nothing"):
         pass
+
+
+def test_a_gradient_step_that_runs_out_of_memory_is_run_again_in_smaller_batches_with_the_same_gradients(
+        tiny_lm, mc_task, monkeypatch, caplog):
+    """A device that cannot hold a batch of more than 9 rows, nor (by the fake's whim) one of 7: the gradient step
+    halves its batches until they fit, dropping what the batches that did fit had accumulated (at 64 tokens, batches
+    of 9 and 4 rows run before one of 7 fails), and gives the gradients and loss of one run in a single batch. Where no
+    batch fits, the CLI's one line. Requires-grad and .grad are reset either way."""
+    import laser_core.gradients as gradients
+    from laser_core.errors import OutOfMemory
+    from laser_core.memory import memory_explained
+    lm = tiny_lm("llama")
+    examples = _splits(mc_task).examples("calib")
+    want, want_loss = gradients.calibration_gradients(lm, examples)
+    real, sizes = gradients.scored_logprobs, []
+
+    def holds(fits):
+        def scored_logprobs(lm, batch, **kwargs):
+            sizes.append(len(batch))
+            if not fits(len(batch)):
+                raise torch.OutOfMemoryError(CUDA_OOM)
+            return real(lm, batch, **kwargs)
+        return scored_logprobs
+    monkeypatch.setattr(gradients, "scored_logprobs", holds(lambda rows: rows <= 9 and rows != 7))
+    got, loss = gradients.calibration_gradients(lm, examples)
+    assert sizes == [20] * 5 + [13, 9, 4, 7, 4, 4, 4, 3, 5]  # batches of 4096 tokens ... 256, then 128, 64, 32
+    assert loss == pytest.approx(want_loss, abs=1e-5)
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+    said = [r.getMessage() for r in caplog.records if "gradient step ran out of memory" in r.getMessage()]
+    assert said[0] == "the gradient step ran out of memory on cpu in batches of 4096 tokens: again in batches of 2048"
+    assert len(said) == 7 and said[-1].endswith("in batches of 64 tokens: again in batches of 32")
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+    monkeypatch.setattr(gradients, "scored_logprobs", holds(lambda rows: False))  # not even one row
+    with pytest.raises(OutOfMemory, match="ran out of memory in the gradient step: CUDA out of memory"):
+        with memory_explained("in the gradient step"):
+            gradients.calibration_gradients(lm, examples)
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
