@@ -35,7 +35,7 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise NumericsError(f"{what} is NaN or infinite (the model's output overflowed; try float32)")
 
 
-def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = 4096,
+def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = GRADIENT_TOKENS,
                   cancel: CancelToken | None = None, progress: Callable[[int, int], None] | None = None) -> float:
     """Accumulate ``d log_loss / d weight`` into ``.grad`` of the parameters that require grad.
 

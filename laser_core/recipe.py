@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .candidates import result_row
 from .config import CONTIGUOUS, Edit, ModelSpec, SearchConfig, TaskSpec, check_one_per_matrix, read_text, to_dict
 from .errors import ConfigError, LaserError
 from .grouping import check_row_order
@@ -34,14 +35,9 @@ def make_recipe(lm: LoadedModel, edits: list[Edit], task: TaskSpec | None = None
     """A recipe dict: model spec + fingerprint, task + split + seed, edits with layer/type/ranks (and, for rows grouped
     otherwise than contiguously, the ``row_order`` of the blocks: see :func:`recipe_row_orders`), metrics, and
     ``search``: the settings of the search that found the edit (``SearchConfig`` as a dict), where one did."""
-    from .reduction import params_kept
-
     rows = []
     for e in edits:
-        ref = lm.ref(e.name)
-        ranks, kept = params_kept(ref, e.k, e.rho)
-        rows.append({**to_dict(e), "layer": ref.layer, "type": ref.type,  # grouping: where not contiguous
-                     "ranks": ranks, "params_kept": kept, "params_full": ref.shape[0] * ref.shape[1]})
+        rows.append(result_row(lm, e))  # as a search's result says it: grouping where not contiguous
         if e.grouping != CONTIGUOUS:  # its blocks as found here, so that apply reduces these on any device
             rows[-1]["row_order"] = edit_row_order(lm, e)
     version = 2 if any(e.grouping != CONTIGUOUS for e in edits) else 1
