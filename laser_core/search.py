@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .candidates import PrefixPool, better, edit_identity, evaluate_candidate, match_ident, same_result
 from .config import Edit, SearchConfig, to_dict
@@ -19,6 +19,9 @@ from .tasks import Splits
 
 log = logging.getLogger(__name__)
 SEARCH_SPLIT = {"c2i": "calib", "laser": "val"}  # where each method scores its candidates (LASER: its 20% validation)
+# settings that change how fast a search runs and how much memory it takes, never what it finds: every candidate's
+# result is cached under a key without them, so a search's report is the same whatever they are
+SPEED_ONLY = ("prefix_reuse", "prefix_budget_mb", "stack")
 
 
 def report_task(splits: Splits) -> dict:
@@ -33,13 +36,22 @@ def report_task(splits: Splits) -> dict:
 
 
 def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig, status: str = "complete") -> str:
-    """Cache key of a search report: model, task, the searched split's examples, the settings, its status, and for
+    """Cache key of a search report: model, task, the searched split's examples, the settings that change what it
+    finds (:func:`search_identity`), its status, and for
     a generation task the decoding length and answer-match rule (every result in it depends on those)."""
     split = SEARCH_SPLIT[cfg.method]
-    ident = {"cfg": to_dict(cfg), "split": splits.key(split), "status": status}
+    ident = {"cfg": search_identity(cfg), "split": splits.key(split), "status": status}
     if splits.task.kind == "gen":  # a multiple-choice report's key stays as it was: its results decode nothing
         ident.update(max_new_tokens=splits.spec.max_new_tokens, **match_ident(splits))
     return store.key("report", lm.fingerprint, splits.task.digest, ident)
+
+
+def search_identity(cfg: SearchConfig) -> dict:
+    """What of ``cfg`` a search's report depends on, for its cache key: the settings with those of
+    :data:`SPEED_ONLY` at their defaults. A search run with another stack size, prefix budget or without prefix reuse
+    (the CLI's flags, the dashboard's Speed settings) finds the report of the same search with the defaults, and
+    the other way round; a report made with the defaults keeps the key it had before."""
+    return to_dict(replace(cfg, **{name: getattr(SearchConfig, name) for name in SPEED_ONLY}))
 
 
 @dataclass

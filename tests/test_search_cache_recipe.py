@@ -647,6 +647,24 @@ def test_a_generation_tasks_report_is_cached_per_decoding_length_and_a_multiple_
         "cfg": to_dict(cfg), "split": splits.key("calib"), "status": "complete"})
 
 
+def test_a_search_run_with_other_speed_settings_is_found_as_the_same_search(tiny_lm, mc_task, store):
+    """Stack size, prefix budget and prefix reuse change how fast a search runs, not what it finds: its report is
+    cached under the key of the same search with the defaults (which the dashboard looks up), so a search run from
+    the CLI with --stack 2 shows on Explore without running again. Early stop and the grids stay apart."""
+    from laser_core.search import report_key
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    fast = SearchConfig(q=1, ks=(1, 2), rhos=(0.5, 0.1), stack=2, prefix_budget_mb=1, prefix_reuse=False)
+    report = run_search(lm, splits, fast, store)
+    plain = SearchConfig(q=1, ks=(1, 2), rhos=(0.5, 0.1))
+    found = store.get_json(report_key(store, lm, splits, plain))
+    assert found is not None and found["config"]["stack"] == 2 and found["config"]["prefix_reuse"] is False
+    assert [(c["name"], c["k"], c["rho"]) for c in found["candidates"]] == \
+        [(c["name"], c["k"], c["rho"]) for c in report.candidates]
+    for other in (dataclasses.replace(plain, early_stop=True), dataclasses.replace(plain, rhos=(0.5,))):
+        assert store.get_json(report_key(store, lm, splits, other)) is None
+
+
 def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, tiny_dirs, store,
                                                                                          tmp_path, capsys):
     """LASER's rule (an accepted answer occurs in the generated line) credits "5" in "555": the stricter rules do
