@@ -4,7 +4,8 @@ Every evaluation stored in the cache carries its wall time. A candidate costs ab
 searched split times the share of the model's blocks it runs (with prefix reuse: from its layer on); a candidate
 already in the cache, or one with the same ranks as another rho of its matrix, costs nothing. The basis, best
 first: candidates of this split already timed (each scaled back to a full evaluation by its layer's share; the
-median, once there are ``MIN_RUNS``), the base model on this split, the base model on the other searched split or
+median, once there are ``MIN_RUNS``; those run together, each timed at its share of its stack, where the search
+runs its candidates together, and the others where it does not), the base model on this split, the base model on the other searched split or
 on the held-out test split, scaled by the example count. Timings taken on another device, or while the machine
 was busy, carry over as they are: an estimate, not a promise.
 """
@@ -18,6 +19,7 @@ from .config import Edit, SearchConfig
 from .models import LoadedModel
 from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
 from .search import SEARCH_SPLIT
+from .stacking import stack_size
 from .store import Store
 from .tasks import SPLIT_WORDS, Splits  # SPLIT_WORDS: imported from here by the CLI and the pages too
 
@@ -37,7 +39,8 @@ class SearchEstimate:
     basis: str  # where ``full_eval_s`` comes from, in words
     scores_cached: bool  # c2i: False means the gradient step and SVDs come on top, and every candidate is
     #                      counted as a full evaluation (its layer is not known before the scores are)
-    upper_bound: bool  # early stop on (a candidate may stop early), or c2i's layers not known yet
+    upper_bound: bool  # early stop on (a candidate may stop early), c2i's layers not known yet, or candidates to
+    #                    run together timed only one at a time (together takes less)
 
     def summary(self, rho: str = "ρ") -> str:
         """One line: 'about 9 min (150 to run, …; one full evaluation of this split takes about 4.6 s, from …)'."""
@@ -57,24 +60,32 @@ def block_share(lm: LoadedModel, layer: int | None, reuse: bool) -> float:
 
 
 def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[dict],
-                      reuse: bool) -> tuple[float, str] | None:
-    """(seconds of one full evaluation of ``split``, where that figure comes from), or None with no timing.
+                      reuse: bool, stack: int = 1) -> tuple[float, str, bool] | None:
+    """(seconds of one full evaluation of ``split``, where that figure comes from, whether it was timed as the
+    search runs its candidates), or None with no timing.
 
     ``docs``: the cached evaluations of this model on these splits (``candidates.cached_results``); ``reuse``: whether
-    their candidates ran with prefix reuse (see :func:`block_share`).
+    their candidates ran with prefix reuse (see :func:`block_share`); ``stack``: how many candidates the search runs
+    together (``stacking.stack_size``). A stacked candidate's time is its share of its stack's: where there are
+    ``MIN_RUNS`` timed the way the search runs them (stacked or not), those are the basis.
     """
-    runs = [d["seconds"] / block_share(lm, d["layer"], reuse) for d in docs
-            if d["split"] == split and d.get("name") and d.get("seconds") and not d.get("stopped_early")
-            and d.get("same_as_rho") is None]
-    if len(runs) >= MIN_RUNS:
-        return statistics.median(runs), f"{len(runs)} candidates already timed on this split"
+    timed = [d for d in docs if d["split"] == split and d.get("name") and d.get("seconds")
+             and not d.get("stopped_early") and d.get("same_as_rho") is None]
+    alike = [d for d in timed if (d.get("stacked", 1) > 1) == (stack > 1)]
+    timed = alike if len(alike) >= MIN_RUNS else timed
+    if len(timed) >= MIN_RUNS:
+        runs = [d["seconds"] / block_share(lm, d["layer"], reuse) for d in timed]
+        together = sum(d.get("stacked", 1) > 1 for d in timed) * 2 > len(timed)
+        return (statistics.median(runs), f"{len(runs)} candidates already timed on this split"
+                + (", run together" if together else ""), together == (stack > 1))
     n = len(getattr(splits, split))
     for other in (split, *(s for s in SEARCH_SPLIT.values() if s != split), "test"):  # test: timed on Export/Results
         base = next((d for d in docs if d["split"] == other and not d.get("name") and d.get("seconds")), None)
         if base is not None:
             scale = n / max(1, len(getattr(splits, other)))
             note = "" if other == split else f", scaled to {n} examples"
-            return base["seconds"] * scale, f"the base model's evaluation of the {SPLIT_WORDS[other]} split{note}"
+            return (base["seconds"] * scale, f"the base model's evaluation of the {SPLIT_WORDS[other]} split{note}",
+                    stack == 1)
     return None
 
 
@@ -88,10 +99,11 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     split = SEARCH_SPLIT[cfg.method]
     docs = cached_results(store, lm, splits, failed=True)  # an edit that broke the numerics is skipped at once
     reuse = cfg.prefix_reuse and prefix_reuse_applies(lm, splits)
-    found = full_eval_seconds(lm, splits, split, docs, reuse)
+    stack = stack_size(lm, cfg, splits)
+    found = full_eval_seconds(lm, splits, split, docs, reuse, stack)
     if found is None:
         return None
-    full, basis = found
+    full, basis, as_run = found  # as_run False: timed one at a time for a search that stacks (or the other way)
     spectra = cached_spectra(lm, splits, store, **spectra_needed(cfg)) if cfg.method == "c2i" else None
     if cfg.method == "laser":
         plan: list[Edit | None] = [e for e, _ in laser_plan(lm, cfg)]
@@ -130,7 +142,8 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
         seconds += test  # the best candidate on it
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
                           scores_cached=cfg.method == "laser" or spectra is not None,
-                          upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None))
+                          upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None)
+                          or (stack > 1 and not as_run))
 
 
 def human_seconds(s: float) -> str:

@@ -72,5 +72,34 @@ def test_after_a_search_its_candidates_cost_nothing_and_their_timings_become_the
     assert more.to_run > 0 and more.seconds > 0 and not more.upper_bound
 
 
+def test_a_search_that_runs_candidates_together_is_estimated_from_candidates_timed_together(llama_splits, store):
+    """A candidate run in a stack is timed at its share of the stack's time, on a GPU a fraction of its time alone.
+    A search that stacks is estimated from candidates timed in stacks, and one that does not from those timed alone;
+    where only the other kind is timed, they are the basis (for a search that stacks, at most that long)."""
+    from laser_core.estimate import block_share
+    lm, splits = llama_splits
+    alone = SearchConfig(q=3, ks=(1,), rhos=(0.5, 0.25, 0.1), stack=1)
+    together = SearchConfig(q=3, ks=(2,), rhos=(0.5, 0.25, 0.1), stack=4)
+
+    def timed(share_of_full: dict) -> None:  # every candidate a set share of a full evaluation: 1.0 alone
+        for key, doc in store.iter_json(f"result/{lm.fingerprint}/"):
+            if doc.get("name") and doc["split"] == "calib":
+                share = block_share(lm, doc["layer"], True)
+                store.put_json(key, {**doc, "seconds": share_of_full[doc.get("stacked", 1) > 1] * share})
+
+    run_search(lm, splits, alone, store)
+    timed({False: 1.0})
+    first = estimate_search(lm, splits, together, store)
+    assert first.full_eval_s == pytest.approx(1.0) and "run together" not in first.basis and first.upper_bound
+    assert first.summary().startswith("at most")
+    report = run_search(lm, splits, together, store)
+    assert {c["stacked"] for c in report.candidates} == {3}  # the rho grid of each (matrix, K) as one stack
+    timed({False: 1.0, True: 0.25})
+    for cfg, unit in ((together, 0.25), (alone, 1.0)):
+        est = estimate_search(lm, splits, dataclasses.replace(cfg, q=5), store)
+        assert est.full_eval_s == pytest.approx(unit) and ("run together" in est.basis) == (unit < 1)
+        assert est.to_run > 0 and not est.upper_bound
+
+
 def test_durations_read_as_people_say_them():
     assert [human_seconds(s) for s in (40, 540, 52000)] == ["40 s", "9 min", "14.4 h"]
