@@ -115,7 +115,7 @@ class JobManager:
         def work() -> None:
             status, error = "error", "stopped before it finished"
             try:  # the job's warnings: the cache switching itself off, ties a masked LM cannot break...
-                with _warnings_into(job.warnings), memory_explained(f"in '{job.label}'"):
+                with _warnings_into(job.warnings), memory_explained(f"in '{job.label}'", job.kind == "search"):
                     job.result = fn(job)
                 partial = getattr(job.result, "status", "complete") == "partial"
                 status, error = "cancelled" if partial or job.cancel.cancelled else "done", None
@@ -662,7 +662,8 @@ def session_job(kind: str, lm, splits) -> Job | None:
 # before the page was left (streamlit#10805; Streamlit 1.67).
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
-                            "early": False, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
+                            "early": False, "prefix_reuse": True, "prefix_budget_mb": SearchConfig.prefix_budget_mb,
+                            "stack": 0, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
                             "grouping": CONTIGUOUS, "one_grouping": CONTIGUOUS}
 MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
 
@@ -1810,6 +1811,37 @@ def grid_inputs(ks: bool = True) -> dict:
     if not ks:
         st.caption("K = 1: LASER reduces each matrix as a whole (one block).")
     return {"ks": k_grid, "rhos": rhos, "grouping": grouping}
+
+
+def speed_inputs(lm, splits) -> dict:
+    """Explore's speed settings, in an expander: early stop, prefix reuse, the memory its cached states may take
+    and how many candidates run together. None changes which candidate is best; only early stop changes the rest of
+    the table (a candidate that stopped early shows the accuracy it had then). What the CLI's ``--early-stop``,
+    ``--no-prefix-reuse``, ``--prefix-budget-mb`` and ``--stack`` set, as ``SearchConfig`` fields. Before, only early stop could
+    be set here: a GPU short of memory had no way to take less from the dashboard."""
+    from laser_core.stacking import stack_size
+    with st.expander("Speed settings (exact: the best candidate is the same)", key="speed_box"):
+        early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early",
+                            persist_state="session")
+        c1, c2, c3 = st.columns(3)
+        reuse = c1.checkbox("Prefix reuse", key="prefix_reuse", persist_state="session",
+                            help="Run a candidate from its layer on, from hidden states cached once per layer, instead "
+                                 "of the whole model (exact within 1e-4 in log-prob). Off: every candidate runs the full "
+                                 "forward, and nothing is cached.")
+        budget = c2.number_input(f"Memory for cached states (MB, on {lm.device})", 0, 2**20, step=256,
+                                 key="prefix_budget_mb", disabled=not reuse, persist_state="session",
+                                 help="The least recently used layers' states are dropped beyond it (and built again "
+                                      "when needed). Lower it where the device runs out of memory.")
+        auto = stack_size(lm, SearchConfig(early_stop=early), splits)
+        stack = c3.number_input("Candidates run together (0: auto)", 0, 64, step=1, key="stack",
+                                persist_state="session",
+                                help="The ρ grid of one matrix and K as one forward, each candidate its own rows "
+                                     "(exact). Saves time where a GPU waits on kernel launches, little on a CPU; takes "
+                                     "that many times the activations' memory (a stack that does not fit is halved). "
+                                     f"Auto here: {auto}{' (one at a time)' if auto == 1 else ''}.")
+        if early and stack > 1:
+            st.caption("Early stop follows one candidate at a time: with it on, candidates are not run together.")
+    return {"early_stop": early, "prefix_reuse": reuse, "prefix_budget_mb": int(budget), "stack": int(stack)}
 
 
 def grouping_input(where, key: str, disabled: bool = False) -> str:

@@ -31,15 +31,15 @@ else:
         grid = ui.grid_inputs(ks=False)
     with c2:
         lo, hi, sel_types = ui.laser_inputs(layers, types)
-early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early", persist_state="session")
+speed = ui.speed_inputs(lm, splits)  # early stop, prefix reuse, its memory, candidates run together
 try:
     if method.startswith("C2I"):
         cfg = SearchConfig("c2i", score, q, tuple(sorted(grid["ks"])), tuple(sorted(grid["rhos"], reverse=True)),
-                           tail, early_stop=early, grouping=grid["grouping"])
+                           tail, grouping=grid["grouping"], **speed)
         n = q * len(grid["ks"]) * len(grid["rhos"])
     else:
         cfg = SearchConfig("laser", ks=(1,), rhos=tuple(sorted(grid["rhos"], reverse=True)),
-                           layers=tuple(x for x in layers if lo <= x <= hi), types=tuple(sel_types), early_stop=early)
+                           layers=tuple(x for x in layers if lo <= x <= hi), types=tuple(sel_types), **speed)
         n = len([r for r in lm.matrices if lo <= r.layer <= hi and r.type in sel_types]) * len(grid["rhos"])
 except ConfigError as e:
     ui.user_error(str(e))

@@ -816,6 +816,34 @@ def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_w
     assert (at.slider(key="tail").value, at.slider(key="q").value) == (0.3, 2)
 
 
+def test_explore_speed_settings_reach_the_command_stay_across_pages_and_find_the_same_search_cached(app_env, searched):
+    """Prefix reuse, its memory and the candidates run together could be set on the CLI only: a GPU short of
+    memory had no way to take less from the dashboard. They change no result: the search the fixture cached with the
+    defaults is this one; early stop's report is its own."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/3_Explore.py").run()
+    at.slider(key="q").set_value(2)
+    _small_grid(at).run()
+    assert any("already in the cache" in s.value for s in at.success)
+    assert "Auto here: 1 (one at a time)." in at.number_input(key="stack").help  # a CPU: none run together
+    at.checkbox(key="prefix_reuse").uncheck()
+    at.number_input(key="prefix_budget_mb").set_value(64)
+    at.number_input(key="stack").set_value(2).run()
+    at.switch_page("pages/4_Results.py").run()  # a page without these widgets: Streamlit drops their values
+    at.switch_page("pages/3_Explore.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.checkbox(key="prefix_reuse").value, at.number_input(key="prefix_budget_mb").value,
+            at.number_input(key="stack").value) == (False, 64, 2)
+    assert at.number_input(key="prefix_budget_mb").disabled  # no states are cached without prefix reuse
+    assert at.code[0].value.startswith("python -m laser_core search --q 2 --ks 1,2 --rhos 0.5,0.1 "
+                                       "--prefix-budget-mb 64 --stack 2 --no-prefix-reuse --model ")
+    assert any("already in the cache" in s.value for s in at.success)  # the same search, run faster or leaner
+    at.checkbox(key="early").check().run()
+    assert not any("already in the cache" in s.value for s in at.success)
+    assert "Early stop follows one candidate at a time: with it on, candidates are not run together." in \
+        [c.value for c in at.caption]
+
+
 def test_a_c2i_search_on_explore_tries_the_top_q_that_layer_scores_lists_under_its_settings(app_env):
     scores = page("pages/2_Layer_scores.py")
     if any(b.label == "Compute scores" for b in scores.button):
