@@ -18,6 +18,8 @@ from .errors import OutOfMemory
 ALLOCATOR_FAILED = ("can't allocate memory", "out of memory")  # a RuntimeError's text: the CPU's allocator, older GPU ones
 ADVICE = ("Nothing was left edited and what was cached stays. Free memory (another job or program), or use a smaller "
           "model, bfloat16 on a GPU, or another device (CLI: --dtype, --device; dashboard: Model & task)")
+SEARCH_ADVICE = ("A search also keeps hidden states beside the model, to run each candidate from its layer on: give "
+                 "them less memory (CLI: --prefix-budget-mb; dashboard: Explore's Speed settings)")
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -42,9 +44,10 @@ def allocator_says(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def memory_explained(doing: str) -> Iterator[None]:
+def memory_explained(doing: str, search: bool = False) -> Iterator[None]:
     """Run the block; where it runs out of memory, give back what the allocator caches and raise :class:`OutOfMemory`
-    saying what was being done (``doing``), what the allocator said, and what to change. Other errors pass unchanged."""
+    saying what was being done (``doing``), what the allocator said, and what to change (``search``: the block runs a
+    search, whose cached states can be given less memory too). Other errors pass unchanged."""
     said = None
     try:
         yield
@@ -55,4 +58,4 @@ def memory_explained(doing: str) -> Iterator[None]:
     if said is None:
         return
     free_memory()  # what the failed work held and nothing refers to any more: for the next job
-    raise OutOfMemory(f"ran out of memory {doing}: {said}. {ADVICE}.")
+    raise OutOfMemory(f"ran out of memory {doing}: {said}. {ADVICE}." + (f" {SEARCH_ADVICE}." if search else ""))

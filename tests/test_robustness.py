@@ -611,7 +611,8 @@ def test_running_out_of_memory_in_the_cli_is_one_line_naming_the_allocation_and_
         "error: ran out of memory in search: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
         "capacity of 23.6 GiB of which 1.1 GiB is free. Nothing was left edited and what was cached stays. Free "
         "memory (another job or program), or use a smaller model, bfloat16 on a GPU, or another device (CLI: --dtype, "
-        "--device; dashboard: Model & task).")
+        "--device; dashboard: Model & task). A search also keeps hidden states beside the model, to run each candidate "
+        "from its layer on: give them less memory (CLI: --prefix-budget-mb; dashboard: Explore's Speed settings).")
     assert not any("Traceback" in line for line in err) and not (tmp_path / "r.json").exists()
 
 
@@ -629,6 +630,7 @@ def test_a_dashboard_job_that_runs_out_of_memory_ends_with_the_message_and_the_m
     assert job.status == "error" and job.error.startswith(
         "ran out of memory in 'C2I on mc': CUDA out of memory. Tried to allocate 2.00 GiB. ")
     assert "Traceback" not in job.error and "PYTORCH_CUDA_ALLOC_CONF" not in job.error
+    assert job.error.endswith("give them less memory (CLI: --prefix-budget-mb; dashboard: Explore's Speed settings).")
     assert weight_hashes(lm.model) == before and lm.lock.acquire(blocking=False)  # the job's edit let go of it
     lm.lock.release()
 
@@ -637,9 +639,10 @@ def test_the_cpu_allocator_failing_is_told_apart_from_other_errors():
     from laser_core.errors import OutOfMemory
     from laser_core.memory import memory_explained, out_of_memory
     with pytest.raises(OutOfMemory, match=r"ran out of memory making a tensor: .*can't allocate memory: you tried to "
-                                          r"allocate \d+ bytes"):
+                                          r"allocate \d+ bytes") as failed:
         with memory_explained("making a tensor"):
             torch.empty(2**48)  # a pebibyte: more than any address space
+    assert "prefix-budget" not in str(failed.value)  # not a search: its cached states are not what to change
     with pytest.raises(RuntimeError, match="a bug"):
         with memory_explained("making a tensor"):
             raise RuntimeError("a bug")
