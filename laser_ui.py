@@ -1820,7 +1820,7 @@ def speed_inputs(lm, splits) -> dict:
     ``--no-prefix-reuse``, ``--prefix-budget-mb`` and ``--stack`` set, as ``SearchConfig`` fields. Before, only early stop could
     be set here: a GPU short of memory had no way to take less from the dashboard."""
     from laser_core.stacking import stack_size
-    with st.expander("Speed settings (exact: the best candidate is the same)", key="speed_box"):
+    with st.expander("Speed settings (exact: the search finds the same best edit)", key="speed_box"):
         early = st.checkbox("Early stop (exact: skip the rest of a candidate that cannot win)", key="early",
                             persist_state="session")
         c1, c2, c3 = st.columns(3)
