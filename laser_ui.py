@@ -1189,7 +1189,8 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
     split, in the background, then the held-out test of the edits kept; once done, the edits kept are picked in the
     combination's box (``labels``: its options), which shows their held-out result, and each step is listed. A
     composition found before (in another session, or by ``search --compose``) is shown from the cache at once."""
-    from laser_core.candidates import evaluate_edits, prefix_reuse_applies
+    from laser_core.candidates import evaluate_edits
+    from laser_core.prefix_states import prefix_reuse_applies
     from laser_core.compose import cached_composition, compose_greedy, compose_pool, composition_seconds
     from laser_core.estimate import SPLIT_WORDS
 

@@ -1,65 +1,23 @@
 """Evaluating candidates: one edit, several applied together or none, on one split of a task, cached per model,
-task split and edits; the cached hidden states that make an evaluation fast (the SVD factors are
-:mod:`laser_core.reduction`'s); how results rank."""
+task split and edits (from the cached hidden states of :mod:`laser_core.prefix_states` and the SVD factors of
+:mod:`laser_core.reduction`); how results rank."""
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections import OrderedDict
 
 from .config import CONTIGUOUS, Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
 from .evaluate import CancelToken, EvalResult, evaluate
+from .memory import free_memory, out_of_memory
 from .models import LoadedModel
-from .prefix import block_list
-from .prefix_states import PrefixStates
+from .prefix_states import PrefixPool
 from .reduction import block_ranks, edited, get_factors, params_kept
 from .store import Store
 from .tasks import Splits
 
-
-def prefix_reuse_applies(lm: LoadedModel, splits: Splits) -> bool:
-    """Can candidates on ``splits`` start from cached hidden states? Only where the model's blocks are found and
-    the task is scored by forward passes (generation decodes with its own cache)."""
-    return block_list(lm) is not None and splits.task.kind == "mc"
-
-
-class PrefixPool:
-    """Hidden states entering each edited layer (and, per edited matrix, the outputs of its block's modules that
-    run before it), per split, kept in RAM up to ``budget_bytes`` (LRU by layer).
-
-    Built from the unedited model under its lock; valid for one model's base weights only.
-    """
-
-    def __init__(self, lm: LoadedModel, budget_bytes: int) -> None:
-        self.lm, self.budget = lm, budget_bytes
-        self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
-
-    def get(self, splits: Splits, split: str, layer: int, matrix: str | None = None) -> PrefixStates | None:
-        """States entering block ``layer`` for ``split``; with ``matrix``, also what of that block precedes it."""
-        if (layer == 0 and matrix is None) or not prefix_reuse_applies(self.lm, splits):
-            return None  # nothing to skip
-        key = (split, layer)
-        if key in self.items:
-            self.items.move_to_end(key)
-        else:
-            with self.lm.lock:
-                self.items[key] = PrefixStates(self.lm, splits.examples(split), layer)
-        states = self.items[key]
-        if matrix is not None:
-            with self.lm.lock:  # the outputs a matrix adds must fit beside this layer's states
-                states = states.at_matrix(self.lm, matrix, max_bytes=self.budget - states.nbytes)
-        while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
-            self.items.popitem(last=False)
-        return states
-
-    def for_edits(self, splits: Splits, split: str, edits: list[Edit]) -> PrefixStates | None:
-        """What an evaluation of ``edits`` (applied together) on ``split`` starts from: the states entering the lowest
-        layer they edit, and, where one edit alone sits there, what of that block precedes its matrix."""
-        layers = [self.lm.ref(e.name).layer for e in edits]
-        lowest = [e.name for e, layer in zip(edits, layers) if layer == min(layers)]
-        return self.get(splits, split, min(layers), lowest[0] if len(lowest) == 1 else None)
-
+log = logging.getLogger(__name__)
 
 def match_ident(splits: Splits) -> dict:
     """The answer-match rule of a generation task for cache keys, where it is not LASER's (the default): results
@@ -164,6 +122,23 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     store.put_json(key, doc)
     doc["cached"] = False
     return doc
+
+
+def evaluate_making_room(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: Store,
+                         cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
+                         prefixes: PrefixPool | None = None, factors: dict | None = None) -> dict:
+    """:func:`evaluate_candidate`, run again where it runs out of memory while ``prefixes`` has hidden states to give
+    back (:meth:`~laser_core.prefix_states.PrefixPool.make_room`: other layers' first, then prefix reuse itself), with a warning each time.
+    The result is the same (prefix reuse is exact); where nothing is left to give, the allocator's error is raised."""
+    while True:
+        try:
+            return evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors)
+        except Exception as e:
+            done = prefixes.make_room() if out_of_memory(e) and prefixes is not None else None
+            if done is None:
+                raise
+        free_memory()  # out of the except clause: what the failed evaluation held is no longer referred to
+        log.warning("evaluating %s ran out of memory on %s: %s", edit.label, lm.device, done)
 
 
 def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> str:

@@ -135,7 +135,7 @@ def _cmd_search(args, method: str) -> int:
 def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> int:
     """``search --compose``: greedy composition from the search's best (``laser_core.compose``), printed, and its
     recipe written beside the best's."""
-    from .candidates import prefix_reuse_applies
+    from .prefix_states import prefix_reuse_applies
     from .compose import compose_greedy, compose_pool, composition_seconds
     from .estimate import SPLIT_WORDS, human_seconds
     from .recipe import make_recipe, recipe_metrics

@@ -13,12 +13,13 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from .candidates import PrefixPool, best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
+from .candidates import best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
 from .config import Edit, SearchConfig, to_dict
 from .errors import ConfigError, NumericsError
 from .estimate import block_share
 from .evaluate import CancelToken
 from .models import LoadedModel
+from .prefix_states import PrefixPool
 from .search import SEARCH_SPLIT
 from .significance import PairedChange, change_between
 from .store import Store, null_store

@@ -238,7 +238,8 @@ class SearchConfig:
     types: tuple[str, ...] | None = None  # laser: matrix types to sweep (None = all)
     early_stop: bool = False  # stop a candidate once it cannot beat the best accuracy (exact)
     prefix_reuse: bool = True  # run only from the edited matrix on, from cached hidden states (exact)
-    prefix_budget_mb: int = 2048  # RAM for cached hidden states and outputs; least recently used layers are dropped
+    # memory on the model's device for cached hidden states and outputs; least recently used layers are dropped
+    prefix_budget_mb: int = 2048
     grouping: str = dataclasses.field(default=CONTIGUOUS, metadata=OMIT_DEFAULT)  # c2i: how rows form K blocks
     # candidates of one (matrix, K) evaluated together in one forward (exact); 0: auto (8 on a GPU, 1 on a CPU)
     stack: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .candidates import cached_results, doc_edit, edit_identity, merit, prefix_reuse_applies
+from .candidates import cached_results, doc_edit, edit_identity, merit
 from .config import Edit, SearchConfig
 from .models import LoadedModel
+from .prefix_states import prefix_reuse_applies
 from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
 from .search import SEARCH_SPLIT
 from .stacking import stack_size
@@ -53,7 +54,7 @@ class SearchEstimate:
 
 def block_share(lm: LoadedModel, layer: int | None, reuse: bool) -> float:
     """The share of a full evaluation that a candidate at ``layer`` runs: its layer on with prefix reuse
-    (``reuse``: on and applicable, see ``candidates.prefix_reuse_applies``), else all of it."""
+    (``reuse``: on and applicable, see ``prefix_states.prefix_reuse_applies``), else all of it."""
     if layer is None or not reuse:
         return 1.0
     return (lm.n_layers - layer) / lm.n_layers

@@ -1,20 +1,22 @@
 """Prefix reuse's cached states: the hidden states entering one block for every batch of an evaluation's examples,
 taken once from the unedited model, so that a candidate at that layer or later runs only the blocks from there on
 (and, for one matrix, only what of its block follows that matrix). The hooks that capture and replay them are
-:mod:`laser_core.prefix`."""
+:mod:`laser_core.prefix`; :class:`PrefixPool` keeps them for the layers a search edits, within a memory budget."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 
+from .config import Edit
 from .errors import ConfigError
 from .forward import lead_cache, rows_and_batches, scored_logprobs
 from .models import LoadedModel
 from .prefix import (LeadCache, StopForward, block_list, capture_first_arg, record_until, repeated, stubbable,
                      tensor_bytes)
-from .tasks import Example
+from .tasks import Example, Splits
 
 
 class PrefixStates:
@@ -59,7 +61,8 @@ class PrefixStates:
 
     @property
     def nbytes(self) -> int:
-        """RAM held: the states, and the recorded outputs of every matrix entry made from them."""
+        """Memory held (on the model's device): the states, and the recorded outputs of every matrix entry made
+        from them."""
         return tensor_bytes([self.states, self.stubs, self.lead_state]) + sum(tensor_bytes(p.stubs) for p in self.matrices.values())
 
     def lead_past(self, lm: LoadedModel, copies: int = 1) -> LeadCache | None:
@@ -108,3 +111,63 @@ class PrefixStates:
                 entry.stubs, entry.matrices = stubs, {}
         self.matrices[name] = entry
         return entry
+
+
+def prefix_reuse_applies(lm: LoadedModel, splits: Splits) -> bool:
+    """Can candidates on ``splits`` start from cached hidden states? Only where the model's blocks are found and
+    the task is scored by forward passes (generation decodes with its own cache)."""
+    return block_list(lm) is not None and splits.task.kind == "mc"
+
+
+class PrefixPool:
+    """Hidden states entering each edited layer (and, per edited matrix, the outputs of its block's modules that
+    run before it), per split, kept on the model's device up to ``budget_bytes`` (LRU by layer).
+
+    Built from the unedited model under its lock; valid for one model's base weights only.
+    """
+
+    def __init__(self, lm: LoadedModel, budget_bytes: int) -> None:
+        self.lm, self.budget = lm, budget_bytes
+        self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
+        self.off = False  # switched off by make_room: every evaluation runs the whole model
+
+    def get(self, splits: Splits, split: str, layer: int, matrix: str | None = None) -> PrefixStates | None:
+        """States entering block ``layer`` for ``split``; with ``matrix``, also what of that block precedes it."""
+        if self.off or (layer == 0 and matrix is None) or not prefix_reuse_applies(self.lm, splits):
+            return None  # nothing to skip
+        key = (split, layer)
+        if key in self.items:
+            self.items.move_to_end(key)
+        else:
+            with self.lm.lock:
+                self.items[key] = PrefixStates(self.lm, splits.examples(split), layer)
+        states = self.items[key]
+        if matrix is not None:
+            with self.lm.lock:  # the outputs a matrix adds must fit beside this layer's states
+                states = states.at_matrix(self.lm, matrix, max_bytes=self.budget - states.nbytes)
+        while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
+            self.items.popitem(last=False)
+        return states
+
+    def make_room(self) -> str | None:
+        """After an evaluation ran out of memory: give back what the pool holds, so that it can run again. Where it
+        holds more than one layer's states, all are dropped and the budget becomes the largest one's (one layer at a
+        time from here on, built again as candidates move between layers); else prefix reuse goes off (candidates
+        run the whole model, with nothing cached). Returns what was done, in words; None where it was off already."""
+        if self.off:
+            return None
+        sizes = [p.nbytes for p in self.items.values()]
+        self.items.clear()
+        if len(sizes) > 1:
+            self.budget = max(sizes)
+            return (f"{sum(sizes) / 2**20:.3g} MB of hidden states cached for {len(sizes)} layers: one layer's "
+                    f"({self.budget / 2**20:.3g} MB) at a time from here on")
+        self.off = True
+        return "prefix reuse off from here on (each candidate runs the whole model, with no hidden states cached)"
+
+    def for_edits(self, splits: Splits, split: str, edits: list[Edit]) -> PrefixStates | None:
+        """What an evaluation of ``edits`` (applied together) on ``split`` starts from: the states entering the lowest
+        layer they edit, and, where one edit alone sits there, what of that block precedes its matrix."""
+        layers = [self.lm.ref(e.name).layer for e in edits]
+        lowest = [e.name for e, layer in zip(edits, layers) if layer == min(layers)]
+        return self.get(splits, split, min(layers), lowest[0] if len(lowest) == 1 else None)

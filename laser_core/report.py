@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from .candidates import PrefixPool, edit_identity, evaluate_candidate
+from .candidates import edit_identity, evaluate_candidate
 from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec, to_dict
 from .errors import ConfigError
 from .grouping import GROUPINGS, check_grouping
 from .models import LoadedModel
+from .prefix_states import PrefixPool
 from .search import SearchReport, run_search
 from .significance import change_between, family_summary, p_text
 from .stacking import stack_ahead, stack_size

@@ -5,11 +5,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from .candidates import PrefixPool, better, edit_identity, evaluate_candidate, match_ident, same_result
+from .candidates import (better, edit_identity, evaluate_candidate, evaluate_making_room, match_ident,
+                         same_result)
 from .config import Edit, SearchConfig, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken
 from .models import LoadedModel
+from .prefix_states import PrefixPool
 from .progress import Progress, emit
 from .scores import c2i_plan, laser_plan, load_spectra, score_table, spectra_needed
 from .significance import PairedChange, change_between
@@ -164,7 +166,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                 if isinstance(doc, NumericsError):
                     raise doc
                 doc = doc or (same_result(lm, edit, splits, split, store, same) if same else
-                              evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors))
+                              evaluate_making_room(lm, edit, splits, split, store, cancel, beat, prefixes, factors))
             except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
                 log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
                 ref = lm.ref(edit.name)

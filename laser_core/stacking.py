@@ -21,13 +21,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .candidates import PrefixPool, edit_identity, result_key, result_row
+from .candidates import edit_identity, result_key, result_row
 from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, evaluate_copies
 from .memory import free_memory, out_of_memory
 from .models import LoadedModel
 from .prefix import forwards_replaced
+from .prefix_states import PrefixPool
 from .reduction import BlockFactors, get_factors, reduced_weight
 from .store import Store
 from .tasks import Splits

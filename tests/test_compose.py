@@ -242,7 +242,8 @@ def test_a_limited_composition_tries_the_best_first_and_the_cache_reads_any_run_
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
 def test_edits_together_start_from_the_lowest_edited_layer_and_equal_the_full_forward(tiny_lm, mc_task, store, arch):
     """Before, several edits applied together ran every block and recomputed each edit's SVD on every evaluation."""
-    from laser_core.candidates import PrefixPool, evaluate_edits
+    from laser_core.candidates import evaluate_edits
+    from laser_core.prefix_states import PrefixPool
     lm = tiny_lm(arch)
     ts = TaskSpec(str(mc_task), n_calib=20, n_test=20)
     splits = make_splits(load_task(ts), ts)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -633,6 +635,50 @@ def test_a_dashboard_job_that_runs_out_of_memory_ends_with_the_message_and_the_m
     assert job.error.endswith("give them less memory (CLI: --prefix-budget-mb; dashboard: Explore's Speed settings).")
     assert weight_hashes(lm.model) == before and lm.lock.acquire(blocking=False)  # the job's edit let go of it
     lm.lock.release()
+
+
+@pytest.mark.parametrize("room", ["one layer", "none"])
+def test_a_search_whose_device_cannot_hold_its_cached_states_gives_them_back_and_finds_the_same(
+        tiny_lm, mc_task, monkeypatch, caplog, room):
+    """A device that cannot hold the hidden states of two layers beside an evaluation ("one layer"), or any ("none"):
+    the search drops them and keeps one layer's at a time, or switches prefix reuse off, with a warning, and finds
+    what it finds with room to spare (prefix reuse is exact). Before, the search stopped at the first such failure."""
+    import laser_core.candidates as candidates
+    import laser_core.search as search
+    from laser_core.prefix_states import PrefixPool
+    lm = tiny_lm("llama")
+    splits = _splits(mc_task)
+    cfg = SearchConfig("laser", ks=(1,), rhos=(0.5, 0.1), layers=(0, 1), types=("down",), stack=1)
+    roomy = run_search(lm, splits, cfg, None)
+    pools, real = [], candidates.evaluate
+
+    class Recorded(PrefixPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    def evaluate(lm_, *args, prefix=None, **kwargs):
+        if prefix is not None and (room == "none" or len(pools[0].items) > 1):
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(lm_, *args, prefix=prefix, **kwargs)
+    monkeypatch.setattr(search, "PrefixPool", Recorded)
+    monkeypatch.setattr(candidates, "evaluate", evaluate)
+    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+        tight = run_search(lm, splits, cfg, None)
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    first = "evaluating model.layers.1.mlp.down_proj.weight" if room == "one layer" else \
+        "evaluating model.layers.0.mlp.down_proj.weight"
+    assert len(said) == 1 and said[0].startswith(f"{first} K=1 rho=0.5 ran out of memory on cpu: "), said
+    if room == "one layer":
+        assert re.search(r"MB of hidden states cached for 2 layers: one layer's \(.* MB\) at a time from here on$",
+                         said[0]) and len(pools[0].items) == 1 and not pools[0].off
+    else:
+        assert said[0].endswith("prefix reuse off from here on (each candidate runs the whole model, with no hidden "
+                                "states cached)") and pools[0].off and not pools[0].items
+    assert [(c["name"], c["rho"], c["accuracy"]) for c in tight.candidates] == \
+        [(c["name"], c["rho"], c["accuracy"]) for c in roomy.candidates]
+    assert [c["log_loss"] for c in tight.candidates] == pytest.approx([c["log_loss"] for c in roomy.candidates], abs=1e-5)
+    assert tight.best_test["accuracy"] == roomy.best_test["accuracy"]
 
 
 def test_the_cpu_allocator_failing_is_told_apart_from_other_errors():
