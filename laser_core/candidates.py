@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 from .config import CONTIGUOUS, Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
@@ -124,21 +125,20 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
     return doc
 
 
-def evaluate_making_room(lm: LoadedModel, edit: Edit, splits: Splits, split: str, store: Store,
-                         cancel: CancelToken | None = None, beat: tuple[float, float] | None = None,
-                         prefixes: PrefixPool | None = None, factors: dict | None = None) -> dict:
-    """:func:`evaluate_candidate`, run again where it runs out of memory while ``prefixes`` has hidden states to give
-    back (:meth:`~laser_core.prefix_states.PrefixPool.make_room`: other layers' first, then prefix reuse itself), with a warning each time.
-    The result is the same (prefix reuse is exact); where nothing is left to give, the allocator's error is raised."""
+def making_room(lm: LoadedModel, prefixes: PrefixPool | None, doing: str, run: Callable[[], dict]) -> dict:
+    """``run()`` (an evaluation from ``prefixes``' cached states), run again where it runs out of memory while
+    ``prefixes`` has states to give back (:meth:`~laser_core.prefix_states.PrefixPool.make_room`: other layers'
+    first, then prefix reuse itself), with a warning naming what was being done (``doing``) each time. The result is
+    the same (prefix reuse is exact); where nothing is left to give, the allocator's error is raised."""
     while True:
         try:
-            return evaluate_candidate(lm, edit, splits, split, store, cancel, beat, prefixes, factors)
+            return run()
         except Exception as e:
             done = prefixes.make_room() if out_of_memory(e) and prefixes is not None else None
             if done is None:
                 raise
         free_memory()  # out of the except clause: what the failed evaluation held is no longer referred to
-        log.warning("evaluating %s ran out of memory on %s: %s", edit.label, lm.device, done)
+        log.warning("%s ran out of memory on %s: %s", doing, lm.device, done)
 
 
 def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> str:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from .candidates import best_by_matrix, cached_edits, doc_edit, evaluate_edits, merit
+from .candidates import best_by_matrix, cached_edits, doc_edit, evaluate_edits, making_room, merit
 from .config import Edit, SearchConfig, to_dict
 from .errors import ConfigError, NumericsError
 from .estimate import block_share
@@ -113,7 +113,9 @@ def compose_greedy(lm: LoadedModel, splits: Splits, start: dict, candidates: lis
         kept = edits[:-1]  # a try: the edits kept, then the one tried
         shared = pool is not None and split != "test" and bool(kept) and \
             lm.ref(edits[-1].name).layer >= min(lm.ref(e.name).layer for e in kept)
-        return evaluate_edits(lm, edits, splits, split, store, cancel, pool if shared else None)
+        prefixes = pool if shared else None
+        return making_room(lm, prefixes, f"evaluating {len(edits)} edits together", lambda: evaluate_edits(
+            lm, edits, splits, split, store, cancel, prefixes))
     return _greedy(start, candidates, base, held_out, limit, cancel, progress, evaluate)
 
 

@@ -5,8 +5,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from .candidates import (better, edit_identity, evaluate_candidate, evaluate_making_room, match_ident,
-                         same_result)
+from .candidates import better, edit_identity, evaluate_candidate, making_room, match_ident, same_result
 from .config import Edit, SearchConfig, to_dict
 from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken
@@ -166,7 +165,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
                 if isinstance(doc, NumericsError):
                     raise doc
                 doc = doc or (same_result(lm, edit, splits, split, store, same) if same else
-                              evaluate_making_room(lm, edit, splits, split, store, cancel, beat, prefixes, factors))
+                              making_room(lm, prefixes, f"evaluating {edit.label}", lambda: evaluate_candidate(
+                                  lm, edit, splits, split, store, cancel, beat, prefixes, factors)))
             except NumericsError as e:  # this edit broke the model's numerics: report it, skip it
                 log.warning("candidate %s K=%d rho=%g skipped: %s", edit.name, edit.k, edit.rho, e)
                 ref = lm.ref(edit.name)

@@ -304,6 +304,37 @@ def test_a_composition_starts_a_try_from_cached_states_only_where_other_tries_sh
     assert not any(shared for *_, shared in asked)  # prefix reuse off
 
 
+def test_a_composition_whose_device_cannot_hold_its_cached_states_runs_without_them_and_keeps_the_same(
+        tiny_lm, mc_task, store, monkeypatch, caplog):
+    """Tries from cached states that run out of memory: prefix reuse goes off for the rest (one warning), and the
+    composition keeps what it keeps with room to spare. Before, it stopped at the first such try."""
+    import logging
+
+    import torch
+
+    import laser_core.candidates as candidates
+    lm = tiny_lm("llama")
+    splits, report = _searched(lm, mc_task, store)
+    roomy = compose_greedy(lm, splits, report.best, report.candidates, null_store())
+    real, shared = candidates.evaluate, []
+
+    def evaluate(lm_, *args, prefix=None, **kwargs):
+        shared.append(prefix is not None)
+        if prefix is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real(lm_, *args, prefix=prefix, **kwargs)
+    monkeypatch.setattr(candidates, "evaluate", evaluate)
+    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+        tight = compose_greedy(lm, splits, report.best, report.candidates, null_store())
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert any(shared) and len(said) == 1 and said[0].startswith("evaluating 2 edits together ran out of memory on cpu: ")
+    assert said[0].endswith("prefix reuse off from here on (each candidate runs the whole model, with no hidden "
+                            "states cached)")
+    assert [(s["name"], s["kept"], s["accuracy"]) for s in tight.steps] == \
+        [(s["name"], s["kept"], s["accuracy"]) for s in roomy.steps]
+    assert tight.edits == roomy.edits and tight.result_test["accuracy"] == roomy.result_test["accuracy"]
+
+
 def test_the_composition_estimate_counts_the_blocks_each_try_runs(tiny_lm):
     """Before, `--compose` said every try would take a full evaluation ("at the base's pace")."""
     from laser_core.compose import composition_seconds
