@@ -20,7 +20,7 @@ from .models import LoadedModel
 from .prefix_states import prefix_reuse_applies
 from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
 from .search import SEARCH_SPLIT
-from .stacking import stack_size
+from .stacking import AUTO_STACK, stack_size
 from .store import Store
 from .tasks import SPLIT_WORDS, Splits  # SPLIT_WORDS: imported from here by the CLI and the pages too
 
@@ -41,7 +41,8 @@ class SearchEstimate:
     scores_cached: bool  # c2i: False means the gradient step and SVDs come on top, and every candidate is
     #                      counted as a full evaluation (its layer is not known before the scores are)
     upper_bound: bool  # early stop on (a candidate may stop early), c2i's layers not known yet, or candidates to
-    #                    run together timed only one at a time (together takes less)
+    #                    run together on a GPU timed only one at a time (together takes less there; on a CPU, about
+    #                    as long: README, Speed)
 
     def summary(self, rho: str = "ρ") -> str:
         """One line: 'about 9 min (150 to run, …; one full evaluation of this split takes about 4.6 s, from …)'."""
@@ -144,7 +145,7 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
                           scores_cached=cfg.method == "laser" or spectra is not None,
                           upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None)
-                          or (stack > 1 and not as_run))
+                          or (stack > 1 and not as_run and lm.device.type in AUTO_STACK))
 
 
 def human_seconds(s: float) -> str:
