@@ -1832,7 +1832,8 @@ def speed_inputs(lm, splits) -> dict:
         budget = c2.number_input(f"Memory for cached states (MB, on {lm.device})", 0, 2**20, step=256,
                                  key="prefix_budget_mb", disabled=not reuse, persist_state="session",
                                  help="The least recently used layers' states are dropped beyond it (and built again "
-                                      "when needed). Lower it where the device runs out of memory.")
+                                      "when needed); the layer in use is always kept (for none, turn prefix reuse "
+                                      "off). Lower it where the device runs out of memory.")
         auto = stack_size(lm, SearchConfig(early_stop=early), splits)
         stack = c3.number_input("Candidates run together (0: auto)", 0, 64, step=1, key="stack",
                                 persist_state="session",

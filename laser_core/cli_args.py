@@ -107,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
                         help="run the full forward for every candidate (and every --compose step)")
         sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
                         help="memory (on the model's device: RAM, or a GPU's) for prefix reuse's cached hidden "
-                             "states; least recently used layers are dropped (default %(default)s)")
+                             "states; least recently used layers are dropped, the one in use is kept (default "
+                             "%(default)s)")
         sp.add_argument("--stack", type=int, default=0,
                         help="candidates of one matrix and K evaluated together in one forward (exact; faster where "
                              "a GPU waits on kernel launches); default 0: 8 on a GPU for a model under 1B parameters, "
