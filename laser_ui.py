@@ -1684,8 +1684,10 @@ def render_model_facts(lm, splits) -> None:
 
 def render_search_report(report: dict, lm) -> None:
     """A finished (or cancelled) search's report (``SearchReport.to_dict()``): its best candidate against the base
-    on the searched split and on held-out test, the heatmap of every matrix's best, all candidates, and what was
-    left out; or, where no candidate finished, why."""
+    on the searched split and on held-out test, where its time went (the CLI's ``time:`` line; before, the dashboard
+    never said how long a search took), the heatmap of every matrix's best, all candidates, and what was left out;
+    or, where no candidate finished, why."""
+    from laser_core.search import time_summary
     if not report.get("best"):
         if report.get("status") == "complete" and report.get("skipped"):
             st.warning("No candidate of this search finished: each was left out (below).")
@@ -1702,6 +1704,8 @@ def render_search_report(report: dict, lm) -> None:
                              report["best_test"])
     st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, {k_label(b['k'], b.get('grouping'))}, ρ={b['rho']:g}, "
              f"ranks {b['ranks']}")
+    if report.get("timings"):  # the run that made the report (shown from the cache, an earlier one)
+        st.caption(f"Time: {time_summary(report, 'ρ')}.")
     st.plotly_chart(accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")

@@ -77,7 +77,7 @@ def _cmd_search(args, method: str) -> int:
     from .recipe import recipe_from_report
     from .saving import check_out_file, save_recipe
     from .scores import skip_text
-    from .search import SEARCH_SPLIT, run_search
+    from .search import SEARCH_SPLIT, run_search, time_summary
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
     if args.recipe_out:
@@ -113,12 +113,7 @@ def _cmd_search(args, method: str) -> int:
     rows = f" ({b['grouping']} rows)" if b.get("grouping") else ""
     print(f"chosen edit: {b['name']} (layer {b['layer']}, {b['type']}) K={b['k']} rho={b['rho']}{rows} ranks={b['ranks']}"
           + ("" if report.improves else "  [does not beat the base model on the search split]"))
-    t = report.timings
-    cached = sum(1 for c in report.candidates if c.get("cached") and "same_as_rho" not in c)
-    same = sum(1 for c in report.candidates if "same_as_rho" in c)
-    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-          + f"; candidates from cache {cached}/{len(report.candidates)}"
-          + (f"; {same} not re-run (same ranks as another rho)" if same else ""))
+    print("time: " + time_summary(report.to_dict()))
     if store.disabled_reason and not args.no_cache:
         print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)

@@ -130,6 +130,7 @@ class PrefixPool:
         self.lm, self.budget = lm, budget_bytes
         self.items: OrderedDict[tuple[str, int], PrefixStates] = OrderedDict()
         self.off = False  # switched off by make_room: every evaluation runs the whole model
+        self.peak = (0, 0)  # the most the pool held at once: (bytes, layers)
 
     def get(self, splits: Splits, split: str, layer: int, matrix: str | None = None) -> PrefixStates | None:
         """States entering block ``layer`` for ``split``; with ``matrix``, also what of that block precedes it."""
@@ -147,7 +148,15 @@ class PrefixPool:
                 states = states.at_matrix(self.lm, matrix, max_bytes=self.budget - states.nbytes)
         while len(self.items) > 1 and sum(p.nbytes for p in self.items.values()) > self.budget:
             self.items.popitem(last=False)
+        held = sum(p.nbytes for p in self.items.values())
+        if held > self.peak[0]:
+            self.peak = (held, len(self.items))
         return states
+
+    def peak_held(self) -> dict:
+        """The most this pool held at once, for a report: ``{"mb", "layers", "device"}``; empty where it held none."""
+        size, layers = self.peak
+        return {"mb": round(size / 2**20, 1), "layers": layers, "device": str(self.lm.device)} if size else {}
 
     def make_room(self) -> str | None:
         """After an evaluation ran out of memory: give back what the pool holds, so that it can run again. Where it

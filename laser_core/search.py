@@ -74,6 +74,7 @@ class SearchReport:
     cache: dict = field(default_factory=dict)
     status: str = "complete"  # or "partial" (cancelled)
     skipped: list[dict] = field(default_factory=list)  # candidates or matrices left out, with the reason
+    states: dict = field(default_factory=dict)  # the most prefix reuse's cached states held at once (peak_held)
 
     @property
     def improves(self) -> bool:
@@ -88,6 +89,20 @@ class SearchReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def time_summary(report: dict, rho: str = "rho") -> str:
+    """Where a search's time went and what it took from the cache, in one line (the CLI's ``time:`` line, the
+    dashboard's caption), from its report (``SearchReport.to_dict()``): each phase, the candidates read from the
+    cache and those not re-run, and, where prefix reuse cached hidden states, the most they held at once."""
+    cands, states = report.get("candidates", []), report.get("states") or {}
+    cached = sum(1 for c in cands if c.get("cached") and "same_as_rho" not in c)
+    same = sum(1 for c in cands if "same_as_rho" in c)
+    return (", ".join(f"{k} {v:.1f} s" for k, v in report.get("timings", {}).items())
+            + f"; candidates from cache {cached}/{len(cands)}"
+            + (f"; {same} not re-run (same ranks as another {rho})" if same else "")
+            + (f"; cached states up to {states['mb']:g} MB on {states['device']} ({states['layers']} "
+               f"layer{'s' * (states['layers'] != 1)} at once)" if states else ""))
 
 
 def _slim(doc: dict | None) -> dict | None:
@@ -131,6 +146,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     skipped: list[dict] = []
     matrices: list[dict] = []
     status = "complete"
+    prefixes = None
     try:
         base = evaluate_candidate(lm, None, splits, split, store, cancel)
         emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}", base=_slim(base))
@@ -201,6 +217,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         task=report_task(splits),
         search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
+        states=prefixes.peak_held() if prefixes is not None else {},
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],
                             "error": "NaN/inf gradient: matrix not scored"} for m in matrices if not m["finite"]])
     if held_out or status != "complete":  # a complete report lacking its held-out results is not one to reuse

@@ -665,6 +665,29 @@ def test_a_search_run_with_other_speed_settings_is_found_as_the_same_search(tiny
         assert store.get_json(report_key(store, lm, splits, other)) is None
 
 
+def test_a_search_reports_the_most_its_cached_states_held_at_once_and_its_time_line_says_so(tiny_lm, mc_task, store):
+    """The states of both swept layers at once under the default budget, one layer's at a time under a budget of 0,
+    none without prefix reuse or when every candidate comes from the cache; the CLI's time line and the dashboard's
+    caption (search.time_summary) say it, so that a budget can be set knowing what the states take."""
+    from laser_core.prefix_states import PrefixStates
+    from laser_core.search import time_summary
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    sweep = SearchConfig("laser", ks=(1,), rhos=(0.5, 0.1), layers=(0, 1), types=("down",))
+    roomy = run_search(lm, splits, sweep, None)
+    one = PrefixStates(lm, splits.examples("val"), 1).nbytes  # layer 1's states, the larger share of the two
+    assert roomy.states["layers"] == 2 and roomy.states["device"] == "cpu" and roomy.states["mb"] * 2**20 > one
+    tight = run_search(lm, splits, dataclasses.replace(sweep, prefix_budget_mb=0), None)
+    assert tight.states["layers"] == 1 and tight.states["mb"] < roomy.states["mb"]
+    line = time_summary(tight.to_dict())
+    assert line.startswith("search ") and line.endswith(f"; candidates from cache 0/4; cached states up to "
+                                                        f"{tight.states['mb']:g} MB on cpu (1 layer at once)"), line
+    assert run_search(lm, splits, dataclasses.replace(sweep, prefix_reuse=False), None).states == {}
+    run_search(lm, splits, sweep, store)
+    again = run_search(lm, splits, sweep, store)  # every candidate from the cache: no states built
+    assert again.states == {} and time_summary(again.to_dict()).endswith("; candidates from cache 4/4")
+
+
 def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, tiny_dirs, store,
                                                                                          tmp_path, capsys):
     """LASER's rule (an accepted answer occurs in the generated line) credits "5" in "555": the stricter rules do
