@@ -1704,8 +1704,8 @@ def render_search_report(report: dict, lm) -> None:
                              report["best_test"])
     st.write(f"`{b['name']}` — layer {b['layer']}, {b['type']}, {k_label(b['k'], b.get('grouping'))}, ρ={b['rho']:g}, "
              f"ranks {b['ranks']}")
-    if report.get("timings"):  # the run that made the report (shown from the cache, an earlier one)
-        st.caption(f"Time: {time_summary(report, 'ρ')}.")
+    if report.get("timings"):  # the run that made the report (shown from the cache: an earlier one, maybe the CLI's)
+        st.caption(f"Last run: {time_summary(report, 'ρ')}.")
     st.plotly_chart(accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")

@@ -23,6 +23,7 @@ SEARCH_SPLIT = {"c2i": "calib", "laser": "val"}  # where each method scores its 
 # settings that change how fast a search runs and how much memory it takes, never what it finds: every candidate's
 # result is cached under a key without them, so a search's report is the same whatever they are
 SPEED_ONLY = ("prefix_reuse", "prefix_budget_mb", "stack")
+PHASES = ("gradients", "svd", "scores", "search", "test", "total")  # a report's timings, in the order they run
 
 
 def report_task(splits: Splits) -> dict:
@@ -95,11 +96,13 @@ def time_summary(report: dict, rho: str = "rho") -> str:
     """Where a search's time went and what it took from the cache, in one line (the CLI's ``time:`` line, the
     dashboard's caption), from its report (``SearchReport.to_dict()``): each phase, the candidates read from the
     cache and those not re-run, and, where prefix reuse cached hidden states, the most they held at once."""
-    cands, states = report.get("candidates", []), report.get("states") or {}
-    cached = sum(1 for c in cands if c.get("cached") and "same_as_rho" not in c)
+    cands, states, t = report.get("candidates", []), report.get("states") or {}, report.get("timings", {})
+    cached = [c for c in cands if c.get("cached") and "same_as_rho" not in c]
+    took = sum(c.get("seconds") or 0 for c in cached)  # when they ran (a report cached as JSON has its keys sorted)
     same = sum(1 for c in cands if "same_as_rho" in c)
-    return (", ".join(f"{k} {v:.1f} s" for k, v in report.get("timings", {}).items())
-            + f"; candidates from cache {cached}/{len(cands)}"
+    return (", ".join(f"{k} {t[k]:.1f} s" for k in sorted(t, key=lambda k: PHASES.index(k) if k in PHASES else 99))
+            + f"; candidates from cache {len(cached)}/{len(cands)}"
+            + (f" (their evaluations took {took:.1f} s when they ran)" if took else "")
             + (f"; {same} not re-run (same ranks as another {rho})" if same else "")
             + (f"; cached states up to {states['mb']:g} MB on {states['device']} ({states['layers']} "
                f"layer{'s' * (states['layers'] != 1)} at once)" if states else ""))

@@ -734,7 +734,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     wait_for(at, lambda a: any("finished" in s.value for s in a.success))
     assert "Best (held-out test)" in metrics(at)
     assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
-    timed = [c.value for c in at.caption if c.value.startswith("Time: ")]  # as the CLI's time line
+    timed = [c.value for c in at.caption if c.value.startswith("Last run: ")]  # as the CLI's time line
     assert len(timed) == 1 and ", search " in timed[0] and "; candidates from cache " in timed[0], timed
     assert any("Combine with edits of other matrices" in c.value and "`--compose`" in c.value
                and "On the other bundled tasks" in c.value and "--other-tasks" in c.value for c in at.caption)

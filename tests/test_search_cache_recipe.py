@@ -685,7 +685,12 @@ def test_a_search_reports_the_most_its_cached_states_held_at_once_and_its_time_l
     assert run_search(lm, splits, dataclasses.replace(sweep, prefix_reuse=False), None).states == {}
     run_search(lm, splits, sweep, store)
     again = run_search(lm, splits, sweep, store)  # every candidate from the cache: no states built
-    assert again.states == {} and time_summary(again.to_dict()).endswith("; candidates from cache 4/4")
+    took = sum(c["seconds"] for c in again.candidates)  # what they took when the run before evaluated them
+    assert again.states == {} and time_summary(again.to_dict()).endswith(
+        f"; candidates from cache 4/4 (their evaluations took {took:.1f} s when they ran)")
+    read_back = {"timings": {"gradients": 1, "scores": 0, "search": 2, "svd": 1, "test": 1, "total": 5}}  # sorted
+    assert time_summary(read_back) == ("gradients 1.0 s, svd 1.0 s, scores 0.0 s, search 2.0 s, test 1.0 s, "
+                                       "total 5.0 s; candidates from cache 0/0")  # in the order they ran
 
 
 def test_a_generation_task_is_scored_by_its_answer_match_rule_and_each_rule_cached_apart(tiny_lm, tiny_dirs, store,
