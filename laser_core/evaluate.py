@@ -37,6 +37,7 @@ from .answers import FIRST_LINE, AnswerFormat, answer_matches
 from .errors import Cancelled, ConfigError, NumericsError
 from .checks import overflow_text, unreachable_targets, warn_once
 from .forward import build_sequences, head_logprobs, lead_cache, rows_and_batches, scored_logprobs, scored_rows
+from .memory import halving
 from .models import LoadedModel
 from .prefix import repeated
 from .prefix_states import PrefixStates
@@ -44,6 +45,7 @@ from .sequences import Seq, batch_rows, least_padded_batches, prompt_ids
 from .tasks import Example
 
 log = logging.getLogger(__name__)
+MIN_EVAL_TOKENS = 16  # an evaluation's batches halve down to this many padded tokens while memory runs out
 
 
 class CancelToken:
@@ -116,13 +118,27 @@ def evaluate(lm: LoadedModel, examples: Sequence[Example], max_new_tokens: int =
             with ``beat`` it runs after every batch, so that a candidate stops as soon as it can.
         match: generation tasks: the rule that says a generated answer is right (a name in ``MATCH_RULES``).
         answer_format: generation tasks: how the answer is cut from the decoded text (the task's).
+
+    Where the device runs out of memory (without ``prefix``), the evaluation runs again in batches of half as many
+    padded tokens, down to :data:`MIN_EVAL_TOKENS`, with a warning; the model's later batchings start from the size
+    that fit (``lm.eval_tokens``). The same result up to float rounding.
     """
     examples = list(examples)
     if not examples:
         raise ConfigError("nothing to evaluate: the example list is empty")
-    if examples[0].kind == "gen":
-        return _evaluate_generation(lm, examples, max_new_tokens, cancel, max_tokens, match, beat, answer_format)
-    out = evaluate_copies(lm, examples, 1, max_tokens, cancel, beat, prefix, head_rows)[0]
+
+    def run(tokens: int) -> EvalResult | NumericsError:
+        if examples[0].kind == "gen":
+            return _evaluate_generation(lm, examples, max_new_tokens, cancel, tokens, match, beat, answer_format)
+        return evaluate_copies(lm, examples, 1, tokens, cancel, beat, prefix, head_rows)[0]
+
+    def smaller(tokens: int) -> None:
+        lm.eval_tokens = tokens
+        log.warning("an evaluation ran out of memory on %s in batches of %d tokens: batches of %d from here on",
+                    lm.device, tokens * 2, tokens)
+    # from cached states, the batches are theirs: such an evaluation makes room by dropping them (candidates.making_room)
+    out = run(max_tokens) if prefix is not None else \
+        halving(run, lm.batch_tokens(max_tokens), MIN_EVAL_TOKENS, smaller)
     if isinstance(out, NumericsError):
         raise out
     return out

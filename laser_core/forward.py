@@ -83,10 +83,11 @@ def build_sequences(lm: LoadedModel, examples: Sequence[Example], gold_only: boo
 
 def rows_and_batches(lm: LoadedModel, examples: Sequence[Example], max_tokens: int,
                       gold_only: bool = False) -> tuple[list[Seq], bool, list[int], list[list[int]]]:
-    """For one evaluation: the sequences (without their shared lead), the fast-path flag, the lead and the batches."""
+    """For one evaluation: the sequences (without their shared lead), the fast-path flag, the lead and the batches
+    (of ``max_tokens`` padded tokens at most, fewer since an evaluation ran out of memory: ``lm.batch_tokens``)."""
     seqs, fast = build_sequences(lm, examples, gold_only=gold_only)
     lead, seqs = split_lead(lm, seqs)
-    return seqs, fast, lead, least_padded_batches(lm, seqs, max_tokens, lead=len(lead))
+    return seqs, fast, lead, least_padded_batches(lm, seqs, lm.batch_tokens(max_tokens), lead=len(lead))
 
 
 def attention_span(lm: LoadedModel) -> int | None:

@@ -20,7 +20,7 @@ from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken
 from .forward import lead_cache, rows_and_batches, scored_logprobs
 from .matrices import MatrixRef, matrix_of
-from .memory import free_memory, out_of_memory
+from .memory import halving
 from .models import LoadedModel
 from .reduction import block_rank, block_svd, row_blocks
 from .tasks import Example
@@ -109,20 +109,16 @@ def _backward_fitting(lm: LoadedModel, examples: Sequence[Example], params: list
     """:func:`loss_backward` in batches of :data:`GRADIENT_TOKENS` padded tokens, run again from the start with half
     as many (the gradients accumulated so far of ``params`` dropped) while the device runs out of memory, down to
     :data:`MIN_GRADIENT_TOKENS`. The same sum either way, up to float rounding. Returns the log-loss."""
-    tokens = GRADIENT_TOKENS
-    while True:
-        try:
-            with torch.enable_grad():
-                return loss_backward(lm, examples, tokens, cancel, progress)
-        except Exception as e:
-            if not out_of_memory(e) or tokens // 2 < MIN_GRADIENT_TOKENS:
-                raise
-        for p in params:  # out of the except clause: the failed batch's graph is released with its traceback
+    def run(tokens: int) -> float:
+        with torch.enable_grad():
+            return loss_backward(lm, examples, tokens, cancel, progress)
+
+    def smaller(tokens: int) -> None:
+        for p in params:
             p.grad = None
-        free_memory()
-        tokens //= 2
         log.warning("the gradient step ran out of memory on %s in batches of %d tokens: again in batches of %d",
                     lm.device, tokens * 2, tokens)
+    return halving(run, GRADIENT_TOKENS, MIN_GRADIENT_TOKENS, smaller)
 
 
 @dataclass

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from .errors import OutOfMemory
 
+T = TypeVar("T")
 ALLOCATOR_FAILED = ("can't allocate memory", "out of memory")  # a RuntimeError's text: the CPU's allocator, older GPU ones
 ADVICE = ("Nothing was left edited and what was cached stays. Free memory (another job or program), or use a smaller "
           "model, bfloat16 on a GPU, or another device (CLI: --dtype, --device; dashboard: Model & task)")
@@ -34,6 +35,21 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def halving(run: Callable[[int], T], size: int, floor: int, smaller: Callable[[int], None]) -> T:
+    """``run(size)``; where it runs out of memory, ``smaller(size // 2)`` (drop what the failed run left, say so),
+    give memory back and ``run(size // 2)``, and so on down to ``floor``, below which the allocator's error is
+    raised. How a stack of candidates, the gradient step's batches and an evaluation's batches shrink to fit."""
+    while True:
+        try:
+            return run(size)
+        except Exception as e:
+            if not out_of_memory(e) or size // 2 < floor:
+                raise
+        size //= 2  # out of the except clause: the failed run's tensors are released with its traceback
+        smaller(size)
+        free_memory()
 
 
 def allocator_says(e: BaseException) -> str:

@@ -67,6 +67,12 @@ class LoadedModel:
     prompt_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.prompt_sharing_ok
     lean_block: bool | None = field(default=None, repr=False)  # probed once by forward.lean_block_ok
     lead_sharing: bool | None = field(default=None, repr=False)  # probed once by forward.lead_sharing_ok
+    eval_tokens: int | None = field(default=None, repr=False)  # an evaluation's batch size once one ran out of memory
+
+    def batch_tokens(self, max_tokens: int) -> int:
+        """``max_tokens``, or fewer where an evaluation of this model ran out of memory in larger batches
+        (``eval_tokens``, set by :func:`~laser_core.evaluate.evaluate`): every batching of its examples after it."""
+        return min(max_tokens, self.eval_tokens or max_tokens)
 
     @property
     def n_layers(self) -> int:

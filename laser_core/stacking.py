@@ -25,7 +25,7 @@ from .candidates import edit_identity, result_key, result_row
 from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, evaluate_copies
-from .memory import free_memory, out_of_memory
+from .memory import free_memory, halving, out_of_memory
 from .models import LoadedModel
 from .prefix import forwards_replaced
 from .prefix_states import PrefixPool
@@ -126,24 +126,29 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
     f = get_factors(lm, first.name, first.k, store, factors, first.grouping)
     prefix = prefixes.for_edits(splits, split, [first]) if prefixes is not None else None
     setup = time.perf_counter() - t0
-    while True:
-        t0 = time.perf_counter()
-        try:
-            with stacked(lm, chosen, f) as runs:
-                results = evaluate_copies(lm, splits.examples(split), runs, cancel=cancel, prefix=prefix)
-            break
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-        # out of the except clause, the failed run's tensors are released: give them back before a lower stack
+    tried: list[tuple[int, float]] = []  # (candidates, when it began) of each stack run
+
+    def run(n: int) -> list:
+        tried.append((n, time.perf_counter()))
+        with stacked(lm, chosen[:n], f) as runs:
+            return evaluate_copies(lm, splits.examples(split), runs, cancel=cancel, prefix=prefix)
+
+    def smaller(n: int) -> None:
+        log.warning("a stack of %d candidates ran out of memory on %s: %d at a time from here on", tried[-1][0],
+                    lm.device, n)
+    try:
+        results = halving(run, len(chosen), 2, smaller)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        results = None  # not even 2 fit
+    if results is None:  # out of the except clause: the failed run's tensors are released
         free_memory()
-        tall, size = len(chosen), len(chosen) // 2
-        log.warning("a stack of %d candidates ran out of memory on %s: %s from here on", tall, lm.device,
-                    f"{size} at a time" if size > 1 else "one at a time")
-        if size < 2:
-            return {}, 1
-        chosen = chosen[:size]
-    seconds = (setup + time.perf_counter() - t0) / len(chosen)
+        log.warning("a stack of %d candidates ran out of memory on %s: one at a time from here on", tried[-1][0],
+                    lm.device)
+        return {}, 1
+    chosen, size = chosen[:len(results)], len(results) if len(tried) > 1 else size  # the search goes on at what fit
+    seconds = (setup + time.perf_counter() - tried[-1][1]) / len(chosen)
     out: dict[Edit, dict | NumericsError] = {}
     for edit, res in zip(chosen, results):
         store.counts["eval"] += 1

@@ -681,6 +681,52 @@ def test_a_search_whose_device_cannot_hold_its_cached_states_gives_them_back_and
     assert tight.best_test["accuracy"] == roomy.best_test["accuracy"]
 
 
+@pytest.mark.parametrize("kind", ["mc", "gen"])
+def test_an_evaluation_that_runs_out_of_memory_runs_again_in_smaller_batches_and_later_ones_start_there(
+        tiny_lm, mc_task, tmp_path, monkeypatch, caplog, kind):
+    """A device that cannot run more than 5 rows at once (a multiple-choice forward, or a generation's decoding): the
+    evaluation halves its batches until they fit, with a warning per halving, and gives the result of one with room
+    to spare; the model's next evaluation starts at the size that fit (no failed try), and where no batch fits the
+    allocator's error stands. Before, any such failure ended the evaluation (the base model's, a held-out test's)."""
+    import sys
+
+    from conftest import write_jsonl
+    from laser_core import evaluate
+    lm = tiny_lm("llama")
+    monkeypatch.setattr(lm, "eval_tokens", None)  # put back for the other tests after this one
+    if kind == "mc":
+        examples = _splits(mc_task).examples("calib")
+        owner, name = sys.modules["laser_core.evaluate"], "scored_rows"  # the package's `evaluate` is the function
+        rows = lambda args, kwargs: len(args[1])  # noqa: E731
+    else:
+        ts = TaskSpec(str(write_jsonl(tmp_path / "say.jsonl", [{"prompt": f"Say {i}:", "targets": [f" {i}"]}
+                                                                 for i in range(30)])), n_calib=20, n_test=10)
+        examples = make_splits(load_task(ts), ts).examples("calib")
+        owner, name, rows = lm.model, "generate", lambda args, kwargs: len(kwargs["input_ids"])
+    roomy = evaluate(lm, examples)
+    real, failed = getattr(owner, name), []
+
+    def fits_5_rows(*args, **kwargs):
+        if rows(args, kwargs) > 5:
+            failed.append(rows(args, kwargs))
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, fits_5_rows)
+    with caplog.at_level(logging.WARNING, logger="laser_core.evaluate"):
+        tight = evaluate(lm, examples)
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert failed and len(said) == len(failed) and lm.eval_tokens < 8192
+    assert said[0] == "an evaluation ran out of memory on cpu in batches of 8192 tokens: batches of 4096 from here on"
+    assert (tight.correct, tight.predictions) == (roomy.correct, roomy.predictions)
+    assert tight.log_loss == pytest.approx(roomy.log_loss, abs=1e-5)
+    tries = len(failed)
+    assert evaluate(lm, examples).correct == roomy.correct and len(failed) == tries  # starts where it fit
+    monkeypatch.setattr(owner, name, lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError(CUDA_OOM)))
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluate(lm, examples)
+    assert lm.eval_tokens == 16  # the floor
+
+
 def test_the_cpu_allocator_failing_is_told_apart_from_other_errors():
     from laser_core.errors import OutOfMemory
     from laser_core.memory import memory_explained, out_of_memory
