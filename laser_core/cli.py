@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
                     "laser": lambda a: _cmd_search(a, "laser"), "report": _cmd_report, "compose": _cmd_compose}
-        with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser", "report")):
+        with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser")):
             return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)
