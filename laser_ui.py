@@ -33,7 +33,7 @@ from laser_core.candidates import best_by_matrix, doc_edit, merit
 from laser_core.config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, canonical_json, to_dict
 from laser_core.estimate import human_seconds
 from laser_core.matrices import TYPE_ORDER
-from laser_core.memory import free_memory, memory_explained
+from laser_core.memory import device_memory, free_memory, human_bytes, memory_explained
 from laser_core.models import cache_root
 from laser_core.significance import change_between, family_summary
 from laser_core.tasks import BUNDLED as BUNDLED_FILES, KIND_WORDS
@@ -1673,7 +1673,10 @@ def render_model_facts(lm, splits) -> None:
     f[2].metric("Matrices", facts["matrices"])
     n_params = facts["parameters"]
     f[3].metric("Parameters", f"{n_params / 1e6:.1f} M" if n_params >= 1e5 else f"{n_params:,}")
-    f[4].metric("Device", facts["device"])
+    free = device_memory(lm.device)  # a GPU's, now: what a search's cached states, stacks and batches can use
+    f[4].metric("Device", facts["device"], help=f"The weights take {human_bytes(facts['weights_bytes'])}" + (
+        f"; {human_bytes(free[0])} of the device's {human_bytes(free[1])} are free now (for a search's cached states, "
+        "candidates run together and batches: see Explore's Speed settings)" if free else "") + ".")
     f[5].metric("dtype", facts["dtype"])
     st.caption(f"Matrix types: {', '.join(facts['matrix_types'])} · fingerprint `{facts['fingerprint']}` · "
                f"task `{splits.task.name}` ({splits.task.kind}, {len(splits.task)} examples): calibration "

@@ -52,6 +52,16 @@ def halving(run: Callable[[int], T], size: int, floor: int, smaller: Callable[[i
         free_memory()
 
 
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a GPU's memory now; None for a CPU (or another device torch cannot ask)."""
+    return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+
+
+def human_bytes(n: int) -> str:
+    """A size as people read it: 540.8 MiB, 15.21 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def allocator_says(e: BaseException) -> str:
     """The first sentences of an allocator's message: what it tried to allocate and what was free (torch's CUDA
     message goes on with tuning advice that does not apply here)."""

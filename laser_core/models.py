@@ -127,6 +127,7 @@ class LoadedModel:
             "matrices": len(self.matrices),
             "matrix_types": sorted({r.type for r in self.matrices}, key=lambda t: (TYPE_ORDER + [t]).index(t)),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             "device": str(self.device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "fingerprint": self.fingerprint,

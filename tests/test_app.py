@@ -138,6 +138,10 @@ def test_model_page_shows_facts_and_computes_the_baseline(app_env):
     m = metrics(at)
     assert m["Architecture"] == "llama" and m["Layers"] == "2" and m["Matrices"] == "14"
     assert next(x for x in at.metric if x.label == "Architecture").help == "LlamaForCausalLM (transformers)"
+    from laser_core import ModelSpec, load_model
+    tiny = load_model(ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], device="cpu")).model
+    size = sum(p.numel() * 4 for p in tiny.parameters())  # float32
+    assert next(x for x in at.metric if x.label == "Device").help == f"The weights take {size / 2**10:.1f} KiB."
     click(at, "Compute baseline accuracy")
     wait_for(at, lambda a: "Held-out test accuracy" in metrics(a))
     assert 0.0 <= float(metrics(at)["Held-out test accuracy"]) <= 1.0
