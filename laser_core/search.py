@@ -174,8 +174,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             ident = edit_identity(lm, edit)
             same = done_ranks.get(ident)
             if stack > 1 and not same and edit not in ready and edit.blocks not in alone:
-                ahead, stack = stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel, prefixes,
-                                           factors)
+                ahead, stack = making_room(lm, prefixes, f"preparing the stack of {edit.label}", lambda: (
+                    stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel, prefixes, factors)))
                 ready.update(ahead)
                 if not ahead:  # fewer than two of its candidates to run from here on: none later either
                     alone.add(edit.blocks)

@@ -221,3 +221,34 @@ def test_a_stack_that_fails_otherwise_than_for_memory_is_not_retried(tiny_lm, mc
     with pytest.raises(RuntimeError, match="a bug"):
         run_search(lm, _splits(mc_task), SearchConfig(q=1, ks=(1,), rhos=RHOS, stack=3), None)
     assert weight_hashes(lm.model) == before
+
+
+def test_a_stack_whose_cached_states_do_not_fit_beside_the_others_runs_without_them_and_gives_the_same(
+        tiny_lm, mc_task, monkeypatch, caplog):
+    """The second layer's states cannot be built beside the first's (a fake device): the search switches prefix
+    reuse off with a warning and stacks from the whole model, with the candidates of a search with room to spare.
+    Before, building a stack's states was outside what makes room, and the search stopped there."""
+    import logging
+
+    import laser_core.prefix_states as prefix_states
+    lm = tiny_lm("llama")
+    cfg = SearchConfig("laser", ks=(1,), rhos=RHOS, layers=(0, 1), types=("down",), stack=4)
+    roomy = run_search(lm, _splits(mc_task), cfg, None)
+    built = []
+
+    class SecondDoesNotFit(PrefixStates):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            if len(built) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(prefix_states, "PrefixStates", SecondDoesNotFit)
+    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+        tight = run_search(lm, _splits(mc_task), cfg, None)
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert said == ["preparing the stack of model.layers.1.mlp.down_proj.weight K=1 rho=0.9 ran out of memory on cpu: "
+                    "prefix reuse off from here on (each candidate runs the whole model, with no hidden states cached)"]
+    assert len(built) == 2 and {c["stacked"] for c in tight.candidates} == {3}  # stacks, from the whole model
+    assert [(c["name"], c["rho"], c["accuracy"]) for c in tight.candidates] == \
+        [(c["name"], c["rho"], c["accuracy"]) for c in roomy.candidates]
+    assert [c["log_loss"] for c in tight.candidates] == pytest.approx([c["log_loss"] for c in roomy.candidates], abs=1e-5)
