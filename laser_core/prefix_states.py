@@ -158,6 +158,19 @@ class PrefixPool:
         size, layers = self.peak
         return {"mb": round(size / 2**20, 1), "layers": layers, "device": str(self.lm.device)} if size else {}
 
+    def drop_others(self, layer: int) -> str | None:
+        """Drop the states of every layer but ``layer`` (those an evaluation runs from), the budget becoming what
+        that one holds: one layer's at a time from here on. Returns what was done, in words; None where no other
+        layer's were held."""
+        others = [key for key in self.items if key[1] != layer]
+        if not others:
+            return None
+        freed = sum(self.items.pop(key).nbytes for key in others)
+        self.budget = sum(p.nbytes for p in self.items.values())
+        return (f"{freed / 2**20:.3g} MB of hidden states cached for {len(others)} other "
+                f"layer{'s' * (len(others) != 1)} dropped: one layer's ({self.budget / 2**20:.3g} MB) at a time from "
+                "here on")
+
     def make_room(self) -> str | None:
         """After an evaluation ran out of memory: give back what the pool holds, so that it can run again. Where it
         holds more than one layer's states, all are dropped and the budget becomes the largest one's (one layer at a

@@ -133,11 +133,25 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
         with stacked(lm, chosen[:n], f) as runs:
             return evaluate_copies(lm, splits.examples(split), runs, cancel=cancel, prefix=prefix)
 
+    def roomier(n: int) -> list:
+        """``run(n)``; where it runs out of memory while the pool holds other layers' states, those give way first
+        and it runs again at the same size: dropping them costs a rebuild where a later candidate needs them, a
+        smaller stack its speed for the rest of the search."""
+        try:
+            return run(n)
+        except Exception as e:
+            done = prefixes.drop_others(prefix.layer) if out_of_memory(e) and prefix is not None else None
+            if done is None:
+                raise
+        free_memory()  # out of the except clause: what the failed run held is no longer referred to
+        log.warning("a stack of %d candidates ran out of memory on %s: %s", n, lm.device, done)
+        return run(n)
+
     def smaller(n: int) -> None:
         log.warning("a stack of %d candidates ran out of memory on %s: %d at a time from here on", tried[-1][0],
                     lm.device, n)
     try:
-        results = halving(run, len(chosen), 2, smaller)
+        results = halving(roomier, len(chosen), 2, smaller)
     except Exception as e:
         if not out_of_memory(e):
             raise

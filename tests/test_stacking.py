@@ -1,6 +1,8 @@
 """Candidate stacking: several rhos of one (matrix, K) in one forward give each candidate's own evaluation (1e-4)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -249,6 +251,45 @@ def test_a_stack_whose_cached_states_do_not_fit_beside_the_others_runs_without_t
     assert said == ["preparing the stack of model.layers.1.mlp.down_proj.weight K=1 rho=0.9 ran out of memory on cpu: "
                     "prefix reuse off from here on (each candidate runs the whole model, with no hidden states cached)"]
     assert len(built) == 2 and {c["stacked"] for c in tight.candidates} == {3}  # stacks, from the whole model
+    assert [(c["name"], c["rho"], c["accuracy"]) for c in tight.candidates] == \
+        [(c["name"], c["rho"], c["accuracy"]) for c in roomy.candidates]
+    assert [c["log_loss"] for c in tight.candidates] == pytest.approx([c["log_loss"] for c in roomy.candidates], abs=1e-5)
+
+
+def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_it_halves(tiny_lm, mc_task,
+                                                                                         monkeypatch, caplog):
+    """A device that cannot run a stack while the states of two layers are cached: the other layer's states give
+    way and the stack runs again at its size (a smaller stack would cost its speed for the rest of the search), with
+    a warning; the candidates are those of a search with room to spare."""
+    import logging
+
+    import laser_core.search as search
+    import laser_core.stacking as stacking
+    from laser_core.prefix_states import PrefixPool
+    lm = tiny_lm("llama")
+    cfg = SearchConfig("laser", ks=(1,), rhos=RHOS, layers=(0, 1), types=("down",), stack=4)
+    roomy = run_search(lm, _splits(mc_task), cfg, None)
+    pools, real, tried = [], stacking.evaluate_copies, []
+
+    class Recorded(PrefixPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    def two_layers_do_not_fit(lm_, examples, copies, **kwargs):
+        tried.append((copies, len(pools[0].items)))
+        if len(pools[0].items) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real(lm_, examples, copies, **kwargs)
+    monkeypatch.setattr(search, "PrefixPool", Recorded)
+    monkeypatch.setattr(stacking, "evaluate_copies", two_layers_do_not_fit)
+    with caplog.at_level(logging.WARNING, logger="laser_core.stacking"):
+        tight = run_search(lm, _splits(mc_task), cfg, None)
+    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert tried == [(3, 1), (3, 2), (3, 1)] and len(said) == 1, (tried, said)
+    assert re.fullmatch(r"a stack of 3 candidates ran out of memory on cpu: [\d.e-]+ MB of hidden states cached for "
+                        r"1 other layer dropped: one layer's \([\d.e-]+ MB\) at a time from here on", said[0]), said
+    assert {c["stacked"] for c in tight.candidates} == {3} and not pools[0].off
     assert [(c["name"], c["rho"], c["accuracy"]) for c in tight.candidates] == \
         [(c["name"], c["rho"], c["accuracy"]) for c in roomy.candidates]
     assert [c["log_loss"] for c in tight.candidates] == pytest.approx([c["log_loss"] for c in roomy.candidates], abs=1e-5)
