@@ -48,7 +48,9 @@ class SearchEstimate:
         """One line: 'about 9 min (150 to run, …; one full evaluation of this split takes about 4.6 s, from …)'."""
         parts = [f"{self.to_run} to run"] + ([f"{self.cached} in the cache"] if self.cached else []) + \
             ([f"{self.same_ranks} with the same ranks as another {rho}"] if self.same_ranks else [])
-        return (f"{'at most ' if self.upper_bound else ''}about {human_seconds(self.seconds)} ({', '.join(parts)}; "
+        when = "under a second" if self.seconds < 1 else \
+            f"{'at most ' if self.upper_bound else ''}about {human_seconds(self.seconds)}"  # not "at most about 0 s"
+        return (f"{when} ({', '.join(parts)}; "
                 f"one full evaluation of this split takes about {self.full_eval_s:.1f} s, from {self.basis})"
                 + ("" if self.scores_cached else ", plus the gradient step and the SVDs, not cached yet"))
 
