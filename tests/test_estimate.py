@@ -64,7 +64,8 @@ def test_after_a_search_its_candidates_cost_nothing_and_their_timings_become_the
     again = estimate_search(lm, splits, SMALL, store)
     assert (again.to_run, again.cached + again.same_ranks, again.seconds) == (0, 8, 0.0)
     assert again.summary().startswith("under a second (0 to run, ")
-    assert dataclasses.replace(again, upper_bound=True).summary().startswith("under a second")  # not "at most about 0 s"
+    # not "at most about 0 s"
+    assert dataclasses.replace(again, upper_bound=True).summary().startswith("under a second")
     assert again.scores_cached and not again.upper_bound
     timed = [d for d in cached_results(store, lm, splits)
              if d["split"] == "calib" and d["name"] and d["seconds"] and d.get("same_as_rho") is None]
