@@ -752,7 +752,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     assert "Best (calib)" in metrics(again)
     # one more matrix: its 4 candidates are priced from the timings of the 8 in the cache, before any run
     again.slider(key="q").set_value(3).run()
-    estimate = next(c.value for c in again.caption if c.value.startswith("Estimated run time here: about "))
+    estimate = next(c.value for c in again.caption if c.value.startswith("Estimated run time here: "))
     assert "4 to run, 8 in the cache" in estimate and "8 candidates already timed on this split" in estimate
 
 
