@@ -663,7 +663,7 @@ def session_job(kind: str, lm, splits) -> Job | None:
 SETTINGS: dict[str, Any] = {"score": "paper", "tail": SearchConfig.tail_fraction, "q": SearchConfig.q,
                             "method": "C2I (gradient-selected)", "ks": list(PAPER_KS), "rhos": list(PAPER_RHOS),
                             "early": False, "prefix_reuse": True, "prefix_budget_mb": SearchConfig.prefix_budget_mb,
-                            "stack": 0, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
+                            "stack": SearchConfig.stack, "one_rho": 0.1, "fmt": "JSON", "score_check": "accuracy gain",
                             "grouping": CONTIGUOUS, "one_grouping": CONTIGUOUS}
 MODEL_SETTINGS = ("types",)  # kept too, with no default: their options come from the model
 

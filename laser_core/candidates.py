@@ -3,7 +3,6 @@ task split and edits (from the cached hidden states of :mod:`laser_core.prefix_s
 :mod:`laser_core.reduction`); how results rank."""
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Callable
@@ -11,14 +10,13 @@ from typing import Callable
 from .config import CONTIGUOUS, Edit, TaskSpec, check_one_per_matrix, to_dict
 from .errors import NumericsError
 from .evaluate import CancelToken, EvalResult, evaluate
-from .memory import free_memory, out_of_memory
+from .memory import room_made
 from .models import LoadedModel
 from .prefix_states import PrefixPool
 from .reduction import block_ranks, edited, get_factors, params_kept
 from .store import Store
 from .tasks import Splits
 
-log = logging.getLogger(__name__)
 
 def match_ident(splits: Splits) -> dict:
     """The answer-match rule of a generation task for cache keys, where it is not LASER's (the default): results
@@ -128,17 +126,10 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
 def making_room(lm: LoadedModel, prefixes: PrefixPool | None, doing: str, run: Callable[[], dict]) -> dict:
     """``run()`` (an evaluation from ``prefixes``' cached states), run again where it runs out of memory while
     ``prefixes`` has states to give back (:meth:`~laser_core.prefix_states.PrefixPool.make_room`: other layers'
-    first, then prefix reuse itself), with a warning naming what was being done (``doing``) each time. The result is
-    the same (prefix reuse is exact); where nothing is left to give, the allocator's error is raised."""
-    while True:
-        try:
-            return run()
-        except Exception as e:
-            done = prefixes.make_room() if out_of_memory(e) and prefixes is not None else None
-            if done is None:
-                raise
-        free_memory()  # out of the except clause: what the failed evaluation held is no longer referred to
-        log.warning("%s ran out of memory on %s: %s", doing, lm.device, done)
+    first, then prefix reuse itself), with a warning naming what was being done (``doing``) each time
+    (:func:`~laser_core.memory.room_made`). The result is the same (prefix reuse is exact); where nothing is left
+    to give, the allocator's error is raised."""
+    return room_made(run, prefixes.make_room if prefixes is not None else lambda: None, doing, lm.device)
 
 
 def edits_key(store: Store, lm: LoadedModel, splits: Splits, split: str, edits: list[Edit]) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from .errors import OutOfMemory
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 ALLOCATOR_FAILED = ("can't allocate memory", "out of memory")  # a RuntimeError's text: the CPU's allocator, older GPU ones
 ADVICE = ("Nothing was left edited and what was cached stays. Free memory (another job or program), or use a smaller "
@@ -50,6 +52,21 @@ def halving(run: Callable[[int], T], size: int, floor: int, smaller: Callable[[i
         size //= 2  # out of the except clause: the failed run's tensors are released with its traceback
         smaller(size)
         free_memory()
+
+
+def room_made(run: Callable[[], T], give: Callable[[], str | None], doing: str, device: torch.device) -> T:
+    """``run()``; where it runs out of memory and ``give()`` frees something (it returns what, in words), give memory
+    back, warn (naming what was being done, ``doing``) and run again, until ``give`` has nothing left (None): then
+    the allocator's error is raised. How a search's cached states make room for an evaluation or a stack."""
+    while True:
+        try:
+            return run()
+        except Exception as e:
+            done = give() if out_of_memory(e) else None
+            if done is None:
+                raise
+        free_memory()  # out of the except clause: what the failed run held is no longer referred to
+        log.warning("%s ran out of memory on %s: %s", doing, device, done)
 
 
 def device_memory(device: torch.device) -> tuple[int, int] | None:

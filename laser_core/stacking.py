@@ -25,7 +25,7 @@ from .candidates import edit_identity, result_key, result_row
 from .config import Edit, SearchConfig
 from .errors import ConfigError, NumericsError
 from .evaluate import CancelToken, evaluate_copies
-from .memory import free_memory, halving, out_of_memory
+from .memory import free_memory, halving, out_of_memory, room_made
 from .models import LoadedModel
 from .prefix import forwards_replaced
 from .prefix_states import PrefixPool
@@ -137,15 +137,8 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
         """``run(n)``; where it runs out of memory while the pool holds other layers' states, those give way first
         and it runs again at the same size: dropping them costs a rebuild where a later candidate needs them, a
         smaller stack its speed for the rest of the search."""
-        try:
-            return run(n)
-        except Exception as e:
-            done = prefixes.drop_others(prefix.layer) if out_of_memory(e) and prefix is not None else None
-            if done is None:
-                raise
-        free_memory()  # out of the except clause: what the failed run held is no longer referred to
-        log.warning("a stack of %d candidates ran out of memory on %s: %s", n, lm.device, done)
-        return run(n)
+        return room_made(lambda: run(n), lambda: prefixes.drop_others(prefix.layer) if prefix is not None else None,
+                         f"a stack of {n} candidates", lm.device)
 
     def smaller(n: int) -> None:
         log.warning("a stack of %d candidates ran out of memory on %s: %d at a time from here on", tried[-1][0],

@@ -324,7 +324,7 @@ def test_a_composition_whose_device_cannot_hold_its_cached_states_runs_without_t
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return real(lm_, *args, prefix=prefix, **kwargs)
     monkeypatch.setattr(candidates, "evaluate", evaluate)
-    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+    with caplog.at_level(logging.WARNING, logger="laser_core.memory"):
         tight = compose_greedy(lm, splits, report.best, report.candidates, null_store())
     said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
     assert any(shared) and len(said) == 1 and said[0].startswith("evaluating 2 edits together ran out of memory on cpu: ")

@@ -663,7 +663,7 @@ def test_a_search_whose_device_cannot_hold_its_cached_states_gives_them_back_and
         return real(lm_, *args, prefix=prefix, **kwargs)
     monkeypatch.setattr(search, "PrefixPool", Recorded)
     monkeypatch.setattr(candidates, "evaluate", evaluate)
-    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+    with caplog.at_level(logging.WARNING, logger="laser_core.memory"):
         tight = run_search(lm, splits, cfg, None)
     said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
     first = "evaluating model.layers.1.mlp.down_proj.weight" if room == "one layer" else \

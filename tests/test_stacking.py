@@ -245,7 +245,7 @@ def test_a_stack_whose_cached_states_do_not_fit_beside_the_others_runs_without_t
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
             super().__init__(*args, **kwargs)
     monkeypatch.setattr(prefix_states, "PrefixStates", SecondDoesNotFit)
-    with caplog.at_level(logging.WARNING, logger="laser_core.candidates"):
+    with caplog.at_level(logging.WARNING, logger="laser_core.memory"):
         tight = run_search(lm, _splits(mc_task), cfg, None)
     said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
     assert said == ["preparing the stack of model.layers.1.mlp.down_proj.weight K=1 rho=0.9 ran out of memory on cpu: "
@@ -283,7 +283,7 @@ def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_
         return real(lm_, examples, copies, **kwargs)
     monkeypatch.setattr(search, "PrefixPool", Recorded)
     monkeypatch.setattr(stacking, "evaluate_copies", two_layers_do_not_fit)
-    with caplog.at_level(logging.WARNING, logger="laser_core.stacking"):
+    with caplog.at_level(logging.WARNING, logger="laser_core"):
         tight = run_search(lm, _splits(mc_task), cfg, None)
     said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
     assert tried == [(3, 1), (3, 2), (3, 1)] and len(said) == 1, (tried, said)
