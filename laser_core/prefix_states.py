@@ -167,9 +167,12 @@ class PrefixPool:
             return None
         freed = sum(self.items.pop(key).nbytes for key in others)
         self.budget = sum(p.nbytes for p in self.items.values())
-        return (f"{freed / 2**20:.3g} MB of hidden states cached for {len(others)} other "
-                f"layer{'s' * (len(others) != 1)} dropped: one layer's ({self.budget / 2**20:.3g} MB) at a time from "
-                "here on")
+        return self._dropped(freed, len(others), "other ")
+
+    def _dropped(self, freed: int, layers: int, which: str = "") -> str:
+        """What :meth:`drop_others` and :meth:`make_room` did, in words, the budget already set to one layer's."""
+        return (f"{freed / 2**20:.3g} MB of hidden states cached for {layers} {which}layer{'s' * (layers != 1)} "
+                f"dropped: one layer's ({self.budget / 2**20:.3g} MB) at a time from here on")
 
     def make_room(self) -> str | None:
         """After an evaluation ran out of memory: give back what the pool holds, so that it can run again. Where it
@@ -182,8 +185,7 @@ class PrefixPool:
         self.items.clear()
         if len(sizes) > 1:
             self.budget = max(sizes)
-            return (f"{sum(sizes) / 2**20:.3g} MB of hidden states cached for {len(sizes)} layers: one layer's "
-                    f"({self.budget / 2**20:.3g} MB) at a time from here on")
+            return self._dropped(sum(sizes), len(sizes))
         self.off = True
         return "prefix reuse off from here on (each candidate runs the whole model, with no hidden states cached)"
 

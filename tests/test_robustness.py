@@ -670,7 +670,7 @@ def test_a_search_whose_device_cannot_hold_its_cached_states_gives_them_back_and
         "evaluating model.layers.0.mlp.down_proj.weight"
     assert len(said) == 1 and said[0].startswith(f"{first} K=1 rho=0.5 ran out of memory on cpu: "), said
     if room == "one layer":
-        assert re.search(r"MB of hidden states cached for 2 layers: one layer's \(.* MB\) at a time from here on$",
+        assert re.search(r"MB of hidden states cached for 2 layers dropped: one layer's \(.* MB\) at a time from here on$",
                          said[0]) and len(pools[0].items) == 1 and not pools[0].off
     else:
         assert said[0].endswith("prefix reuse off from here on (each candidate runs the whole model, with no hidden "
