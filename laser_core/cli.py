@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of
+from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of, speed_of
 from .config import CONTIGUOUS, ModelSpec, SearchConfig
 from .errors import Cancelled, ConfigError, LaserError
 from .memory import memory_explained
@@ -249,7 +249,8 @@ def _cmd_report(args) -> int:
     import json
 
     from .saving import check_out_file
-    from .report import paper_table, row_line, table_markdown
+    from .report import paper_table
+    from .report_table import row_line, table_markdown
 
     tasks = [t for t in args.tasks.split(",") if t]
     json_out = check_out_file(args.json_out) if args.json_out else None  # not after the first task's tens of minutes
@@ -268,7 +269,7 @@ def _cmd_report(args) -> int:
         save(partial)
     result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
                          progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row,
-                         grouping=args.grouping, other_tasks=args.other_tasks)
+                         grouping=args.grouping, other_tasks=args.other_tasks, speed=speed_of(args))
     save(result)  # with the other tasks' table, where asked
     print(table_markdown(result))
     return 0
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
                     "laser": lambda a: _cmd_search(a, "laser"), "report": _cmd_report, "compose": _cmd_compose}
-        with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser")):
+        with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser", "report")):
             return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -100,11 +100,8 @@ def parser() -> argparse.ArgumentParser:
                                 "column an index or text of them, or true/false for the second/first of two (default: each row's "
                                 "choices column)")
 
-    def grid(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
-        sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
-        sp.add_argument("--no-prefix-reuse", action="store_true",
-                        help="run the full forward for every candidate (and every --compose step)")
+    def speed(sp: argparse.ArgumentParser, which: str) -> None:  # settings that change times, not what is found
+        sp.add_argument("--no-prefix-reuse", action="store_true", help=f"run the full forward for every {which}")
         sp.add_argument("--prefix-budget-mb", type=int, default=SearchConfig.prefix_budget_mb,
                         help="memory (on the model's device: RAM, or a GPU's) for prefix reuse's cached hidden "
                              "states; least recently used layers are dropped, the one in use is kept (default "
@@ -113,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
                         help="candidates of one matrix and K evaluated together in one forward (exact; faster where "
                              "a GPU waits on kernel launches); default 0: 8 on a GPU for a model under 1B parameters, "
                              "else 1 (one at a time)")
+
+    def grid(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--rhos", type=_floats, default=PAPER_RHOS, help="fractions of rank kept, e.g. 0.1,0.01")
+        sp.add_argument("--early-stop", action="store_true", help="stop a candidate once it cannot win (exact)")
+        speed(sp, "candidate (and every --compose step)")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml; default: "
                         "cache/recipes/, or DIR/recipes with --cache-dir DIR)")
         sp.add_argument("--compose", action="store_true",
@@ -174,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--other-tasks", action="store_true",
                     help="then each task's C2I K-grid edit on the other tasks' held-out test splits, as a table of "
                          "changes from their base")
+    speed(sp, "candidate of every search, LASER's and C2I's (times without prefix reuse on either side)")
     sp = sub.add_parser("apply", help="apply a recipe and save the edited model (save_pretrained)")
     sp.add_argument("--recipe", required=True, help="the recipe (.json/.yaml) to apply")
     sp.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
@@ -213,12 +216,17 @@ def spec_args(model: ModelSpec, task: TaskSpec) -> list[str]:
 
 def search_config_of(args, method: str) -> SearchConfig:
     """The search settings that parsed ``search`` (method "c2i") or ``laser`` arguments name."""
-    shared = dict(rhos=args.rhos, early_stop=args.early_stop, prefix_reuse=not args.no_prefix_reuse,
-                  prefix_budget_mb=args.prefix_budget_mb, stack=args.stack)
+    shared = dict(rhos=args.rhos, early_stop=args.early_stop, **speed_of(args))
     if method == "c2i":
         return SearchConfig("c2i", args.score, args.q, args.ks, tail_fraction=args.tail_fraction,
                             grouping=args.grouping, **shared)
     return SearchConfig("laser", ks=(1,), layers=args.layers, types=args.types, **shared)
+
+
+def speed_of(args) -> dict:
+    """The speed-only settings (:data:`laser_core.search.SPEED_ONLY`) that parsed ``search``, ``laser`` or ``report``
+    arguments name."""
+    return dict(prefix_reuse=not args.no_prefix_reuse, prefix_budget_mb=args.prefix_budget_mb, stack=args.stack)
 
 
 def command_defaults(method: str) -> SearchConfig:

@@ -4,7 +4,7 @@ grid with clustered row blocks beside it).
 Every method runs on a fresh, cache-less store so that its wall time is its own; the held-out test split is
 evaluated outside the timed searches, the base once per task and each method's best once. ``quick`` (for CPUs)
 restricts LASER to a few layers and a capped validation split and extrapolates its time, and shrinks
-the C2I grids; the output says exactly what was restricted.
+the C2I grids; the output says exactly what was restricted. :mod:`laser_core.report_table` renders the result.
 """
 from __future__ import annotations
 
@@ -17,24 +17,16 @@ from typing import Callable, Sequence
 from .candidates import edit_identity, evaluate_candidate
 from .config import CONTIGUOUS, PAPER_KS, PAPER_RHOS, Edit, ModelSpec, SearchConfig, TaskSpec, to_dict
 from .errors import ConfigError
-from .grouping import GROUPINGS, check_grouping
+from .grouping import check_grouping
 from .models import LoadedModel
 from .prefix_states import PrefixPool
-from .search import SearchReport, run_search
-from .significance import change_between, family_summary, p_text
+from .search import SPEED_ONLY, SearchReport, run_search
+from .significance import change_between
 from .stacking import stack_ahead, stack_size
 from .store import null_store
 from .tasks import BUNDLED, Splits, load_task, make_splits
 
 log = logging.getLogger(__name__)
-METHODS = {"laser": "LASER", "c2i_k1": "C2I K=1", "c2i_kgrid": "C2I K grid"}  # the table's edited columns
-
-
-def methods_of(row: dict) -> dict[str, str]:
-    """The edited columns a row of the table has: :data:`METHODS`, and C2I's K grid under another row grouping where
-    the run asked for one (``c2i_kgrid_clustered``: "C2I K grid clustered")."""
-    extra = {f"c2i_kgrid_{g}": f"C2I K grid {g}" for g in GROUPINGS if g != CONTIGUOUS and f"c2i_kgrid_{g}_test" in row}
-    return {**METHODS, **extra}
 
 
 @dataclass
@@ -50,7 +42,7 @@ class LaserTiming:
 
 
 def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layers: Sequence[int] | None = None,
-                   progress: Callable | None = None, held_out: bool = True, stack: int = 0) -> LaserTiming:
+                   progress: Callable | None = None, held_out: bool = True, **speed) -> LaserTiming:
     """LASER's sweep (types x rhos, K=1, validation split) over ``layers`` (None: all), timed.
 
     With a layer subset, layer 0 and the middle layer (where not in the subset) are probed: the cached
@@ -58,12 +50,14 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
     timed. A measured layer costs what its candidates took (their share of the builds included); every other
     layer costs its interpolated build plus its number of distinct edits times the interpolated candidate time
     (linear between measured layers). The sweep's best is the best of the subset only. ``held_out`` as for
-    :func:`run_search` (the test evaluations are never in the time). ``stack``: ``SearchConfig.stack``; a probe
-    then times a stack of its matrix's rhos, as the sweep evaluates them.
+    :func:`run_search` (the test evaluations are never in the time). ``speed``: :data:`SPEED_ONLY` settings of
+    :class:`SearchConfig`, for the sweep and the probes alike (with a stack, a probe times a stack of its matrix's
+    rhos, as the sweep evaluates them).
     """
     n_layers = lm.n_layers
     t0 = time.perf_counter()
-    cfg = SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None, stack=stack)
+    cfg = SearchConfig("laser", ks=(1,), rhos=tuple(rhos), layers=tuple(layers) if layers else None,
+                       **speed)
     rep = run_search(lm, splits, cfg, null_store(), progress, held_out=held_out)
     measured = time.perf_counter() - t0 - rep.timings.get("test", 0.0)
     total_candidates = len(lm.matrices) * len(rhos)
@@ -77,11 +71,12 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
         if "same_as_rho" not in c:  # a rho with the same ranks as another costs nothing (see run_search)
             per_layer.setdefault(c["layer"], []).append(c["seconds"])
     build = {layer: 0.0 for layer in per_layer}  # measured layers: builds are inside their candidates' seconds
-    pool = PrefixPool(lm, 2**31)
+    pool = PrefixPool(lm, cfg.prefix_budget_mb * 2**20) if cfg.prefix_reuse else None
     for layer in sorted({0, n_layers // 2} - set(per_layer)):
         ref = next(r for r in lm.matrices if r.layer == layer)
         t1 = time.perf_counter()
-        pool.get(splits, "val", layer, ref.name)
+        if pool is not None:
+            pool.get(splits, "val", layer, ref.name)
         build[layer] = time.perf_counter() - t1
         plan = [(Edit(ref.name, 1, rho), 0.0) for rho in rhos]
         docs, _ = stack_ahead(lm, plan, 0, stack_size(lm, cfg, splits), splits, "val", null_store(), set(), prefixes=pool)
@@ -105,15 +100,19 @@ def laser_baseline(lm: LoadedModel, splits: Splits, rhos: Sequence[float], layer
 def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, seed: int = 0, n_calib: int = 100,
                 n_test: int = 300, progress: Callable[[str], None] | None = None,
                 on_row: Callable[[dict], None] | None = None, grouping: str = CONTIGUOUS,
-                other_tasks: bool = False) -> dict:
+                other_tasks: bool = False, speed: dict | None = None) -> dict:
     """Run base / LASER / C2I K=1 / C2I K-grid on each task; return rows plus the settings used.
 
     ``grouping`` other than contiguous (the paper's row blocks) also runs C2I's K grid with the rows grouped so, as
     one more column (``c2i_kgrid_<grouping>``). ``on_row(result_so_far)`` is called after each task, so a long run
     can be followed (and kept) row by row. ``other_tasks``: then each task's C2I K-grid edit on every other task's
-    held-out test split, paired with that task's base (``transfer``: see :func:`transfer_rows`).
+    held-out test split, paired with that task's base (``transfer``: see :func:`transfer_rows`). ``speed``: settings
+    of :data:`SPEED_ONLY` for every search, LASER's and C2I's alike (they change the times, never what is found);
+    the settings record them.
     """
     check_grouping(grouping)
+    speed = {name: getattr(SearchConfig, name) for name in SPEED_ONLY} | (speed or {})
+    SearchConfig("c2i", **speed)  # a bad value fails here, before any task or the model is loaded
     from .models import load_model
 
     tasks = list(dict.fromkeys(tasks))
@@ -132,7 +131,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
     settings = {"model": model.source, "device": str(lm.device), "machine": lm.machine,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "seed": seed, "n_calib": n_calib, "n_test": n_test,
                 "q": q, "ks": list(ks), "rhos": list(rhos), "quick": quick,
-                "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None}
+                "laser_layers": laser_layers or "all", "n_val_cap": 200 if quick else None, **speed}
     rows, finals = [], []  # finals: (task, its splits, its base's held-out result, its C2I K-grid search)
     for name, ts, task, splits in prepared:
         full_val = len(splits.val)
@@ -141,7 +140,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             splits = make_splits(task, ts, warn=False)
         if progress:
             progress(f"{name}: LASER")
-        laser = laser_baseline(lm, splits, rhos, laser_layers, held_out=False)
+        laser = laser_baseline(lm, splits, rhos, laser_layers, held_out=False, **speed)
         laser_s = laser.seconds * full_val / len(splits.val)
         base_doc = held_out_result(lm, splits, None)
         out = {"task": name, "kind": splits.task.kind, "n_calib": len(splits.calib), "n_val": len(splits.val),
@@ -155,7 +154,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
             if progress:
                 progress(f"{name}: C2I K={list(grid)}" + (f", {rows_grouped} rows" if rows_grouped != CONTIGUOUS else ""))
             t0 = time.perf_counter()
-            rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos, grouping=rows_grouped),
+            rep = run_search(lm, splits, SearchConfig("c2i", q=q, ks=tuple(grid), rhos=rhos, grouping=rows_grouped, **speed),
                              null_store(), held_out=False)
             seconds = time.perf_counter() - t0
             out.update({**_against_base(label, base_doc, held_out_result(lm, splits, rep)), f"{label}_s": seconds,
@@ -205,82 +204,9 @@ def _against_base(label: str, base: dict, doc: dict) -> dict:
     return {f"{label}_test": doc["accuracy"], f"{label}_change": change_between(base, doc).to_dict()}
 
 
-def _marked(row: dict, label: str) -> str:
-    """A method's held-out accuracy, with a dagger where it differs from the base beyond noise."""
-    change = row.get(f"{label}_change")  # absent in rows written before the paired test was added
-    return f"{row[f'{label}_test']:.3f}" + ("†" if change and change["significant"] else "")
-
-
-def row_line(row: dict) -> str:
-    """A task's held-out accuracies on one line, marked as in the table: 'fever: base 0.523, LASER 0.550†, …'."""
-    return f"{row['task']}: base {row['base_test']:.3f}, " + ", ".join(f"{name} {_marked(row, label)}"
-                                                                      for label, name in methods_of(row).items())
-
-
-def _change_text(change: dict) -> str:
-    return f"{change['change']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] {p_text(change['p_value'])}"
-
-
 def _edit(rep: SearchReport) -> str:
     b = rep.best
     rows = f" {b['grouping']}" if b.get("grouping") else ""
     return f"L{b['layer']}.{b['type']} K={b['k']}{rows} rho={b['rho']}"
 
 
-def table_markdown(result: dict) -> str:
-    """The table in the layout of the paper's Table 1 (held-out test accuracy, search time, speedup)."""
-    s = result["settings"]
-    methods = methods_of(result["rows"][0]) if result["rows"] else METHODS
-    c2i = [label for label in methods if label != "laser"]
-    header = ["task", "base", *methods.values(), "LASER time (s)", *(f"{methods[c]} time (s) / speedup" for c in c2i)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in result["rows"]:
-        cells = [r["task"], f"{r['base_test']:.3f}", *(_marked(r, label) for label in methods),
-                 f"{r['laser_s']:.0f}{'*' if s['quick'] else ''}", *(f"{r[f'{c}_s']:.0f} / {r[f'{c}_speedup']:.1f}x" for c in c2i)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Held-out test accuracy; model `{s['model']}` on {s.get('machine', s['device'])}, {s.get('date', '')}; seed {s['seed']}, calibration "
-                 f"{s['n_calib']}, test up to {s['n_test']} (per task: "
-                 + ", ".join(f"{r['task']} {r['n_test']}" for r in result["rows"]) + f"); q={s['q']}, K grid {s['ks']}, "
-                 f"rho grid {s['rhos']}; LASER on the 20% validation split, layers {s['laser_layers']}.")
-    if s["quick"]:
-        lines.append("*quick mode: LASER measured on its last layer only with validation capped at 200 examples; its "
-                     "time is extrapolated to all layers (probe-interpolated) and to the full validation split "
-                     "(linear in examples), and its accuracy is the best of the measured layer only.")
-    if all(f"{label}_change" in r for r in result["rows"] for label in methods):
-        lines.append("†: differs from the base beyond noise (McNemar mid-p < 0.05 on the paired held-out questions). "
-                     "Change from the base, 95% interval, p: " + "; ".join(
-                         f"{r['task']}: " + ", ".join(f"{name} {_change_text(r[f'{label}_change'])}"
-                                                      for label, name in methods.items()) for r in result["rows"]))
-        lines.append(family_summary([(f"{r['task']} {name}", r[f"{label}_change"]["p_value"])
-                                  for r in result["rows"] for label, name in methods.items()]))
-    lines += transfer_markdown(result)
-    lines.append("Best edits: " + "; ".join(f"{r['task']}: " + ", ".join(f"{name} {r[f'{label}_best']}"
-                                                                         for label, name in methods.items())
-                                            for r in result["rows"]))
-    return "\n".join(lines)
-
-
-def transfer_markdown(result: dict) -> list[str]:
-    """The report's ``transfer`` (:func:`transfer_rows`) as a table: a row per task's C2I K-grid edit, a column per
-    task it is evaluated on (its own task: the table's change), each cell the held-out change from that task's base;
-    then which changes on other tasks stay beyond noise read together (an edit that several tasks' searches chose
-    counts once per task it is evaluated on). Nothing where the run did not measure it."""
-    transfer = result.get("transfer") or []
-    cells = {(t["from"], t["to"]): t["change"] for t in transfer}
-    if not cells:
-        return []
-    rows = {r["task"]: r for r in result["rows"]}
-    tasks = list(rows)
-    lines = ["", "Each task's C2I K grid edit on the other tasks (held-out test, change from that task's base; "
-             "†: beyond noise alone; own: the table's):", "",
-             "| edit found on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-    def cell(src: str, t: str) -> str:
-        c = rows[src].get("c2i_kgrid_change") if t == src else cells.get((src, t))
-        return "–" if c is None else f"{c['change']:+.3f}" + "†" * c["significant"] + " own" * (t == src)
-    for src in tasks:
-        lines.append(f"| {src} ({rows[src]['c2i_kgrid_best']}) | " + " | ".join(cell(src, t) for t in tasks) + " |")
-    tests = {(t.get("name"), t.get("k"), t.get("rho"), t.get("grouping"), t["edit"], t["to"]): t["change"]["p_value"]
-             for t in transfer}  # the same edit on a task: one test
-    lines += ["", family_summary([(f"{key[-2]} on {key[-1]}", p) for key, p in tests.items()]), ""]
-    return lines

@@ -749,7 +749,8 @@ def test_a_search_without_held_out_results_is_not_cached_as_a_complete_report(ti
 
 def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, monkeypatch):
     from laser_core import ModelSpec, report, search
-    from laser_core.report import paper_table, table_markdown
+    from laser_core.report import paper_table
+    from laser_core.report_table import table_markdown
     from conftest import write_mc_jsonl
     task = write_mc_jsonl(tmp_path / "even.jsonl", 200)
     seen, on_test = [], []
@@ -789,8 +790,38 @@ def test_report_builds_the_paper_table_with_every_method(tiny_dirs, tmp_path, mo
     assert "Read together, as 4 tests" in text and "C2I K grid clustered L" in text
 
 
+def test_report_speed_flags_reach_every_search_and_change_no_edit_found(tiny_dirs, tmp_path, monkeypatch, capsys):
+    from conftest import write_mc_jsonl
+    from laser_core import report
+    task = str(write_mc_jsonl(tmp_path / "even.jsonl", 200))
+    configs, pools, real_search, real_pool = [], [], report.run_search, report.PrefixPool
+    monkeypatch.setattr(report, "run_search", lambda lm, splits, cfg, *a, **kw: configs.append(cfg)
+                        or real_search(lm, splits, cfg, *a, **kw))
+    monkeypatch.setattr(report, "PrefixPool", lambda *a: pools.append(a) or real_pool(*a))  # quick LASER's probes
+    flags = ["report", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--tasks", task, "--quick",
+             "--n-calib", "30", "--n-test", "30"]
+    rows = {}
+    for name, extra in (("default", []), ("speed", ["--no-prefix-reuse", "--stack", "2", "--prefix-budget-mb", "64"])):
+        out = tmp_path / f"{name}.json"
+        assert main([*flags, *extra, "--json-out", str(out)]) == 0
+        rows[name] = json.loads(out.read_text())
+        rows[name]["text"] = capsys.readouterr().out
+    assert [(c.prefix_reuse, c.stack, c.prefix_budget_mb) for c in configs] == [(True, 0, 2048)] * 3 + [(False, 2, 64)] * 3
+    assert len(pools) == 1 and pools[0][1] == 2048 * 2**20  # the default run's probe only: none without prefix reuse
+    assert {k: rows["speed"]["settings"][k] for k in ("prefix_reuse", "stack", "prefix_budget_mb")} == \
+        {"prefix_reuse": False, "stack": 2, "prefix_budget_mb": 64}
+    for label in ("laser", "c2i_k1", "c2i_kgrid"):  # exact: the same edits and held-out accuracies, other times
+        assert rows["speed"]["rows"][0][f"{label}_best"] == rows["default"]["rows"][0][f"{label}_best"]
+        assert rows["speed"]["rows"][0][f"{label}_test"] == rows["default"]["rows"][0][f"{label}_test"]
+    assert "Speed settings of every method (they change the times, not the edits found): prefix reuse off; " \
+        "cached states up to 64 MB; stack 2 (candidates of one matrix evaluated together)." in rows["speed"]["text"]
+    assert "Speed settings" not in rows["default"]["text"]
+    assert main([*flags, "--stack", "-1"]) == 2 and "stack must be >= 0" in capsys.readouterr().err
+    assert len(configs) == 6  # refused before any task ran
+
+
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
-    from laser_core.report import row_line, table_markdown
+    from laser_core.report_table import row_line, table_markdown
     from laser_core.significance import paired_change
     base = [True] * 60 + [False] * 140
     gain = paired_change(base, [True] * 90 + [False] * 110).to_dict()  # 30 fixed, none broken
@@ -842,7 +873,8 @@ def test_an_edit_several_searches_chose_is_evaluated_once_per_task_and_tested_on
     from types import SimpleNamespace
 
     from laser_core import report
-    from laser_core.report import transfer_markdown, transfer_rows
+    from laser_core.report import transfer_rows
+    from laser_core.report_table import transfer_markdown
     from laser_core.significance import paired_change
 
     def search_of(name, layer):  # a search report whose best edit is ``name`` (a down matrix), K=1, rho=0.5
