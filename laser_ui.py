@@ -1191,7 +1191,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
     composition found before (in another session, or by ``search --compose``) is shown from the cache at once."""
     from laser_core.candidates import evaluate_edits
     from laser_core.prefix_states import prefix_reuse_applies
-    from laser_core.compose import cached_composition, compose_greedy, compose_pool, composition_seconds
+    from laser_core.compose import cached_composition, compose_greedy, compose_pool, composition_estimate
     from laser_core.estimate import SPLIT_WORDS
 
     split = chosen["split"]
@@ -1223,7 +1223,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
     tries = ""
     if pool is not None:  # the time from the base's evaluation of the split, and the blocks each try runs
         to_try, each, reuse = pool[:limit], base.get("seconds"), prefix_reuse_applies(lm, splits)
-        about = f", about {human_seconds(composition_seconds(lm, to_try, chosen, each, reuse))}" if to_try and each else ""
+        about = f", {composition_estimate(lm, to_try, chosen, each, reuse)}" if to_try and each else ""
         tries = f" ({len(to_try)} to try{about})"
     if st.button(f"Find edits to add, greedily on the {words} split{tries}", key="greedy_run", disabled=running,
                  help=f"Each other matrix's best candidate that beats the base model alone on the {words} split, "

@@ -131,8 +131,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     """``search --compose``: greedy composition from the search's best (``laser_core.compose``), printed, and its
     recipe written beside the best's."""
     from .prefix_states import prefix_reuse_applies
-    from .compose import compose_greedy, compose_pool, composition_seconds
-    from .estimate import SPLIT_WORDS, human_seconds
+    from .compose import compose_greedy, compose_pool, composition_estimate
+    from .estimate import SPLIT_WORDS
     from .recipe import make_recipe, recipe_metrics
     from .saving import save_recipe
     from .significance import change_between
@@ -143,8 +143,7 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     tries = len(to_try)
     each = (report.base or {}).get("seconds")  # one full evaluation of the split, as the base's took
     reuse = not args.no_prefix_reuse and prefix_reuse_applies(lm, splits)
-    about = f", about {human_seconds(composition_seconds(lm, to_try, report.best, each, reuse))}" \
-        if each and tries else ""
+    about = f", {composition_estimate(lm, to_try, report.best, each, reuse)}" if each and tries else ""
     capped = f"{tries} of {len(pool)} edits to try (--compose-max {args.compose_max}; " if tries < len(pool) else \
         f"{tries} edit{'s' * (tries != 1)} to try ("
     print(f"compose: {capped}each other matrix's best that beats the base alone on the {split} split, best first{about}"

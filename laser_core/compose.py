@@ -16,7 +16,7 @@ from typing import Callable
 from .candidates import best_by_matrix, cached_edits, doc_edit, evaluate_edits, making_room, merit
 from .config import Edit, SearchConfig, to_dict
 from .errors import ConfigError, NumericsError
-from .estimate import block_share
+from .estimate import block_share, human_seconds
 from .evaluate import CancelToken
 from .models import LoadedModel
 from .prefix_states import PrefixPool
@@ -71,6 +71,16 @@ def composition_seconds(lm: LoadedModel, tries: list[dict], start: dict, full: f
     share = block_share(lm, start.get("layer"), reuse)
     above = sum(c["layer"] >= start["layer"] for c in tries) if share < 1 else 0
     return full * (len(tries) - above + above * share + (1 - share) * (above > 0))
+
+
+def composition_estimate(lm: LoadedModel, tries: list[dict], start: dict, full: float, reuse: bool) -> str:
+    """:func:`composition_seconds` in words: 'about 2 min', and where a try below ``start``'s layer comes before
+    one at or above it (best first, as they are tried), that keeping it would make the later tries longer."""
+    about = f"about {human_seconds(composition_seconds(lm, tries, start, full, reuse))}"
+    below = [i for i, c in enumerate(tries) if c["layer"] < start["layer"]]
+    later = below and block_share(lm, start.get("layer"), reuse) < 1 and any(
+        c["layer"] >= start["layer"] for c in tries[below[0]:])
+    return about + (f", longer where an edit below layer {start['layer']} is kept" if later else "")
 
 
 class _NotCached(Exception):

@@ -346,6 +346,18 @@ def test_the_composition_estimate_counts_the_blocks_each_try_runs(tiny_lm):
     assert composition_seconds(lm, tries[:1], start, 10.0, reuse=True) == pytest.approx(10)  # nothing to build
 
 
+
+def test_the_composition_estimate_says_when_a_try_below_the_start_could_make_later_tries_longer(tiny_lm):
+    from laser_core.compose import composition_estimate
+    lm = tiny_lm("llama")
+    start = {"layer": 1}
+    assert composition_estimate(lm, [{"layer": 0}, {"layer": 1}], start, 10.0, reuse=True) == \
+        "about 20 s, longer where an edit below layer 1 is kept"  # kept, layer 0's edit makes the next try run whole
+    assert composition_estimate(lm, [{"layer": 1}, {"layer": 0}], start, 10.0, reuse=True) == "about 20 s"  # tried last
+    assert composition_estimate(lm, [{"layer": 1}, {"layer": 1}], start, 10.0, reuse=True) == "about 15 s"
+    assert composition_estimate(lm, [{"layer": 0}, {"layer": 1}], start, 10.0, reuse=False) == "about 20 s"  # all whole
+
+
 def test_search_compose_takes_the_searchs_prefix_reuse_settings(tiny_dirs, mc_task, tmp_path, monkeypatch):
     import laser_core.compose as compose
     from laser_core.cli import main
