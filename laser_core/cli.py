@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of, speed_of
+from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of
+from .cli_report import cmd_report
 from .config import CONTIGUOUS, ModelSpec, SearchConfig
 from .errors import Cancelled, ConfigError, LaserError
 from .memory import memory_explained
@@ -244,36 +245,6 @@ def _cmd_compose(args) -> int:
     return 0
 
 
-def _cmd_report(args) -> int:
-    import json
-
-    from .saving import check_out_file
-    from .report import paper_table
-    from .report_table import row_line, table_markdown
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    json_out = check_out_file(args.json_out) if args.json_out else None  # not after the first task's tens of minutes
-
-    def save(partial: dict) -> None:  # each finished task is saved at once, and the whole run at its end
-        if not json_out:
-            return
-        try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(partial, indent=2))
-        except OSError as e:  # the table is still printed at the end
-            print(f"warning: could not write {json_out}: {e.strerror or e}", file=sys.stderr, flush=True)
-
-    def on_row(partial: dict) -> None:
-        print(row_line(partial["rows"][-1]), file=sys.stderr, flush=True)
-        save(partial)
-    result = paper_table(ModelSpec(args.model, args.device), tasks, args.quick, args.seed, args.n_calib, args.n_test,
-                         progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=on_row,
-                         grouping=args.grouping, other_tasks=args.other_tasks, speed=speed_of(args))
-    save(result)  # with the other tasks' table, where asked
-    print(table_markdown(result))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. User errors print one line and return 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -284,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
-                    "laser": lambda a: _cmd_search(a, "laser"), "report": _cmd_report, "compose": _cmd_compose}
+                    "laser": lambda a: _cmd_search(a, "laser"), "report": cmd_report, "compose": _cmd_compose}
         with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser", "report")):
             return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:

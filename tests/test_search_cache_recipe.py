@@ -820,6 +820,35 @@ def test_report_speed_flags_reach_every_search_and_change_no_edit_found(tiny_dir
     assert len(configs) == 6  # refused before any task ran
 
 
+def test_an_interrupted_report_prints_the_table_of_the_tasks_that_finished(tiny_dirs, tmp_path, monkeypatch, capsys):
+    from conftest import write_mc_jsonl
+    from laser_core import report
+    one, two = (str(write_mc_jsonl(tmp_path / f"{n}.jsonl", 200, seed=i)) for i, n in enumerate(("one", "two")))
+    real, sweeps = report.laser_baseline, []
+
+    def ctrl_c_on_the_second_task(*a, **kw):
+        sweeps.append(1)
+        if len(sweeps) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(report, "laser_baseline", ctrl_c_on_the_second_task)
+    out = tmp_path / "r.json"
+    flags = ["report", "--model", str(tiny_dirs["llama"]), "--device", "cpu", "--quick", "--n-calib", "30",
+             "--n-test", "30", "--json-out", str(out)]
+    assert main([*flags, "--tasks", f"{one},{two}"]) == 130
+    printed = capsys.readouterr()
+    assert [r["task"] for r in json.loads(out.read_text())["rows"]] == [one]
+    assert printed.out.startswith("| task | base | LASER |") and f"| {one} | " in printed.out and two not in printed.out
+    assert printed.err.strip().endswith(f"interrupted: the table holds the 1 of 2 tasks that finished (also in {out}); "
+                                        "the task running then is not in it")
+    sweeps.clear()
+    monkeypatch.setattr(report, "laser_baseline", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main([*flags, "--tasks", one]) == 130  # none finished: the CLI's usual line, no table
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.strip().splitlines()[-1] == \
+        "interrupted: stopped here; no partial model or recipe was written"
+
+
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
     from laser_core.report_table import row_line, table_markdown
     from laser_core.significance import paired_change
