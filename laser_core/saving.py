@@ -106,8 +106,12 @@ def _check_parent(out: Path) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"cannot save to {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot save to {out}: {parent} is not writable; choose another folder")
+    try:  # os.access alone says yes to root where no file can be made (/proc, a read-only mount)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OSError
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        raise ConfigError(f"cannot save to {out}: {parent} is not writable; choose another folder") from None
     return out
 
 
