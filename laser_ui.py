@@ -1460,13 +1460,17 @@ def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.D
     changes = [change_between(base, r) for r in rows] if base else []
     if any(changes):
         at = df.columns.get_loc("log_loss") + 1
-        for i, (col, values) in enumerate({
-                "vs_base": [c.change if c else None for c in changes],
-                "ci95": [f"{c.low:+.3f} to {c.high:+.3f}" if c else "" for c in changes],
-                "p": [c.p_value if c else None for c in changes],
-                "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}.items()):
+        for i, (col, values) in enumerate(_change_columns(changes).items()):
             df.insert(at + i, col, values)
     return df
+
+
+def _change_columns(changes: list) -> dict[str, list]:
+    """Paired changes (``PairedChange`` or None per row) as the columns of :data:`CHANGE_COLUMNS`."""
+    return {"vs_base": [c.change if c else None for c in changes],
+            "ci95": [f"{c.low:+.3f} to {c.high:+.3f}" if c else "" for c in changes],
+            "p": [c.p_value if c else None for c in changes],
+            "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}
 
 
 def k_column(df: pd.DataFrame) -> list[str]:
@@ -1632,7 +1636,6 @@ def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
     """A search report (``SearchReport.to_dict()``) whose candidates on its split include the evaluation ``doc``:
     ``shown`` (the one on Explore) where it does, else a complete one in the cache for this model and these splits,
     one whose best it is first; None where no search in the cache tried it (One candidate's)."""
-    from laser_core.search import report_key
     ident = candidate_id(doc)
 
     def tried(r: dict | None) -> bool:
@@ -1640,15 +1643,85 @@ def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
             candidate_id(c) == ident for c in r.get("candidates", ()))
     if tried(shown):
         return shown
+    found = [r for r in cached_searches(lm, splits) if tried(r)]
+    return max(found, key=lambda r: candidate_id(r.get("best")) == ident, default=None)
+
+
+def cached_searches(lm, splits) -> list[dict]:
+    """Every complete search report (``SearchReport.to_dict()``) in the cache made on this model and these splits
+    (of any settings): C2I searches and LASER sweeps, from the CLI or the dashboard, this session's or earlier."""
+    from laser_core.search import report_key
     found = []
     for key, r in store().iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
         try:
-            if tried(r) and r.get("status") == "complete" and key == report_key(store(), lm, splits,
-                                                                                 SearchConfig(**r["config"])):
+            if r.get("status") == "complete" and key == report_key(store(), lm, splits, SearchConfig(**r["config"])):
                 found.append(r)
         except (LaserError, TypeError, KeyError):  # a report written by another version
             continue
-    return max(found, key=lambda r: candidate_id(r.get("best")) == ident, default=None)
+    return found
+
+
+def search_settings(cfg: dict) -> str:
+    """A search's grid in short: 'q=5, K 1,2,4,8, ρ 8 values, 0.005–0.9' (C2I), 'all layers, all types, ρ 0.5, 0.1'
+    (LASER)."""
+    rhos = ", ".join(f"{r:g}" for r in cfg["rhos"]) if len(cfg["rhos"]) <= 4 else \
+        f"{len(cfg['rhos'])} values, {min(cfg['rhos']):g}–{max(cfg['rhos']):g}"
+    if cfg["method"] == "c2i":
+        extra = "".join(f", {v}" for k, v in cfg.items() if k in ("score", "grouping")
+                        and v != getattr(SearchConfig, k))
+        return f"q={cfg['q']}, K {','.join(map(str, cfg['ks']))}, ρ {rhos}{extra}"
+    layers = cfg.get("layers")
+    return (f"layers {min(layers)}–{max(layers)}" if layers else "all layers") + \
+        f", {'types ' + ','.join(cfg['types']) if cfg.get('types') else 'all types'}, ρ {rhos}"
+
+
+def searches_frame(lm, reports: list[dict]) -> pd.DataFrame:
+    """Search reports side by side: settings, candidates, the time their evaluations took as they ran, the best edit,
+    its accuracy on the searched split and on held-out test, paired with the base there (as :func:`candidates_frame`),
+    and for a C2I search how many times less than the largest LASER sweep's its candidates took."""
+    def seconds(r: dict) -> float:
+        return sum(c.get("seconds") or 0.0 for c in r["candidates"])
+    lasers = [r for r in reports if r["method"] == "laser"]
+    sweep = max(lasers, key=lambda r: len(r["candidates"]), default=None)
+    rows = sorted(reports, key=lambda r: (r["method"] != "c2i", seconds(r)))
+    df = pd.DataFrame([{
+        "method": "C2I" if r["method"] == "c2i" else "LASER", "settings": search_settings(r["config"]),
+        "candidates": len(r["candidates"]), "time_s": seconds(r),
+        "less_than_laser": seconds(sweep) / seconds(r) if sweep and r["method"] == "c2i" and seconds(r) else None,
+        "best": edit_short(lm, r["best"]) if r.get("best") else "", "split": r["search_split"],
+        "best_on_split": (r.get("best") or {}).get("accuracy"),
+        "accuracy": (r.get("best_test") or {}).get("accuracy"), "log_loss": (r.get("best_test") or {}).get("log_loss"),
+    } for r in rows])
+    changes = [change_between(r.get("base_test"), r.get("best_test")) for r in rows]  # each with its own base
+    if any(changes):
+        for i, (col, values) in enumerate(_change_columns(changes).items()):
+            df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
+    return df.drop(columns=[] if sweep else ["less_than_laser"])
+
+
+def render_searches(lm, splits) -> None:
+    """Results' table of every search in the cache for this model and task (:func:`searches_frame`): C2I searches
+    and LASER sweeps side by side, their time and their best on held-out test."""
+    reports = cached_searches(lm, splits)
+    if not reports:
+        return
+    st.subheader("Searches in the cache")
+    number = st.column_config.NumberColumn
+    st.dataframe(searches_frame(lm, reports), hide_index=True, width="stretch", key="searches", column_config={
+        **CHANGE_COLUMNS, "time_s": number("time (s)", format="%.1f", help=(
+            "What its candidates' evaluations took, as they ran (a candidate from the cache: when it ran); the "
+            "gradient step, SVDs and scores aside")),
+        "less_than_laser": number("× less than LASER", format="%.1f×", help=(
+            "The time of the largest LASER sweep here divided by this search's (each on its own split: LASER on "
+            "validation, C2I on calibration)")),
+        "best_on_split": number("best on its split", format="%.3f",
+                                help="The best candidate's accuracy on the split it was chosen on"),
+        "accuracy": number("held-out", format="%.3f", help="The best candidate's accuracy on held-out test"),
+        "log_loss": number("held-out log-loss", format="%.4f"),
+    })
+    st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
+               "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
+               "search and laser).")
 
 
 def export_options(docs: list[dict], report: dict | None) -> tuple[list[dict], int]:

@@ -77,3 +77,4 @@ ui.render_score_vs_change(lm, splits, rows, base, split)
 show_together()
 
 ui.render_compare_two(lm, splits, df)
+ui.render_searches(lm, splits)

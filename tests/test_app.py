@@ -1658,6 +1658,35 @@ def test_live_job_polls_only_while_the_job_runs(monkeypatch, at_start, at_poll, 
     assert (seen["run_every"], seen["reruns"], seen["shown"]) == (polls, reruns, [at_poll])
 
 
+def test_results_lists_every_search_of_this_model_and_task_side_by_side(app_env, searched):
+    """C2I searches and LASER sweeps in the cache (any settings), each with its time, its best and that best's paired
+    held-out change; a search on other splits of the task is not among them. Before, no page compared them."""
+    import dataclasses
+
+    from laser_core import SearchConfig, Store, load_task, make_splits, run_search
+    lm, ts, splits = app_model(app_env)
+    types = tuple(sorted({r.type for r in lm.matrices}))
+    run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5, 0.05), layers=(0, 1), types=types), Store())
+    c2i = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store()).to_dict()  # the fixture's
+    seeded = dataclasses.replace(ts, seed=1)
+    run_search(lm, make_splits(load_task(seeded), seeded), SearchConfig(q=1, ks=(1,), rhos=(0.3,)), Store())
+    at = page("pages/4_Results.py")
+    assert "Searches in the cache" in [h.value for h in at.subheader]
+    df = next(d.value for d in at.dataframe if "settings" in d.value.columns)
+    assert "q=1, K 1, ρ 0.3" not in set(df["settings"])  # made on another seed's splits
+    mine = df[(df["method"] == "C2I") & (df["settings"] == "q=2, K 1,2, ρ 0.5, 0.1")].iloc[0]
+    assert (mine["candidates"], mine["split"]) == (len(c2i["candidates"]), "calib")
+    assert mine["time_s"] == pytest.approx(sum(c["seconds"] for c in c2i["candidates"]))  # as they ran, not 0
+    best, base = c2i["best_test"], c2i["base_test"]
+    assert (mine["accuracy"], mine["best_on_split"]) == (best["accuracy"], c2i["best"]["accuracy"])
+    assert mine["vs_base"] == pytest.approx(best["accuracy"] - base["accuracy"]) and 0 < mine["p"] <= 1
+    sweeps = df[df["method"] == "LASER"]
+    assert f"layers 0–1, types {','.join(types)}, ρ 0.5, 0.05" in set(sweeps["settings"])
+    assert set(sweeps["split"]) == {"val"} and sweeps["less_than_laser"].isna().all()
+    largest = sweeps.sort_values("candidates").iloc[-1]
+    assert mine["less_than_laser"] == pytest.approx(largest["time_s"] / mine["time_s"])
+
+
 def test_results_page_sets_each_matrixs_score_against_the_change_it_made(app_env):
     """A LASER sweep on validation: every matrix's score (Layer scores' settings) against the most its candidates
     gained there over the base, in accuracy or in log-loss, and their rank correlation, checked against ranks
