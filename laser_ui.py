@@ -1648,17 +1648,9 @@ def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
 
 
 def cached_searches(lm, splits) -> list[dict]:
-    """Every complete search report (``SearchReport.to_dict()``) in the cache made on this model and these splits
-    (of any settings): C2I searches and LASER sweeps, from the CLI or the dashboard, this session's or earlier."""
-    from laser_core.search import report_key
-    found = []
-    for key, r in store().iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
-        try:
-            if r.get("status") == "complete" and key == report_key(store(), lm, splits, SearchConfig(**r["config"])):
-                found.append(r)
-        except (LaserError, TypeError, KeyError):  # a report written by another version
-            continue
-    return found
+    """Every complete search in the cache for this model and these splits (``search.cached_reports``)."""
+    from laser_core.search import cached_reports
+    return cached_reports(store(), lm, splits)
 
 
 def search_settings(cfg: dict) -> str:
