@@ -1648,47 +1648,22 @@ def search_that_found(lm, splits, doc: dict, shown: dict | None) -> dict | None:
 
 
 def cached_searches(lm, splits) -> list[dict]:
-    """Every complete search in the cache for this model and these splits (``search.cached_reports``)."""
-    from laser_core.search import cached_reports
+    """Every complete search in the cache for this model and these splits (``searches.cached_reports``)."""
+    from laser_core.searches import cached_reports
     return cached_reports(store(), lm, splits)
 
 
-def search_settings(cfg: dict) -> str:
-    """A search's grid in short: 'q=5, K 1,2,4,8, ρ 8 values, 0.005–0.9' (C2I), 'all layers, all types, ρ 0.5, 0.1'
-    (LASER)."""
-    rhos = ", ".join(f"{r:g}" for r in cfg["rhos"]) if len(cfg["rhos"]) <= 4 else \
-        f"{len(cfg['rhos'])} values, {min(cfg['rhos']):g}–{max(cfg['rhos']):g}"
-    if cfg["method"] == "c2i":
-        extra = "".join(f", {v}" for k, v in cfg.items() if k in ("score", "grouping")
-                        and v != getattr(SearchConfig, k))
-        return f"q={cfg['q']}, K {','.join(map(str, cfg['ks']))}, ρ {rhos}{extra}"
-    layers = cfg.get("layers")
-    return (f"layers {min(layers)}–{max(layers)}" if layers else "all layers") + \
-        f", {'types ' + ','.join(cfg['types']) if cfg.get('types') else 'all types'}, ρ {rhos}"
-
-
 def searches_frame(lm, reports: list[dict]) -> pd.DataFrame:
-    """Search reports side by side: settings, candidates, the time their evaluations took as they ran, the best edit,
-    its accuracy on the searched split and on held-out test, paired with the base there (as :func:`candidates_frame`),
-    and for a C2I search how many times less than the largest LASER sweep's its candidates took."""
-    def seconds(r: dict) -> float:
-        return sum(c.get("seconds") or 0.0 for c in r["candidates"])
-    lasers = [r for r in reports if r["method"] == "laser"]
-    sweep = max(lasers, key=lambda r: len(r["candidates"]), default=None)
-    rows = sorted(reports, key=lambda r: (r["method"] != "c2i", seconds(r)))
-    df = pd.DataFrame([{
-        "method": "C2I" if r["method"] == "c2i" else "LASER", "settings": search_settings(r["config"]),
-        "candidates": len(r["candidates"]), "time_s": seconds(r),
-        "less_than_laser": seconds(sweep) / seconds(r) if sweep and r["method"] == "c2i" and seconds(r) else None,
-        "best": edit_short(lm, r["best"]) if r.get("best") else "", "split": r["search_split"],
-        "best_on_split": (r.get("best") or {}).get("accuracy"),
-        "accuracy": (r.get("best_test") or {}).get("accuracy"), "log_loss": (r.get("best_test") or {}).get("log_loss"),
-    } for r in rows])
-    changes = [change_between(r.get("base_test"), r.get("best_test")) for r in rows]  # each with its own base
-    if any(changes):
-        for i, (col, values) in enumerate(_change_columns(changes).items()):
+    """Search reports side by side (``searches.search_rows``), the best edit as :func:`edit_short` and its paired
+    change from the base as :func:`candidates_frame`'s columns; no "less than LASER" column without a LASER sweep."""
+    from laser_core.searches import search_rows
+    rows = search_rows(reports)
+    df = pd.DataFrame([{**{k: v for k, v in r.items() if k != "change"},
+                        "best": edit_short(lm, r["best"]) if r["best"] else ""} for r in rows])
+    if any(r["change"] for r in rows):
+        for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
             df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
-    return df.drop(columns=[] if sweep else ["less_than_laser"])
+    return df.drop(columns=[] if any(r["method"] == "LASER" for r in rows) else ["less_than_laser"])
 
 
 def render_searches(lm, splits) -> None:

@@ -181,6 +181,24 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
     return 0
 
 
+def _cmd_searches(args) -> int:
+    from .searches import cached_reports, search_rows, searches_markdown
+
+    lm, tspec, splits, store = _setup(args)
+    rows = search_rows(cached_reports(store, lm, splits))
+    sizes = (f"calibration {len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, "
+             f"seed {tspec.seed}")
+    if not rows:
+        print(f"no search in the cache for this model on {splits.task.name} ({sizes}): run search or laser first")
+        return 0
+    print(f"{len(rows)} search{'es' * (len(rows) != 1)} in the cache for this model on {splits.task.name} ({sizes}):")
+    print(searches_markdown(rows))
+    print("time: what each search's candidates took to evaluate as they ran (a rerun from the cache keeps them; the "
+          "gradient step and SVDs aside)" + ("; x less than LASER: the largest LASER sweep's time over a C2I "
+                                            "search's" if any(r["less_than_laser"] for r in rows) else ""))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .answers import answer_rule_words
     from .candidates import evaluate_edits
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"scores": _cmd_scores, "search": lambda a: _cmd_search(a, "c2i"), "eval": _cmd_eval,
-                    "laser": lambda a: _cmd_search(a, "laser"), "report": cmd_report, "compose": _cmd_compose}
+                    "laser": lambda a: _cmd_search(a, "laser"), "report": cmd_report, "compose": _cmd_compose,
+                    "searches": _cmd_searches}
         with memory_explained(f"in {args.cmd}", search=args.cmd in ("search", "laser", "report")):
             return commands.get(args.cmd, _cmd_apply)(args)
     except LaserError as e:

@@ -160,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
                     help="with --recipe: also the base model and the recipe on these tasks' held-out test splits "
                          "(comma-separated bundled names or task files, split with this task's sizes and seed), each "
                          "change paired; alone or 'all': every bundled task but --task")
+    sp = sub.add_parser("searches", help="the searches in the cache for this model and task side by side (C2I and "
+                        "LASER, any settings): time, best edit, its held-out change from the base")
+    common(sp)
     sp = sub.add_parser("report", help="the paper's Table 1: base, LASER, C2I K=1, C2I K grid on bundled tasks")
     sp.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .candidates import better, edit_identity, evaluate_candidate, making_room, match_ident, same_result
 from .config import Edit, SearchConfig, to_dict
-from .errors import Cancelled, ConfigError, LaserError, NumericsError, TaskFormatError
+from .errors import Cancelled, ConfigError, NumericsError, TaskFormatError
 from .evaluate import CancelToken
 from .models import LoadedModel
 from .prefix_states import PrefixPool
@@ -46,20 +46,6 @@ def report_key(store: Store, lm: LoadedModel, splits: Splits, cfg: SearchConfig,
     if splits.task.kind == "gen":  # a multiple-choice report's key stays as it was: its results decode nothing
         ident.update(max_new_tokens=splits.spec.max_new_tokens, **match_ident(splits))
     return store.key("report", lm.fingerprint, splits.task.digest, ident)
-
-
-def cached_reports(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
-    """Every complete search report (``SearchReport.to_dict()``) in the cache made on this model and exactly these
-    splits, of any settings: C2I searches and LASER sweeps, earlier runs included (as :func:`~laser_core.candidates.
-    cached_results` finds evaluations). A report another version wrote, whose settings no longer load, is left out."""
-    found = []
-    for key, r in store.iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
-        try:
-            if r.get("status") == "complete" and key == report_key(store, lm, splits, SearchConfig(**r["config"])):
-                found.append(r)
-        except (LaserError, TypeError, KeyError):
-            continue
-    return found
 
 
 def search_identity(cfg: SearchConfig) -> dict:

@@ -849,6 +849,41 @@ def test_an_interrupted_report_prints_the_table_of_the_tasks_that_finished(tiny_
         "interrupted: stopped here; no partial model or recipe was written"
 
 
+def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(tiny_dirs, mc_task, tmp_path, capsys):
+    """``searches``: every complete search in the cache for the model and the task's splits, of any settings, with the
+    time its candidates took as they ran, its best and that best's paired held-out change; other seeds' are not."""
+    from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
+    from laser_core.searches import cached_reports, search_rows, searches_markdown
+    cache = tmp_path / "cache"
+    spec = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    lm, splits = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu")), make_splits(load_task(spec), spec)
+    flags = ["--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+             "--n-test", "20", "--cache-dir", str(cache)]
+    assert main(["searches", *flags]) == 0
+    assert capsys.readouterr().out.startswith("no search in the cache for this model on ")
+    c2i = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store(cache)).to_dict()
+    laser = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,)), Store(cache)).to_dict()
+    other = TaskSpec(str(mc_task), n_calib=20, n_test=20, seed=3)
+    run_search(lm, make_splits(load_task(other), other), SearchConfig(q=1, ks=(1,), rhos=(0.3,)), Store(cache))
+    reports = cached_reports(Store(cache), lm, splits)
+    assert sorted(r["method"] for r in reports) == ["c2i", "laser"]  # not the other seed's
+    rows = search_rows(reports)
+    c, sweep = rows  # C2I first
+    assert (c["method"], c["settings"], c["candidates"], c["split"]) == ("C2I", "q=2, K 1,2, ρ 0.5, 0.1", 8, "calib")
+    assert (sweep["method"], sweep["settings"], sweep["split"]) == ("LASER", "layers 1–1, all types, ρ 0.5", "val")
+    assert c["time_s"] == pytest.approx(sum(x["seconds"] for x in c2i["candidates"])) and c["time_s"] > 0
+    assert c["less_than_laser"] == pytest.approx(sweep["time_s"] / c["time_s"]) and sweep["less_than_laser"] is None
+    assert c["best"] == c2i["best"] and c["accuracy"] == c2i["best_test"]["accuracy"]
+    assert c["change"].change == pytest.approx(c2i["best_test"]["accuracy"] - c2i["base_test"]["accuracy"])
+    assert sweep["best_on_split"] == laser["best"]["accuracy"]
+    assert main(["searches", *flags]) == 0
+    out = capsys.readouterr().out
+    b = c2i["best"]
+    assert out.startswith(f"2 searches in the cache for this model on {splits.task.name} (calibration 20, ")
+    assert searches_markdown(rows) in out and "| x less than LASER |" in out
+    assert f"| L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']:g} | {b['accuracy']:.3f} (calib) | " in out
+
+
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
     from laser_core.report_table import row_line, table_markdown
     from laser_core.significance import paired_change

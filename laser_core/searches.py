@@ -1,0 +1,84 @@
+"""The searches in the cache side by side: every complete C2I search and LASER sweep made on a model and a task's
+splits (any settings, earlier runs included), with their time, their best edit and that edit's paired held-out change
+from the base. The dashboard's Results page shows them as a table, the CLI's ``searches`` prints them."""
+from __future__ import annotations
+
+from .config import SearchConfig
+from .errors import LaserError
+from .models import LoadedModel
+from .search import report_key
+from .significance import change_between, p_text
+from .store import Store
+from .tasks import Splits
+
+
+def cached_reports(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
+    """Every complete search report (``SearchReport.to_dict()``) in the cache made on this model and exactly these
+    splits, of any settings: C2I searches and LASER sweeps, earlier runs included (as :func:`~laser_core.candidates.
+    cached_results` finds evaluations). A report another version wrote, whose settings no longer load, is left out."""
+    found = []
+    for key, r in store.iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
+        try:
+            if r.get("status") == "complete" and key == report_key(store, lm, splits, SearchConfig(**r["config"])):
+                found.append(r)
+        except (LaserError, TypeError, KeyError):
+            continue
+    return found
+
+
+def settings_text(cfg: dict) -> str:
+    """A search's grid in short: 'q=5, K 1,2,4,8, ρ 8 values, 0.005–0.9' (C2I), 'all layers, all types, ρ 0.5, 0.1'
+    (LASER); a C2I search's score and row grouping where not the defaults."""
+    rhos = cfg["rhos"]
+    rho = ", ".join(f"{r:g}" for r in rhos) if len(rhos) <= 4 else f"{len(rhos)} values, {min(rhos):g}–{max(rhos):g}"
+    if cfg["method"] == "c2i":
+        extra = "".join(f", {cfg[k]}" for k in ("score", "grouping") if cfg.get(k, getattr(SearchConfig, k))
+                        != getattr(SearchConfig, k))
+        return f"q={cfg['q']}, K {','.join(map(str, cfg['ks']))}, ρ {rho}{extra}"
+    layers, types = cfg.get("layers"), cfg.get("types")
+    return (f"layers {min(layers)}–{max(layers)}" if layers else "all layers") + \
+        f", {'types ' + ','.join(types) if types else 'all types'}, ρ {rho}"
+
+
+def search_rows(reports: list[dict]) -> list[dict]:
+    """One row per report, C2I searches first, each method's fastest first: ``method``, ``settings``,
+    ``candidates``, ``time_s`` (what its candidates' evaluations took as they ran: a rerun from the cache keeps the
+    first run's times; the gradient step and SVDs aside), ``less_than_laser`` (C2I: the largest LASER sweep's time
+    over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
+    ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test) and ``change`` (its
+    ``PairedChange`` from the base on the same questions, or None)."""
+    def seconds(r: dict) -> float:
+        return sum(c.get("seconds") or 0.0 for c in r["candidates"])
+    sweep = max((r for r in reports if r["method"] == "laser"), key=lambda r: len(r["candidates"]), default=None)
+    rows = []
+    for r in sorted(reports, key=lambda r: (r["method"] != "c2i", seconds(r))):
+        best, test = r.get("best"), r.get("best_test") or {}
+        rows.append({"method": "C2I" if r["method"] == "c2i" else "LASER", "settings": settings_text(r["config"]),
+                     "candidates": len(r["candidates"]), "time_s": seconds(r),
+                     "less_than_laser": seconds(sweep) / seconds(r) if sweep and r["method"] == "c2i" and seconds(r)
+                     else None, "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
+                     "accuracy": test.get("accuracy"), "log_loss": test.get("log_loss"),
+                     "change": change_between(r.get("base_test"), r.get("best_test"))})
+    return rows
+
+
+def searches_markdown(rows: list[dict]) -> str:
+    """:func:`search_rows` as a markdown table (the CLI's ``searches``), edits as 'L2.down K=8 rho=0.1'."""
+    def edit(b: dict | None) -> str:
+        return "–" if not b else f"L{b['layer']}.{b['type']} K={b['k']}" + (
+            f" {b['grouping']}" if b.get("grouping") else "") + f" rho={b['rho']:g}"
+
+    def num(v: float | None, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+    laser = any(r["less_than_laser"] is not None for r in rows)  # its column only beside a LASER sweep
+    header = ["method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser, "best",
+              "best on its split", "held-out", "change from the base (95% CI, p)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        c = r["change"]
+        cells = [r["method"], r["settings"], str(r["candidates"]), f"{r['time_s']:.1f}",
+                 *[num(r["less_than_laser"], ".1f")] * laser, edit(r["best"]),
+                 f"{num(r['best_on_split'], '.3f')} ({r['split']})", num(r["accuracy"], ".3f"),
+                 f"{c.change:+.3f} ({c.low:+.3f} to {c.high:+.3f}, {p_text(c.p_value)})" if c else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
