@@ -1658,7 +1658,7 @@ def searches_frame(lm, reports: list[dict]) -> pd.DataFrame:
     change from the base as :func:`candidates_frame`'s columns; no "less than LASER" column without a LASER sweep."""
     from laser_core.searches import search_rows
     rows = search_rows(reports)
-    df = pd.DataFrame([{**{k: v for k, v in r.items() if k != "change"},
+    df = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for r in rows])
     if any(r["change"] for r in rows):
         for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
@@ -1689,6 +1689,42 @@ def render_searches(lm, splits) -> None:
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
                "search and laser).")
+    render_open_search(lm, reports)
+
+
+def explore_settings(cfg: dict, types: list[str]) -> dict:
+    """The Explore widgets' values (session-state keys) that make its search the search ``cfg`` (a report's
+    ``config``): method, grids, score and early stop; a LASER sweep's layer range and matrix types (``types``: the
+    model's, for a sweep of all). Speed-only settings stay as the user left them: they change no result."""
+    out = {"rhos": sorted(cfg["rhos"], reverse=True), "early": bool(cfg.get("early_stop"))}
+    if cfg["method"] == "c2i":
+        return {**out, "method": "C2I (gradient-selected)", "q": cfg["q"], "ks": sorted(cfg["ks"]),
+                "score": cfg["score"], "tail": cfg["tail_fraction"], "grouping": cfg.get("grouping") or CONTIGUOUS}
+    layers = cfg.get("layers")
+    return {**out, "method": "LASER sweep (brute force)", "types": list(cfg.get("types") or types),
+            **({"laser_layers": (min(layers), max(layers))} if layers else {"laser_layers": ()})}
+
+
+def render_open_search(lm, reports: list[dict]) -> None:
+    """Pick one of Results' searches and open it on Explore, its settings set there and its report shown (from the
+    cache: nothing runs), to look at it whole or re-run it with one setting changed."""
+    from laser_core.searches import search_rows
+    rows = search_rows(reports)
+    labels = {f"{i + 1}. {r['method']} · {r['settings']}": r["config"] for i, r in enumerate(rows)}
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    pick = c1.selectbox("Open a search on Explore", list(labels), index=None, key="open_search",
+                        placeholder="Choose a search (numbered as in the table)",
+                        help="Explore's settings are set to its grid and its report is shown, from the cache")
+
+    def open_it() -> None:  # a callback: it runs before the rerun, before this page makes the widgets it sets
+        cfg = labels[st.session_state["open_search"]]
+        st.session_state.pop("layer_range", None)  # the range slider takes "laser_layers" where it has no value
+        st.session_state.update(explore_settings(cfg, sorted({r.type for r in lm.matrices})))
+        keep_report(next(r for r in reports if r["config"] == cfg))
+        st.session_state["_open_explore"] = True
+    c2.button("Open on Explore", key="open_search_go", disabled=pick is None, on_click=open_it)
+    if st.session_state.pop("_open_explore", False):
+        st.switch_page("pages/3_Explore.py")
 
 
 def export_options(docs: list[dict], report: dict | None) -> tuple[list[dict], int]:

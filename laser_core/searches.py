@@ -45,8 +45,8 @@ def search_rows(reports: list[dict]) -> list[dict]:
     ``candidates``, ``time_s`` (what its candidates' evaluations took as they ran: a rerun from the cache keeps the
     first run's times; the gradient step and SVDs aside), ``less_than_laser`` (C2I: the largest LASER sweep's time
     over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
-    ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test) and ``change`` (its
-    ``PairedChange`` from the base on the same questions, or None)."""
+    ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its
+    ``PairedChange`` from the base on the same questions, or None) and the report's ``config``."""
     def seconds(r: dict) -> float:
         return sum(c.get("seconds") or 0.0 for c in r["candidates"])
     sweep = max((r for r in reports if r["method"] == "laser"), key=lambda r: len(r["candidates"]), default=None)
@@ -58,7 +58,7 @@ def search_rows(reports: list[dict]) -> list[dict]:
                      "less_than_laser": seconds(sweep) / seconds(r) if sweep and r["method"] == "c2i" and seconds(r)
                      else None, "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
                      "accuracy": test.get("accuracy"), "log_loss": test.get("log_loss"),
-                     "change": change_between(r.get("base_test"), r.get("best_test"))})
+                     "change": change_between(r.get("base_test"), r.get("best_test")), "config": r["config"]})
     return rows
 
 

@@ -1687,6 +1687,39 @@ def test_results_lists_every_search_of_this_model_and_task_side_by_side(app_env,
     assert mine["less_than_laser"] == pytest.approx(largest["time_s"] / mine["time_s"])
 
 
+def test_a_search_on_results_opens_on_explore_with_its_settings_and_its_report_from_the_cache(app_env, searched):
+    """Results' "Open on Explore" sets Explore's widgets to the search's grid (a C2I search, then a LASER sweep of a
+    layer range and two types) and shows its report: "already in the cache", nothing runs. AppTest does not follow
+    ``st.switch_page`` (the browser test does): the page is switched here."""
+    from laser_core import SearchConfig, Store, run_search
+    lm, _, splits = app_model(app_env)
+    sweep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,), types=("down", "up")),
+                       Store()).to_dict()
+    c2i = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store()).to_dict()  # the fixture's
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/3_Explore.py").run()
+    at.slider(key="q").set_value(1)
+    at.multiselect(key="ks").set_value([4]).run()  # other settings than the search's
+    for report, label, method in ((c2i, "C2I · q=2, K 1,2, ρ 0.5, 0.1", "C2I search"),
+                                  (sweep, "LASER · layers 1–1, types down,up, ρ 0.5", "LASER sweep")):
+        at.switch_page("pages/4_Results.py").run()
+        box = at.selectbox(key="open_search")
+        assert at.button(key="open_search_go").disabled
+        box.select(next(o for o in box.options if o.split(". ", 1)[1] == label)).run()
+        at.button(key="open_search_go").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        at.switch_page("pages/3_Explore.py").run()
+        assert "This configuration is already in the cache — shown without running anything." in [
+            x.value for x in at.success]
+        assert f"Best candidate · {method}" in [h.value for h in at.subheader]
+        assert metrics(at)["Best (held-out test)"] == f"{report['best_test']['accuracy']:.3f}"
+    assert (at.radio(key="method").value, at.select_slider(key="layer_range").value,
+            sorted(at.multiselect(key="types").value)) == ("LASER sweep (brute force)", (1, 1), ["down", "up"])
+    at.radio(key="method").set_value("C2I (gradient-selected)").run()  # q and K as the C2I search set them; the
+    assert (at.slider(key="q").value, at.multiselect(key="ks").value, at.multiselect(key="rhos").value) == \
+        (2, [1, 2], [0.5])  # rho grid is both methods' own, last set by the sweep
+
+
 def test_results_page_sets_each_matrixs_score_against_the_change_it_made(app_env):
     """A LASER sweep on validation: every matrix's score (Layer scores' settings) against the most its candidates
     gained there over the base, in accuracy or in log-loss, and their rank correlation, checked against ranks
