@@ -99,8 +99,8 @@ def click_if_there(page, name: str, done) -> None:
 
 
 def pick_first(page, label: str) -> None:
-    """Choose the first option of the selectbox ``label``. A rerun that arrives as its list opens (a job's end
-    reported in the sidebar) closes the list again: then it is opened again, up to five times."""
+    """Choose the first option of the selectbox ``label``. A click while the page still finishes its run can leave
+    the list closed (seen once: the box focused, no list): then it is opened again, up to five times."""
     from playwright.sync_api import TimeoutError as Timeout
     for _ in range(5):
         page.get_by_role("combobox", name=label).click()
