@@ -1653,13 +1653,11 @@ def cached_searches(lm, splits) -> list[dict]:
     return cached_reports(store(), lm, splits)
 
 
-def searches_frame(lm, reports: list[dict]) -> pd.DataFrame:
-    """Search reports side by side (``searches.search_rows``), the best edit as :func:`edit_short` and its paired
-    change from the base as :func:`candidates_frame`'s columns; no "less than LASER" column without a LASER sweep."""
-    from laser_core.searches import search_rows
-    rows = search_rows(reports)
-    df = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("change", "config")},
-                        "best": edit_short(lm, r["best"]) if r["best"] else ""} for r in rows])
+def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
+    """Searches side by side (``searches.search_rows``), numbered from 1, the best edit as :func:`edit_short` and its
+    paired change from the base as :func:`candidates_frame`'s columns; no "less than LASER" column without a sweep."""
+    df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
+                        "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])
     if any(r["change"] for r in rows):
         for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
             df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
@@ -1669,12 +1667,14 @@ def searches_frame(lm, reports: list[dict]) -> pd.DataFrame:
 def render_searches(lm, splits) -> None:
     """Results' table of every search in the cache for this model and task (:func:`searches_frame`): C2I searches
     and LASER sweeps side by side, their time and their best on held-out test."""
+    from laser_core.searches import search_rows
     reports = cached_searches(lm, splits)
     if not reports:
         return
+    rows = search_rows(reports)
     st.subheader("Searches in the cache")
     number = st.column_config.NumberColumn
-    st.dataframe(searches_frame(lm, reports), hide_index=True, width="stretch", key="searches", column_config={
+    st.dataframe(searches_frame(lm, rows), hide_index=True, width="stretch", key="searches", column_config={
         **CHANGE_COLUMNS, "time_s": number("time (s)", format="%.1f", help=(
             "What its candidates' evaluations took, as they ran (a candidate from the cache: when it ran); the "
             "gradient step, SVDs and scores aside")),
@@ -1689,7 +1689,7 @@ def render_searches(lm, splits) -> None:
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
                "search and laser).")
-    render_open_search(lm, reports)
+    render_open_search(lm, reports, rows)
 
 
 def explore_settings(cfg: dict, types: list[str]) -> dict:
@@ -1705,11 +1705,10 @@ def explore_settings(cfg: dict, types: list[str]) -> dict:
             **({"laser_layers": (min(layers), max(layers))} if layers else {"laser_layers": ()})}
 
 
-def render_open_search(lm, reports: list[dict]) -> None:
-    """Pick one of Results' searches and open it on Explore, its settings set there and its report shown (from the
-    cache: nothing runs), to look at it whole or re-run it with one setting changed."""
-    from laser_core.searches import search_rows
-    rows = search_rows(reports)
+def render_open_search(lm, reports: list[dict], rows: list[dict]) -> None:
+    """Pick one of Results' searches (``rows``: ``searches.search_rows`` of ``reports``, numbered as in its table) and
+    open it on Explore, its settings set there and its report shown (from the cache: nothing runs), to look at it
+    whole or re-run it with one setting changed."""
     labels = {f"{i + 1}. {r['method']} · {r['settings']}": r["config"] for i, r in enumerate(rows)}
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     pick = c1.selectbox("Open a search on Explore", list(labels), index=None, key="open_search",
