@@ -184,6 +184,8 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 def _cmd_searches(args) -> int:
     from .searches import cached_reports, search_rows, searches_markdown
 
+    if args.no_cache:  # before the model load
+        raise ConfigError("searches lists what the cache holds: run it without --no-cache")
     lm, tspec, splits, store = _setup(args)
     rows = search_rows(cached_reports(store, lm, splits))
     sizes = (f"calibration {len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, "

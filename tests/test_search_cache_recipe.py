@@ -861,6 +861,8 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
              "--n-test", "20", "--cache-dir", str(cache)]
     assert main(["searches", *flags]) == 0
     assert capsys.readouterr().out.startswith("no search in the cache for this model on ")
+    assert main(["searches", *flags, "--no-cache"]) == 2
+    assert capsys.readouterr().err.strip() == "error: searches lists what the cache holds: run it without --no-cache"
     c2i = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store(cache)).to_dict()
     laser = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,)), Store(cache)).to_dict()
     other = TaskSpec(str(mc_task), n_calib=20, n_test=20, seed=3)
