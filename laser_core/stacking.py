@@ -154,7 +154,8 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
         log.warning("a stack of %d candidates ran out of memory on %s: one at a time from here on", tried[-1][0],
                     lm.device)
         return {}, 1
-    chosen, size = chosen[:len(results)], len(results) if len(tried) > 1 else size  # the search goes on at what fit
+    if len(results) < len(chosen):  # halved: the search goes on at what fit (not after other layers' states gave way)
+        chosen, size = chosen[:len(results)], len(results)
     seconds = (setup + time.perf_counter() - tried[-1][1]) / len(chosen)
     out: dict[Edit, dict | NumericsError] = {}
     for edit, res in zip(chosen, results):

@@ -281,8 +281,15 @@ def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_
         if len(pools[0].items) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return real(lm_, examples, copies, **kwargs)
+    sizes, real_ahead = [], search.stack_ahead
+
+    def ahead(*args, **kwargs):  # the stack size each look-ahead hands back to the search
+        out = real_ahead(*args, **kwargs)
+        sizes.append(out[1])
+        return out
     monkeypatch.setattr(search, "PrefixPool", Recorded)
     monkeypatch.setattr(stacking, "evaluate_copies", two_layers_do_not_fit)
+    monkeypatch.setattr(search, "stack_ahead", ahead)
     with caplog.at_level(logging.WARNING, logger="laser_core"):
         tight = run_search(lm, _splits(mc_task), cfg, None)
     said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
@@ -290,6 +297,7 @@ def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_
     assert re.fullmatch(r"a stack of 3 candidates ran out of memory on cpu: [\d.e-]+ MB of hidden states cached for "
                         r"1 other layer dropped: one layer's \([\d.e-]+ MB\) at a time from here on", said[0]), said
     assert {c["stacked"] for c in tight.candidates} == {3} and not pools[0].off
+    assert set(sizes) == {4}  # no halving: the search goes on at the stack asked for, not at the 3 that ran
     assert [(c["name"], c["rho"], c["accuracy"]) for c in tight.candidates] == \
         [(c["name"], c["rho"], c["accuracy"]) for c in roomy.candidates]
     assert [c["log_loss"] for c in tight.candidates] == pytest.approx([c["log_loss"] for c in roomy.candidates], abs=1e-5)
