@@ -1655,13 +1655,15 @@ def cached_searches(lm, splits) -> list[dict]:
 
 def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
     """Searches side by side (``searches.search_rows``), numbered from 1, the best edit as :func:`edit_short` and its
-    paired change from the base as :func:`candidates_frame`'s columns; no "less than LASER" column without a sweep."""
+    paired change from the base as :func:`candidates_frame`'s columns; the "less than LASER" column only where a C2I
+    search is compared with a sweep (``searches.beside_laser``)."""
+    from laser_core.searches import beside_laser
     df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])
     if any(r["change"] for r in rows):
         for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
             df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
-    return df.drop(columns=[] if any(r["method"] == "LASER" for r in rows) else ["less_than_laser"])
+    return df if beside_laser(rows) else df.drop(columns=["less_than_laser"])
 
 
 def render_searches(lm, splits) -> None:

@@ -182,7 +182,7 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
 
 def _cmd_searches(args) -> int:
-    from .searches import cached_reports, search_rows, searches_markdown
+    from .searches import beside_laser, cached_reports, search_rows, searches_markdown
 
     if args.no_cache:  # before the model load
         raise ConfigError("searches lists what the cache holds: run it without --no-cache")
@@ -197,7 +197,7 @@ def _cmd_searches(args) -> int:
     print(searches_markdown(rows))
     print("time: what each search's candidates took to evaluate as they ran (a rerun from the cache keeps them; the "
           "gradient step and SVDs aside)" + ("; x less than LASER: the largest LASER sweep's time over a C2I "
-                                            "search's" if any(r["less_than_laser"] for r in rows) else ""))
+                                            "search's" if beside_laser(rows) else ""))
     return 0
 
 

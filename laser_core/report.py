@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .grouping import check_grouping
 from .models import LoadedModel
 from .prefix_states import PrefixPool
+from .report_table import edit_text
 from .search import SPEED_ONLY, SearchReport, run_search
 from .significance import change_between
 from .stacking import stack_ahead, stack_size
@@ -147,7 +148,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
                "n_val_full": full_val, "n_test": len(splits.test), "base_test": base_doc["accuracy"],
                **_against_base("laser", base_doc, held_out_result(lm, splits, laser.report)),
                "laser_s": laser_s, "laser_measured_s": laser.measured_seconds, "laser_note": laser.note,
-               "laser_best": _edit(laser.report)}
+               "laser_best": edit_text(laser.report.best)}
         runs = [("c2i_k1", (1,), CONTIGUOUS), ("c2i_kgrid", ks, CONTIGUOUS)]
         runs += [(f"c2i_kgrid_{grouping}", ks, grouping)] * (grouping != CONTIGUOUS)
         for label, grid, rows_grouped in runs:
@@ -158,7 +159,7 @@ def paper_table(model: ModelSpec, tasks: Sequence[str], quick: bool = False, see
                              null_store(), held_out=False)
             seconds = time.perf_counter() - t0
             out.update({**_against_base(label, base_doc, held_out_result(lm, splits, rep)), f"{label}_s": seconds,
-                        f"{label}_speedup": laser_s / seconds, f"{label}_best": _edit(rep)})
+                        f"{label}_speedup": laser_s / seconds, f"{label}_best": edit_text(rep.best)})
             if label == "c2i_kgrid":
                 finals.append((name, splits, base_doc, rep))
         rows.append(out)
@@ -186,7 +187,7 @@ def transfer_rows(lm: LoadedModel, finals: list[tuple],
                     progress(f"{name}'s C2I edit on {other}")
                 key = (rep.best_edit(), other)
                 doc = done[key] = done.get(key) or held_out_result(lm, splits, rep)
-                out.append({"from": name, "edit": _edit(rep), **to_dict(rep.best_edit()), "to": other,
+                out.append({"from": name, "edit": edit_text(rep.best), **to_dict(rep.best_edit()), "to": other,
                             "test": doc["accuracy"], "change": change_between(base_doc, doc).to_dict()})
     return out
 
@@ -202,11 +203,5 @@ def _against_base(label: str, base: dict, doc: dict) -> dict:
     """A method's held-out accuracy and its paired change from the base: ``<label>_test``, ``<label>_change``
     (change, 95% interval, questions fixed and broken, McNemar p; see ``significance``)."""
     return {f"{label}_test": doc["accuracy"], f"{label}_change": change_between(base, doc).to_dict()}
-
-
-def _edit(rep: SearchReport) -> str:
-    b = rep.best
-    rows = f" {b['grouping']}" if b.get("grouping") else ""
-    return f"L{b['layer']}.{b['type']} K={b['k']}{rows} rho={b['rho']}"
 
 

@@ -18,6 +18,13 @@ def methods_of(row: dict) -> dict[str, str]:
     return {**METHODS, **extra}
 
 
+def edit_text(best: dict) -> str:
+    """A search's best edit in short, as the report's and ``searches``' tables print it: 'L2.down K=8 rho=0.1'
+    ('L2.down K=8 clustered rho=0.1' for rows grouped otherwise than contiguously)."""
+    rows = f" {best['grouping']}" if best.get("grouping") else ""
+    return f"L{best['layer']}.{best['type']} K={best['k']}{rows} rho={best['rho']}"
+
+
 def _marked(row: dict, label: str) -> str:
     """A method's held-out accuracy, with a dagger where it differs from the base beyond noise."""
     change = row.get(f"{label}_change")  # absent in rows written before the paired test was added

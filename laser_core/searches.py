@@ -47,37 +47,41 @@ def search_rows(reports: list[dict]) -> list[dict]:
     over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
     ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its
     ``PairedChange`` from the base on the same questions, or None) and the report's ``config``."""
-    def seconds(r: dict) -> float:
-        return sum(c.get("seconds") or 0.0 for c in r["candidates"])
-    sweep = max((r for r in reports if r["method"] == "laser"), key=lambda r: len(r["candidates"]), default=None)
+    timed = [(sum(c.get("seconds") or 0.0 for c in r["candidates"]), r) for r in reports]
+    sweep = max(((s, r) for s, r in timed if r["method"] == "laser"), key=lambda t: len(t[1]["candidates"]),
+                default=None)
     rows = []
-    for r in sorted(reports, key=lambda r: (r["method"] != "c2i", seconds(r))):
+    for seconds, r in sorted(timed, key=lambda t: (t[1]["method"] != "c2i", t[0])):
         best, test = r.get("best"), r.get("best_test") or {}
         rows.append({"method": "C2I" if r["method"] == "c2i" else "LASER", "settings": settings_text(r["config"]),
-                     "candidates": len(r["candidates"]), "time_s": seconds(r),
-                     "less_than_laser": seconds(sweep) / seconds(r) if sweep and r["method"] == "c2i" and seconds(r)
-                     else None, "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
+                     "candidates": len(r["candidates"]), "time_s": seconds,
+                     "less_than_laser": sweep[0] / seconds if sweep and r["method"] == "c2i" and seconds else None,
+                     "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
                      "accuracy": test.get("accuracy"), "log_loss": test.get("log_loss"),
                      "change": change_between(r.get("base_test"), r.get("best_test")), "config": r["config"]})
     return rows
 
 
+def beside_laser(rows: list[dict]) -> bool:
+    """Do :func:`search_rows` compare a C2I search with a LASER sweep (a ``less_than_laser`` to show)?"""
+    return any(r["less_than_laser"] is not None for r in rows)
+
+
 def searches_markdown(rows: list[dict]) -> str:
-    """:func:`search_rows` as a markdown table (the CLI's ``searches``), edits as 'L2.down K=8 rho=0.1'."""
-    def edit(b: dict | None) -> str:
-        return "–" if not b else f"L{b['layer']}.{b['type']} K={b['k']}" + (
-            f" {b['grouping']}" if b.get("grouping") else "") + f" rho={b['rho']:g}"
+    """:func:`search_rows` as a markdown table (the CLI's ``searches``), edits as the report prints them
+    (:func:`~laser_core.report_table.edit_text`); the "x less than LASER" column only :func:`beside_laser`."""
+    from .report_table import edit_text
 
     def num(v: float | None, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
-    laser = any(r["less_than_laser"] is not None for r in rows)  # its column only beside a LASER sweep
+    laser = beside_laser(rows)
     header = ["method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser, "best",
               "best on its split", "held-out", "change from the base (95% CI, p)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["change"]
         cells = [r["method"], r["settings"], str(r["candidates"]), f"{r['time_s']:.1f}",
-                 *[num(r["less_than_laser"], ".1f")] * laser, edit(r["best"]),
+                 *[num(r["less_than_laser"], ".1f")] * laser, edit_text(r["best"]) if r["best"] else "–",
                  f"{num(r['best_on_split'], '.3f')} ({r['split']})", num(r["accuracy"], ".3f"),
                  f"{c.change:+.3f} ({c.low:+.3f} to {c.high:+.3f}, {p_text(c.p_value)})" if c else "–"]
         lines.append("| " + " | ".join(cells) + " |")
