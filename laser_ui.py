@@ -1656,14 +1656,15 @@ def cached_searches(lm, splits) -> list[dict]:
 def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
     """Searches side by side (``searches.search_rows``), numbered from 1, the best edit as :func:`edit_short` and its
     paired change from the base as :func:`candidates_frame`'s columns; the "less than LASER" column only where a C2I
-    search is compared with a sweep (``searches.beside_laser``)."""
+    search is compared with a sweep (``searches.beside_laser``), the gradient + SVD column only with a C2I search."""
     from laser_core.searches import beside_laser
     df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])
     if any(r["change"] for r in rows):
         for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
             df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
-    return df if beside_laser(rows) else df.drop(columns=["less_than_laser"])
+    gone = ["less_than_laser"] * (not beside_laser(rows)) + ["spectra_s"] * all(r["method"] != "C2I" for r in rows)
+    return df.drop(columns=gone)
 
 
 def render_searches(lm, splits) -> None:
@@ -1678,8 +1679,12 @@ def render_searches(lm, splits) -> None:
     number = st.column_config.NumberColumn
     st.dataframe(searches_frame(lm, rows), hide_index=True, width="stretch", key="searches", column_config={
         **CHANGE_COLUMNS, "time_s": number("time (s)", format="%.1f", help=(
-            "What its candidates' evaluations took, as they ran (a candidate from the cache: when it ran); the "
-            "gradient step, SVDs and scores aside")),
+            "What the search takes from scratch, as its parts took when they ran (a candidate or a gradient from the "
+            "cache: when it was computed): its candidates' evaluations and, for C2I, the gradient step and SVDs "
+            "behind its scores")),
+        "spectra_s": number("of which gradient + SVD (s)", format="%.1f", help=(
+            "C2I: the gradient step and SVDs its scores came from. Blank: not recorded (computed by a version before "
+            "these were kept), so the time is its candidates' alone")),
         "less_than_laser": number("× less than LASER", format="%.1f×", help=(
             "The time of the largest LASER sweep here divided by this search's (each on its own split: LASER on "
             "validation, C2I on calibration)")),

@@ -195,9 +195,9 @@ def _cmd_searches(args) -> int:
         return 0
     print(f"{len(rows)} search{'es' * (len(rows) != 1)} in the cache for this model on {splits.task.name} ({sizes}):")
     print(searches_markdown(rows))
-    print("time: what each search's candidates took to evaluate as they ran (a rerun from the cache keeps them; the "
-          "gradient step and SVDs aside)" + ("; x less than LASER: the largest LASER sweep's time over a C2I "
-                                            "search's" if beside_laser(rows) else ""))
+    print("time: what each search takes from scratch, as its parts took when they ran (a rerun from the cache keeps "
+          "them): its candidates' evaluations and, for C2I, the gradient step and SVDs behind its scores"
+          + ("; x less than LASER: the largest LASER sweep's time over a C2I search's" if beside_laser(rows) else ""))
     return 0
 
 

@@ -33,10 +33,14 @@ def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
                    grouping: str = CONTIGUOUS) -> tuple[dict[str, MatrixSpectrum], float] | None:
     """(spectra, calibration log-loss) from the cache, or None when they were not computed for these K (and row
     grouping) yet."""
-    ks = sorted(set(ks) | {1})
-    cached = store.get_tensors(_spectra_key(store, lm, splits, ks, grouping))
+    return _spectra_of(lm, store.get_tensors(_spectra_key(store, lm, splits, ks, grouping)), ks)
+
+
+def _spectra_of(lm: LoadedModel, cached: dict | None, ks) -> tuple[dict[str, MatrixSpectrum], float] | None:
+    """:func:`cached_spectra` from the tensors of its cache entry (None: no entry, or one lacking these K)."""
     if cached is None or "loss" not in cached:
         return None
+    ks = sorted(set(ks) | {1})
     spectra = {}
     for r in lm.matrices:
         kk = [k for k in ks if k <= r.shape[0]]
@@ -51,16 +55,22 @@ def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
 
 def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel: CancelToken | None = None,
                  progress: Progress | None = None, timings: dict | None = None,
-                 grouping: str = CONTIGUOUS) -> tuple[dict[str, MatrixSpectrum], float]:
+                 grouping: str = CONTIGUOUS, spent: dict | None = None) -> tuple[dict[str, MatrixSpectrum], float]:
     """Singular values and their gradients of every matrix, per K (rows grouped into blocks by ``grouping``), for
     the calibration split (cached).
 
-    Returns (spectra by parameter name, calibration log-loss). ``timings`` gets "gradients" and "svd" seconds.
+    Returns (spectra by parameter name, calibration log-loss). ``timings`` gets "gradients" and "svd": the seconds
+    they took in this call (0 when read from the cache). ``spent`` gets the same two as they took when computed, in
+    this call or in the one that cached them (nothing, for spectra cached before their seconds were kept).
     """
-    found = cached_spectra(lm, splits, store, ks, grouping)
+    key = _spectra_key(store, lm, splits, ks, grouping)
+    cached = store.get_tensors(key)
+    found = _spectra_of(lm, cached, ks)
     if found is not None:
         if timings is not None:
             timings.update(gradients=0.0, svd=0.0)
+        if spent is not None and "seconds" in cached:
+            spent.update(zip(("gradients", "svd"), cached["seconds"].tolist()))
         emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
         return found
     ks = sorted(set(ks) | {1})
@@ -74,16 +84,17 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
                               lambda d, t: emit(progress, phase="svd", done=d, total=t, message="SVD of every matrix"),
                               grouping)
     t2 = time.perf_counter()
-    if timings is not None:
-        timings.update(gradients=t1 - t0, svd=t2 - t1)
-    flat = {"loss": torch.tensor(loss)}
+    for out in (timings, spent):
+        if out is not None:
+            out.update(gradients=t1 - t0, svd=t2 - t1)
+    flat = {"loss": torch.tensor(loss), "seconds": torch.tensor([t1 - t0, t2 - t1], dtype=torch.float64)}
     for name, sp in spectra.items():
         flat[f"{name}|finite"] = torch.tensor(int(sp.finite))
         for k in sp.S:
             for b in range(len(sp.S[k])):
                 flat[f"{name}|S|{k}|{b}"] = sp.S[k][b]
                 flat[f"{name}|g|{k}|{b}"] = sp.g[k][b]
-    store.put_tensors(_spectra_key(store, lm, splits, ks, grouping), flat)
+    store.put_tensors(key, flat)
     return spectra, loss
 
 

@@ -76,6 +76,8 @@ class SearchReport:
     status: str = "complete"  # or "partial" (cancelled)
     skipped: list[dict] = field(default_factory=list)  # candidates or matrices left out, with the reason
     states: dict = field(default_factory=dict)  # the most prefix reuse's cached states held at once (peak_held)
+    spectra_s: float | None = None  # c2i: what the gradient step and SVDs behind its scores took when they were
+    # computed, here or by the run that cached them (None: a sweep, or spectra cached before this was kept)
 
     @property
     def improves(self) -> bool:
@@ -131,6 +133,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     counts0 = dict(store.counts)
     t_start = time.perf_counter()
     timings: dict = {}
+    spent: dict = {}  # the spectra's seconds when computed (see load_spectra)
     method = cfg.method
     split = SEARCH_SPLIT[method]
     if not getattr(splits, split):
@@ -155,7 +158,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}", base=_slim(base))
         if method == "c2i":
             spectra, _ = load_spectra(lm, splits, store, cancel=cancel, progress=progress, timings=timings,
-                                      **spectra_needed(cfg))
+                                      spent=spent, **spectra_needed(cfg))
             t0 = time.perf_counter()
             matrices = score_table(lm, spectra, cfg.score, cfg)
             plan, unfit = c2i_plan(lm, cfg, spectra, matrices)
@@ -220,7 +223,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
         task=report_task(splits),
         search_split=split, base=_slim(base), best=_slim(best), base_test=base_test, best_test=best_test,
         candidates=[_slim(c) for c in candidates], matrices=matrices, timings=timings, cache=counts, status=status,
-        states=prefixes.peak_held() if prefixes is not None else {},
+        states=prefixes.peak_held() if prefixes is not None else {}, spectra_s=sum(spent.values()) if spent else None,
         skipped=skipped + [{"name": m["name"], "layer": m["layer"], "type": m["type"],
                             "error": "NaN/inf gradient: matrix not scored"} for m in matrices if not m["finite"]])
     if held_out or status != "complete":  # a complete report lacking its held-out results is not one to reuse

@@ -42,19 +42,22 @@ def settings_text(cfg: dict) -> str:
 
 def search_rows(reports: list[dict]) -> list[dict]:
     """One row per report, C2I searches first, each method's fastest first: ``method``, ``settings``,
-    ``candidates``, ``time_s`` (what its candidates' evaluations took as they ran: a rerun from the cache keeps the
-    first run's times; the gradient step and SVDs aside), ``less_than_laser`` (C2I: the largest LASER sweep's time
-    over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
-    ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its
-    ``PairedChange`` from the base on the same questions, or None) and the report's ``config``."""
-    timed = [(sum(c.get("seconds") or 0.0 for c in r["candidates"]), r) for r in reports]
+    ``candidates``, ``time_s`` (the time the search takes from scratch, as its parts took when they ran: its
+    candidates' evaluations, a rerun from the cache keeping the first run's times, and for C2I the gradient step and
+    SVDs behind its scores), ``spectra_s`` (C2I: that gradient step and SVDs; None where they were not recorded, and
+    ``time_s`` is then its candidates' alone), ``less_than_laser`` (C2I: the largest LASER sweep's time over this
+    one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``, ``best_on_split``,
+    ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its ``PairedChange`` from the base on
+    the same questions, or None) and the report's ``config``."""
+    timed = [(sum(c.get("seconds") or 0.0 for c in r["candidates"]) + (r.get("spectra_s") or 0.0), r)
+             for r in reports]
     sweep = max(((s, r) for s, r in timed if r["method"] == "laser"), key=lambda t: len(t[1]["candidates"]),
                 default=None)
     rows = []
     for seconds, r in sorted(timed, key=lambda t: (t[1]["method"] != "c2i", t[0])):
         best, test = r.get("best"), r.get("best_test") or {}
         rows.append({"method": "C2I" if r["method"] == "c2i" else "LASER", "settings": settings_text(r["config"]),
-                     "candidates": len(r["candidates"]), "time_s": seconds,
+                     "candidates": len(r["candidates"]), "time_s": seconds, "spectra_s": r.get("spectra_s"),
                      "less_than_laser": sweep[0] / seconds if sweep and r["method"] == "c2i" and seconds else None,
                      "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
                      "accuracy": test.get("accuracy"), "log_loss": test.get("log_loss"),
@@ -65,6 +68,16 @@ def search_rows(reports: list[dict]) -> list[dict]:
 def beside_laser(rows: list[dict]) -> bool:
     """Do :func:`search_rows` compare a C2I search with a LASER sweep (a ``less_than_laser`` to show)?"""
     return any(r["less_than_laser"] is not None for r in rows)
+
+
+def time_text(row: dict) -> str:
+    """A :func:`search_rows` row's time as the CLI prints it: a C2I search's says what its gradient step and SVDs
+    took, or that they were not recorded (spectra cached by an earlier version: the time is its candidates' alone)."""
+    if row["method"] != "C2I":
+        return f"{row['time_s']:.1f}"
+    spectra = row["spectra_s"]
+    return f"{row['time_s']:.1f} (" + ("gradient + SVD not recorded)" if spectra is None else
+                                       f"of which gradient + SVD {spectra:.1f})")
 
 
 def searches_markdown(rows: list[dict]) -> str:
@@ -80,7 +93,7 @@ def searches_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["change"]
-        cells = [r["method"], r["settings"], str(r["candidates"]), f"{r['time_s']:.1f}",
+        cells = [r["method"], r["settings"], str(r["candidates"]), time_text(r),
                  *[num(r["less_than_laser"], ".1f")] * laser, edit_text(r["best"]) if r["best"] else "–",
                  f"{num(r['best_on_split'], '.3f')} ({r['split']})", num(r["accuracy"], ".3f"),
                  f"{c.change:+.3f} ({c.low:+.3f} to {c.high:+.3f}, {p_text(c.p_value)})" if c else "–"]

@@ -873,7 +873,8 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     c, sweep = rows  # C2I first
     assert (c["method"], c["settings"], c["candidates"], c["split"]) == ("C2I", "q=2, K 1,2, ρ 0.5, 0.1", 8, "calib")
     assert (sweep["method"], sweep["settings"], sweep["split"]) == ("LASER", "layers 1–1, all types, ρ 0.5", "val")
-    assert c["time_s"] == pytest.approx(sum(x["seconds"] for x in c2i["candidates"])) and c["time_s"] > 0
+    assert c2i["spectra_s"] > 0 and c["spectra_s"] == c2i["spectra_s"]  # its gradient step and SVDs count too
+    assert c["time_s"] == pytest.approx(sum(x["seconds"] for x in c2i["candidates"]) + c2i["spectra_s"])
     assert c["less_than_laser"] == pytest.approx(sweep["time_s"] / c["time_s"]) and sweep["less_than_laser"] is None
     assert c["best"] == c2i["best"] and c["accuracy"] == c2i["best_test"]["accuracy"]
     assert c["change"].change == pytest.approx(c2i["best_test"]["accuracy"] - c2i["base_test"]["accuracy"])
@@ -884,6 +885,33 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     assert out.startswith(f"2 searches in the cache for this model on {splits.task.name} (calibration 20, ")
     assert searches_markdown(rows) in out and "| x less than LASER |" in out
     assert f"| L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']:g} | {b['accuracy']:.3f} (calib) | " in out
+    assert f"| {c['time_s']:.1f} (of which gradient + SVD {c2i['spectra_s']:.1f}) |" in out
+
+
+def test_a_c2i_search_from_the_cache_keeps_the_time_its_gradient_took_when_it_ran(tiny_dirs, mc_task, tmp_path):
+    """The searches table's time of a C2I search counts the gradient step and SVDs behind its scores as they took when
+    computed: a search that read them from the cache (as Explore does after Layer scores) keeps that time, not 0.
+    Spectra cached before their seconds were kept leave it unknown, and the table says so."""
+    from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
+    from laser_core.scores import _spectra_key, load_spectra
+    from laser_core.searches import cached_reports, search_rows, time_text
+    spec = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    lm, splits, store = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu")), make_splits(load_task(spec), spec), \
+        Store(tmp_path / "cache")
+    timings, spent = {}, {}
+    load_spectra(lm, splits, store, timings=timings, spent=spent)  # Layer scores' step, before any search
+    assert spent == timings and spent["gradients"] > 0 and spent["svd"] > 0
+    cfg = SearchConfig(q=1, ks=(1,), rhos=(0.5,))
+    rep = run_search(lm, splits, cfg, store)
+    assert rep.timings["gradients"] == 0.0  # this run read them
+    assert rep.spectra_s == pytest.approx(spent["gradients"] + spent["svd"])  # they took this when they ran
+    key = _spectra_key(store, lm, splits, (1,), "contiguous")
+    older = {k: v for k, v in store.get_tensors(key).items() if k != "seconds"}  # as an earlier version cached them
+    store.put_tensors(key, older)
+    assert run_search(lm, splits, cfg, store).spectra_s is None
+    row, = search_rows(cached_reports(store, lm, splits))
+    assert row["spectra_s"] is None and row["time_s"] == pytest.approx(sum(c["seconds"] for c in rep.candidates))
+    assert time_text(row) == f"{row['time_s']:.1f} (gradient + SVD not recorded)"
 
 
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
