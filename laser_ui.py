@@ -1671,6 +1671,8 @@ def render_searches(lm, splits) -> None:
     """Results' table of every search in the cache for this model and task (:func:`searches_frame`): C2I searches
     and LASER sweeps side by side, their time and their best on held-out test."""
     from laser_core.searches import search_rows
+    if forgot := st.session_state.pop("_forgot", None):  # set by render_open_search's Forget
+        st.toast(f"Forgot search {forgot}: its candidates' results stay in the cache")
     reports = cached_searches(lm, splits)
     if not reports:
         return
@@ -1696,7 +1698,7 @@ def render_searches(lm, splits) -> None:
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
                "search and laser).")
-    render_open_search(lm, reports, rows)
+    render_open_search(lm, splits, reports, rows)
 
 
 def explore_settings(cfg: dict, types: list[str]) -> dict:
@@ -1712,15 +1714,18 @@ def explore_settings(cfg: dict, types: list[str]) -> dict:
             **({"laser_layers": (min(layers), max(layers))} if layers else {"laser_layers": ()})}
 
 
-def render_open_search(lm, reports: list[dict], rows: list[dict]) -> None:
+def render_open_search(lm, splits, reports: list[dict], rows: list[dict]) -> None:
     """Pick one of Results' searches (``rows``: ``searches.search_rows`` of ``reports``, numbered as in its table) and
     open it on Explore, its settings set there and its report shown (from the cache: nothing runs), to look at it
-    whole or re-run it with one setting changed."""
+    whole or re-run it with one setting changed; or forget it (``searches.forget``: off the table, its candidates'
+    results kept), e.g. a trial run whose row only crowds the table."""
     labels = {f"{i + 1}. {r['method']} · {r['settings']}": r["config"] for i, r in enumerate(rows)}
-    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    pick = c1.selectbox("Open a search on Explore", list(labels), index=None, key="open_search",
+    c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
+    pick = c1.selectbox("Open a search on Explore, or forget it", list(labels), index=None, key="open_search",
                         placeholder="Choose a search (numbered as in the table)",
-                        help="Explore's settings are set to its grid and its report is shown, from the cache")
+                        help="Open: Explore's settings are set to its grid and its report is shown, from the cache. "
+                             "Forget: it leaves this table (its report is deleted from the cache); its candidates' "
+                             "results stay, so running it again lists it again in seconds")
 
     def open_it() -> None:  # a callback: it runs before the rerun, before this page makes the widgets it sets
         cfg = labels[st.session_state["open_search"]]
@@ -1728,7 +1733,16 @@ def render_open_search(lm, reports: list[dict], rows: list[dict]) -> None:
         st.session_state.update(explore_settings(cfg, sorted({r.type for r in lm.matrices})))
         keep_report(next(r for r in reports if r["config"] == cfg))
         st.session_state["_open_explore"] = True
+
+    def forget_it() -> None:
+        from laser_core.searches import forget
+        label = st.session_state["open_search"]
+        forget(store(), lm, splits, labels[label])
+        st.session_state["open_search"] = None
+        st.session_state["_forgot"] = label
+
     c2.button("Open on Explore", key="open_search_go", disabled=pick is None, on_click=open_it)
+    c3.button("Forget", key="forget_search", disabled=pick is None, on_click=forget_it)
     if st.session_state.pop("_open_explore", False):
         st.switch_page("pages/3_Explore.py")
 

@@ -182,7 +182,7 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
 
 def _cmd_searches(args) -> int:
-    from .searches import beside_laser, cached_reports, search_rows, searches_markdown
+    from .searches import beside_laser, cached_reports, forget, search_rows, searches_markdown
 
     if args.no_cache:  # before the model load
         raise ConfigError("searches lists what the cache holds: run it without --no-cache")
@@ -190,6 +190,14 @@ def _cmd_searches(args) -> int:
     rows = search_rows(cached_reports(store, lm, splits))
     sizes = (f"calibration {len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, "
              f"seed {tspec.seed}")
+    if args.forget is not None:
+        if args.forget > len(rows):
+            raise ConfigError(f"no search {args.forget}: the cache holds {len(rows)} for this model on "
+                              f"{splits.task.name} ({sizes}); run searches without --forget to list them")
+        gone = rows.pop(args.forget - 1)
+        forget(store, lm, splits, gone["config"])
+        print(f"forgot search {args.forget}: {gone['method']} · {gone['settings']} (its {gone['candidates']} "
+              "candidates' results stay in the cache: running it again lists it again, in seconds)")
     if not rows:
         print(f"no search in the cache for this model on {splits.task.name} ({sizes}): run search or laser first")
         return 0

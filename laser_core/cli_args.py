@@ -163,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("searches", help="the searches in the cache for this model and task side by side (C2I and "
                         "LASER, any settings): time, best edit, its held-out change from the base")
     common(sp)
+    sp.add_argument("--forget", type=_positive, default=None, metavar="N",
+                    help="take search N (numbered as listed) off the list: its report is deleted from the cache, its "
+                         "candidates' results stay (running it again lists it again, from the cache)")
     sp = sub.add_parser("report", help="the paper's Table 1: base, LASER, C2I K=1, C2I K grid on bundled tasks")
     sp.add_argument("--model", default="demo", help="'demo', a model folder, a .gguf file or a cached hub id")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

@@ -26,6 +26,13 @@ def cached_reports(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
     return found
 
 
+def forget(store: Store, lm: LoadedModel, splits: Splits, config: dict) -> bool:
+    """Take the search of ``config`` (a report's) off the cache's searches: its report is deleted, its candidates'
+    results stay (Results and Export show them; running it again lists it again, its evaluations read from the
+    cache). False where the cache held no such search."""
+    return store.delete(report_key(store, lm, splits, SearchConfig(**config)))
+
+
 def settings_text(cfg: dict) -> str:
     """A search's grid in short: 'q=5, K 1,2,4,8, ρ 8 values, 0.005–0.9' (C2I), 'all layers, all types, ρ 0.5, 0.1'
     (LASER); a C2I search's score and row grouping where not the defaults."""
@@ -81,19 +88,20 @@ def time_text(row: dict) -> str:
 
 
 def searches_markdown(rows: list[dict]) -> str:
-    """:func:`search_rows` as a markdown table (the CLI's ``searches``), edits as the report prints them
+    """:func:`search_rows` as a markdown table (the CLI's ``searches``), numbered from 1 as on the dashboard (what
+    ``searches --forget N`` takes), edits as the report prints them
     (:func:`~laser_core.report_table.edit_text`); the "x less than LASER" column only :func:`beside_laser`."""
     from .report_table import edit_text
 
     def num(v: float | None, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
     laser = beside_laser(rows)
-    header = ["method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser, "best",
+    header = ["#", "method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser, "best",
               "best on its split", "held-out", "change from the base (95% CI, p)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
+    for i, r in enumerate(rows):
         c = r["change"]
-        cells = [r["method"], r["settings"], str(r["candidates"]), time_text(r),
+        cells = [str(i + 1), r["method"], r["settings"], str(r["candidates"]), time_text(r),
                  *[num(r["less_than_laser"], ".1f")] * laser, edit_text(r["best"]) if r["best"] else "–",
                  f"{num(r['best_on_split'], '.3f')} ({r['split']})", num(r["accuracy"], ".3f"),
                  f"{c.change:+.3f} ({c.low:+.3f} to {c.high:+.3f}, {p_text(c.p_value)})" if c else "–"]

@@ -173,6 +173,16 @@ class Store:
                 if doc is not None:
                     yield key, doc
 
+    def delete(self, key: str) -> bool:
+        """Remove the entry at ``key``; False where there was none (or the store is disabled)."""
+        if not self.enabled:
+            return False
+        try:
+            return bool(self._of(key).delete(key))
+        except Exception as e:  # noqa: BLE001 - sqlite errors, read-only folder
+            self._disable(f"cache write failed ({type(e).__name__}: {e}); running without a cache")
+            return False
+
     def clear(self) -> None:
         if self.enabled:
             self._cache.clear()

@@ -1721,6 +1721,32 @@ def test_a_search_on_results_opens_on_explore_with_its_settings_and_its_report_f
         (2, [1, 2], [0.5])  # rho grid is both methods' own, last set by the sweep
 
 
+def test_forget_on_results_takes_a_search_off_its_table_and_keeps_its_candidates(app_env, searched):
+    """Results' "Forget": the chosen search leaves "Searches in the cache" (its report is deleted), a toast says so,
+    and its candidates' rows stay in the table of every result."""
+    from laser_core import SearchConfig, Store, run_search
+    from laser_core.searches import cached_reports
+    lm, _, splits = app_model(app_env)
+    run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,), types=("down",)), Store())
+    at = page("pages/4_Results.py")
+    rows = len(next(d.value for d in at.dataframe if "settings" in d.value.columns))
+    candidates = len(at.dataframe[0].value)
+    assert at.button(key="forget_search").disabled
+    before = cached_reports(Store(), lm, splits)  # the module's cache: other tests' searches too
+    box = at.selectbox(key="open_search")
+    label = next(o for o in box.options if o.endswith(". LASER · layers 1–1, types down, ρ 0.5"))
+    box.select(label).run()
+    at.button(key="forget_search").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.toast] == [f"Forgot search {label}: its candidates' results stay in the cache"]
+    left = next(d.value for d in at.dataframe if "settings" in d.value.columns)
+    assert len(left) == rows - 1 and "layers 1–1, types down, ρ 0.5" not in set(left["settings"])
+    after = cached_reports(Store(), lm, splits)
+    assert [r for r in before if r not in after] == [r for r in before if r["method"] == "laser" and
+                                                     (r["config"]["types"], r["config"]["layers"]) == (["down"], [1])]
+    assert len(at.dataframe[0].value) == candidates and at.selectbox(key="open_search").value is None
+
+
 def test_results_page_sets_each_matrixs_score_against_the_change_it_made(app_env):
     """A LASER sweep on validation: every matrix's score (Layer scores' settings) against the most its candidates
     gained there over the base, in accuracy or in log-loss, and their rank correlation, checked against ranks

@@ -160,7 +160,7 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
     page.get_by_test_id("stDataFrame").first.wait_for()  # the sortable table of result rows
     shot(page, "4_results")
-    pick_first(page, "Open a search on Explore")  # the search just run, from the cache
+    pick_first(page, "Open a search on Explore, or forget it")  # the search just run, from the cache
     page.get_by_role("button", name="Open on Explore").click()
     page.get_by_role("heading", name="Explore", exact=True).wait_for()  # st.switch_page, which AppTest does not follow
     page.get_by_text("This configuration is already in the cache").wait_for()

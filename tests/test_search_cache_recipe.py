@@ -888,6 +888,37 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     assert f"| {c['time_s']:.1f} (of which gradient + SVD {c2i['spectra_s']:.1f}) |" in out
 
 
+def test_searches_forget_takes_one_search_off_the_list_and_keeps_its_candidates(tiny_dirs, mc_task, tmp_path, capsys):
+    """``searches --forget N`` deletes the report of search N (numbered as listed) and nothing else: its candidates'
+    results stay, so running it again lists it again with every evaluation read from the cache. A number beyond the
+    list is refused, the cache untouched."""
+    from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
+    from laser_core.candidates import cached_results
+    from laser_core.searches import cached_reports
+    cache = tmp_path / "cache"
+    spec = TaskSpec(str(mc_task), n_calib=20, n_test=20)
+    lm, splits = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu")), make_splits(load_task(spec), spec)
+    flags = ["--model", str(tiny_dirs["llama"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
+             "--n-test", "20", "--cache-dir", str(cache)]
+    cfg = SearchConfig(q=2, ks=(1,), rhos=(0.5, 0.1))
+    run_search(lm, splits, cfg, Store(cache))
+    run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,)), Store(cache))
+    results = cached_results(Store(cache), lm, splits)
+    assert main(["searches", *flags, "--forget", "3"]) == 2
+    assert "error: no search 3: the cache holds 2 for this model on " in capsys.readouterr().err
+    assert len(cached_reports(Store(cache), lm, splits)) == 2
+    assert main(["searches", *flags, "--forget", "1"]) == 0  # C2I first
+    out = capsys.readouterr().out
+    assert out.startswith("forgot search 1: C2I · q=2, K 1, ρ 0.5, 0.1 (its 4 candidates' results stay in the cache")
+    assert "1 search in the cache for this model on " in out and "| 1 | LASER | layers 1–1, all types, ρ 0.5 |" in out
+    assert [r["method"] for r in cached_reports(Store(cache), lm, splits)] == ["laser"]
+    assert len(cached_results(Store(cache), lm, splits)) == len(results)  # the candidates stay
+    again = Store(cache)
+    run_search(lm, splits, cfg, again)
+    assert again.counts["eval"] == 0 and sorted(r["method"] for r in cached_reports(again, lm, splits)) == \
+        ["c2i", "laser"]  # listed again, nothing evaluated
+
+
 def test_a_c2i_search_from_the_cache_keeps_the_time_its_gradient_took_when_it_ran(tiny_dirs, mc_task, tmp_path):
     """The searches table's time of a C2I search counts the gradient step and SVDs behind its scores as they took when
     computed: a search that read them from the cache (as Explore does after Layer scores) keeps that time, not 0.
