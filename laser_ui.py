@@ -1685,7 +1685,7 @@ def render_searches(lm, splits) -> None:
             "cache: when it was computed): its candidates' evaluations and, for C2I, the gradient step and SVDs "
             "behind its scores")),
         "spectra_s": number("of which gradient + SVD (s)", format="%.1f", help=(
-            "C2I: the gradient step and SVDs its scores came from. Blank: not recorded (computed by a version before "
+            "C2I: the gradient step and SVDs its scores came from. None: not recorded (computed by a version before "
             "these were kept), so the time is its candidates' alone")),
         "less_than_laser": number("× less than LASER", format="%.1f×", help=(
             "The time of the largest LASER sweep here divided by this search's (each on its own split: LASER on "
@@ -1723,9 +1723,9 @@ def render_open_search(lm, splits, reports: list[dict], rows: list[dict]) -> Non
     c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
     pick = c1.selectbox("Open a search on Explore, or forget it", list(labels), index=None, key="open_search",
                         placeholder="Choose a search (numbered as in the table)",
-                        help="Open: Explore's settings are set to its grid and its report is shown, from the cache. "
-                             "Forget: it leaves this table (its report is deleted from the cache); its candidates' "
-                             "results stay, so running it again lists it again in seconds")
+                        help="Open on Explore: Explore's settings are set to its grid and its report is shown, from "
+                             "the cache. Forget this search: it leaves this table (its report is deleted from the "
+                             "cache); its candidates' results stay, so running it again lists it again in seconds")
 
     def open_it() -> None:  # a callback: it runs before the rerun, before this page makes the widgets it sets
         cfg = labels[st.session_state["open_search"]]
@@ -1742,7 +1742,7 @@ def render_open_search(lm, splits, reports: list[dict], rows: list[dict]) -> Non
         st.session_state["_forgot"] = label
 
     c2.button("Open on Explore", key="open_search_go", disabled=pick is None, on_click=open_it)
-    c3.button("Forget", key="forget_search", disabled=pick is None, on_click=forget_it)
+    c3.button("Forget this search", key="forget_search", disabled=pick is None, on_click=forget_it)
     if st.session_state.pop("_open_explore", False):
         st.switch_page("pages/3_Explore.py")
 

@@ -1722,8 +1722,8 @@ def test_a_search_on_results_opens_on_explore_with_its_settings_and_its_report_f
 
 
 def test_forget_on_results_takes_a_search_off_its_table_and_keeps_its_candidates(app_env, searched):
-    """Results' "Forget": the chosen search leaves "Searches in the cache" (its report is deleted), a toast says so,
-    and its candidates' rows stay in the table of every result."""
+    """Results' "Forget this search": the chosen search leaves "Searches in the cache" (its report is deleted), a
+    toast says so, and its candidates' rows stay in the table of every result."""
     from laser_core import SearchConfig, Store, run_search
     from laser_core.searches import cached_reports
     lm, _, splits = app_model(app_env)
