@@ -156,6 +156,22 @@ def mc_task(tmp_path) -> Path:
 
 
 @pytest.fixture
+def search_pools(monkeypatch) -> list:
+    """The prefix pools (``PrefixPool``) that searches make while the test runs, in order: a test reads what they hold
+    (e.g. to let an evaluation fail once two layers' states are held)."""
+    import laser_core.search as search
+    from laser_core.prefix_states import PrefixPool
+    pools: list = []
+
+    class Recorded(PrefixPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+    monkeypatch.setattr(search, "PrefixPool", Recorded)
+    return pools
+
+
+@pytest.fixture
 def store(tmp_path):
     from laser_core import Store
 

@@ -641,29 +641,22 @@ def test_a_dashboard_job_that_runs_out_of_memory_ends_with_the_message_and_the_m
 
 @pytest.mark.parametrize("room", ["one layer", "none"])
 def test_a_search_whose_device_cannot_hold_its_cached_states_gives_them_back_and_finds_the_same(
-        tiny_lm, mc_task, monkeypatch, caplog, room):
+        tiny_lm, mc_task, monkeypatch, caplog, room, search_pools):
     """A device that cannot hold the hidden states of two layers beside an evaluation ("one layer"), or any ("none"):
     the search drops them and keeps one layer's at a time, or switches prefix reuse off, with a warning, and finds
     what it finds with room to spare (prefix reuse is exact). Before, the search stopped at the first such failure."""
     import laser_core.candidates as candidates
-    import laser_core.search as search
-    from laser_core.prefix_states import PrefixPool
     lm = tiny_lm("llama")
     splits = _splits(mc_task)
     cfg = SearchConfig("laser", ks=(1,), rhos=(0.5, 0.1), layers=(0, 1), types=("down",), stack=1)
     roomy = run_search(lm, splits, cfg, None)
-    pools, real = [], candidates.evaluate
-
-    class Recorded(PrefixPool):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            pools.append(self)
+    search_pools.clear()  # the pool to watch is the next search's
+    pools, real = search_pools, candidates.evaluate
 
     def evaluate(lm_, *args, prefix=None, **kwargs):
         if prefix is not None and (room == "none" or len(pools[0].items) > 1):
             raise torch.OutOfMemoryError(CUDA_OOM)
         return real(lm_, *args, prefix=prefix, **kwargs)
-    monkeypatch.setattr(search, "PrefixPool", Recorded)
     monkeypatch.setattr(candidates, "evaluate", evaluate)
     with caplog.at_level(logging.WARNING, logger="laser_core.memory"):
         tight = run_search(lm, splits, cfg, None)

@@ -257,7 +257,7 @@ def test_a_stack_whose_cached_states_do_not_fit_beside_the_others_runs_without_t
 
 
 def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_it_halves(tiny_lm, mc_task,
-                                                                                         monkeypatch, caplog):
+                                                                                         monkeypatch, caplog, search_pools):
     """A device that cannot run a stack while the states of two layers are cached: the other layer's states give
     way and the stack runs again at its size (a smaller stack would cost its speed for the rest of the search), with
     a warning; the candidates are those of a search with room to spare."""
@@ -265,16 +265,11 @@ def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_
 
     import laser_core.search as search
     import laser_core.stacking as stacking
-    from laser_core.prefix_states import PrefixPool
     lm = tiny_lm("llama")
     cfg = SearchConfig("laser", ks=(1,), rhos=RHOS, layers=(0, 1), types=("down",), stack=4)
     roomy = run_search(lm, _splits(mc_task), cfg, None)
-    pools, real, tried = [], stacking.evaluate_copies, []
-
-    class Recorded(PrefixPool):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            pools.append(self)
+    search_pools.clear()  # the pool to watch is the next search's
+    pools, real, tried = search_pools, stacking.evaluate_copies, []
 
     def two_layers_do_not_fit(lm_, examples, copies, **kwargs):
         tried.append((copies, len(pools[0].items)))
@@ -287,7 +282,6 @@ def test_a_stack_that_does_not_fit_beside_other_layers_states_drops_them_before_
         out = real_ahead(*args, **kwargs)
         sizes.append(out[1])
         return out
-    monkeypatch.setattr(search, "PrefixPool", Recorded)
     monkeypatch.setattr(stacking, "evaluate_copies", two_layers_do_not_fit)
     monkeypatch.setattr(search, "stack_ahead", ahead)
     with caplog.at_level(logging.WARNING, logger="laser_core"):
