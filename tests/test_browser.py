@@ -98,14 +98,15 @@ def click_if_there(page, name: str, done) -> None:
         button.click()
 
 
-def pick_first(page, label: str) -> None:
-    """Choose the first option of the selectbox ``label``. A click while the page still finishes its run can leave
-    the list closed (seen once: the box focused, no list): then it is opened again, up to five times."""
+def pick(page, label: str, option: str) -> None:
+    """Choose the option of the selectbox ``label`` that contains ``option``. A click while the page still finishes
+    its run can leave the list closed (seen once: the box focused, no list): then it is opened again, up to five
+    times."""
     from playwright.sync_api import TimeoutError as Timeout
     for _ in range(5):
         page.get_by_role("combobox", name=label).click()
         try:
-            page.get_by_role("option").first.click(timeout=5000)
+            page.get_by_role("option").filter(has_text=option).first.click(timeout=5000)
             return
         except Timeout:
             continue
@@ -126,7 +127,12 @@ def test_a_link_straight_to_a_page_on_a_fresh_server_gets_the_apps_navigation(se
 
 
 def test_load_scores_search_results_export_in_a_real_browser(server, browser, tmp_path):
+    from dataclasses import asdict
+
     from playwright.sync_api import expect
+
+    from laser_core import SearchConfig
+    from laser_core.searches import settings_text
 
     timeout = float(os.environ.get("LASER_LAB_BROWSER_TIMEOUT", 120)) * 1000
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
@@ -160,7 +166,8 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
     page.get_by_test_id("stDataFrame").first.wait_for()  # the sortable table of result rows
     shot(page, "4_results")
-    pick_first(page, "Open a search on Explore, or forget it")  # the search just run, from the cache
+    # the search just run (Explore's default grid), from the cache; a cache of earlier sessions lists others too
+    pick(page, "Open a search on Explore, or forget it", f"C2I · {settings_text(asdict(SearchConfig()))}")
     page.get_by_role("button", name="Open on Explore").click()
     page.get_by_role("heading", name="Explore", exact=True).wait_for()  # st.switch_page, which AppTest does not follow
     page.get_by_text("This configuration is already in the cache").wait_for()
