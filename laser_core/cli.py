@@ -39,9 +39,9 @@ def _cmd_scores(args) -> int:
 
     cfg = SearchConfig(score=args.score, tail_fraction=args.tail_fraction)
     lm, tspec, splits, store = _setup(args)
-    timings: dict = {}
+    timings, spent = {}, {}
     bars = Bars()
-    spectra, loss = load_spectra(lm, splits, store, progress=bars, timings=timings, **spectra_needed(cfg))
+    spectra, loss = load_spectra(lm, splits, store, progress=bars, timings=timings, spent=spent, **spectra_needed(cfg))
     bars.close()
     rows = sorted([r for r in score_table(lm, spectra, args.score, cfg) if r["rank"] is not None], key=lambda r: r["rank"])
     print(f"calibration log-loss {loss:.4f} on {len(splits.calib)} examples; score '{args.score}' "
@@ -52,8 +52,9 @@ def _cmd_scores(args) -> int:
     skipped = [r["name"] for r in score_table(lm, spectra, args.score, cfg) if not r["finite"]]
     if skipped:
         print(f"skipped (NaN/inf gradient): {', '.join(skipped)}")
+    first = f"; they took {spent['gradients']:.1f} s and {spent['svd']:.1f} s when computed" if spent else ""
     print(f"time: gradients {timings['gradients']:.1f} s, svd {timings['svd']:.1f} s"
-          + ("  (read from cache)" if timings["gradients"] == 0 else ""))
+          + (f"  (read from cache{first})" if timings["gradients"] == 0 else ""))
     return 0
 
 

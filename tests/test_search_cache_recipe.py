@@ -429,7 +429,12 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     args = ["--model", str(tiny_dirs["gpt2"]), "--device", "cpu", "--task", str(mc_task), "--n-calib", "20",
             "--n-test", "20", "--cache-dir", str(tmp_path / "c")]
     assert main(["scores", *args, "--top", "3"]) == 0
-    assert "transformer.h." in capsys.readouterr().out
+    first = capsys.readouterr().out
+    assert "transformer.h." in first and "read from cache" not in first
+    took = re.search(r"time: gradients ([\d.]+) s, svd ([\d.]+) s\n", first).groups()
+    assert main(["scores", *args, "--top", "3"]) == 0  # again: from the cache, saying what they took when computed
+    assert capsys.readouterr().out.endswith(f"time: gradients 0.0 s, svd 0.0 s  (read from cache; they took {took[0]} s "
+                                            f"and {took[1]} s when computed)\n")
     recipe = tmp_path / "r.json"
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     out = capsys.readouterr().out
