@@ -1672,7 +1672,9 @@ def render_searches(lm, splits) -> None:
     and LASER sweeps side by side, their time and their best on held-out test."""
     from laser_core.searches import search_rows
     if forgot := st.session_state.pop("_forgot", None):  # set by render_open_search's Forget
-        st.toast(f"Forgot search {forgot}: its candidates' results stay in the cache")
+        label, failed = forgot
+        st.toast(f"Search {label} was not deleted: {failed}" if failed else
+                 f"Forgot search {label}: its candidates' results stay in the cache")
     reports = cached_searches(lm, splits)
     if not reports:
         return
@@ -1737,9 +1739,9 @@ def render_open_search(lm, splits, reports: list[dict], rows: list[dict]) -> Non
     def forget_it() -> None:
         from laser_core.searches import forget
         label = st.session_state["open_search"]
-        forget(store(), lm, splits, labels[label])
+        done = forget(store(), lm, splits, labels[label])
         st.session_state["open_search"] = None
-        st.session_state["_forgot"] = label
+        st.session_state["_forgot"] = (label, "" if done else store().disabled_reason or "it had left the cache")
 
     c2.button("Open on Explore", key="open_search_go", disabled=pick is None, on_click=open_it)
     c3.button("Forget this search", key="forget_search", disabled=pick is None, on_click=forget_it)

@@ -893,10 +893,11 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     assert f"| {c['time_s']:.1f} (of which gradient + SVD {c2i['spectra_s']:.1f}) |" in out
 
 
-def test_searches_forget_takes_one_search_off_the_list_and_keeps_its_candidates(tiny_dirs, mc_task, tmp_path, capsys):
+def test_searches_forget_takes_one_search_off_the_list_and_keeps_its_candidates(tiny_dirs, mc_task, tmp_path, capsys,
+                                                                                 monkeypatch):
     """``searches --forget N`` deletes the report of search N (numbered as listed) and nothing else: its candidates'
     results stay, so running it again lists it again with every evaluation read from the cache. A number beyond the
-    list is refused, the cache untouched."""
+    list is refused, the cache untouched; so is a delete the cache folder does not take."""
     from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
     from laser_core.candidates import cached_results
     from laser_core.searches import cached_reports
@@ -911,6 +912,12 @@ def test_searches_forget_takes_one_search_off_the_list_and_keeps_its_candidates(
     results = cached_results(Store(cache), lm, splits)
     assert main(["searches", *flags, "--forget", "3"]) == 2
     assert "error: no search 3: the cache holds 2 for this model on " in capsys.readouterr().err
+    assert len(cached_reports(Store(cache), lm, splits)) == 2
+    with monkeypatch.context() as m:  # a folder that takes no writes: the report stays, and the CLI says so
+        m.setattr(Store, "delete", lambda self, key: self._disable("cache write failed (OSError: read-only)") or False)
+        assert main(["searches", *flags, "--forget", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: search 1 was not deleted: cache write failed (OSError: "
+                                                     "read-only)")
     assert len(cached_reports(Store(cache), lm, splits)) == 2
     assert main(["searches", *flags, "--forget", "1"]) == 0  # C2I first
     out = capsys.readouterr().out
