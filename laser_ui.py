@@ -1457,20 +1457,21 @@ def family_caption(df: pd.DataFrame) -> str | None:
 def _with_changes(df: pd.DataFrame, rows: list[dict], base: dict | None) -> pd.DataFrame:
     """``df`` (a row per evaluation in ``rows``) with, after its log_loss, each row's paired change from the
     ``base`` model on the same held-out questions: ``vs_base``, its 95% interval, McNemar ``p``, ``beyond_noise``."""
-    changes = [change_between(base, r) for r in rows] if base else []
+    return _insert_changes(df, [change_between(base, r) for r in rows] if base else [])
+
+
+def _insert_changes(df: pd.DataFrame, changes: list) -> pd.DataFrame:
+    """``df`` with paired changes (``PairedChange`` or None per row) as the columns of :data:`CHANGE_COLUMNS` after
+    its ``log_loss``; as it is where no row has one."""
     if any(changes):
         at = df.columns.get_loc("log_loss") + 1
-        for i, (col, values) in enumerate(_change_columns(changes).items()):
+        for i, (col, values) in enumerate({
+                "vs_base": [c.change if c else None for c in changes],
+                "ci95": [f"{c.low:+.3f} to {c.high:+.3f}" if c else "" for c in changes],
+                "p": [c.p_value if c else None for c in changes],
+                "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}.items()):
             df.insert(at + i, col, values)
     return df
-
-
-def _change_columns(changes: list) -> dict[str, list]:
-    """Paired changes (``PairedChange`` or None per row) as the columns of :data:`CHANGE_COLUMNS`."""
-    return {"vs_base": [c.change if c else None for c in changes],
-            "ci95": [f"{c.low:+.3f} to {c.high:+.3f}" if c else "" for c in changes],
-            "p": [c.p_value if c else None for c in changes],
-            "beyond_noise": ["yes" if c and c.significant else "" for c in changes]}
 
 
 def k_column(df: pd.DataFrame) -> list[str]:
@@ -1660,9 +1661,7 @@ def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
     from laser_core.searches import beside_laser
     df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])
-    if any(r["change"] for r in rows):
-        for i, (col, values) in enumerate(_change_columns([r["change"] for r in rows]).items()):
-            df.insert(df.columns.get_loc("log_loss") + 1 + i, col, values)
+    df = _insert_changes(df, [r["change"] for r in rows])
     gone = ["less_than_laser"] * (not beside_laser(rows)) + ["spectra_s"] * all(r["method"] != "C2I" for r in rows)
     return df.drop(columns=gone)
 
@@ -1672,8 +1671,8 @@ def render_searches(lm, splits) -> None:
     and LASER sweeps side by side, their time and their best on held-out test."""
     from laser_core.searches import search_rows
     if forgot := st.session_state.pop("_forgot", None):  # set by render_open_search's Forget
-        label, failed = forgot
-        st.toast(f"Search {label} was not deleted: {failed}" if failed else
+        label, why = forgot
+        st.toast(f"Search {label} was not deleted: {why}" if why else
                  f"Forgot search {label}: its candidates' results stay in the cache")
     reports = cached_searches(lm, splits)
     if not reports:
@@ -1739,9 +1738,8 @@ def render_open_search(lm, splits, reports: list[dict], rows: list[dict]) -> Non
     def forget_it() -> None:
         from laser_core.searches import forget
         label = st.session_state["open_search"]
-        done = forget(store(), lm, splits, labels[label])
+        st.session_state["_forgot"] = (label, forget(store(), lm, splits, labels[label]))
         st.session_state["open_search"] = None
-        st.session_state["_forgot"] = (label, "" if done else store().disabled_reason or "it had left the cache")
 
     c2.button("Open on Explore", key="open_search_go", disabled=pick is None, on_click=open_it)
     c3.button("Forget this search", key="forget_search", disabled=pick is None, on_click=forget_it)

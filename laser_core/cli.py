@@ -196,8 +196,8 @@ def _cmd_searches(args) -> int:
             raise ConfigError(f"no search {args.forget}: the cache holds {len(rows)} for this model on "
                               f"{splits.task.name} ({sizes}); run searches without --forget to list them")
         gone = rows.pop(args.forget - 1)
-        if not forget(store, lm, splits, gone["config"]):
-            raise ConfigError(f"search {args.forget} was not deleted: {store.disabled_reason or 'it left the cache'}")
+        if why := forget(store, lm, splits, gone["config"]):
+            raise ConfigError(f"search {args.forget} was not deleted: {why}")
         print(f"forgot search {args.forget}: {gone['method']} · {gone['settings']} (its {gone['candidates']} "
               "candidates' results stay in the cache: running it again lists it again, in seconds)")
     if not rows:

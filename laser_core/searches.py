@@ -26,11 +26,14 @@ def cached_reports(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
     return found
 
 
-def forget(store: Store, lm: LoadedModel, splits: Splits, config: dict) -> bool:
+def forget(store: Store, lm: LoadedModel, splits: Splits, config: dict) -> str | None:
     """Take the search of ``config`` (a report's) off the cache's searches: its report is deleted, its candidates'
     results stay (Results and Export show them; running it again lists it again, its evaluations read from the
-    cache). False where the cache held no such search."""
-    return store.delete(report_key(store, lm, splits, SearchConfig(**config)))
+    cache). Returns None, or why the report was not deleted (the cache folder took no writes, or it had left the
+    cache already) for both front ends to say."""
+    if store.delete(report_key(store, lm, splits, SearchConfig(**config))):
+        return None
+    return store.disabled_reason or "it had left the cache"
 
 
 def settings_text(cfg: dict) -> str:
