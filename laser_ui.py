@@ -1012,7 +1012,8 @@ def render_score_vs_change(lm, splits, rows: list[dict], base: dict | None, spli
                                 "ρ": r["rho"]}
     points = pd.DataFrame(list(gains.values()))
     rank_corr = points["score"].rank().corr(points["gain"].rank())  # Spearman's: Pearson's of the ranks (ties: mean)
-    fig = px.scatter(points, x="score", y="gain", color="type", hover_data=["matrix", "layer", "rank", "K", "ρ"],
+    fig = px.scatter(points, x="score", y="gain", color="type", **type_colors(lm),
+                     hover_data=["matrix", "layer", "rank", "K", "ρ"],
                      labels={"score": f"{cfg.score} score (calibration gradient)",
                              "gain": f"best {measure} over the base ({words})"}, height=360)
     fig.add_hline(y=0, line_dash="dot", annotation_text="base")
@@ -1575,6 +1576,17 @@ def accuracy_heatmap(lm, rows: list[dict], base_accuracy: float | None) -> go.Fi
     return _layer_type_layout(fig, layers, types)
 
 
+def type_colors(lm) -> dict:
+    """``color_discrete_map`` and ``category_orders`` for a chart coloured by matrix type: each of ``lm``'s types one
+    colour, in the model's order (the heatmaps' columns), whatever types a chart's points happen to hold. Plotly
+    otherwise colours by order of appearance, so that one type had one colour on the Pareto chart and another on
+    the score chart of the same page."""
+    types = list(dict.fromkeys(r.type for r in lm.matrices))
+    palette = px.colors.qualitative.Plotly
+    return {"color_discrete_map": {t: palette[i % len(palette)] for i, t in enumerate(types)},
+            "category_orders": {"type": types}}
+
+
 def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> go.Figure:
     """Candidates (a ``candidates_frame``) by the share of ``lm``'s parameters kept and accuracy, with the base model
     (all parameters kept, ``base_accuracy``) as a star, and the front of those that nothing smaller beats: the base
@@ -1585,7 +1597,7 @@ def pareto_figure(lm, df: pd.DataFrame, base_accuracy: float | None = None) -> g
                       / total})
     stopped = df["stopped_early"] == "yes" if "stopped_early" in df.columns else pd.Series(False, index=df.index)
     ran = df[~stopped]
-    fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type",
+    fig = px.scatter(ran, x="params_kept_%", y="accuracy", color="type", **type_colors(lm),
                      hover_data=["layer", "k", *(["grouping"] if "grouping" in ran.columns else []), "rho"],
                      title="Accuracy vs parameters kept (Pareto front)",
                      labels={"params_kept_%": "parameters kept (% of the model)"})

@@ -1520,7 +1520,7 @@ def test_pareto_front_counts_the_base_model_rings_a_single_point_and_leaves_out_
     import torch
 
     import laser_ui
-    lm = NS(model=NS(parameters=lambda: [torch.zeros(1000)]))
+    lm = NS(model=NS(parameters=lambda: [torch.zeros(1000)]), matrices=[NS(type="q")])
 
     def row(kept, acc, **kw):  # a matrix of 100 parameters: kept% = 90 + kept / 10
         return {"layer": 0, "type": "q", "k": 1, "rho": 0.1, "accuracy": acc, "params_kept": kept, "params_full": 100,
@@ -1539,6 +1539,28 @@ def test_pareto_front_counts_the_base_model_rings_a_single_point_and_leaves_out_
     assert [list(t.x) for t in with_base.data if t.name.startswith("stopped early")] == [[90.5]]
     assert front(laser_ui.pareto_figure(lm, df, base_accuracy=0.4)) == [(91, 0.5), (92, 0.7)]
     assert with_base.layout.xaxis.title.text == "parameters kept (% of the model)"  # not the column's raw name
+
+
+def test_a_matrix_type_keeps_its_colour_whatever_types_a_chart_holds_and_in_which_order():
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    import laser_ui
+    lm = NS(model=NS(parameters=lambda: [torch.zeros(1000)]),
+            matrices=[NS(type=t) for t in ("q", "k", "o", "up", "down")] * 2)
+
+    def colours(types):
+        df = laser_ui.candidates_frame([{"layer": 0, "type": t, "k": 1, "rho": 0.1, "accuracy": 0.5, "params_kept": 5,
+                                         "params_full": 10, "ranks": [1], "name": t} for t in types])
+        fig = laser_ui.pareto_figure(lm, df)
+        return {t.name: t.marker.color for t in fig.data if t.name in types}, \
+            [t.name for t in fig.data if t.name in types]
+    first, order = colours(["down", "up", "o"])
+    second, _ = colours(["o", "down"])  # px would give "o" the first colour here, "down" there
+    assert first["down"] == second["down"] and first["o"] == second["o"]
+    assert len(set(first.values())) == 3
+    assert order == ["o", "up", "down"]  # the legend in the model's order, as the heatmaps' columns
 
 
 def test_score_heatmap_axes_span_exactly_the_layers_and_types_layer_0_on_top():
