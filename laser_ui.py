@@ -1681,7 +1681,7 @@ def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
 def render_searches(lm, splits) -> None:
     """Results' table of every search in the cache for this model and task (:func:`searches_frame`): C2I searches
     and LASER sweeps side by side, their time and their best on held-out test."""
-    from laser_core.searches import search_rows
+    from laser_core.searches import beside_laser_text, search_rows
     if forgot := st.session_state.pop("_forgot", None):  # set by render_open_search's Forget
         label, why = forgot
         st.toast(f"Search {label} was not deleted: {why}" if why else
@@ -1701,8 +1701,8 @@ def render_searches(lm, splits) -> None:
             "C2I: the gradient step and SVDs its scores came from. None: not recorded (computed by a version before "
             "these were kept), so the time is its candidates' alone")),
         "less_than_laser": number("× less than LASER", format="%.1f×", help=(
-            "The time of the largest LASER sweep here divided by this search's (each on its own split: LASER on "
-            "validation, C2I on calibration)")),
+            "The time of the largest LASER sweep here (named below the table) divided by this search's (each on its "
+            "own split: LASER on validation, C2I on calibration)")),
         "best_on_split": number("best on its split", format="%.3f",
                                 help="The best candidate's accuracy on the split it was chosen on"),
         "accuracy": number("held-out", format="%.3f", help="The best candidate's accuracy on held-out test"),
@@ -1710,7 +1710,7 @@ def render_searches(lm, splits) -> None:
     })
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
-               "search and laser).")
+               "search and laser)." + (f" × less than LASER: {beside}." if (beside := beside_laser_text(rows)) else ""))
     render_open_search(lm, splits, reports, rows)
 
 

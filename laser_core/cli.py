@@ -183,7 +183,7 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
 
 def _cmd_searches(args) -> int:
-    from .searches import beside_laser, cached_reports, forget, search_rows, searches_markdown
+    from .searches import beside_laser_text, cached_reports, forget, search_rows, searches_markdown
 
     if args.no_cache:  # before the model load
         raise ConfigError("searches lists what the cache holds: run it without --no-cache")
@@ -205,9 +205,10 @@ def _cmd_searches(args) -> int:
         return 0
     print(f"{len(rows)} search{'es' * (len(rows) != 1)} in the cache for this model on {splits.task.name} ({sizes}):")
     print(searches_markdown(rows))
+    beside = beside_laser_text(rows)
     print("time: what each search takes from scratch, as its parts took when they ran (a rerun from the cache keeps "
           "them): its candidates' evaluations and, for C2I, the gradient step and SVDs behind its scores"
-          + ("; x less than LASER: the largest LASER sweep's time over a C2I search's" if beside_laser(rows) else ""))
+          + (f"; x less than LASER: {beside}" if beside else ""))
     return 0
 
 

@@ -55,29 +55,50 @@ def search_rows(reports: list[dict]) -> list[dict]:
     ``candidates``, ``time_s`` (the time the search takes from scratch, as its parts took when they ran: its
     candidates' evaluations, a rerun from the cache keeping the first run's times, and for C2I the gradient step and
     SVDs behind its scores), ``spectra_s`` (C2I: that gradient step and SVDs; None where they were not recorded, and
-    ``time_s`` is then its candidates' alone), ``less_than_laser`` (C2I: the largest LASER sweep's time over this
-    one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``, ``best_on_split``,
-    ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its ``PairedChange`` from the base on
-    the same questions, or None) and the report's ``config``."""
+    ``time_s`` is then its candidates' alone), ``less_than_laser`` (C2I: the time of the sweep :func:`basis_sweep`
+    picks over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
+    ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its ``PairedChange``
+    from the base on the same questions, or None) and the report's ``config``."""
     timed = [(sum(c.get("seconds") or 0.0 for c in r["candidates"]) + (r.get("spectra_s") or 0.0), r)
              for r in reports]
-    sweep = max(((s, r) for s, r in timed if r["method"] == "laser"), key=lambda t: len(t[1]["candidates"]),
-                default=None)
     rows = []
     for seconds, r in sorted(timed, key=lambda t: (t[1]["method"] != "c2i", t[0])):
         best, test = r.get("best"), r.get("best_test") or {}
         rows.append({"method": "C2I" if r["method"] == "c2i" else "LASER", "settings": settings_text(r["config"]),
                      "candidates": len(r["candidates"]), "time_s": seconds, "spectra_s": r.get("spectra_s"),
-                     "less_than_laser": sweep[0] / seconds if sweep and r["method"] == "c2i" and seconds else None,
-                     "best": best, "split": r["search_split"], "best_on_split": (best or {}).get("accuracy"),
-                     "accuracy": test.get("accuracy"), "log_loss": test.get("log_loss"),
-                     "change": change_between(r.get("base_test"), r.get("best_test")), "config": r["config"]})
+                     "less_than_laser": None, "best": best, "split": r["search_split"],
+                     "best_on_split": (best or {}).get("accuracy"), "accuracy": test.get("accuracy"),
+                     "log_loss": test.get("log_loss"), "change": change_between(r.get("base_test"), r.get("best_test")),
+                     "config": r["config"]})
+    sweep = basis_sweep(rows)
+    for r in rows:
+        if sweep is not None and r["method"] == "C2I" and r["time_s"]:
+            r["less_than_laser"] = rows[sweep]["time_s"] / r["time_s"]
     return rows
+
+
+def basis_sweep(rows: list[dict]) -> int | None:
+    """The index in ``rows`` of the LASER sweep that C2I searches are compared with: the one of most candidates
+    (of those, the fastest), the nearest the cache holds to LASER's full sweep; None without a sweep."""
+    return max((i for i, r in enumerate(rows) if r["method"] == "LASER"), key=lambda i: rows[i]["candidates"],
+               default=None)
 
 
 def beside_laser(rows: list[dict]) -> bool:
     """Do :func:`search_rows` compare a C2I search with a LASER sweep (a ``less_than_laser`` to show)?"""
     return any(r["less_than_laser"] is not None for r in rows)
+
+
+def beside_laser_text(rows: list[dict]) -> str:
+    """What the "x less than LASER" of :func:`search_rows` is, in words ('the time of LASER sweep #14 (…) … over
+    each C2I search's …'), naming that sweep by its number in the table; "" where nothing is compared. A sweep of only some layers or types, or of another rho grid, is
+    not LASER's full sweep of a C2I search's grid: the ratio is between the two as they ran, nothing scaled."""
+    if not beside_laser(rows):
+        return ""
+    i = basis_sweep(rows)
+    r = rows[i]
+    return (f"the time of LASER sweep #{i + 1} ({r['settings']}; {r['candidates']} candidates, "
+            f"{r['time_s']:.1f} s), the largest in the cache, over each C2I search's, both as they ran")
 
 
 def time_text(row: dict) -> str:

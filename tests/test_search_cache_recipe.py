@@ -889,6 +889,8 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     b = c2i["best"]
     assert out.startswith(f"2 searches in the cache for this model on {splits.task.name} (calibration 20, ")
     assert searches_markdown(rows) in out and "| x less than LASER |" in out
+    assert (f"x less than LASER: the time of LASER sweep #2 (layers 1–1, all types, ρ 0.5; {sweep['candidates']} "
+            f"candidates, {sweep['time_s']:.1f} s), the largest in the cache, over each C2I search's") in out
     assert f"| L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']:g} | {b['accuracy']:.3f} (calib) | " in out
     assert f"| {c['time_s']:.1f} (of which gradient + SVD {c2i['spectra_s']:.1f}) |" in out
 
