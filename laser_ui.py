@@ -940,6 +940,20 @@ def render_estimate(est) -> None:
 ONE_RHOS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 0.9, 1.0)
 
 
+def scores_cost_text(lm, splits, ks, grouping: str) -> str:
+    """Layer scores, before they are computed: what they take, and about how long here where spectra of this model
+    were computed before (``laser_core.scores.spectra_time``)."""
+    from laser_core.estimate import spectra_words
+    from laser_core.scores import spectra_time
+    text = (f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of all "
+            f"{len(lm.matrices)} matrices")
+    grad, grad_from, svd, svd_from = spectra_time(lm, splits, store(), ks, grouping)
+    if grad is None:
+        return text + "."
+    return f"{text}. About {human_seconds(grad + (svd or 0.0))} here: " + \
+        spectra_words(grad, grad_from, svd, svd_from, ks).removeprefix("including, not cached yet, ") + "."
+
+
 def score_ks(score: str) -> tuple[int, ...]:
     """The K whose spectra a score needs: the paper's grid for ``first_order`` (it scores each (K, ρ)), else K=1."""
     return PAPER_KS if score == "first_order" else (1,)

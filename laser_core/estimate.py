@@ -5,9 +5,10 @@ searched split times the share of the model's blocks it runs (with prefix reuse:
 already in the cache, or one with the same ranks as another rho of its matrix, costs nothing. The basis, best
 first: candidates of this split already timed (each scaled back to a full evaluation by its layer's share; the
 median, once there are ``MIN_RUNS``; those run together, each timed at its share of its stack, where the search
-runs its candidates together, and the others where it does not), the base model on this split, the base model on the other searched split or
-on the held-out test split, scaled by the example count. Timings taken on another device, or while the machine
-was busy, carry over as they are: an estimate, not a promise.
+runs its candidates together, and the others where it does not), the base model on this split, the base model on
+the other searched split or on the held-out test split, scaled by the example count. A C2I search whose scores are
+not cached adds the gradient step and SVDs as they took for this model before (``scores.spectra_time``). Timings
+taken on another device, or while the machine was busy, carry over as they are: an estimate, not a promise.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .candidates import cached_results, doc_edit, edit_identity, merit
 from .config import Edit, SearchConfig
 from .models import LoadedModel
 from .prefix_states import prefix_reuse_applies
-from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed
+from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed, spectra_time
 from .search import SEARCH_SPLIT
 from .stacking import AUTO_STACK, stack_size
 from .store import Store
@@ -43,6 +44,7 @@ class SearchEstimate:
     upper_bound: bool  # early stop on (a candidate may stop early), c2i's layers not known yet, or candidates to
     #                    run together on a GPU timed only one at a time (together takes less there; on a CPU, about
     #                    as long: README, Speed)
+    spectra_note: str = ""  # c2i, scores not cached: what of the gradient step and SVDs ``seconds`` counts, and how
 
     def summary(self, rho: str = "ρ") -> str:
         """One line: 'about 9 min (150 to run, …; one full evaluation of this split takes about 4.6 s, from …)'."""
@@ -52,7 +54,7 @@ class SearchEstimate:
             f"{'at most ' if self.upper_bound else ''}about {human_seconds(self.seconds)}"  # not "at most about 0 s"
         return (f"{when} ({', '.join(parts)}; "
                 f"one full evaluation of this split takes about {self.full_eval_s:.1f} s, from {self.basis})"
-                + ("" if self.scores_cached else ", plus the gradient step and the SVDs, not cached yet"))
+                + ("" if self.scores_cached else f", {self.spectra_note}"))
 
 
 def block_share(lm: LoadedModel, layer: int | None, reuse: bool) -> float:
@@ -144,10 +146,28 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     best = max(ran, key=merit, default=None)  # known once every one is cached
     if best is None or doc_edit(best) not in tested:
         seconds += test  # the best candidate on it
+    note = ""
+    if cfg.method == "c2i" and spectra is None:
+        grad, grad_from, svd, svd_from = spectra_time(lm, splits, store, **spectra_needed(cfg))
+        seconds += (grad or 0.0) + (svd or 0.0)
+        note = spectra_words(grad, grad_from, svd, svd_from, spectra_needed(cfg)["ks"])
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
-                          scores_cached=cfg.method == "laser" or spectra is not None,
+                          spectra_note=note, scores_cached=cfg.method == "laser" or spectra is not None,
                           upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None)
                           or (stack > 1 and not as_run and lm.device.type in AUTO_STACK))
+
+
+def spectra_words(grad: float | None, grad_from: str, svd: float | None, svd_from: str, ks) -> str:
+    """What an estimate counts of a gradient step and SVDs still to compute (:func:`~laser_core.scores.spectra_time`'s
+    figures), in words: 'including, not cached yet, the gradient step (about 17 s, as on this calibration split) and
+    the SVDs (about 11 s, as on fever)'."""
+    if grad is None:
+        return "plus the gradient step and the SVDs, not cached yet (neither timed on this model yet)"
+    step = f"the gradient step (about {human_seconds(grad)}, as on {grad_from})"
+    if svd is None:
+        return (f"including, not cached yet, {step}; plus the SVDs for K {','.join(map(str, sorted(set(ks) | {1})))}, "
+                "not timed on this model yet")
+    return f"including, not cached yet, {step} and the SVDs (about {human_seconds(svd)}, as on {svd_from})"
 
 
 def human_seconds(s: float) -> str:

@@ -23,10 +23,58 @@ def spectra_needed(cfg: SearchConfig) -> dict:
     return {"ks": cfg.ks, "grouping": cfg.grouping} if cfg.score == "first_order" else {"ks": (1,)}
 
 
-def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str) -> str:
+def _spectra_ident(splits: Splits, ks, grouping: str) -> dict:
     ks = sorted(set(ks) | {1})
     blocks = {"grouping": grouping} if grouping != CONTIGUOUS and max(ks) > 1 else {}  # K = 1: one block, any way
-    return store.key("spectra", lm.fingerprint, splits.task.digest, {"calib": splits.key("calib"), "ks": ks, **blocks})
+    return {"calib": splits.key("calib"), "ks": ks, **blocks}
+
+
+def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str, kind: str = "spectra") -> str:
+    return store.key(kind, lm.fingerprint, splits.task.digest, _spectra_ident(splits, ks, grouping))
+
+
+SPECTRA_TIME = "spectra_time"  # the key kind of what computing spectra took: a small JSON, listed per model
+
+
+def _record_spectra_time(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str,
+                         seconds: list[float]) -> None:
+    """Keep what computing these spectra took where :func:`spectra_time` lists it for the model (the spectra's own
+    entry is megabytes of tensors: too much to read for a number on every estimate)."""
+    ident = _spectra_ident(splits, ks, grouping)
+    store.put_json(_spectra_key(store, lm, splits, ks, grouping, SPECTRA_TIME),
+                   {**ident, "grouping": ident.get("grouping", CONTIGUOUS), "gradients": seconds[0], "svd": seconds[1],
+                    "examples": len(splits.calib), "task": splits.task.name, "digest": splits.task.digest,
+                    "when": time.time()})
+
+
+def spectra_time(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
+                 grouping: str = CONTIGUOUS) -> tuple[float | None, str, float | None, str]:
+    """About how long :func:`load_spectra` would take here to compute the spectra for these K (and row grouping),
+    from what spectra of this model took when computed (the latest of the closest kind): (gradient step seconds,
+    where from; SVD seconds, where from), a None where nothing fits.
+
+    The gradient step: this task's calibration split, else another split or task of this model scaled by the
+    number of examples (their lengths differ: an estimate). The SVDs depend on the weights, not the task: spectra of
+    the same K and grouping on any task.
+    """
+    want = _spectra_ident(splits, ks, grouping)
+    want["grouping"] = want.get("grouping", CONTIGUOUS)
+    done = [d for _, d in store.iter_json(f"{SPECTRA_TIME}/{lm.fingerprint}/")]
+    n = len(splits.calib)
+
+    def closeness(d: dict) -> tuple:
+        return (d["digest"] == splits.task.digest, d["calib"] == want["calib"], d["when"])
+    grad = max(done, key=closeness, default=None)
+    grad_s, grad_from = None, ""
+    if grad is not None:
+        same = grad["calib"] == want["calib"] and grad["digest"] == splits.task.digest
+        grad_s = grad["gradients"] * (1 if same else n / max(1, grad["examples"]))
+        where = "another split of this task" if grad["digest"] == splits.task.digest else grad["task"]
+        grad_from = "this calibration split" if same else f"{where}, scaled to {n} examples"
+    svd = max((d for d in done if d["ks"] == want["ks"] and d["grouping"] == want["grouping"]),
+              key=lambda d: d["when"], default=None)
+    svd_from = "" if svd is None else ("this task" if svd["digest"] == splits.task.digest else svd["task"])
+    return grad_s, grad_from, None if svd is None else svd["svd"], svd_from
 
 
 def cached_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
@@ -69,8 +117,11 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
     if found is not None:
         if timings is not None:
             timings.update(gradients=0.0, svd=0.0)
-        if spent is not None and "seconds" in cached:
-            spent.update(zip(("gradients", "svd"), cached["seconds"].tolist()))
+        if "seconds" in cached:
+            if spent is not None:
+                spent.update(zip(("gradients", "svd"), cached["seconds"].tolist()))
+            if store.get_json(_spectra_key(store, lm, splits, ks, grouping, SPECTRA_TIME)) is None:  # cached before
+                _record_spectra_time(store, lm, splits, ks, grouping, cached["seconds"].tolist())
         emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
         return found
     ks = sorted(set(ks) | {1})
@@ -95,6 +146,7 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
                 flat[f"{name}|S|{k}|{b}"] = sp.S[k][b]
                 flat[f"{name}|g|{k}|{b}"] = sp.g[k][b]
     store.put_tensors(key, flat)
+    _record_spectra_time(store, lm, splits, ks, grouping, [t1 - t0, t2 - t1])
     return spectra, loss
 
 

@@ -29,8 +29,7 @@ if found is None and job is not None and job.status == "done" and set(ks) <= set
         and (ks == (1,) or job.label == label):  # K = 1 is one block under any grouping
     found = job.result  # computed this session but not cached (cache switched off or unwritable)
 if found is None:
-    st.info(f"Scores need one forward+backward over the {len(splits.calib)} calibration examples and an SVD of "
-            f"all {len(lm.matrices)} matrices.")
+    st.info(ui.scores_cost_text(lm, splits, ks, grouping))
     if st.button("Compute scores", type="primary", disabled=ui.job_running("scores", lm, splits)):
         ui.start_job("scores", label, lm, splits,
                      lambda job: load_spectra(lm, splits, ui.store(), ks, job.cancel, job.on_progress, grouping=grouping))

@@ -699,10 +699,16 @@ def test_layer_scores_first_order_scores_the_row_blocks_explore_would_reduce(app
     from laser_core.config import PAPER_KS
     from laser_core.scores import load_spectra, score_table
     from laser_core.store import null_store
+    import laser_ui
+    from laser_core.scores import _record_spectra_time
     lm, _, splits = app_model(app_env)
     at = page("pages/2_Layer_scores.py")
     at.selectbox(key="score").set_value("first_order").run()
+    _record_spectra_time(laser_ui.store(), lm, splits, PAPER_KS, "clustered", [40.0, 7.0])  # as if timed before
     at.radio(key="grouping").set_value("clustered").run()
+    assert at.info[0].value == (f"Scores need one forward+backward over the {len(splits.calib)} calibration examples "
+                                f"and an SVD of all {len(lm.matrices)} matrices. About 47 s here: the gradient step "
+                                "(about 40 s, as on this calibration split) and the SVDs (about 7 s, as on this task).")
     click(at, "Compute scores")
     wait_for(at, lambda a: len(a.get("plotly_chart")) == 2)
     shown = next(d.value for d in at.dataframe if "rows × cols" in d.value.columns)

@@ -111,3 +111,50 @@ def test_a_search_that_runs_candidates_together_is_estimated_from_candidates_tim
 
 def test_durations_read_as_people_say_them():
     assert [human_seconds(s) for s in (40, 540, 52000)] == ["40 s", "9 min", "14.4 h"]
+
+
+def test_a_c2i_search_whose_scores_are_not_cached_counts_the_gradient_step_and_svds_as_they_took_before(
+        llama_splits, store):
+    """The gradient step scales with the calibration examples (another split or task of the model: scaled by their
+    number); the SVDs, which depend on the weights alone, come from spectra of the same K on any split. Spectra
+    cached before their time was listed get it listed when next read."""
+    from laser_core.scores import SPECTRA_TIME, load_spectra, spectra_time
+    lm, splits = llama_splits
+    evaluate_candidate(lm, None, splits, "calib", store)
+    before = estimate_search(lm, splits, SMALL, store)
+    assert before.summary().endswith("plus the gradient step and the SVDs, not cached yet (neither timed on this "
+                                     "model yet)")
+    load_spectra(lm, splits, store)  # K = 1, what the paper score needs
+    (key, doc), = store.iter_json(f"{SPECTRA_TIME}/{lm.fingerprint}/")
+    assert doc["gradients"] > 0 and doc["svd"] > 0 and doc["examples"] == len(splits.calib) == 20
+    store.put_json(key, {**doc, "gradients": 40.0, "svd": 7.0})
+    assert spectra_time(lm, splits, store) == (40.0, "this calibration split", 7.0, "this task")
+    ts = dataclasses.replace(splits.spec, n_calib=10, seed=1)
+    other = make_splits(load_task(ts), ts)
+    evaluate_candidate(lm, None, other, "calib", store)
+    est = estimate_search(lm, other, SMALL, store)
+    bare = estimate_search(lm, other, SMALL, null_timing(store))
+    assert est.seconds == pytest.approx(bare.seconds + 40.0 * 10 / 20 + 7.0)
+    assert est.summary().endswith("including, not cached yet, the gradient step (about 20 s, as on another split "
+                                  "of this task, scaled to 10 examples) and the SVDs (about 7 s, as on this task)")
+    first_order = estimate_search(lm, other, dataclasses.replace(SMALL, score="first_order"), store)
+    assert first_order.summary().endswith("including, not cached yet, the gradient step (about 20 s, as on another "
+                                          "split of this task, scaled to 10 examples); plus the SVDs for K 1,2, not "
+                                          "timed on this model yet")
+    store.delete(key)  # as spectra cached before their time was listed
+    assert spectra_time(lm, splits, store)[0] is None
+    load_spectra(lm, splits, store)  # read from the cache
+    assert spectra_time(lm, splits, store)[0] == pytest.approx(doc["gradients"])
+
+
+def null_timing(store):
+    """``store`` as it reads, less the spectra times: what an estimate is without them."""
+    from laser_core.scores import SPECTRA_TIME
+
+    class Without:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def iter_json(self, prefix):
+            return iter(()) if prefix.startswith(SPECTRA_TIME) else store.iter_json(prefix)
+    return Without()
