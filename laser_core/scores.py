@@ -47,6 +47,14 @@ def _record_spectra_time(store: Store, lm: LoadedModel, splits: Splits, ks, grou
                     "when": time.time()})
 
 
+def recorded_spectra_time(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
+                          grouping: str = CONTIGUOUS) -> float | None:
+    """What computing exactly these spectra (this calibration split, these K and row grouping) took, gradient step
+    and SVDs together, as listed when they were computed or last read (None: never timed)."""
+    doc = store.get_json(_spectra_key(store, lm, splits, ks, grouping, SPECTRA_TIME))
+    return None if doc is None else doc["gradients"] + doc["svd"]
+
+
 def spectra_time(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
                  grouping: str = CONTIGUOUS) -> tuple[float | None, str, float | None, str]:
     """About how long :func:`load_spectra` would take here to compute the spectra for these K (and row grouping),

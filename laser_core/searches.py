@@ -15,14 +15,21 @@ from .tasks import Splits
 def cached_reports(store: Store, lm: LoadedModel, splits: Splits) -> list[dict]:
     """Every complete search report (``SearchReport.to_dict()``) in the cache made on this model and exactly these
     splits, of any settings: C2I searches and LASER sweeps, earlier runs included (as :func:`~laser_core.candidates.
-    cached_results` finds evaluations). A report another version wrote, whose settings no longer load, is left out."""
+    cached_results` finds evaluations). A report another version wrote, whose settings no longer load, is left out;
+    a C2I report written before its ``spectra_s`` was kept gets the time its spectra took where that is known since.
+    """
+    from .scores import recorded_spectra_time, spectra_needed
     found = []
     for key, r in store.iter_json(f"report/{lm.fingerprint}/{splits.task.digest}/"):
         try:
-            if r.get("status") == "complete" and key == report_key(store, lm, splits, SearchConfig(**r["config"])):
-                found.append(r)
+            cfg = SearchConfig(**r["config"])
+            if r.get("status") != "complete" or key != report_key(store, lm, splits, cfg):
+                continue
         except (LaserError, TypeError, KeyError):
             continue
+        if r["method"] == "c2i" and r.get("spectra_s") is None:  # a report from before its spectra's time was kept
+            r["spectra_s"] = recorded_spectra_time(lm, splits, store, **spectra_needed(cfg))  # the spectra it read
+        found.append(r)
     return found
 
 

@@ -577,7 +577,8 @@ def test_random_cancellation_points_never_corrupt_weights_or_cache(tiny_lm, mc_t
         statuses.append(report.status)
         assert weight_hashes(lm.model) == before
         for key in [*s._cache.iterkeys(), *s._factors.iterkeys()]:  # every entry decodes: nothing half-written
-            assert (s.get_json(key) if key.startswith(("result/", "report/")) else s.get_tensors(key)) is not None
+            json_entry = key.startswith(("result/", "report/", "spectra_time/"))
+            assert (s.get_json(key) if json_entry else s.get_tensors(key)) is not None
     assert "partial" in statuses
     final = run_search(lm, splits, SMALL, s)
     assert final.status == "complete" and final.cache.get("corrupt", 0) == 0

@@ -131,11 +131,13 @@ def test_corrupt_or_foreign_cache_entries_are_recomputed_not_executed(tiny_lm, m
     _, splits = _splits(mc_task)
     run_search(lm, splits, SMALL, store)
     keys = [(cache, k) for cache in (store._cache, store._factors) for k in cache.iterkeys()]
-    assert {k.split("/")[0] for _, k in keys} == {"spectra", "factors", "result", "report"}
+    assert {k.split("/")[0] for _, k in keys} == {"spectra", "spectra_time", "factors", "result", "report"}
     for i, (cache, k) in enumerate(keys):  # truncate half, replace the other half with a pickle
         cache.set(k, cache.get(k)[:7] if i % 2 else pickle.dumps({"evil": 1}))
     again = run_search(lm, splits, SMALL, store)
-    assert store.counts["corrupt"] >= len(keys) - 1
+    read = [k for _, k in keys if not k.startswith("spectra_time/")]  # that one is written over with the spectra
+    assert store.counts["corrupt"] >= len(read) - 1
+    assert store.get_json(next(k for _, k in keys if k.startswith("spectra_time/")))["gradients"] > 0
     assert again.cache["eval"] == 9
 
 
@@ -936,9 +938,10 @@ def test_searches_forget_takes_one_search_off_the_list_and_keeps_its_candidates(
 def test_a_c2i_search_from_the_cache_keeps_the_time_its_gradient_took_when_it_ran(tiny_dirs, mc_task, tmp_path):
     """The searches table's time of a C2I search counts the gradient step and SVDs behind its scores as they took when
     computed: a search that read them from the cache (as Explore does after Layer scores) keeps that time, not 0.
-    Spectra cached before their seconds were kept leave it unknown, and the table says so."""
+    Spectra cached before their seconds were kept leave it unknown, and the table says so, until the time of the same
+    spectra is known."""
     from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
-    from laser_core.scores import _spectra_key, load_spectra
+    from laser_core.scores import SPECTRA_TIME, _record_spectra_time, _spectra_key, load_spectra
     from laser_core.searches import cached_reports, search_rows, time_text
     spec = TaskSpec(str(mc_task), n_calib=20, n_test=20)
     lm, splits, store = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu")), make_splits(load_task(spec), spec), \
@@ -953,10 +956,15 @@ def test_a_c2i_search_from_the_cache_keeps_the_time_its_gradient_took_when_it_ra
     key = _spectra_key(store, lm, splits, (1,), "contiguous")
     older = {k: v for k, v in store.get_tensors(key).items() if k != "seconds"}  # as an earlier version cached them
     store.put_tensors(key, older)
+    store.delete(_spectra_key(store, lm, splits, (1,), "contiguous", SPECTRA_TIME))  # nor was their time listed
     assert run_search(lm, splits, cfg, store).spectra_s is None
     row, = search_rows(cached_reports(store, lm, splits))
     assert row["spectra_s"] is None and row["time_s"] == pytest.approx(sum(c["seconds"] for c in rep.candidates))
     assert time_text(row) == f"{row['time_s']:.1f} (gradient + SVD not recorded)"
+    # the same spectra computed again since (evicted, say): the report's row takes the time they took then
+    _record_spectra_time(store, lm, splits, (1,), "contiguous", [3.0, 2.0])
+    row, = search_rows(cached_reports(store, lm, splits))
+    assert row["spectra_s"] == 5.0 and time_text(row).endswith("(of which gradient + SVD 5.0)")
 
 
 def test_report_table_marks_only_the_changes_beyond_noise_and_reads_rows_without_them():
