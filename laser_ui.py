@@ -1785,6 +1785,21 @@ def export_options(docs: list[dict], report: dict | None) -> tuple[list[dict], i
     return options, next((i for i, d in enumerate(options) if best and candidate_id(d) == candidate_id(best)), 0)
 
 
+def export_pick(options: list[dict], default: int, report: dict | None) -> int:
+    """Export's Candidate box on arriving: the candidate picked when the page was last left (:func:`keep_export_pick`),
+    where Explore still shows the search it showed then; else ``default`` (that search's best). Before, the box went
+    back to the best on every visit, and a candidate picked, then checked on Results, had to be found again."""
+    kept = st.session_state.get("_export_kept")
+    if kept and kept[0] == candidate_id((report or {}).get("best")):
+        return next((i for i, d in enumerate(options) if candidate_id(d) == kept[1]), default)
+    return default
+
+
+def keep_export_pick(report: dict | None, doc: dict) -> None:
+    """Remember Export's pick ``doc`` with the search Explore shows (``report``) for :func:`export_pick`."""
+    st.session_state["_export_kept"] = (candidate_id((report or {}).get("best")), candidate_id(doc))
+
+
 def render_model_facts(lm, splits) -> None:
     """The loaded model's facts (architecture, size, device) as metrics, and the task's splits in a caption."""
     facts = lm.facts()
@@ -1848,8 +1863,8 @@ def render_compare_two(lm, splits, df: pd.DataFrame) -> None:
     st.subheader("Compare two on held-out test")
     labels = ["base"] + [candidate_label(r, with_split=False) for _, r in df.iterrows()]
     pick = st.columns(2)
-    a = pick[0].selectbox("A", labels, index=0, key="cmp_a")
-    b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b")
+    a = pick[0].selectbox("A", labels, index=0, key="cmp_a", persist_state="session")
+    b = pick[1].selectbox("B", labels, index=min(1, len(labels) - 1), key="cmp_b", persist_state="session")
 
     def edit_of(label: str):
         return None if label == "base" else doc_edit(df.iloc[labels.index(label) - 1])

@@ -20,7 +20,7 @@ if not docs and not failed:
     ui.user_error("No results for this model and task yet: run a search on the Explore page.")
 
 split = st.radio("Split", sorted({d["split"] for d in docs + combined + failed}), horizontal=True, key="res_split",
-                 format_func=lambda s: SPLIT_WORDS.get(s, s),
+                 persist_state="session", format_func=lambda s: SPLIT_WORDS.get(s, s),
                  help="calibration: C2I's search; validation: LASER's; held-out test: each row also paired with the "
                       "base on the same questions (vs_base, its 95% interval, McNemar p)")
 rows = [d for d in docs if d["split"] == split]
@@ -59,7 +59,7 @@ with c1:
     best_of = {b["name"]: f"best {b['accuracy']:.3f}" for b in sorted(ui.best_by_matrix(rows), key=merit, reverse=True)}
     best_of.update({n: "stopped early only" for n in df["name"] if n not in best_of})
     # plain names, the best in the chart's title: Streamlit keeps showing a selected option's label from the last run
-    matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of), key="res_matrix",
+    matrix = st.selectbox("Accuracy vs ρ for matrix", list(best_of), key="res_matrix", persist_state="session",
                           help="Matrices in order of their best accuracy on this split (of candidates that ran to "
                                "the end: one stopped early counts only the examples it saw)")
     sub = df[df["name"] == matrix].sort_values(["k", "rho"])  # the legend in K order, each line in ρ order

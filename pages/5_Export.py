@@ -25,9 +25,10 @@ if not docs:
 
 report = ui.kept_report(lm, splits)
 options, default = ui.export_options(docs, report)
-choice = st.selectbox("Candidate", range(len(options)), index=default, key="export_pick",
-                      format_func=lambda i: ui.candidate_label(options[i]))
+choice = st.selectbox("Candidate", range(len(options)), index=ui.export_pick(options, default, report),
+                      key="export_pick", format_func=lambda i: ui.candidate_label(options[i]))
 d = options[choice]
+ui.keep_export_pick(report, d)  # the pick stays on coming back, while Explore shows the same search
 edit = doc_edit(d)
 base = ui.cached_result(lm, splits, d["split"])
 wanted = {"base_test": (None, "test"), "edited_test": (edit, "test")}

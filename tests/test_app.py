@@ -1045,6 +1045,23 @@ def test_explore_searches_and_slides_with_clustered_row_blocks_and_results_tell_
     assert folder.endswith(f"-K2-clustered-rho0.5-{lm.fingerprint[:8]}")
 
 
+def test_export_keeps_the_candidate_picked_on_coming_back_until_explore_shows_another_search(app_env, searched):
+    """Leaving Export drops its box's widget state (Streamlit forgets a widget not drawn): on coming back the box
+    shows the candidate picked then, not the best again; once Explore shows another search, that search's best."""
+    import laser_ui
+    at = page("pages/5_Export.py")
+    pick = at.selectbox(key="export_pick")
+    assert pick.value == 0 and len(pick.options) > 2
+    pick.set_value(2).run()
+    label = at.selectbox(key="export_pick").options[2]
+    shown, picked = at.session_state["_export_kept"]
+    assert shown == laser_ui.candidate_id(None)  # no search on Explore in this session
+    back = page_as("pages/5_Export.py", "Export", _export_kept=(shown, picked))  # no widget state: as on coming back
+    assert back.selectbox(key="export_pick").value == 2 and back.selectbox(key="export_pick").options[2] == label
+    other = ("model.layers.0.mlp.up_proj.weight", 1, 0.5, "contiguous")  # Explore has shown another search since
+    assert page_as("pages/5_Export.py", "Export", _export_kept=(other, picked)).selectbox(key="export_pick").value == 0
+
+
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
     from laser_core import SearchConfig, Store
     from laser_core.scores import c2i_matrices, cached_spectra, score_table
