@@ -1688,14 +1688,15 @@ def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])
     df = _insert_changes(df, [r["change"] for r in rows])
-    gone = ["less_than_laser"] * (not beside_laser(rows)) + ["spectra_s"] * all(r["method"] != "C2I" for r in rows)
+    gone = ["less_than_laser"] * (not beside_laser(rows)) + ["spectra_s"] * all(r["method"] != "C2I" for r in rows) \
+        + ["less_than_full_laser"] * all(r["less_than_full_laser"] is None for r in rows)
     return df.drop(columns=gone)
 
 
 def render_searches(lm, splits) -> None:
     """Results' table of every search in the cache for this model and task (:func:`searches_frame`): C2I searches
     and LASER sweeps side by side, their time and their best on held-out test."""
-    from laser_core.searches import beside_laser_text, search_rows
+    from laser_core.searches import beside_laser_text, full_sweep_of, full_sweep_text, search_rows
     if forgot := st.session_state.pop("_forgot", None):  # set by render_open_search's Forget
         label, why = forgot
         st.toast(f"Search {label} was not deleted: {why}" if why else
@@ -1703,7 +1704,7 @@ def render_searches(lm, splits) -> None:
     reports = cached_searches(lm, splits)
     if not reports:
         return
-    rows = search_rows(reports)
+    rows = search_rows(reports, full := full_sweep_of(lm, splits, store()))
     st.subheader("Searches in the cache")
     number = st.column_config.NumberColumn
     st.dataframe(searches_frame(lm, rows), hide_index=True, width="stretch", key="searches", column_config={
@@ -1717,6 +1718,9 @@ def render_searches(lm, splits) -> None:
         "less_than_laser": number("× less than LASER", format="%.1f×", help=(
             "The time of the largest LASER sweep here (named below the table) divided by this search's (each on its "
             "own split: LASER on validation, C2I on calibration)")),
+        "less_than_full_laser": number("× less than LASER's full sweep (est.)", format="%.1f×", help=(
+            "The time LASER's sweep of every matrix over this search's ρ grid would take here, estimated from the "
+            "cache's timings (as Explore estimates a run), divided by this search's")),
         "best_on_split": number("best on its split", format="%.3f",
                                 help="The best candidate's accuracy on the split it was chosen on"),
         "accuracy": number("held-out", format="%.3f", help="The best candidate's accuracy on held-out test"),
@@ -1724,7 +1728,8 @@ def render_searches(lm, splits) -> None:
     })
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
-               "search and laser)." + (f" × less than LASER: {beside}." if (beside := beside_laser_text(rows)) else ""))
+               "search and laser)." + (f" × less than LASER: {beside}." if (beside := beside_laser_text(rows)) else "")
+               + (f" × less than LASER's full sweep (est.): {text}." if (text := full_sweep_text(rows, full)) else ""))
     render_open_search(lm, splits, reports, rows)
 
 

@@ -108,7 +108,7 @@ def evaluate_candidate(lm: LoadedModel, edit: Edit | None, splits: Splits, split
         store.counts["eval"] += 1
         f = get_factors(lm, edit.name, edit.k, store, factors, edit.grouping)
         prefix = prefixes.for_edits(splits, split, [edit]) if prefixes is not None else None
-        row = result_row(lm, edit)
+        row = {**result_row(lm, edit), "setup_s": time.perf_counter() - t0}  # its SVD and hidden states, in seconds
         try:
             with edited(lm, [edit], {edit.blocks: f}):
                 res = evaluate_split(lm, splits, split, cancel=cancel, beat=beat, prefix=prefix)

@@ -183,32 +183,34 @@ def _compose_after(args, lm, tspec, splits, store, report, best_path: Path) -> i
 
 
 def _cmd_searches(args) -> int:
-    from .searches import beside_laser_text, cached_reports, forget, search_rows, searches_markdown
-
+    from .searches import (beside_laser_text, cached_reports, forget, full_sweep_of, full_sweep_text, search_rows,
+                           searches_markdown)
     if args.no_cache:  # before the model load
         raise ConfigError("searches lists what the cache holds: run it without --no-cache")
     lm, tspec, splits, store = _setup(args)
-    rows = search_rows(cached_reports(store, lm, splits))
+    rows = search_rows(cached_reports(store, lm, splits), full := full_sweep_of(lm, splits, store))
     sizes = (f"calibration {len(splits.calib)}, validation {len(splits.val)}, held-out test {len(splits.test)}, "
              f"seed {tspec.seed}")
     if args.forget is not None:
         if args.forget > len(rows):
             raise ConfigError(f"no search {args.forget}: the cache holds {len(rows)} for this model on "
                               f"{splits.task.name} ({sizes}); run searches without --forget to list them")
-        gone = rows.pop(args.forget - 1)
+        gone = rows[args.forget - 1]
         if why := forget(store, lm, splits, gone["config"]):
             raise ConfigError(f"search {args.forget} was not deleted: {why}")
         print(f"forgot search {args.forget}: {gone['method']} · {gone['settings']} (its {gone['candidates']} "
               "candidates' results stay in the cache: running it again lists it again, in seconds)")
+        rows = search_rows(cached_reports(store, lm, splits), full)  # a sweep forgotten is compared with no more
     if not rows:
         print(f"no search in the cache for this model on {splits.task.name} ({sizes}): run search or laser first")
         return 0
     print(f"{len(rows)} search{'es' * (len(rows) != 1)} in the cache for this model on {splits.task.name} ({sizes}):")
     print(searches_markdown(rows))
-    beside = beside_laser_text(rows)
+    notes = {"x less than LASER": beside_laser_text(rows),
+             "x less than LASER's full sweep (est.)": full_sweep_text(rows, full)}
     print("time: what each search takes from scratch, as its parts took when they ran (a rerun from the cache keeps "
           "them): its candidates' evaluations and, for C2I, the gradient step and SVDs behind its scores"
-          + (f"; x less than LASER: {beside}" if beside else ""))
+          + "".join(f"; {name}: {text}" for name, text in notes.items() if text))
     return 0
 
 

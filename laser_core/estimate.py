@@ -13,6 +13,7 @@ taken on another device, or while the machine was busy, carry over as they are: 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from .candidates import cached_results, doc_edit, edit_identity, merit
@@ -65,6 +66,15 @@ def block_share(lm: LoadedModel, layer: int | None, reuse: bool) -> float:
     return (lm.n_layers - layer) / lm.n_layers
 
 
+def _run_seconds(d: dict) -> float:
+    """A timed candidate's seconds less its setup: the SVD of its matrix and the hidden states entering its layer,
+    which a search pays once per matrix and per layer (``setup_s``, kept since 2026-11-25). A candidate timed
+    before has none to take off: where it was the only one timed at its layer on its split (a sweep of one rho of
+    one type: each candidate built its layer's states), its time is about a full evaluation whatever its layer,
+    and scaling it by its share of the blocks would count the states twice, so it is no basis at all."""
+    return d["seconds"] - d.get("setup_s", 0.0)
+
+
 def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[dict],
                       reuse: bool, stack: int = 1) -> tuple[float, str, bool] | None:
     """(seconds of one full evaluation of ``split``, where that figure comes from, whether it was timed as the
@@ -77,10 +87,12 @@ def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[di
     """
     timed = [d for d in docs if d["split"] == split and d.get("name") and d.get("seconds")
              and not d.get("stopped_early") and d.get("same_as_rho") is None]
+    per_layer = Counter(d["layer"] for d in timed)
+    timed = [d for d in timed if "setup_s" in d or per_layer[d["layer"]] > 1]  # see _run_seconds
     alike = [d for d in timed if (d.get("stacked", 1) > 1) == (stack > 1)]
     timed = alike if len(alike) >= MIN_RUNS else timed
     if len(timed) >= MIN_RUNS:
-        runs = [d["seconds"] / block_share(lm, d["layer"], reuse) for d in timed]
+        runs = [_run_seconds(d) / block_share(lm, d["layer"], reuse) for d in timed]
         together = sum(d.get("stacked", 1) > 1 for d in timed) * 2 > len(timed)
         return (statistics.median(runs), f"{len(runs)} candidates already timed on this split"
                 + (", run together" if together else ""), together == (stack > 1))
@@ -93,6 +105,49 @@ def full_eval_seconds(lm: LoadedModel, splits: Splits, split: str, docs: list[di
             return (base["seconds"] * scale, f"the base model's evaluation of the {SPLIT_WORDS[other]} split{note}",
                     stack == 1)
     return None
+
+
+def _candidates_seconds(lm: LoadedModel, plan: list[Edit | None], full: float, reuse: bool,
+                        done: set) -> tuple[float, int, int]:
+    """(seconds, cached, same ranks) of a plan's candidates at ``full`` seconds a full evaluation: each not in
+    ``done`` (the cache) nor a copy of another rho with the same ranks runs its share of the blocks (None: a
+    matrix not known yet, all of them), and each layer edited adds, once, the forward that builds the hidden
+    states entering it (once per search: a forward up to that layer)."""
+    seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
+    for edit in plan:
+        layer = None  # unknown: a full evaluation
+        if edit is not None:
+            ident = edit_identity(lm, edit)
+            if ident in seen:
+                same += 1
+                continue
+            seen.add(ident)
+            if edit in done:
+                cached += 1
+                continue
+            layer = lm.ref(edit.name).layer
+            layers.add(layer)
+        seconds += full * block_share(lm, layer, reuse)
+    return seconds + sum(full * (1 - block_share(lm, layer, reuse)) for layer in layers), cached, same
+
+
+def full_sweep_unit(lm: LoadedModel, splits: Splits, store: Store) -> tuple[float, str] | None:
+    """(seconds of one full evaluation of the validation split, where that comes from) for a LASER sweep with the
+    default speed settings (:func:`full_eval_seconds`), the unit of :func:`full_sweep_seconds`; None with no timing."""
+    cfg = SearchConfig("laser", ks=(1,))
+    found = full_eval_seconds(lm, splits, "val", cached_results(store, lm, splits), prefix_reuse_applies(lm, splits),
+                              stack_size(lm, cfg, splits))
+    return None if found is None else found[:2]
+
+
+def full_sweep_seconds(lm: LoadedModel, splits: Splits, rhos, unit: float) -> float:
+    """About how long LASER's full sweep of ``rhos`` (every matrix of the model, K=1, on the validation split, with
+    the default speed settings) takes here from scratch at ``unit`` seconds a full evaluation of that split
+    (:func:`full_sweep_unit`), counting what a search's time counts in the cache's searches table: its candidates,
+    with the hidden states they start from. What a C2I search is compared with where no full sweep was run (11 h
+    on this CPU for the demo model's 1680 candidates)."""
+    plan = [e for e, _ in laser_plan(lm, SearchConfig("laser", ks=(1,), rhos=tuple(rhos)))]
+    return _candidates_seconds(lm, plan, unit, prefix_reuse_applies(lm, splits), set())[0]
 
 
 def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store) -> SearchEstimate | None:
@@ -118,25 +173,9 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     else:
         plan = [None] * (cfg.q * len(cfg.ks) * len(cfg.rhos))  # matrices unknown until the gradient step
     done = {doc_edit(d) for d in docs if d["split"] == split and d.get("name") and not d.get("stopped_early")}
-    seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
-    for edit in plan:
-        layer = None  # unknown: a full evaluation
-        if edit is not None:
-            ident = edit_identity(lm, edit)
-            if ident in seen:
-                same += 1
-                continue
-            seen.add(ident)
-            if edit in done:
-                cached += 1
-                continue
-            layer = lm.ref(edit.name).layer
-            layers.add(layer)
-        seconds += full * block_share(lm, layer, reuse)
+    seconds, cached, same = _candidates_seconds(lm, plan, full, reuse, done)
     if not any(d["split"] == split and not d.get("name") for d in docs):
         seconds += full  # the base model on the searched split, which a search evaluates first
-    # the hidden states entering each edited layer are built once per search: a forward up to that layer
-    seconds += sum(full * (1 - block_share(lm, layer, reuse)) for layer in layers)
     test = full * len(splits.test) / max(1, len(getattr(splits, split)))
     tested = {doc_edit(d) for d in docs if d["split"] == "test" and not d.get("stopped_early")}  # None: the base
     if None not in tested:

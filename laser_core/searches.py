@@ -3,6 +3,9 @@ splits (any settings, earlier runs included), with their time, their best edit a
 from the base. The dashboard's Results page shows them as a table, the CLI's ``searches`` prints them."""
 from __future__ import annotations
 
+import functools
+from typing import Callable, Sequence
+
 from .config import SearchConfig
 from .errors import LaserError
 from .models import LoadedModel
@@ -57,13 +60,35 @@ def settings_text(cfg: dict) -> str:
         f", {'types ' + ','.join(types) if types else 'all types'}, ρ {rho}"
 
 
-def search_rows(reports: list[dict]) -> list[dict]:
+FullSweep = Callable[[Sequence[float]], "tuple[float, float, str] | None"]  # rho grid -> (seconds, unit, basis)
+
+
+def full_sweep_of(lm: LoadedModel, splits: Splits, store: Store) -> FullSweep:
+    """The estimated time of LASER's full sweep of a rho grid on this model and these splits, with the unit of the
+    estimate and where it comes from (:func:`~laser_core.estimate.full_sweep_seconds`), or None with no timing: what
+    :func:`search_rows` compares each C2I search with where no full LASER sweep was run. The unit is read from the
+    cache once, each grid's sweep priced once."""
+    from .estimate import full_sweep_seconds, full_sweep_unit
+
+    @functools.cache
+    def unit() -> tuple[float, str] | None:
+        return full_sweep_unit(lm, splits, store)
+
+    @functools.cache
+    def of(rhos: tuple) -> tuple[float, float, str] | None:
+        return None if unit() is None else (full_sweep_seconds(lm, splits, rhos, unit()[0]), *unit())
+    return lambda rhos: of(tuple(sorted(set(rhos))))
+
+
+def search_rows(reports: list[dict], full_sweep: FullSweep | None = None) -> list[dict]:
     """One row per report, C2I searches first, each method's fastest first: ``method``, ``settings``,
     ``candidates``, ``time_s`` (the time the search takes from scratch, as its parts took when they ran: its
     candidates' evaluations, a rerun from the cache keeping the first run's times, and for C2I the gradient step and
     SVDs behind its scores), ``spectra_s`` (C2I: that gradient step and SVDs; None where they were not recorded, and
     ``time_s`` is then its candidates' alone), ``less_than_laser`` (C2I: the time of the sweep :func:`basis_sweep`
-    picks over this one's; None without a sweep), ``best`` (the report's best candidate, or None), ``split``,
+    picks over this one's; None without a sweep), ``less_than_full_laser`` (C2I, with ``full_sweep``
+    (:func:`full_sweep_of`): the estimated time of LASER's full sweep of this search's rho grid over this one's;
+    None without a timing to estimate from), ``best`` (the report's best candidate, or None), ``split``,
     ``best_on_split``, ``accuracy`` and ``log_loss`` (the best on held-out test), ``change`` (its ``PairedChange``
     from the base on the same questions, or None) and the report's ``config``."""
     timed = [(sum(c.get("seconds") or 0.0 for c in r["candidates"]) + (r.get("spectra_s") or 0.0), r)
@@ -73,14 +98,18 @@ def search_rows(reports: list[dict]) -> list[dict]:
         best, test = r.get("best"), r.get("best_test") or {}
         rows.append({"method": "C2I" if r["method"] == "c2i" else "LASER", "settings": settings_text(r["config"]),
                      "candidates": len(r["candidates"]), "time_s": seconds, "spectra_s": r.get("spectra_s"),
-                     "less_than_laser": None, "best": best, "split": r["search_split"],
+                     "less_than_laser": None, "less_than_full_laser": None, "best": best, "split": r["search_split"],
                      "best_on_split": (best or {}).get("accuracy"), "accuracy": test.get("accuracy"),
                      "log_loss": test.get("log_loss"), "change": change_between(r.get("base_test"), r.get("best_test")),
                      "config": r["config"]})
     sweep = basis_sweep(rows)
     for r in rows:
-        if sweep is not None and r["method"] == "C2I" and r["time_s"]:
+        if r["method"] != "C2I" or not r["time_s"]:
+            continue
+        if sweep is not None:
             r["less_than_laser"] = rows[sweep]["time_s"] / r["time_s"]
+        if full_sweep is not None and (full := full_sweep(r["config"]["rhos"])) is not None:
+            r["less_than_full_laser"] = full[0] / r["time_s"]
     return rows
 
 
@@ -98,14 +127,27 @@ def beside_laser(rows: list[dict]) -> bool:
 
 def beside_laser_text(rows: list[dict]) -> str:
     """What the "x less than LASER" of :func:`search_rows` is, in words ('the time of LASER sweep #14 (…) … over
-    each C2I search's …'), naming that sweep by its number in the table; "" where nothing is compared. A sweep of only some layers or types, or of another rho grid, is
-    not LASER's full sweep of a C2I search's grid: the ratio is between the two as they ran, nothing scaled."""
+    each C2I search's …'), naming that sweep by its number in the table; "" where nothing is compared. A sweep of
+    only some layers or types, or of another rho grid, is not LASER's full sweep of a C2I search's grid: the ratio
+    is between the two as they ran, nothing scaled (``less_than_full_laser`` is the estimate of the full sweep)."""
     if not beside_laser(rows):
         return ""
     i = basis_sweep(rows)
     r = rows[i]
     return (f"the time of LASER sweep #{i + 1} ({r['settings']}; {r['candidates']} candidates, "
             f"{r['time_s']:.1f} s), the largest in the cache, over each C2I search's, both as they ran")
+
+
+def full_sweep_text(rows: list[dict], full_sweep: FullSweep | None) -> str:
+    """What the "x less than LASER's full sweep (est.)" of :func:`search_rows` is, in words, with the unit of the
+    estimate and where it comes from; "" where no row has one."""
+    r = next((r for r in rows if r["less_than_full_laser"] is not None), None)
+    if r is None or full_sweep is None:
+        return ""
+    _, unit, basis = full_sweep(r["config"]["rhos"])
+    return ("the time LASER's sweep of every matrix (all layers and types, K=1, on the validation split) over the "
+            "C2I search's ρ grid would take here, estimated from the cache's timings as Explore estimates a run "
+            f"(one full evaluation of that split about {unit:.1f} s, from {basis}), over the C2I search's time")
 
 
 def time_text(row: dict) -> str:
@@ -127,13 +169,16 @@ def searches_markdown(rows: list[dict]) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
     laser = beside_laser(rows)
-    header = ["#", "method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser, "best",
-              "best on its split", "held-out", "change from the base (95% CI, p)"]
+    full = any(r["less_than_full_laser"] is not None for r in rows)
+    header = ["#", "method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser,
+              *["x less than LASER's full sweep (est.)"] * full, "best", "best on its split", "held-out",
+              "change from the base (95% CI, p)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows):
         c = r["change"]
         cells = [str(i + 1), r["method"], r["settings"], str(r["candidates"]), time_text(r),
-                 *[num(r["less_than_laser"], ".1f")] * laser, edit_text(r["best"]) if r["best"] else "–",
+                 *[num(r["less_than_laser"], ".1f")] * laser, *[num(r["less_than_full_laser"], ".1f")] * full,
+                 edit_text(r["best"]) if r["best"] else "–",
                  f"{num(r['best_on_split'], '.3f')} ({r['split']})", num(r["accuracy"], ".3f"),
                  f"{c.change:+.3f} ({c.low:+.3f} to {c.high:+.3f}, {p_text(c.p_value)})" if c else "–"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -166,7 +166,7 @@ def stack_ahead(lm: LoadedModel, plan: list[tuple[Edit, float]], at: int, size: 
             store.put_json(key, {**row, "error": str(res)})
             out[edit] = res
             continue
-        doc = {**row, **res.to_dict(), "seconds": seconds, "stacked": len(chosen)}
+        doc = {**row, **res.to_dict(), "seconds": seconds, "setup_s": setup / len(chosen), "stacked": len(chosen)}
         store.put_json(key, doc)
         out[edit] = {**doc, "cached": False}
     return out, size

@@ -70,7 +70,9 @@ def test_after_a_search_its_candidates_cost_nothing_and_their_timings_become_the
     timed = [d for d in cached_results(store, lm, splits)
              if d["split"] == "calib" and d["name"] and d["seconds"] and d.get("same_as_rho") is None]
     assert len(timed) >= MIN_RUNS and f"{len(timed)} candidates already timed" in again.basis
-    assert again.full_eval_s == pytest.approx(statistics.median(d["seconds"] * 2 / (2 - d["layer"]) for d in timed))
+    assert all(0 < d["setup_s"] < d["seconds"] for d in timed)  # the SVD and states: once per matrix and layer
+    assert again.full_eval_s == pytest.approx(statistics.median((d["seconds"] - d["setup_s"]) * 2 / (2 - d["layer"])
+                                                                for d in timed))
     more = estimate_search(lm, splits, dataclasses.replace(SMALL, q=3), store)
     assert more.candidates == 12 and more.cached == again.cached and more.to_run == 12 - more.cached - more.same_ranks
     assert more.to_run > 0 and more.seconds > 0 and not more.upper_bound
@@ -90,7 +92,8 @@ def test_a_search_that_runs_candidates_together_is_estimated_from_candidates_tim
         for key, doc in store.iter_json(f"result/{lm.fingerprint}/"):
             if doc.get("name") and doc["split"] == "calib":
                 share = block_share(lm, doc["layer"], True)
-                store.put_json(key, {**doc, "seconds": share_of_full[doc.get("stacked", 1) > 1] * share})
+                store.put_json(key, {**doc, "seconds": share_of_full[doc.get("stacked", 1) > 1] * share,
+                                     "setup_s": 0.0})
 
     run_search(lm, splits, alone, store)
     timed({False: 1.0})
@@ -158,3 +161,40 @@ def null_timing(store):
         def iter_json(self, prefix):
             return iter(()) if prefix.startswith(SPECTRA_TIME) else store.iter_json(prefix)
     return Without()
+
+
+def test_a_candidate_that_built_its_layers_states_is_scaled_without_them():
+    """A sweep of one rho of one type: each candidate builds the states entering its layer, then runs from there,
+    so each takes about a full evaluation whatever its layer. Its setup (``setup_s``) is taken off before scaling
+    by its share of the blocks; one timed before setups were kept, alone at its layer, is no basis (scaled, a
+    candidate at the last of 30 layers would count for 30 full evaluations)."""
+    from types import SimpleNamespace as NS
+
+    from laser_core.estimate import full_eval_seconds
+    lm, splits = NS(n_layers=30), NS(calib=[0] * 50, val=[0] * 100, test=[0] * 10)
+    base = {"split": "val", "name": None, "seconds": 48.0}
+
+    def sweep(**setup):
+        return [{"split": "val", "name": f"m{layer}", "layer": layer, "seconds": 50.0,
+                 **({"setup_s": 50.0 * layer / 30} if setup else {})} for layer in range(30)]
+    full, basis, _ = full_eval_seconds(lm, splits, "val", [base, *sweep(setup=True)], True)
+    assert full == pytest.approx(50.0) and basis == "30 candidates already timed on this split"
+    full, basis, _ = full_eval_seconds(lm, splits, "val", [base, *sweep()], True)
+    assert (full, basis) == (48.0, "the base model's evaluation of the validation split")
+    twice = [{**d, "name": d["name"] + "b", "seconds": 50.0 * (30 - d["layer"]) / 30} for d in sweep()]
+    full, _, _ = full_eval_seconds(lm, splits, "val", [base, *sweep(), *twice], True)  # the second at each layer
+    assert full == pytest.approx(statistics.median([50.0 * 30 / (30 - layer) for layer in range(30)] + [50.0] * 30))
+
+
+def test_laser_full_sweep_counts_every_matrix_at_its_share_and_each_layers_states_once(llama_splits, store):
+    """What the searches table compares a C2I search with where no full LASER sweep ran: on a 2-layer model with 7
+    matrices a layer, one rho, 7 candidates run whole at layer 0, 7 run half the blocks at layer 1 after the half
+    forward that builds that layer's states; a second rho with other ranks doubles the candidates, not the build."""
+    from laser_core.estimate import full_sweep_seconds, full_sweep_unit
+    lm, splits = llama_splits
+    assert full_sweep_unit(lm, splits, store) is None  # nothing timed
+    assert full_sweep_seconds(lm, splits, (0.5,), 1.0) == pytest.approx(7 * 1 + 7 * 0.5 + 0.5)
+    assert full_sweep_seconds(lm, splits, (0.5, 0.1), 2.0) == pytest.approx(2 * (14 * 1 + 14 * 0.5 + 0.5))
+    base = evaluate_candidate(lm, None, splits, "val", store)["seconds"]
+    assert full_sweep_unit(lm, splits, store) == (pytest.approx(base),
+                                                  "the base model's evaluation of the validation split")

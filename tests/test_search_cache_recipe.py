@@ -860,7 +860,7 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     """``searches``: every complete search in the cache for the model and the task's splits, of any settings, with the
     time its candidates took as they ran, its best and that best's paired held-out change; other seeds' are not."""
     from laser_core import ModelSpec, Store, TaskSpec, load_model, load_task, make_splits, run_search
-    from laser_core.searches import cached_reports, search_rows, searches_markdown
+    from laser_core.searches import cached_reports, full_sweep_of, search_rows, searches_markdown
     cache = tmp_path / "cache"
     spec = TaskSpec(str(mc_task), n_calib=20, n_test=20)
     lm, splits = load_model(ModelSpec(str(tiny_dirs["llama"]), "cpu")), make_splits(load_task(spec), spec)
@@ -876,7 +876,7 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     run_search(lm, make_splits(load_task(other), other), SearchConfig(q=1, ks=(1,), rhos=(0.3,)), Store(cache))
     reports = cached_reports(Store(cache), lm, splits)
     assert sorted(r["method"] for r in reports) == ["c2i", "laser"]  # not the other seed's
-    rows = search_rows(reports)
+    rows = search_rows(reports, full_sweep_of(lm, splits, Store(cache)))  # as the CLI lists them
     c, sweep = rows  # C2I first
     assert (c["method"], c["settings"], c["candidates"], c["split"]) == ("C2I", "q=2, K 1,2, ρ 0.5, 0.1", 8, "calib")
     assert (sweep["method"], sweep["settings"], sweep["split"]) == ("LASER", "layers 1–1, all types, ρ 0.5", "val")
@@ -893,6 +893,16 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     assert searches_markdown(rows) in out and "| x less than LASER |" in out
     assert (f"x less than LASER: the time of LASER sweep #2 (layers 1–1, all types, ρ 0.5; {sweep['candidates']} "
             f"candidates, {sweep['time_s']:.1f} s), the largest in the cache, over each C2I search's") in out
+    # and with LASER's full sweep of its rho grid, estimated from the timings in the cache
+    from laser_core.estimate import full_sweep_seconds, full_sweep_unit
+    unit, basis = full_sweep_unit(lm, splits, Store(cache))
+    assert c["less_than_full_laser"] == pytest.approx(full_sweep_seconds(lm, splits, (0.5, 0.1), unit) / c["time_s"])
+    assert sweep["less_than_full_laser"] is None
+    assert "| x less than LASER | x less than LASER's full sweep (est.) |" in out
+    assert (f"x less than LASER's full sweep (est.): the time LASER's sweep of every matrix (all layers and types, "
+            f"K=1, on the validation split) over the C2I search's ρ grid would take here, estimated from the cache's "
+            f"timings as Explore estimates a run (one full evaluation of that split about {unit:.1f} s, from {basis})") \
+        in out
     assert f"| L{b['layer']}.{b['type']} K={b['k']} rho={b['rho']:g} | {b['accuracy']:.3f} (calib) | " in out
     assert f"| {c['time_s']:.1f} (of which gradient + SVD {c2i['spectra_s']:.1f}) |" in out
 
