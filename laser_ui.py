@@ -1718,7 +1718,7 @@ def render_searches(lm, splits) -> None:
         "less_than_laser": number("× less than LASER", format="%.1f×", help=(
             "The time of the largest LASER sweep here (named below the table) divided by this search's (each on its "
             "own split: LASER on validation, C2I on calibration)")),
-        "less_than_full_laser": number("× less than LASER's full sweep (est.)", format="%.1f×", help=(
+        "less_than_full_laser": number("× less than full LASER (est.)", format="%.1f×", help=(
             "The time LASER's sweep of every matrix over this search's ρ grid would take here, estimated from the "
             "cache's timings (as Explore estimates a run), divided by this search's")),
         "best_on_split": number("best on its split", format="%.3f",
@@ -1729,7 +1729,7 @@ def render_searches(lm, splits) -> None:
     st.caption("Each search's best edit on held-out test, paired with the base model on the same questions. A "
                "search of other settings on this model and task is listed once it has run (Explore, or the CLI's "
                "search and laser)." + (f" × less than LASER: {beside}." if (beside := beside_laser_text(rows)) else "")
-               + (f" × less than LASER's full sweep (est.): {text}." if (text := full_sweep_text(rows, full)) else ""))
+               + (f" × less than full LASER (est.): {text}." if (text := full_sweep_text(rows, full)) else ""))
     render_open_search(lm, splits, reports, rows)
 
 

@@ -207,7 +207,7 @@ def _cmd_searches(args) -> int:
     print(f"{len(rows)} search{'es' * (len(rows) != 1)} in the cache for this model on {splits.task.name} ({sizes}):")
     print(searches_markdown(rows))
     notes = {"x less than LASER": beside_laser_text(rows),
-             "x less than LASER's full sweep (est.)": full_sweep_text(rows, full)}
+             "x less than full LASER (est.)": full_sweep_text(rows, full)}
     print("time: what each search takes from scratch, as its parts took when they ran (a rerun from the cache keeps "
           "them): its candidates' evaluations and, for C2I, the gradient step and SVDs behind its scores"
           + "".join(f"; {name}: {text}" for name, text in notes.items() if text))

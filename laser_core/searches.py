@@ -139,7 +139,7 @@ def beside_laser_text(rows: list[dict]) -> str:
 
 
 def full_sweep_text(rows: list[dict], full_sweep: FullSweep | None) -> str:
-    """What the "x less than LASER's full sweep (est.)" of :func:`search_rows` is, in words, with the unit of the
+    """What the "x less than full LASER (est.)" of :func:`search_rows` is, in words, with the unit of the
     estimate and where it comes from; "" where no row has one."""
     r = next((r for r in rows if r["less_than_full_laser"] is not None), None)
     if r is None or full_sweep is None:
@@ -171,7 +171,7 @@ def searches_markdown(rows: list[dict]) -> str:
     laser = beside_laser(rows)
     full = any(r["less_than_full_laser"] is not None for r in rows)
     header = ["#", "method", "settings", "candidates", "time (s)", *["x less than LASER"] * laser,
-              *["x less than LASER's full sweep (est.)"] * full, "best", "best on its split", "held-out",
+              *["x less than full LASER (est.)"] * full, "best", "best on its split", "held-out",
               "change from the base (95% CI, p)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows):

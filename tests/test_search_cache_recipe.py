@@ -898,8 +898,8 @@ def test_searches_lists_this_splits_c2i_searches_and_laser_sweeps_side_by_side(t
     unit, basis = full_sweep_unit(lm, splits, Store(cache))
     assert c["less_than_full_laser"] == pytest.approx(full_sweep_seconds(lm, splits, (0.5, 0.1), unit) / c["time_s"])
     assert sweep["less_than_full_laser"] is None
-    assert "| x less than LASER | x less than LASER's full sweep (est.) |" in out
-    assert (f"x less than LASER's full sweep (est.): the time LASER's sweep of every matrix (all layers and types, "
+    assert "| x less than LASER | x less than full LASER (est.) |" in out
+    assert (f"x less than full LASER (est.): the time LASER's sweep of every matrix (all layers and types, "
             f"K=1, on the validation split) over the C2I search's ρ grid would take here, estimated from the cache's "
             f"timings as Explore estimates a run (one full evaluation of that split about {unit:.1f} s, from {basis})") \
         in out
