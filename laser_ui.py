@@ -950,8 +950,8 @@ def scores_cost_text(lm, splits, ks, grouping: str) -> str:
     grad, grad_from, svd, svd_from = spectra_time(lm, splits, store(), ks, grouping)
     if grad is None:
         return text + "."
-    return f"{text}. About {human_seconds(grad + (svd or 0.0))} here: " + \
-        spectra_words(grad, grad_from, svd, svd_from, ks).removeprefix("including, not cached yet, ") + "."
+    words = spectra_words(grad, grad_from, svd, svd_from, ks)
+    return f"{text}. About {human_seconds(grad + (svd or 0.0))} here: {words}."
 
 
 def score_ks(score: str) -> tuple[int, ...]:
@@ -1683,7 +1683,8 @@ def cached_searches(lm, splits) -> list[dict]:
 def searches_frame(lm, rows: list[dict]) -> pd.DataFrame:
     """Searches side by side (``searches.search_rows``), numbered from 1, the best edit as :func:`edit_short` and its
     paired change from the base as :func:`candidates_frame`'s columns; the "less than LASER" column only where a C2I
-    search is compared with a sweep (``searches.beside_laser``), the gradient + SVD column only with a C2I search."""
+    search is compared with a sweep (``searches.beside_laser``), the "less than full LASER" one only where a full
+    sweep could be estimated, the gradient + SVD column only with a C2I search."""
     from laser_core.searches import beside_laser
     df = pd.DataFrame([{"#": i + 1, **{k: v for k, v in r.items() if k not in ("change", "config")},
                         "best": edit_short(lm, r["best"]) if r["best"] else ""} for i, r in enumerate(rows)])

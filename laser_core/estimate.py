@@ -20,7 +20,7 @@ from .candidates import cached_results, doc_edit, edit_identity, merit
 from .config import Edit, SearchConfig
 from .models import LoadedModel
 from .prefix_states import prefix_reuse_applies
-from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_needed, spectra_time
+from .scores import c2i_plan, cached_spectra, laser_plan, score_table, spectra_ks, spectra_needed, spectra_time
 from .search import SEARCH_SPLIT
 from .stacking import AUTO_STACK, stack_size
 from .store import Store
@@ -111,8 +111,8 @@ def _candidates_seconds(lm: LoadedModel, plan: list[Edit | None], full: float, r
                         done: set) -> tuple[float, int, int]:
     """(seconds, cached, same ranks) of a plan's candidates at ``full`` seconds a full evaluation: each not in
     ``done`` (the cache) nor a copy of another rho with the same ranks runs its share of the blocks (None: a
-    matrix not known yet, all of them), and each layer edited adds, once, the forward that builds the hidden
-    states entering it (once per search: a forward up to that layer)."""
+    matrix not known yet, all of them), and each layer edited adds, once per search, the forward up to it that
+    builds the hidden states entering it."""
     seconds, cached, same, seen, layers = 0.0, 0, 0, set(), set()
     for edit in plan:
         layer = None  # unknown: a full evaluation
@@ -165,7 +165,8 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
     if found is None:
         return None
     full, basis, as_run = found  # as_run False: timed one at a time for a search that stacks (or the other way)
-    spectra = cached_spectra(lm, splits, store, **spectra_needed(cfg)) if cfg.method == "c2i" else None
+    needed = spectra_needed(cfg)
+    spectra = cached_spectra(lm, splits, store, **needed) if cfg.method == "c2i" else None
     if cfg.method == "laser":
         plan: list[Edit | None] = [e for e, _ in laser_plan(lm, cfg)]
     elif spectra is not None:
@@ -187,9 +188,11 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
         seconds += test  # the best candidate on it
     note = ""
     if cfg.method == "c2i" and spectra is None:
-        grad, grad_from, svd, svd_from = spectra_time(lm, splits, store, **spectra_needed(cfg))
+        grad, grad_from, svd, svd_from = spectra_time(lm, splits, store, **needed)
         seconds += (grad or 0.0) + (svd or 0.0)
-        note = spectra_words(grad, grad_from, svd, svd_from, spectra_needed(cfg)["ks"])
+        words = spectra_words(grad, grad_from, svd, svd_from, needed["ks"])
+        note = f"including, not cached yet, {words}" if words else \
+            "plus the gradient step and the SVDs, not cached yet (neither timed on this model yet)"
     return SearchEstimate(seconds, len(plan), len(plan) - cached - same, cached, same, full, basis,
                           spectra_note=note, scores_cached=cfg.method == "laser" or spectra is not None,
                           upper_bound=cfg.early_stop or (cfg.method == "c2i" and spectra is None)
@@ -197,16 +200,15 @@ def estimate_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: S
 
 
 def spectra_words(grad: float | None, grad_from: str, svd: float | None, svd_from: str, ks) -> str:
-    """What an estimate counts of a gradient step and SVDs still to compute (:func:`~laser_core.scores.spectra_time`'s
-    figures), in words: 'including, not cached yet, the gradient step (about 17 s, as on this calibration split) and
-    the SVDs (about 11 s, as on fever)'."""
+    """A gradient step and SVDs still to compute, priced by :func:`~laser_core.scores.spectra_time`'s figures, in
+    words: 'the gradient step (about 17 s, as on this calibration split) and the SVDs (about 11 s, as on fever)';
+    "" where the gradient step was never timed on the model (then neither were the SVDs)."""
     if grad is None:
-        return "plus the gradient step and the SVDs, not cached yet (neither timed on this model yet)"
+        return ""
     step = f"the gradient step (about {human_seconds(grad)}, as on {grad_from})"
     if svd is None:
-        return (f"including, not cached yet, {step}; plus the SVDs for K {','.join(map(str, sorted(set(ks) | {1})))}, "
-                "not timed on this model yet")
-    return f"including, not cached yet, {step} and the SVDs (about {human_seconds(svd)}, as on {svd_from})"
+        return f"{step}; plus the SVDs for K {','.join(map(str, spectra_ks(ks)))}, not timed on this model yet"
+    return f"{step} and the SVDs (about {human_seconds(svd)}, as on {svd_from})"
 
 
 def human_seconds(s: float) -> str:

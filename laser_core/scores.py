@@ -23,8 +23,13 @@ def spectra_needed(cfg: SearchConfig) -> dict:
     return {"ks": cfg.ks, "grouping": cfg.grouping} if cfg.score == "first_order" else {"ks": (1,)}
 
 
+def spectra_ks(ks) -> list[int]:
+    """The K that spectra for ``ks`` hold: each once, in order, with K=1 (which every score reads) always among them."""
+    return sorted(set(ks) | {1})
+
+
 def _spectra_ident(splits: Splits, ks, grouping: str) -> dict:
-    ks = sorted(set(ks) | {1})
+    ks = spectra_ks(ks)
     blocks = {"grouping": grouping} if grouping != CONTIGUOUS and max(ks) > 1 else {}  # K = 1: one block, any way
     return {"calib": splits.key("calib"), "ks": ks, **blocks}
 
@@ -96,7 +101,7 @@ def _spectra_of(lm: LoadedModel, cached: dict | None, ks) -> tuple[dict[str, Mat
     """:func:`cached_spectra` from the tensors of its cache entry (None: no entry, or one lacking these K)."""
     if cached is None or "loss" not in cached:
         return None
-    ks = sorted(set(ks) | {1})
+    ks = spectra_ks(ks)
     spectra = {}
     for r in lm.matrices:
         kk = [k for k in ks if k <= r.shape[0]]
@@ -132,7 +137,7 @@ def load_spectra(lm: LoadedModel, splits: Splits, store: Store, ks=(1,), cancel:
                 _record_spectra_time(store, lm, splits, ks, grouping, cached["seconds"].tolist())
         emit(progress, phase="scores", done=1, total=1, message="scores read from cache")
         return found
-    ks = sorted(set(ks) | {1})
+    ks = spectra_ks(ks)
     t0 = time.perf_counter()
     emit(progress, phase="gradients", done=0, total=1, message="forward+backward on the calibration split")
     grads, loss = calibration_gradients(
