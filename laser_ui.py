@@ -1167,7 +1167,8 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
     labels = {candidate_label(d): d for d in best_of}
     if split in SEARCH_SPLIT.values():  # choosing on held-out test would spend the split that checks the choice
         render_greedy(lm, splits, docs, chosen, labels)
-    picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick")
+    picked = st.multiselect("Apply together with (each matrix's best candidate)", list(labels), key="combine_pick",
+                            persist_state="session")  # as left on coming back from another page
     if not picked:
         return None
     try:
@@ -1219,7 +1220,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
         if cap is None or cap > len(pool) or cap == st.session_state.get("greedy_pool"):
             st.session_state["greedy_max"] = len(pool)  # "all" of another candidate's pool stays all; a cap, at most all
         st.session_state["greedy_pool"] = len(pool)
-        limit = int(st.number_input("Edits to try at most", 1, len(pool), key="greedy_max",
+        limit = int(st.number_input("Edits to try at most", 1, len(pool), key="greedy_max", persist_state="session",
                                     help="The best alone are tried first; each try evaluates the edits together on "
                                          f"the {words} split"))
     job = session_job("combine", lm, splits)

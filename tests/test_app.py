@@ -1442,6 +1442,27 @@ def test_export_shows_a_composition_found_before_from_the_cache_and_caps_the_edi
     assert fresh.number_input(key="greedy_max").value == len(pool) + 1
 
 
+def test_export_keeps_the_greedy_cap_and_the_edits_picked_to_combine_on_coming_back(app_env, searched):
+    """Leaving Export dropped both boxes (Streamlit forgets a widget not drawn): the cap went back to all, which
+    hid a composition found with the cap and offered to try them all; the edits picked were gone."""
+    from laser_core import SearchConfig, Store, run_search
+    lm, _, splits = app_model(app_env)
+    run_search(lm, splits, SearchConfig(q=6, ks=(1,), rhos=(0.5, 0.1)), Store())  # more matrices to add from
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/5_Export.py").run()
+    assert at.number_input(key="greedy_max").value >= 2
+    at.number_input(key="greedy_max").set_value(1).run()
+    options = at.multiselect(key="combine_pick").options
+    want = [o for o in options if o not in at.multiselect(key="combine_pick").value][-1:]  # not greedy's pick
+    at.multiselect(key="combine_pick").set_value(want).run()
+    at.switch_page("pages/4_Results.py").run()  # a page without these widgets
+    at.switch_page("pages/5_Export.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.number_input(key="greedy_max").value, at.multiselect(key="combine_pick").value) == (1, want)
+    assert want and any(b.label.startswith("Find edits to add, greedily on the calibration split (1 to try, ")
+                        for b in at.button)
+
+
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     from laser_core import Edit
     from laser_core.candidates import evaluate_edits
