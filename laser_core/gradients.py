@@ -62,6 +62,15 @@ def loss_backward(lm: LoadedModel, examples: Sequence[Example], max_tokens: int 
     return total
 
 
+def gradient_tokens(lm: LoadedModel, examples: Sequence[Example], max_tokens: int = GRADIENT_TOKENS) -> int:
+    """The tokens :func:`loss_backward` runs for ``examples``: each batch's rows times its width, plus the shared
+    lead that each batch runs again. Its time follows these more than the number of examples (100 calibration
+    examples of truthful_qa hold about 5 times FEVER's tokens, qa_wikidata's a quarter): what prices the gradient
+    step of one task from another's."""
+    seqs, _, lead, batches = rows_and_batches(lm, examples, max_tokens, gold_only=True)
+    return sum(len(idx) * max(len(seqs[i].ids) for i in idx) + len(lead) for idx in batches)
+
+
 def singular_value_gradients(u: torch.Tensor, grad: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """``g_i = u_i^T G v_i`` for every singular triplet: the gradient of the loss w.r.t. each sigma_i.
 

@@ -118,9 +118,11 @@ def test_durations_read_as_people_say_them():
 
 def test_a_c2i_search_whose_scores_are_not_cached_counts_the_gradient_step_and_svds_as_they_took_before(
         llama_splits, store):
-    """The gradient step scales with the calibration examples (another split or task of the model: scaled by their
-    number); the SVDs, which depend on the weights alone, come from spectra of the same K on any split. Spectra
-    cached before their time was listed get it listed when next read."""
+    """The gradient step scales with the tokens it runs (another split or task of the model: scaled by theirs, from
+    the one nearest in tokens; timed before tokens were listed: by the number of examples); the SVDs, which depend
+    on the weights alone, come from spectra of the same K on any split. Spectra cached before their time (or its
+    tokens) was listed get it listed when next read."""
+    from laser_core.gradients import gradient_tokens
     from laser_core.scores import SPECTRA_TIME, load_spectra, spectra_time
     lm, splits = llama_splits
     evaluate_candidate(lm, None, splits, "calib", store)
@@ -130,23 +132,36 @@ def test_a_c2i_search_whose_scores_are_not_cached_counts_the_gradient_step_and_s
     load_spectra(lm, splits, store)  # K = 1, what the paper score needs
     (key, doc), = store.iter_json(f"{SPECTRA_TIME}/{lm.fingerprint}/")
     assert doc["gradients"] > 0 and doc["svd"] > 0 and doc["examples"] == len(splits.calib) == 20
+    assert doc["tokens"] == gradient_tokens(lm, splits.examples("calib")) > 20
     store.put_json(key, {**doc, "gradients": 40.0, "svd": 7.0})
     assert spectra_time(lm, splits, store) == (40.0, "this calibration split", 7.0, "this task")
     ts = dataclasses.replace(splits.spec, n_calib=10, seed=1)
     other = make_splits(load_task(ts), ts)
+    here = gradient_tokens(lm, other.examples("calib"))
+    assert here != doc["tokens"] * 10 / 20  # else scaling by tokens could not be told from scaling by examples
     evaluate_candidate(lm, None, other, "calib", store)
     est = estimate_search(lm, other, SMALL, store)
     bare = estimate_search(lm, other, SMALL, null_timing(store))
-    assert est.seconds == pytest.approx(bare.seconds + 40.0 * 10 / 20 + 7.0)
-    assert est.summary().endswith("including, not cached yet, the gradient step (about 20 s, as on another split "
-                                  "of this task, scaled to 10 examples) and the SVDs (about 7 s, as on this task)")
+    step = 40.0 * here / doc["tokens"]
+    assert est.seconds == pytest.approx(bare.seconds + step + 7.0)
+    said = f"another split of this task, scaled by tokens ({doc['tokens']:,} there, {here:,} here)"
+    assert est.summary().endswith(f"including, not cached yet, the gradient step (about {step:.0f} s, as on {said}) "
+                                  "and the SVDs (about 7 s, as on this task)")
     first_order = estimate_search(lm, other, dataclasses.replace(SMALL, score="first_order"), store)
-    assert first_order.summary().endswith("including, not cached yet, the gradient step (about 20 s, as on another "
-                                          "split of this task, scaled to 10 examples); plus the SVDs for K 1,2, not "
-                                          "timed on this model yet")
+    assert first_order.summary().endswith(f"including, not cached yet, the gradient step (about {step:.0f} s, as on "
+                                          f"{said}); plus the SVDs for K 1,2, not timed on this model yet")
+    far = {**doc, "calib": {**doc["calib"], "ids": "elsewhere"}, "gradients": 999.0, "tokens": here * 50, "when": 2e9}
+    store.put_json(key + "-far", far)  # timed later, but on 50 times the tokens: the nearer one prices it
+    assert spectra_time(lm, other, store)[0] == pytest.approx(step)
+    store.delete(key + "-far")
+    store.put_json(key, {k: v for k, v in doc.items() if k != "tokens"} | {"gradients": 40.0})  # listed before tokens
+    assert spectra_time(lm, other, store)[:2] == (pytest.approx(40.0 * 10 / 20),
+                                                   "another split of this task, scaled to 10 examples")
+    load_spectra(lm, splits, store)  # read from the cache: listed again, with the tokens and the time they took
+    assert (store.get_json(key)["tokens"], store.get_json(key)["gradients"]) == (doc["tokens"], doc["gradients"])
     store.delete(key)  # as spectra cached before their time was listed
     assert spectra_time(lm, splits, store)[0] is None
-    load_spectra(lm, splits, store)  # read from the cache
+    load_spectra(lm, splits, store)
     assert spectra_time(lm, splits, store)[0] == pytest.approx(doc["gradients"])
 
 
