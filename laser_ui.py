@@ -1432,6 +1432,20 @@ def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str 
     return effects_metrics(rows)  # those measured so far (a task whose base alone is cached has no change yet)
 
 
+def shortfall(doc: dict, base: dict | None) -> str | None:
+    """Where the candidate result ``doc`` does not beat the base model's ``base`` on their split (accuracy, then
+    log-loss, as a search ranks them), by how much, in words: "accuracy 0.160 against the base model's 0.200"; else
+    None. Explore and Export warn with it: before, Explore headed such a result "Best candidate" with nothing but red
+    deltas, and Export offered its recipe without a word (the CLI said "does not beat the base model")."""
+    from laser_core.candidates import better
+    if base is None or better(doc, base):
+        return None
+    text = f"accuracy {doc['accuracy']:.3f} against the base model's {base['accuracy']:.3f}"
+    if doc["accuracy"] == base["accuracy"]:
+        text += f", log-loss {doc['log_loss']:.4f} against {base['log_loss']:.4f}"
+    return text
+
+
 def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, held_out: bool = True) -> None:
     """Two evaluations' accuracies in ``cols[0]`` and ``cols[1]``, the second with its change from the first; each
     metric's help gives its log-loss (the search's tie-breaker). For two ``held_out`` evaluations, a caption below
@@ -1846,6 +1860,11 @@ def render_search_report(report: dict, lm) -> None:
     m = st.columns(4)
     split = report["search_split"]
     render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b, held_out=False)
+    if short := shortfall(b, report["base"]):
+        from laser_core.estimate import SPLIT_WORDS
+        st.warning(f"No candidate of this search beats the base model on the {SPLIT_WORDS.get(split, split)} split "
+                   f"(the best: {short}). Keep the base model, or search wider: a larger q, other K or ρ, or a "
+                   "LASER sweep.")
     if report.get("best_test"):
         render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
                              report["best_test"])

@@ -8,6 +8,7 @@ import laser_ui as ui
 from laser_core import LaserError, SearchConfig, edited
 from laser_core.candidates import doc_edit
 from laser_core.cli_args import command_defaults
+from laser_core.estimate import SPLIT_WORDS
 from laser_core.recipe import make_recipe, recipe_metrics
 from laser_core.saving import recipe_text, save_model_atomic
 from laser_core.search import SEARCH_SPLIT
@@ -31,6 +32,9 @@ d = options[choice]
 ui.keep_export_pick(report, d)  # the pick stays on coming back, while Explore shows the same search
 edit = doc_edit(d)
 base = ui.cached_result(lm, splits, d["split"])
+if short := ui.shortfall(d, base):
+    st.warning(f"This candidate does not beat the base model on the {SPLIT_WORDS[d['split']]} split ({short}): "
+               "applied, its recipe makes the model worse there.")
 wanted = {"base_test": (None, "test"), "edited_test": (edit, "test")}
 tests = ui.results_of("export_test", lm, splits, wanted)  # from the cache, or the finished job's own results
 method = next((m for m, s in SEARCH_SPLIT.items() if s == d["split"]), None)

@@ -1463,6 +1463,46 @@ def test_export_keeps_the_greedy_cap_and_the_edits_picked_to_combine_on_coming_b
                         for b in at.button)
 
 
+def test_explore_and_export_warn_where_the_best_candidate_does_not_beat_the_base_model(app_env, searched):
+    """Explore headed a search whose every candidate scored below the base "Best candidate" with only red deltas,
+    and Export offered its recipe without a word (the CLI said "does not beat the base model")."""
+    import laser_ui
+    from laser_core import SearchConfig, Store, run_search
+    from laser_core.candidates import better
+    lm, _, splits = app_model(app_env)
+    report = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store()).to_dict()  # cached
+    base = report["base"]
+
+    def explore_warnings(**best) -> list[str]:
+        shown = {**report, "best": {**report["best"], **best}}  # the session's last search; settings of none cached
+        at = page_as("pages/3_Explore.py", "Explore", last_report=shown, q=1, rhos=[0.9])
+        assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
+        return [w.value for w in at.warning]
+    below = base["accuracy"] - 0.1
+    assert explore_warnings(accuracy=below) == [
+        f"No candidate of this search beats the base model on the calibration split (the best: accuracy {below:.3f} "
+        f"against the base model's {base['accuracy']:.3f}). Keep the base model, or search wider: a larger q, other "
+        "K or ρ, or a LASER sweep."]
+    tied = explore_warnings(accuracy=base["accuracy"], log_loss=base["log_loss"] + 1)  # ranked by log-loss then
+    assert len(tied) == 1 and f"log-loss {base['log_loss'] + 1:.4f} against {base['log_loss']:.4f})" in tied[0]
+    assert explore_warnings(accuracy=base["accuracy"] + 0.1) == []
+    at = page("pages/5_Export.py")
+    pick = at.selectbox(key="export_pick")
+    docs = {laser_ui.candidate_label(d): d for d in laser_ui.cached_results(lm, splits) if d["name"]}
+    seen = set()
+    for i, label in enumerate(pick.options):
+        d = docs[pick.format_func(label) if isinstance(label, int) else label]
+        if d["split"] != "calib":
+            continue
+        at.selectbox(key="export_pick").set_value(i).run()
+        warned = [w.value for w in at.warning if "does not beat the base model" in w.value]
+        seen.add(better(d, base))
+        assert warned == ([] if better(d, base) else [
+            f"This candidate does not beat the base model on the calibration split ({laser_ui.shortfall(d, base)}): "
+            "applied, its recipe makes the model worse there."]), laser_ui.candidate_label(d)
+    assert seen == {True, False}  # both kinds were checked
+
+
 def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     from laser_core import Edit
     from laser_core.candidates import evaluate_edits
