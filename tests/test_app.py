@@ -989,6 +989,18 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     shown = metrics(at)
     assert shown["This edit (calib)"] == f"{calib.accuracy:.3f}"
     assert shown["This edit (held-out test)"] == f"{test.accuracy:.3f}"
+    base = evaluate(lm, splits.examples("calib")).log_loss
+    measured = f"Calibration log-loss {base:.4f} → {calib.log_loss:.4f} ({calib.log_loss - base:+.4f}"
+    assert any(c.value.startswith(measured) for c in at.caption)
+    import laser_ui
+    from laser_core.config import PAPER_KS
+    from laser_core.gradients import first_order_gain
+    from laser_core.scores import load_spectra
+    spectra, _ = load_spectra(lm, splits, laser_ui.store(), PAPER_KS)  # the scores: the prediction beside it
+    at.run()
+    predicted = -first_order_gain(spectra[name], 2, 0.25)
+    assert f"{measured}; predicted {predicted:+.4f} to first order: a linear estimate, looser the more of the " \
+           "spectrum a reduction drops)." in [c.value for c in at.caption]
     base_test = evaluate(lm, splits.examples("test"))
     change = paired_change(base_test.correct, test.correct)  # held-out only: calibration gets no such verdict
     assert [c.value for c in at.caption if "held-out questions" in c.value] == [
