@@ -992,13 +992,15 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     base = evaluate(lm, splits.examples("calib")).log_loss
     measured = f"Calibration log-loss {base:.4f} → {calib.log_loss:.4f} ({calib.log_loss - base:+.4f}"
     assert any(c.value.startswith(measured) for c in at.caption)
-    import laser_ui
     from laser_core.config import PAPER_KS
     from laser_core.gradients import first_order_gain
     from laser_core.scores import load_spectra
-    spectra, _ = load_spectra(lm, splits, laser_ui.store(), PAPER_KS)  # the scores: the prediction beside it
-    at.run()
-    predicted = -first_order_gain(spectra[name], 2, 0.25)
+    from laser_core.store import null_store
+    spectra = load_spectra(lm, splits, null_store(), PAPER_KS)
+    with pytest.MonkeyPatch.context() as mp:  # scores cached: the prediction beside it (not cached for the tests after)
+        mp.setattr("laser_core.scores.cached_spectra", lambda *a, **k: spectra)
+        at.run()
+    predicted = -first_order_gain(spectra[0][name], 2, 0.25)
     assert f"{measured}; predicted {predicted:+.4f} to first order: a linear estimate, looser the more of the " \
            "spectrum a reduction drops)." in [c.value for c in at.caption]
     base_test = evaluate(lm, splits.examples("test"))
