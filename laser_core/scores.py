@@ -88,7 +88,7 @@ def spectra_time(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
         where = "another split of this task" if grad["digest"] == splits.task.digest else grad["task"]
         if "tokens" in grad:
             grad_s = grad["gradients"] * tokens / max(1, grad["tokens"])
-            grad_from = f"{where}, scaled by tokens ({grad['tokens']:,} there, {tokens:,} here)"
+            grad_from = f"{where}, scaled by tokens: {grad['tokens']:,} there, {tokens:,} here"
         else:
             grad_s = grad["gradients"] * len(splits.calib) / max(1, grad["examples"])
             grad_from = f"{where}, scaled to {len(splits.calib)} examples"

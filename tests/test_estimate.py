@@ -144,7 +144,7 @@ def test_a_c2i_search_whose_scores_are_not_cached_counts_the_gradient_step_and_s
     bare = estimate_search(lm, other, SMALL, null_timing(store))
     step = 40.0 * here / doc["tokens"]
     assert est.seconds == pytest.approx(bare.seconds + step + 7.0)
-    said = f"another split of this task, scaled by tokens ({doc['tokens']:,} there, {here:,} here)"
+    said = f"another split of this task, scaled by tokens: {doc['tokens']:,} there, {here:,} here"
     assert est.summary().endswith(f"including, not cached yet, the gradient step (about {step:.0f} s, as on {said}) "
                                   "and the SVDs (about 7 s, as on this task)")
     first_order = estimate_search(lm, other, dataclasses.replace(SMALL, score="first_order"), store)
