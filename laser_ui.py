@@ -453,7 +453,7 @@ def render_setup_form() -> None:
             s3.number_input("validation", 1, 20000, None, key="n_val", placeholder="20%",
                             help="LASER's search split; blank: 20% of the task")
             s4.number_input("seed", 0, 10**6, key="seed", help="shuffles the task before it is split")
-            g0, g1, g2, g3 = st.columns([2, 2, 2, 3], vertical_alignment="bottom")
+            g0, g1, g2 = st.columns([2, 2, 3], vertical_alignment="bottom")  # room for "contains" whole
             g0.number_input("few-shot", 0, 64, key="shots",
                             help="solved examples before every prompt, drawn with the seed and kept out of every split "
                                  "(a BIG-bench file's separated as it says); 0: zero-shot, as LASER and the paper")
@@ -464,7 +464,7 @@ def render_setup_form() -> None:
                 g2.selectbox("Answer match", list(MATCH_RULES), key="match",
                              help="generation tasks: when an answer is right. " + MATCH_HELP)
             if task_kind != "bundled":
-                g3.checkbox("Answers count from 1", key="answer_base",
+                st.checkbox("Answers count from 1", key="answer_base",
                             help="the answer column gives the first choice as 1 (Winogrande, Social IQa); a choice's "
                                  "text or label is read as it is")
         if st.form_submit_button("Load model and task", type="primary"):
