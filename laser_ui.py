@@ -1153,8 +1153,8 @@ def loss_change_text(base: float, edited: float, predicted: float | None) -> str
     text = f"Calibration log-loss {base:.4f} → {edited:.4f} ({edited - base:+.4f}"
     if predicted is None:
         return text + ")."
-    return text + f"; predicted {predicted:+.4f} to first order: a linear estimate, looser the more of the spectrum a " \
-                  "reduction drops)."
+    return text + (f"; predicted {predicted:+.4f} to first order: a linear estimate, looser the more of the "
+                   "spectrum a reduction drops).")
 
 
 def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list, dict] | None:
