@@ -60,7 +60,8 @@ with right:
     st.subheader(f"Top {q}")
     top = pd.DataFrame([{"rank": r["rank"] + 1, "layer": r["layer"], "type": r["type"], "score": r["score"],
                          "name": r["name"]} for r in ranked[:q]])
-    sel = st.dataframe(top, hide_index=True, on_select="rerun", selection_mode="single-row", key="top_table")
+    sel = st.dataframe(top.drop(columns="name"), hide_index=True, on_select="rerun", selection_mode="single-row",
+                       key="top_table")  # the name, cut short in this column, is the Matrix box's below
     choose(top.iloc[sel.selection.rows[0]]["name"] if sel.selection.rows else None, "table")
     st.selectbox("Matrix", names, key="matrix_pick")
     st.session_state["selected_matrix"] = st.session_state["matrix_pick"]
