@@ -1145,6 +1145,13 @@ def render_one_candidate(lm, splits) -> None:
     live_job("one", lm, splits)
 
 
+def rho_ticks(rhos) -> dict:
+    """A log-scale ρ axis labelled at the ρ values it shows (slanted where there are many), for Results' accuracy vs ρ
+    chart: ticks at each decade alone left a grid within one decade (0.5, 0.1) with one label."""
+    vals = sorted(set(float(r) for r in rhos))
+    return {"tickvals": vals, "ticktext": [f"{v:g}" for v in vals], "tickangle": -45 if len(vals) > 4 else 0}
+
+
 def loss_change_text(base: float, edited: float, predicted: float | None) -> str:
     """One candidate's calibration log-loss, base to edited, beside the first-order prediction made before it was
     evaluated: the prediction is linear in the singular values dropped, and a reduction that drops most of a

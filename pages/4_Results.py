@@ -64,7 +64,7 @@ with c1:
                                "the end: one stopped early counts only the examples it saw)")
     sub = df[df["name"] == matrix].sort_values(["k", "rho"])  # the legend in K order, each line in ρ order
     fig = px.line(sub, x="rho", y="accuracy", color=ui.k_column(sub), markers=True, log_x=True,
-                  labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(dtick=1)  # 0.01, 0.1, 1
+                  labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(**ui.rho_ticks(sub["rho"]))
     if base:
         fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
     st.plotly_chart(fig, key="acc_vs_rho")

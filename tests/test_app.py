@@ -1164,6 +1164,11 @@ def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, sear
     assert set(at.selectbox(key="res_matrix").options) == set(table["name"])
     titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") for c in at.get("plotly_chart")]
     assert f"{table.iloc[0]['name']} (best {table.iloc[0]['accuracy']:.3f})" in titles  # its best, in its chart
+    (rho_axis,) = [json.loads(c.proto.spec)["layout"]["xaxis"] for c in at.get("plotly_chart")
+                   if json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "").endswith(")")
+                   and json.loads(c.proto.spec)["layout"]["xaxis"].get("type") == "log"]
+    rhos = sorted(set(table[table["name"] == table.iloc[0]["name"]]["rho"]))  # searched 0.5 and 0.1: one decade
+    assert (rho_axis["tickvals"], rho_axis["ticktext"]) == (rhos, [f"{r:g}" for r in rhos])  # each labelled
     assert table["accuracy"].is_monotonic_decreasing
     at.selectbox(key="cmp_b").set_value(at.selectbox(key="cmp_b").options[-1])  # the worst: some answers flip
     click(at, "Compare on held-out test")
