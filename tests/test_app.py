@@ -68,9 +68,16 @@ def searched(app_env):
     run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store())
 
 
+TITLES = {"pages/1_Model_and_task.py": "Model & task", "pages/2_Layer_scores.py": "Layer scores",
+          "pages/3_Explore.py": "Explore", "pages/4_Results.py": "Results", "pages/5_Export.py": "Export"}  # app.py's
+
+
 def page(name: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-    at.run()
+    """A new session of page ``name``, named as app.py names it (the sidebar leaves the page's own jobs to it); of
+    app.py itself, which names the page it runs."""
+    if name in TITLES:
+        return page_as(name, TITLES[name])
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -1269,7 +1276,7 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     others = [str(write_mc_jsonl(tmp_path / f"{name}.jsonl", 500, seed=i + 1)) for i, name in enumerate("ab")]
     small = str(write_mc_jsonl(tmp_path / "small.jsonl", 60))  # too few for the session's 100 calibration examples
     monkeypatch.setattr(other_tasks, "BUNDLED", dict.fromkeys([app_env["LASER_LAB_DEFAULT_TASK"], *others, small]))
-    at = page_as("pages/5_Export.py", "Export")  # named as app.py names it: the sidebar leaves Export's jobs to it
+    at = page("pages/5_Export.py")  # named as app.py names it: the sidebar leaves Export's jobs to it
     assert any(c.value.startswith(f"Left out, as they cannot be split with this session's sizes: {small} (task "
                                   "'small' has 60 distinct examples, too few for 100 calibration") for c in at.caption)
 
