@@ -42,13 +42,19 @@ def _spectra_key(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: st
 SPECTRA_TIME = "spectra_time"  # the key kind of what computing spectra took: a small JSON, listed per model
 
 
+def _listed_ident(splits: Splits, ks, grouping: str) -> dict:
+    """:func:`_spectra_ident` with the grouping always named, as :data:`SPECTRA_TIME` entries list it (the key leaves
+    it out where it changes nothing) for :func:`spectra_time` to match."""
+    ident = _spectra_ident(splits, ks, grouping)
+    return {**ident, "grouping": ident.get("grouping", CONTIGUOUS)}
+
+
 def _record_spectra_time(store: Store, lm: LoadedModel, splits: Splits, ks, grouping: str,
                          seconds: list[float]) -> None:
     """Keep what computing these spectra took where :func:`spectra_time` lists it for the model (the spectra's own
     entry is megabytes of tensors: too much to read for a number on every estimate)."""
-    ident = _spectra_ident(splits, ks, grouping)
     store.put_json(_spectra_key(store, lm, splits, ks, grouping, SPECTRA_TIME),
-                   {**ident, "grouping": ident.get("grouping", CONTIGUOUS), "gradients": seconds[0], "svd": seconds[1],
+                   {**_listed_ident(splits, ks, grouping), "gradients": seconds[0], "svd": seconds[1],
                     "examples": len(splits.calib), "tokens": gradient_tokens(lm, splits.examples("calib")),
                     "task": splits.task.name, "digest": splits.task.digest, "when": time.time()})
 
@@ -73,8 +79,7 @@ def spectra_time(lm: LoadedModel, splits: Splits, store: Store, ks=(1,),
     tokens, else (timed before the tokens were listed) by the number of examples. The SVDs depend on the weights,
     not the task: spectra of the same K and grouping on any task.
     """
-    want = _spectra_ident(splits, ks, grouping)
-    want["grouping"] = want.get("grouping", CONTIGUOUS)
+    want = _listed_ident(splits, ks, grouping)
     done = [d for _, d in store.iter_json(f"{SPECTRA_TIME}/{lm.fingerprint}/")]
     same = max((d for d in done if d["calib"] == want["calib"]), key=lambda d: d["when"], default=None)  # this task
     grad_s, grad_from = (None, "") if same is None else (same["gradients"], "this calibration split")
