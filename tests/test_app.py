@@ -76,16 +76,16 @@ def page(name: str) -> AppTest:
     """A new session of page ``name``, named as app.py names it (the sidebar leaves the page's own jobs to it); of
     app.py itself, which names the page it runs."""
     if name in TITLES:
-        return page_as(name, TITLES[name])
+        return page_as(name)
     at = AppTest.from_file(str(ROOT / name), default_timeout=120).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
 
-def page_as(name: str, title: str, **state) -> AppTest:
-    """A new session of page ``name`` run as app.py runs it (naming it ``title`` first), with ``state`` set."""
+def page_as(name: str, **state) -> AppTest:
+    """A new session of page ``name`` run as app.py runs it (naming it first, :data:`TITLES`), with ``state`` set."""
     at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-    at.session_state["_page"] = title
+    at.session_state["_page"] = TITLES[name]
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
@@ -187,10 +187,10 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
     from laser_core import TaskSpec
     task = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=8)))
 
-    def session(name: str, title: str, **state) -> AppTest:
-        return page_as(name, title, task_spec=task, **state)
+    def session(name: str, **state) -> AppTest:
+        return page_as(name, task_spec=task, **state)
     with held(monkeypatch, laser_core, "run_search", cancel=True):
-        at = session("pages/3_Explore.py", "Explore")
+        at = session("pages/3_Explore.py")
         click(at, "Run")
         job = laser_ui.job_manager().jobs[at.session_state["job_search"]]
         assert "Running: C2I search (below)" in [c.value for c in at.sidebar.caption]  # Explore draws it
@@ -198,7 +198,7 @@ def test_the_sidebar_draws_a_job_the_page_does_not_live_and_cancels_it_and_names
         other = page("pages/3_Explore.py")  # another browser session
         assert "Running for another session: C2I search. This device takes no other job until it ends." in \
             [c.value for c in other.sidebar.caption] and not other.sidebar.button
-        at = session("pages/4_Results.py", "Results", job_search=job.id)  # its page does not draw it: the sidebar
+        at = session("pages/4_Results.py", job_search=job.id)  # its page does not draw it: the sidebar
         assert at.sidebar.get("progress")[0].proto.text.startswith("C2I search — ")  # does, with Cancel
         assert "Its results show on Explore." in [c.value for c in at.sidebar.caption]
         next(b for b in at.sidebar.button if b.label == "Cancel").click().run()
@@ -244,24 +244,24 @@ def test_a_job_that_ends_away_from_its_page_is_reported_in_the_sidebar_until_its
     job.started, job.finished = job.started - 12.0, job.started  # ended before the pages below run
     laser_ui.job_manager().jobs[job.id] = job
 
-    def session(name: str, title: str, **state) -> AppTest:
-        return page_as(name, title, job_search=job.id, **state)
+    def session(name: str, **state) -> AppTest:
+        return page_as(name, job_search=job.id, **state)
 
     def said(at: AppTest) -> list[str]:
         return [e.value for e in at.sidebar.success] + [c.value for c in at.sidebar.caption if "results show" in c.value]
     try:
-        at = session("pages/4_Results.py", "Results")
+        at = session("pages/4_Results.py")
         assert said(at) == ["C2I search: finished in 12.0 s", "Its results show on Explore."]
         next(b for b in at.sidebar.button if b.label == "Dismiss").click().run()
         assert said(at) == [] and job.id in at.session_state["_jobs_seen"]
-        at = session("pages/5_Export.py", "Export")  # another session: not dismissed there
+        at = session("pages/5_Export.py")  # another session: not dismissed there
         assert said(at) == ["C2I search: finished in 12.0 s", "Its results show on Explore."]
-        at = session("pages/3_Explore.py", "Explore")  # its page shows it, the sidebar does not
+        at = session("pages/3_Explore.py")  # its page shows it, the sidebar does not
         assert "C2I search: finished in 12.0 s" in [e.value for e in at.success] and said(at) == []
-        at = session("pages/5_Export.py", "Export", _jobs_seen=at.session_state["_jobs_seen"])  # seen there
+        at = session("pages/5_Export.py", _jobs_seen=at.session_state["_jobs_seen"])  # seen there
         assert said(at) == []
         job.status, job.error = "error", "out of memory"  # a failed one says so
-        at = session("pages/1_Model_and_task.py", "Model & task")
+        at = session("pages/1_Model_and_task.py")
         assert [e.value for e in at.sidebar.error] == ["C2I search failed: out of memory"]
     finally:
         del laser_ui.job_manager().jobs[job.id]
@@ -1077,10 +1077,10 @@ def test_export_keeps_the_candidate_picked_on_coming_back_until_explore_shows_an
     label = at.selectbox(key="export_pick").options[2]
     shown, picked = at.session_state["_export_kept"]
     assert shown == laser_ui.candidate_id(None)  # no search on Explore in this session
-    back = page_as("pages/5_Export.py", "Export", _export_kept=(shown, picked))  # no widget state: as on coming back
+    back = page_as("pages/5_Export.py", _export_kept=(shown, picked))  # no widget state: as on coming back
     assert back.selectbox(key="export_pick").value == 2 and back.selectbox(key="export_pick").options[2] == label
     other = ("model.layers.0.mlp.up_proj.weight", 1, 0.5, "contiguous")  # Explore has shown another search since
-    assert page_as("pages/5_Export.py", "Export", _export_kept=(other, picked)).selectbox(key="export_pick").value == 0
+    assert page_as("pages/5_Export.py", _export_kept=(other, picked)).selectbox(key="export_pick").value == 0
 
 
 def test_explore_one_candidate_preselects_the_top_scored_matrix_when_layer_scores_chose_none(app_env, searched):
@@ -1502,7 +1502,7 @@ def test_explore_and_export_warn_where_the_best_candidate_does_not_beat_the_base
 
     def explore_warnings(**best) -> list[str]:
         shown = {**report, "best": {**report["best"], **best}}  # the session's last search; settings of none cached
-        at = page_as("pages/3_Explore.py", "Explore", last_report=shown, q=1, rhos=[0.9])
+        at = page_as("pages/3_Explore.py", last_report=shown, q=1, rhos=[0.9])
         assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
         return [w.value for w in at.warning]
     below = base["accuracy"] - 0.1
