@@ -724,10 +724,16 @@ def render_sidebar_status() -> None:
     render_sidebar_jobs()
 
 
+# The dashboard's pages, in order: file, title and icon (app.py's navigation; the sidebar names pages by title).
+PAGES = (("pages/1_Model_and_task.py", "Model & task", ":material/memory:"),
+         ("pages/2_Layer_scores.py", "Layer scores", ":material/grid_on:"),
+         ("pages/3_Explore.py", "Explore", ":material/science:"),
+         ("pages/4_Results.py", "Results", ":material/table_chart:"),
+         ("pages/5_Export.py", "Export", ":material/download:"))
+_MODEL, _SCORES, _EXPLORE, _RESULTS, _EXPORT = (title for _, title, _ in PAGES)
 # The page each kind of job shows on (its results, and its progress while it runs on that model and task).
-JOB_PAGES = {"baseline": "Model & task", "scores": "Layer scores", "search": "Explore", "one": "Explore",
-             "compare": "Results", "export_test": "Export", "other_tasks": "Export", "combine": "Export",
-             "recipe_test": "Export"}
+JOB_PAGES = {"baseline": _MODEL, "scores": _SCORES, "search": _EXPLORE, "one": _EXPLORE, "compare": _RESULTS,
+             "export_test": _EXPORT, "other_tasks": _EXPORT, "combine": _EXPORT, "recipe_test": _EXPORT}
 
 
 def _jobs_record() -> dict[str, set[str]]:

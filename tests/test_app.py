@@ -68,24 +68,25 @@ def searched(app_env):
     run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store())
 
 
-TITLES = {"pages/1_Model_and_task.py": "Model & task", "pages/2_Layer_scores.py": "Layer scores",
-          "pages/3_Explore.py": "Explore", "pages/4_Results.py": "Results", "pages/5_Export.py": "Export"}  # app.py's
-
-
-def page(name: str) -> AppTest:
-    """A new session of page ``name``, named as app.py names it (the sidebar leaves the page's own jobs to it); of
-    app.py itself, which names the page it runs."""
-    if name in TITLES:
-        return page_as(name)
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120).run()
-    assert not at.exception, [e.value for e in at.exception]
+def session(name: str) -> AppTest:
+    """A new session of page ``name``, not run yet, named as app.py names it (the sidebar leaves the page's own jobs
+    to it); of app.py itself, which names the page it runs."""
+    from laser_ui import PAGES
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    for path, title, _ in PAGES:
+        if path == name:
+            at.session_state["_page"] = title
     return at
 
 
+def page(name: str) -> AppTest:
+    """A new session of page ``name`` (:func:`session`), run once."""
+    return page_as(name)
+
+
 def page_as(name: str, **state) -> AppTest:
-    """A new session of page ``name`` run as app.py runs it (naming it first, :data:`TITLES`), with ``state`` set."""
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-    at.session_state["_page"] = TITLES[name]
+    """A new session of page ``name`` (:func:`session`) with ``state`` set, run once."""
+    at = session(name)
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
@@ -165,7 +166,7 @@ def test_a_jobs_button_is_disabled_from_the_click_until_the_job_ends(app_env, tm
 
     import laser_ui
     from laser_core import TaskSpec
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    at = session(name)
     at.session_state["task_spec"] = TaskSpec(str(write_mc_jsonl(tmp_path / "fresh.jsonl", 300, seed=7)))
     with held(monkeypatch, importlib.import_module(module), fn, cancel=True):  # the job waits, then is cancelled
         at.run()
@@ -223,7 +224,7 @@ def test_a_job_that_ends_while_its_page_runs_reruns_the_page_rather_than_leave_i
             job.status, job.finished = "done", time.time()
         return reads[-1]
     monkeypatch.setattr(laser_ui, "job_running", job_running)
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     at.session_state["job_search"] = job.id
     try:
         at.run()
@@ -300,7 +301,7 @@ def test_pages_show_a_finished_job_only_on_the_model_and_task_it_ran_on(app_env,
         for name, kind, button in (("pages/1_Model_and_task.py", "baseline", "Compute baseline accuracy"),
                                    ("pages/2_Layer_scores.py", "scores", "Compute scores")):
             for spec, shown in ((mine, False), (None, True)):
-                at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+                at = session(name)
                 at.session_state[f"job_{kind}"] = kind
                 if spec is not None:
                     at.session_state["task_spec"] = spec
@@ -331,7 +332,7 @@ def test_model_page_reports_a_bad_path_without_a_traceback(app_env):
 
 def test_sidebar_says_the_split_sizes_the_task_has_not_the_ones_asked(app_env):
     from laser_core import TaskSpec
-    at = AppTest.from_file(str(ROOT / "pages/2_Layer_scores.py"), default_timeout=120)
+    at = session("pages/2_Layer_scores.py")
     at.session_state["task_spec"] = TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"], n_test=1000)  # 500 examples
     at.run()
     assert "(calib 100, val 100, test 300, seed 0)" in " ".join(c.value for c in at.sidebar.caption)
@@ -383,7 +384,7 @@ def test_model_page_loads_a_task_few_shot_and_says_so(app_env, tmp_path):
     prompt = at.code[0].value  # the example as the model reads it: two solved questions, then its own
     assert prompt.count("Is the number") == 3 and prompt.count("Answer: ") == 2
     spec = at.session_state["task_spec"]
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["task_spec"] = spec  # on coming back from another page: the form shows what is loaded
     at.run()
     assert at.number_input(key="shots").value == 2
@@ -503,7 +504,7 @@ def test_model_page_prompt_template_and_fixed_choices_build_the_task_and_stay_in
     assert all(m in shown.markdown[0].value for m in marks), shown.markdown[0].value
     ex = task.examples[1]
     assert (ex.prompt, ex.choices, ex.answer) == ("Question: Is 1 even?\nAnswer:", (" yes", " no"), 1)
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["task_spec"] = spec  # as on coming back from another page: the form shows what is loaded
     at.run()
     assert at.text_input(key="prompt_template").value == "Question: {question}\\nAnswer:"
@@ -530,7 +531,7 @@ def test_model_page_reads_choices_from_several_columns_and_answers_counted_from_
     assert "Answers: `count from 1`" in at.sidebar.caption[0].value
     from laser_core import load_task
     assert [(e.choices, e.answer) for e in load_task(spec).examples[:2]] == [((" a0", " b0"), 0), ((" a1", " b1"), 1)]
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["task_spec"] = spec  # on coming back from another page: the form shows what is loaded
     at.run()
     assert at.checkbox(key="answer_base").value and at.text_input(key="choices_col").value == "option1,option2"
@@ -617,7 +618,7 @@ def test_model_page_says_before_a_run_when_a_masked_lm_cannot_tell_choices_apart
     from laser_core import ModelSpec, TaskSpec
     task = tmp_path / "claims.csv"  # every question's choices start with " true": a masked LM sees one token for both
     task.write_text("prompt,choices,answer\n" + "".join(f'"Claim {i}?",true claim|true false,{i % 2}\n' for i in range(8)))
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["model_spec"] = ModelSpec(str(tiny_dirs["roberta"]), "cpu")
     at.session_state["task_spec"] = TaskSpec(str(task), n_calib=3, n_test=3)
     at.run()
@@ -646,7 +647,7 @@ def test_model_page_says_when_answers_are_longer_than_max_new_tokens_and_its_fie
     assert (spec.max_new_tokens, spec.match) == (64, "starts")
     assert ", 64 new tokens, starts match, seed 0" in at.sidebar.caption[0].value
     assert not [w for w in at.warning if "generated tokens" in w.value]
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["task_spec"] = spec  # on coming back from another page: the form shows what is loaded
     at.run()
     assert at.selectbox(key="match").value == "starts"
@@ -666,7 +667,7 @@ def test_model_page_form_shows_what_is_loaded_so_load_changes_only_what_the_user
     from laser_core import ModelSpec, TaskSpec
     loaded = (ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"], "cpu"),
               TaskSpec(app_env["LASER_LAB_DEFAULT_TASK"], n_calib=30, n_test=40, n_val=50, seed=3))
-    at = AppTest.from_file(str(ROOT / "pages/1_Model_and_task.py"), default_timeout=120)
+    at = session("pages/1_Model_and_task.py")
     at.session_state["model_spec"], at.session_state["task_spec"] = loaded  # as after a visit to another page
     at.run()
     assert not at.exception, [e.value for e in at.exception]
@@ -782,7 +783,7 @@ def test_explore_shows_a_generation_tasks_report_cached_before_reports_named_the
     report = run_search(lm, splits, cfg, Store()).to_dict()
     del report["task"]["max_new_tokens"]  # as it was cached before
     Store().put_json(report_key(Store(), lm, splits, cfg), report)
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     at.session_state["task_spec"] = ts
     at.run()
     at.slider(key="q").set_value(1)
@@ -810,7 +811,7 @@ def test_explore_takes_a_k_or_rho_typed_in_and_names_one_that_is_no_number(app_e
 
 
 def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_with_explore(app_env):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at = session("app.py").run()
     at.switch_page("pages/2_Layer_scores.py").run()
     at.slider(key="tail").set_value(0.3)
     at.slider(key="q").set_value(2).run()
@@ -839,7 +840,7 @@ def test_explore_speed_settings_reach_the_command_stay_across_pages_and_find_the
     """Prefix reuse, its memory and the candidates run together could be set on the CLI only: a GPU short of
     memory had no way to take less from the dashboard. They change no result: the search the fixture cached with the
     defaults is this one; early stop's report is its own."""
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at = session("app.py").run()
     at.switch_page("pages/3_Explore.py").run()
     at.slider(key="q").set_value(2)
     _small_grid(at).run()
@@ -873,7 +874,7 @@ def test_a_c2i_search_on_explore_tries_the_top_q_that_layer_scores_lists_under_i
     scores.slider(key="tail").set_value(0.1).run()
     top = scores.session_state["top_q"]
     assert top != top_default  # else this test could not tell which trailing fraction Explore used
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     for key in ("score", "tail", "q"):  # as Layer scores leaves them
         at.session_state[key] = scores.session_state[key]
     at.run()
@@ -898,7 +899,7 @@ def test_explore_shows_a_running_searchs_best_so_far_and_hides_the_previous_repo
     jobs = laser_ui.job_manager().jobs
     jobs[job.id] = job
     try:
-        at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+        at = session("pages/3_Explore.py")
         at.session_state["job_search"] = job.id
         at.session_state["last_report"] = kept(app_env, {"best": {"name": "an earlier search's best"}, "method": "c2i"})
         at.run()
@@ -916,7 +917,7 @@ def test_explore_says_what_a_search_left_out_and_why_and_only_on_the_model_and_t
              "error": "K=32 is larger than its 16 rows: not tried (K <= 16 fits it)"},
             {"name": "model.layers.1.mlp.up_proj.weight", "layer": 1, "type": "up", "k": 1, "rho": 0.5,
              "error": "the log-loss is NaN or infinite"}]
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     report = {"method": "c2i", "status": "complete", "best": None, "candidates": [], "skipped": left}
     at.session_state["last_report"] = kept(app_env, report)
     at.run()
@@ -960,7 +961,7 @@ def test_explore_one_candidate_from_sliders_evaluates_it_against_the_base(app_en
     from laser_core.reduction import block_ranks, block_svd, block_truncate
 
     name = "model.layers.1.mlp.up_proj.weight"
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     at.session_state["selected_matrix"] = name  # as the Layer scores page leaves it
     at.run()
     at.radio(key="method").set_value("One candidate (sliders)").run()
@@ -1102,7 +1103,7 @@ def test_explore_one_candidate_runs_an_edit_that_a_search_stopped_early_instead_
     name = "model.layers.0.mlp.down_proj.weight"
     lm, _, splits = app_model(app_env)
     assert evaluate_candidate(lm, Edit(name, 2, 0.3), splits, "calib", Store(), beat=(0.99, 0.0))["stopped_early"]
-    at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+    at = session("pages/3_Explore.py")
     at.session_state["selected_matrix"] = name
     at.run()
     at.radio(key="method").set_value("One candidate (sliders)").run()
@@ -1216,7 +1217,7 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     assert any((c["name"], c["k"], c["rho"]) == (e["name"], e["k"], e["rho"]) for c in cached["candidates"])
     assert json.loads(at.code[0].value)["search"] == cached["config"]  # the recipe says how it was found
     found = {"name": e["name"], "k": e["k"], "rho": e["rho"]}
-    found_by = AppTest.from_file(str(ROOT / "pages/5_Export.py"), default_timeout=120)
+    found_by = session("pages/5_Export.py")
     found_by.session_state["last_report"] = kept(app_env, {  # as Explore leaves a search that found this candidate
         "search_split": "calib", "best": found, "candidates": [found],
         "config": to_dict(SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1), tail_fraction=0.3))})
@@ -1475,7 +1476,7 @@ def test_export_keeps_the_greedy_cap_and_the_edits_picked_to_combine_on_coming_b
     from laser_core import SearchConfig, Store, run_search
     lm, _, splits = app_model(app_env)
     run_search(lm, splits, SearchConfig(q=6, ks=(1,), rhos=(0.5, 0.1)), Store())  # more matrices to add from
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at = session("app.py").run()
     at.switch_page("pages/5_Export.py").run()
     assert at.number_input(key="greedy_max").value >= 2
     at.number_input(key="greedy_max").set_value(1).run()
@@ -1734,7 +1735,7 @@ def test_a_job_shows_what_laser_core_warned_about_in_its_thread(app_env):
     jobs = laser_ui.job_manager().jobs
     jobs[job.id] = job
     try:
-        at = AppTest.from_file(str(ROOT / "pages/3_Explore.py"), default_timeout=120)
+        at = session("pages/3_Explore.py")
         at.session_state["job_search"] = job.id
         at.run()
         assert not at.exception, [e.value for e in at.exception]
@@ -1834,7 +1835,7 @@ def test_a_search_on_results_opens_on_explore_with_its_settings_and_its_report_f
     sweep = run_search(lm, splits, SearchConfig("laser", ks=(1,), rhos=(0.5,), layers=(1,), types=("down", "up")),
                        Store()).to_dict()
     c2i = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store()).to_dict()  # the fixture's
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at = session("app.py").run()
     at.switch_page("pages/3_Explore.py").run()
     at.slider(key="q").set_value(1)
     at.multiselect(key="ks").set_value([4]).run()  # other settings than the search's
