@@ -66,7 +66,7 @@ with c1:
     fig = px.line(sub, x="rho", y="accuracy", color=ui.k_column(sub), markers=True, log_x=True,
                   labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(**ui.rho_ticks(sub["rho"]))
     if base:
-        fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base")
+        fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base", annotation_position="top left")
     st.plotly_chart(fig, key="acc_vs_rho")
 with c2:
     st.plotly_chart(ui.pareto_figure(lm, df, base["accuracy"] if base else None), key="pareto")
