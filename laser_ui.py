@@ -1151,11 +1151,25 @@ def render_one_candidate(lm, splits) -> None:
     live_job("one", lm, splits)
 
 
+def rho_figure(rows: pd.DataFrame, title: str, base: float | None) -> go.Figure:
+    """Results' accuracy vs ρ of one matrix's candidates (``rows``, sorted by K and ρ): a line per K (and per K
+    clustered), on a log ρ axis (:func:`rho_ticks`), the base model's accuracy dotted where known."""
+    fig = px.line(rows, x="rho", y="accuracy", color=k_column(rows), markers=True, log_x=True,
+                  labels={"color": "K", "rho": "ρ"}, title=title).update_xaxes(**rho_ticks(rows["rho"]))
+    if base is not None:  # labelled at small ρ: lines meet the base near ρ = 1
+        fig.add_hline(y=base, line_dash="dot", annotation_text="base", annotation_position="top left")
+    return fig
+
+
 def rho_ticks(rhos) -> dict:
     """A log-scale ρ axis labelled at the ρ values it shows (slanted where there are many), for Results' accuracy vs ρ
-    chart: ticks at each decade alone left a grid within one decade (0.5, 0.1) with one label."""
-    vals = sorted(set(float(r) for r in rhos))
-    return {"tickvals": vals, "ticktext": [f"{v:g}" for v in vals], "tickangle": -45 if len(vals) > 4 else 0}
+    chart: ticks at each decade alone left a grid within one decade (0.5, 0.1) with one label. A ρ too close to the
+    one labelled before it keeps its tick, unlabelled (its value shows on hover)."""
+    vals, text, last = sorted(set(float(r) for r in rhos)), [], -math.inf
+    for v in vals:  # a label closer than a tenth of a decade to the last one would overlap it (0.75 and 0.9)
+        text.append(f"{v:g}" if math.log10(v) - last >= 0.1 else "")
+        last = math.log10(v) if text[-1] else last
+    return {"tickvals": vals, "ticktext": text, "tickangle": -45 if len(vals) > 4 else 0}
 
 
 def loss_change_text(base: float, edited: float, predicted: float | None) -> str:

@@ -1,7 +1,6 @@
 """Results: every evaluated candidate for this model and task, read from the cache."""
 from __future__ import annotations
 
-import plotly.express as px
 import streamlit as st
 
 import laser_ui as ui
@@ -63,11 +62,8 @@ with c1:
                           help="Matrices in order of their best accuracy on this split (of candidates that ran to "
                                "the end: one stopped early counts only the examples it saw)")
     sub = df[df["name"] == matrix].sort_values(["k", "rho"])  # the legend in K order, each line in ρ order
-    fig = px.line(sub, x="rho", y="accuracy", color=ui.k_column(sub), markers=True, log_x=True,
-                  labels={"color": "K"}, title=f"{matrix} ({best_of[matrix]})").update_xaxes(**ui.rho_ticks(sub["rho"]))
-    if base:
-        fig.add_hline(y=base["accuracy"], line_dash="dot", annotation_text="base", annotation_position="top left")
-    st.plotly_chart(fig, key="acc_vs_rho")
+    st.plotly_chart(ui.rho_figure(sub, f"{matrix} ({best_of[matrix]})", base["accuracy"] if base else None),
+                    key="acc_vs_rho")
 with c2:
     st.plotly_chart(ui.pareto_figure(lm, df, base["accuracy"] if base else None), key="pareto")
 st.plotly_chart(ui.accuracy_heatmap(lm, rows, base["accuracy"] if base else None), key="best_map")

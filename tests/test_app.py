@@ -1157,6 +1157,15 @@ def test_a_comparison_on_a_generation_task_names_every_accepted_answer():
                                          "A": "Paris.", "B": "Lyon.", "now": "broken"}]
 
 
+def test_rho_axis_labels_every_rho_but_one_crowding_the_last_label():
+    """LASER's rho grid (0.9, 0.75, ...) put 0.75 and 0.9 within a tenth of a decade: their labels overlapped."""
+    import laser_ui
+    ticks = laser_ui.rho_ticks([0.9, 0.75, 0.5, 0.33, 0.25, 0.1, 0.05, 0.01, 0.005, 0.5])
+    assert ticks["tickvals"] == [0.005, 0.01, 0.05, 0.1, 0.25, 0.33, 0.5, 0.75, 0.9]  # each rho keeps its tick
+    assert ticks["ticktext"] == ["0.005", "0.01", "0.05", "0.1", "0.25", "0.33", "0.5", "0.75", ""]
+    assert ticks["tickangle"] == -45 and laser_ui.rho_ticks([0.5, 0.1])["tickangle"] == 0
+
+
 def test_results_page_lists_cached_candidates_and_compares_on_test(app_env, searched):
     at = page("pages/4_Results.py")
     assert not at.error, [e.value for e in at.error]
