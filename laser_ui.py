@@ -25,6 +25,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from laser_core import (CancelToken, Cancelled, ConfigError, LaserError, ModelSpec, SearchConfig, Store, TaskSpec,
                         load_model, load_task, make_splits)
@@ -734,6 +735,16 @@ _MODEL, _SCORES, _EXPLORE, _RESULTS, _EXPORT = (title for _, title, _ in PAGES)
 # The page each kind of job shows on (its results, and its progress while it runs on that model and task).
 JOB_PAGES = {"baseline": _MODEL, "scores": _SCORES, "search": _EXPLORE, "one": _EXPLORE, "compare": _RESULTS,
              "export_test": _EXPORT, "other_tasks": _EXPORT, "combine": _EXPORT, "recipe_test": _EXPORT}
+
+
+def next_page(title: str, what: str) -> None:
+    """A link to the next page of the workflow, ``title`` (one of :data:`PAGES`), saying what to do there. A page run
+    outside app.py's navigation (a page test) has no pages to link to: it gets the same words, without the link."""
+    path = next(path for path, t, _ in PAGES if t == title)
+    try:
+        st.page_link(path, label=f"Next: {title} — {what}", icon=":material/arrow_forward:")
+    except StreamlitPageNotFoundError:
+        st.info(f"Next: **{title}** in the sidebar — {what}")
 
 
 def _jobs_record() -> dict[str, set[str]]:
@@ -1918,6 +1929,7 @@ def render_search_report(report: dict, lm) -> None:
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
     render_skipped(report)
     if report.get("status") == "complete":
+        next_page(_EXPORT, "the best candidate's recipe, its check on other tasks, and edits to add to it")
         st.caption("Edits of several matrices may do more together: on Export, \"Combine with edits of other "
                    "matrices\" finds which to add to this one, greedily on this search's split (from the CLI: "
                    "`--compose`). What this edit does to the other bundled tasks: Export, \"On the other bundled "

@@ -36,6 +36,6 @@ else:
         ui.start_eval_job("baseline", "baseline", lm, splits, [("calib", None, "calib"), ("test", None, "test")])
     ui.live_job("baseline", lm, splits)
 
-st.info("Next: **Layer scores** in the sidebar computes the singular-value gradients of every matrix.")
+ui.next_page("Layer scores", "the singular-value gradients of every matrix, scored")
 if store.disabled_reason:
     st.warning(store.disabled_reason)

@@ -77,3 +77,4 @@ st.plotly_chart(ui.gradient_profile(sp.S[1][0], sp.g[1][0], tail, st.session_sta
 with st.expander(f"All {len(table)} matrices by score (sortable; the table's toolbar downloads it as CSV)"):
     st.dataframe(ui.scores_frame(table), hide_index=True, key="all_scores")
 st.session_state["top_q"] = names[:q]
+ui.next_page("Explore", f"try the top {q} with K and ρ grids, or one matrix with sliders")

@@ -836,6 +836,31 @@ def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_w
     assert (at.slider(key="tail").value, at.slider(key="q").value) == (0.3, 2)
 
 
+def test_each_step_links_to_the_next_page_of_the_workflow(app_env, searched):
+    """Model & task named the next page in words ("in the sidebar"); Layer scores and a finished search named none."""
+    def link(a: AppTest) -> tuple[str, str]:
+        assert not a.exception, [e.value for e in a.exception]
+        (one,) = a.get("page_link")  # one link, to the page after this one
+        return one.proto.label, one.proto.page_script_hash
+
+    at = session("app.py").run()
+    label, to_scores = link(at)
+    assert label == "Next: Layer scores — the singular-value gradients of every matrix, scored"
+    at.switch_page("pages/2_Layer_scores.py").run()
+    at.slider(key="q").set_value(2).run()  # the fixture's search tried the top 2 (scores from the cache)
+    label, to_explore = link(at)
+    assert label == "Next: Explore — try the top 2 with K and ρ grids, or one matrix with sliders"
+    at.switch_page("pages/3_Explore.py").run()
+    _small_grid(at).run()
+    assert any("already in the cache" in s.value for s in at.success)  # the fixture's search, shown whole
+    label, to_export = link(at)
+    assert label.startswith("Next: Export — the best candidate's recipe")
+    assert len({to_scores, to_explore, to_export}) == 3 and all((to_scores, to_explore, to_export))
+    alone = page("pages/1_Model_and_task.py")  # outside app.py's navigation there is no page to link to
+    assert not alone.get("page_link") and any(i.value.startswith("Next: **Layer scores** in the sidebar — ")
+                                              for i in alone.info)
+
+
 def test_explore_speed_settings_reach_the_command_stay_across_pages_and_find_the_same_search_cached(app_env, searched):
     """Prefix reuse, its memory and the candidates run together could be set on the CLI only: a GPU short of
     memory had no way to take less from the dashboard. They change no result: the search the fixture cached with the
