@@ -626,6 +626,32 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
     st.empty()
 
 
+def mark_seen(kind: str, lm, splits, when: bool = True) -> None:
+    """The page draws the results of this session's ended ``kind`` job on ``lm`` and ``splits`` (``when``: they are
+    this job's) from the cache, where it reads them once the job has ended, without :func:`live_job`: the sidebar no
+    longer reports that job's end on other pages. Before, a job watched to its end on its page (baseline, scores,
+    Export's checks) was then reported as "finished" on every other page until dismissed."""
+    job = session_job(kind, lm, splits)
+    if when and job is not None and job.status != "running":
+        _jobs_seen().add(job.id)
+
+
+def found_scores(lm, splits, ks: tuple[int, ...], grouping: str, label: str):
+    """Layer scores' (spectra, calibration loss) for the K grid ``ks`` under ``grouping``: from the cache, else from
+    this session's scores job (``label``: that score's), computed but not cached (the cache switched off or
+    unwritable); None when neither has them. Found, the scores job's end is seen (:func:`mark_seen`)."""
+    from laser_core.scores import cached_spectra
+    found = cached_spectra(lm, splits, store(), ks, grouping)
+    job = session_job("scores", lm, splits)
+    if found is None and job is not None and job.status == "done" \
+            and set(ks) <= set(next(iter(job.result[0].values())).S) \
+            and (ks == (1,) or job.label == label):  # K = 1 is one block under any grouping
+        found = job.result
+    if found is not None:
+        mark_seen("scores", lm, splits)
+    return found
+
+
 def _made_on(fingerprint: str | None, task: dict) -> dict:
     """A model fingerprint and a report's task (``search.report_task``) as :func:`made_on` compares them: what
     the results depend on, not where the task was read from nor its name."""
@@ -1240,6 +1266,8 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
         st.download_button("Download the combined recipe (JSON)", recipe_text(recipe),
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
+        mark_seen("combine", lm, splits, st.session_state.get("combine_of") == evaluation_id(
+            {"edits": [to_dict(e) for e in edits]}))
         return edits, recipe
     ids = evaluation_id({"edits": [to_dict(e) for e in edits]})
     running = job_running("combine", lm, splits)
@@ -1307,6 +1335,7 @@ def render_greedy(lm, splits, docs: list[dict], chosen: dict, labels: dict[str, 
             return {"base": c.base_test, "together": c.result_test, "composition": c.to_dict(), "limit": limit}
         start_job("combine", "greedy composition", lm, splits, work)
     if comp is not None:
+        mark_seen("combine", lm, splits, st.session_state.get("greedy_of") == candidate_id(chosen))
         steps = comp["steps"]
         st.caption(f"Greedy on the {words} split: {len(steps)} tried, {len(comp['edits']) - 1} kept"
                    + (f", {comp['left']} more not tried (raise the limit to try them)" if comp.get("left") else "")
@@ -1396,6 +1425,7 @@ def render_recipe_check(lm, splits) -> None:
     if got["base"] and got["recipe"]:  # from the cache (evaluated before, here or by ``eval --recipe``), or just now
         base, res = got["base"], got["recipe"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base, "With the recipe (held-out test)", res)
+        mark_seen("recipe_test", lm, splits, st.session_state.get("recipe_test_of") == str(path))
         if same_task and recorded:
             agree = matches_recorded(res["accuracy"], recorded)
             (st.success if agree else st.warning)(
@@ -1413,15 +1443,16 @@ def render_recipe_check(lm, splits) -> None:
 def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
     """Export's held-out test of the chosen candidate: base and edited (``tests``, :func:`results_of` of ``wanted``)
     side by side where both are computed, else a button that evaluates them in the background, and its progress."""
+    label = f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test"  # names the candidate
     if all(tests.values()):
         render_accuracy_pair(st.columns(2), "Base (held-out test)", tests["base_test"], "Edited (held-out test)",
                              tests["edited_test"])
+        mark_seen("export_test", lm, splits, getattr(session_job("export_test", lm, splits), "label", None) == label)
         return
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
     if st.button("Evaluate on held-out test", disabled=job_running("export_test", lm, splits)):
-        start_eval_job("export_test", f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test", lm, splits,
-                       [(k, *v) for k, v in wanted.items()])  # named: another candidate picked meanwhile shows it
+        start_eval_job("export_test", label, lm, splits, [(k, *v) for k, v in wanted.items()])
     job = session_job("export_test", lm, splits)
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
         live_job("export_test", lm, splits)
@@ -1465,6 +1496,7 @@ def render_other_tasks(lm, splits, edits: list, key: str = "", recipe_file: str 
          "--other-tasks"]) + "`")
     left = [r["task"] for r in rows if r["change"] is None and not r.get("error")]
     if not left:
+        mark_seen("other_tasks", lm, splits, st.session_state.get("other_tasks_of") == asked)
         st.caption("Each other task's held-out questions, as a session on that task with these split sizes and seed "
                    "has them. An edit chosen on one task can cost others: a loss here is the price of the gain. The "
                    "recipe and a saved model's card carry these results.")

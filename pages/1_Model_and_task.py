@@ -31,6 +31,7 @@ if all(cached.values()):
     b = st.columns(2)
     b[0].metric("Calibration accuracy", f"{cached['calib']['accuracy']:.3f}", help=f"log-loss {cached['calib']['log_loss']:.4f}")
     b[1].metric("Held-out test accuracy", f"{cached['test']['accuracy']:.3f}", help=f"log-loss {cached['test']['log_loss']:.4f}")
+    ui.mark_seen("baseline", lm, splits)  # the job's results, read from the cache once it ended
 else:
     if st.button("Compute baseline accuracy", disabled=ui.job_running("baseline", lm, splits)):
         ui.start_eval_job("baseline", "baseline", lm, splits, [("calib", None, "calib"), ("test", None, "test")])

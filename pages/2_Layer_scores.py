@@ -7,7 +7,7 @@ import streamlit as st
 import laser_ui as ui
 from laser_core import SearchConfig
 from laser_core.config import CONTIGUOUS
-from laser_core.scores import cached_spectra, load_spectra, score_table
+from laser_core.scores import load_spectra, score_table
 
 ui.use_app_navigation()
 st.set_page_config(page_title="LASER Lab · Layer scores", layout="wide")
@@ -23,11 +23,7 @@ grouping = ui.grouping_input(st, "grouping") if score == "first_order" else CONT
 ks, label = ui.score_ks(score), f"scores ({score}" + (f", {grouping} rows)" if grouping != CONTIGUOUS else ")")
 cfg = SearchConfig(score=score, q=q, tail_fraction=tail, grouping=grouping)
 
-found = cached_spectra(lm, splits, ui.store(), ks, grouping)
-job = ui.session_job("scores", lm, splits)
-if found is None and job is not None and job.status == "done" and set(ks) <= set(next(iter(job.result[0].values())).S) \
-        and (ks == (1,) or job.label == label):  # K = 1 is one block under any grouping
-    found = job.result  # computed this session but not cached (cache switched off or unwritable)
+found = ui.found_scores(lm, splits, ks, grouping, label)
 if found is None:
     st.info(ui.scores_cost_text(lm, splits, ks, grouping))
     if st.button("Compute scores", type="primary", disabled=ui.job_running("scores", lm, splits)):

@@ -124,6 +124,12 @@ def metrics(at: AppTest) -> dict:
     return {m.label: m.value for m in at.metric}
 
 
+def seen(at: AppTest, kind: str) -> bool:
+    """Whether this session's ended ``kind`` job counts as seen (the page drew its results): the sidebar then no
+    longer reports its end on other pages."""
+    return "_jobs_seen" in at.session_state and at.session_state[f"job_{kind}"] in at.session_state["_jobs_seen"]
+
+
 @contextlib.contextmanager
 def held(monkeypatch, owner, fn: str, gate=lambda *a, **k: True, cancel: bool = False):
     """``owner.fn`` waits (60 s at most) until the block ends, on the calls where ``gate(*args, **kwargs)``: a job
@@ -266,6 +272,31 @@ def test_a_job_that_ends_away_from_its_page_is_reported_in_the_sidebar_until_its
         assert [e.value for e in at.sidebar.error] == ["C2I search failed: out of memory"]
     finally:
         del laser_ui.job_manager().jobs[job.id]
+
+
+def test_a_job_watched_to_its_end_on_its_page_is_not_reported_on_the_next_pages(app_env, tmp_path):
+    """Model & task and Layer scores read a finished job's results from the cache, not from the job: the sidebar
+    took their end as unseen, and reported "finished" on every page visited next until dismissed."""
+    from laser_core import TaskSpec
+    spec = TaskSpec(str(write_mc_jsonl(tmp_path / "watched.jsonl", 300, seed=11)))
+
+    def visit(name: str, last: AppTest) -> AppTest:  # the next page, with the session's state (AppTest's switch_page
+        kept = ("job_baseline", "job_scores", "_jobs_seen")  # under app.py's navigation clicks no button)
+        return page_as(name, task_spec=spec, **{k: last.session_state[k] for k in kept if k in last.session_state})
+
+    def said(a: AppTest) -> list[str]:
+        return [e.value for e in a.sidebar.success] + [c.value for c in a.sidebar.caption if "results show" in c.value]
+
+    at = page_as("pages/1_Model_and_task.py", task_spec=spec)
+    click(at, "Compute baseline accuracy")
+    wait_for(at, lambda a: "Held-out test accuracy" in metrics(a))
+    at = visit("pages/2_Layer_scores.py", at)
+    assert said(at) == []
+    click(at, "Compute scores")
+    wait_for(at, lambda a: "Calibration log-loss" in metrics(a))
+    for name in ("pages/4_Results.py", "pages/3_Explore.py", "pages/1_Model_and_task.py"):
+        assert said(visit(name, at)) == [], name
+    assert {at.session_state["job_baseline"], at.session_state["job_scores"]} <= at.session_state["_jobs_seen"]
 
 
 def test_streamlit_does_not_collect_garbage_after_every_script_run():
@@ -1290,6 +1321,7 @@ def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app
     blocks = f"{e['k']}" + (f" {e['grouping']}" if e.get("grouping", "contiguous") != "contiguous" else "")
     assert job.label == f"L{ref.layer}.{ref.type} K={blocks} ρ={e['rho']:g} on held-out test"
     wait_for(at, lambda a: "Edited (held-out test)" in metrics(a))
+    assert seen(at, "export_test")
     recipe = json.loads(at.code[0].value)
     assert metrics(at)["Edited (held-out test)"] == f"{recipe['metrics']['edited_test']['accuracy']:.3f}"
     assert recipe["metrics"]["base_test"]["n"] == recipe["metrics"]["edited_test"]["n"] == recipe["task"]["n_test"]
@@ -1337,7 +1369,7 @@ def test_export_evaluates_the_chosen_edit_on_the_other_tasks_in_the_background(a
     assert table(at)["edited"].isna().all()
     at.selectbox(key="export_pick").set_value(at.selectbox(key="export_pick").value - 1).run()
     wait_for(at, lambda a: table(a)["edited"].notna().all())
-    assert not any(b.label == "Evaluate on the other tasks" for b in at.button)
+    assert not any(b.label == "Evaluate on the other tasks" for b in at.button) and seen(at, "other_tasks")
     for task, row in zip(others, table(at).itertuples()):  # computed afresh, not read from the app's cache
         spec = TaskSpec(task)
         splits = make_splits(load_task(spec), spec)
@@ -1367,6 +1399,7 @@ def test_export_combines_edits_of_other_matrices_and_measures_them_together(app_
     at.multiselect(key="combine_pick").set_value([options[0]]).run()
     click(at, "Evaluate the 2 edits together on held-out test")
     wait_for(at, lambda a: "2 edits together (held-out test)" in metrics(a))
+    assert seen(at, "combine")
     lm, _, splits = app_model(app_env)
 
     def edit_of(label):
@@ -1447,6 +1480,7 @@ def test_export_finds_edits_to_add_greedily_on_the_search_split_and_picks_them(a
                         find.label), find.label  # its time: from the base's evaluation and the blocks each try runs
     find.click().run()
     wait_for(at, lambda a: any(c.value.startswith("Greedy on the calibration split") for c in a.caption))
+    assert seen(at, "combine")  # the composition shown from the cache: its job's end, seen
     said = next(c.value for c in at.caption if c.value.startswith("Greedy on the calibration split"))
     assert said.startswith(f"Greedy on the calibration split: {len(want.steps)} tried, {want.added} kept")
     assert want.steps, "the test needs edits to try: every other matrix's best is below the base"
@@ -1581,6 +1615,7 @@ def test_export_opens_a_recipe_file_and_checks_it_on_held_out_test(app_env):
     assert "this session's splits; it recorded held-out test accuracy" in " ".join(c.value for c in at.caption)
     click(at, "Evaluate the recipe on held-out test")
     wait_for(at, lambda a: "With the recipe (held-out test)" in metrics(a))
+    assert seen(at, "recipe_test")
     assert metrics(at)["With the recipe (held-out test)"] == f"{want['accuracy']:.3f}"
     assert any("recorded" in s.value and "the same." in s.value for s in at.success)
     again = page("pages/5_Export.py")  # another session opening the same recipe: its result from the cache at once
