@@ -154,6 +154,7 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
     status = "complete"
     prefixes = None
     try:
+        emit(progress, phase="base", done=0, total=1, message=f"base model on the {split} split")
         base = evaluate_candidate(lm, None, splits, split, store, cancel)
         emit(progress, phase="base", done=1, total=1, message=f"base accuracy {base['accuracy']:.3f}", base=_slim(base))
         if method == "c2i":
@@ -176,6 +177,8 @@ def run_search(lm: LoadedModel, splits: Splits, cfg: SearchConfig, store: Store 
             beat = (best["accuracy"], best["log_loss"]) if (cfg.early_stop and best) else None
             ident = edit_identity(lm, edit)
             same = done_ranks.get(ident)
+            if edit not in ready and not same:  # what runs now (a candidate, or a stack from it) takes a while
+                emit(progress, phase="search", done=i, total=len(plan), message=f"evaluating {edit.label}")
             if stack > 1 and not same and edit not in ready and edit.blocks not in alone:
                 ahead, stack = making_room(lm, prefixes, f"preparing the stack of {edit.label}", lambda: (
                     stack_ahead(lm, plan, i, stack, splits, split, store, set(done_ranks), cancel, prefixes, factors)))

@@ -158,7 +158,7 @@ def test_cancel_keeps_done_candidates_and_restores_weights(tiny_lm, mc_task, sto
     seen = []
 
     def progress(ev):
-        if ev.get("phase") == "search":
+        if ev.get("row"):  # a candidate done (a search's events also say which it starts on)
             seen.append(ev)
             if len(seen) == 3:
                 token.cancel()
@@ -168,6 +168,23 @@ def test_cancel_keeps_done_candidates_and_restores_weights(tiny_lm, mc_task, sto
     assert weight_hashes(lm.model) == before
     resumed = run_search(lm, splits, one_by_one, store)
     assert sum(c["cached"] for c in resumed.candidates) == 3
+
+
+def test_a_search_says_what_it_starts_on_before_each_evaluation(tiny_lm, mc_task, store):
+    """Its progress said what had finished only: the dashboard's bar stood full on "scores read from cache" while
+    the first candidate ran (20 s for the demo on FEVER, building the states entering its layer)."""
+    lm = tiny_lm("llama")
+    _, splits = _splits(mc_task)
+    events = []
+    report = run_search(lm, splits, dataclasses.replace(SMALL, stack=1), store, progress=events.append)
+    assert events[0] == {"phase": "base", "done": 0, "total": 1, "message": "base model on the calib split"}
+    search = [e for e in events if e["phase"] == "search"]
+    done = [e for e in search if e.get("row")]
+    assert len(done) == len(report.candidates) == 8
+    for e in done:  # each candidate evaluated was announced, with the steps done before it
+        start = search[search.index(e) - 1]
+        assert not start.get("row") and start["done"] == e["done"] - 1 and start["total"] == e["total"]
+        assert start["message"] == f"evaluating {e['row']['name']} K={e['row']['k']} rho={e['row']['rho']:g}"
 
 
 def test_a_rho_with_the_same_block_ranks_as_another_is_not_evaluated_twice(tiny_lm, mc_task, store):

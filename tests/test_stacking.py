@@ -127,7 +127,7 @@ def test_a_search_cancelled_during_a_stack_reports_and_caches_every_candidate_th
     cfg = SearchConfig(q=2, ks=(1, 2), rhos=(0.9, 0.5, 0.25), stack=3)
 
     def progress(ev):
-        if ev.get("phase") == "search":
+        if ev.get("row"):
             token.cancel()  # at the first candidate reported, its stack of 3 is evaluated
     report = run_search(lm, _splits(mc_task), cfg, store, progress=progress, cancel=token)
     assert report.status == "partial" and [c["stacked"] for c in report.candidates] == [3, 3, 3]
