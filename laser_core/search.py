@@ -96,13 +96,18 @@ class SearchReport:
 
 def time_summary(report: dict, rho: str = "rho") -> str:
     """Where a search's time went and what it took from the cache, in one line (the CLI's ``time:`` line, the
-    dashboard's caption), from its report (``SearchReport.to_dict()``): each phase, the candidates read from the
-    cache and those not re-run, and, where prefix reuse cached hidden states, the most they held at once."""
+    dashboard's caption), from its report (``SearchReport.to_dict()``): each phase, the scores and candidates read
+    from the cache (with what they took when computed) and those not re-run, and, where prefix reuse cached hidden
+    states, the most they held at once."""
     cands, states, t = report.get("candidates", []), report.get("states") or {}, report.get("timings", {})
     cached = [c for c in cands if c.get("cached") and "same_as_rho" not in c]
     took = sum(c.get("seconds") or 0 for c in cached)  # when they ran (a report cached as JSON has its keys sorted)
     same = sum(1 for c in cands if "same_as_rho" in c)
+    spectra = report.get("spectra_s")  # C2I: its scores' gradient step and SVDs, when they were computed
+    read = spectra and t.get("gradients", 0.0) + t.get("svd", 0.0) < spectra / 2
     return (", ".join(f"{k} {t[k]:.1f} s" for k in sorted(t, key=lambda k: PHASES.index(k) if k in PHASES else 99))
+            + (f"; scores read from cache (their gradient step and SVDs took {spectra:.1f} s when computed)"
+               if read else "")
             + f"; candidates from cache {len(cached)}/{len(cands)}"
             + (f" (their evaluations took {took:.1f} s when they ran)" if took else "")
             + (f"; {same} not re-run (same ranks as another {rho})" if same else "")

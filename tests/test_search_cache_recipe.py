@@ -458,6 +458,9 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "best   held-out" in out and "chosen edit: transformer.h." in out and "candidates from cache 0/1" in out
+    spent = float(took[0]) + float(took[1])  # the scores computed above: read back, with what they took then
+    said = re.search(r"; scores read from cache \(their gradient step and SVDs took ([\d.]+) s when computed\)", out)
+    assert abs(float(said.group(1)) - spent) <= 0.15  # each printed to 0.1 s
     from laser_core.cli_args import parser
     said = re.search(r"what it does to the other bundled tasks: python -m laser_core (.*)", out).group(1)
     parsed = parser().parse_args(said.split())  # a command that runs: eval of this recipe on the other tasks
