@@ -210,6 +210,7 @@ def test_laser_full_sweep_counts_every_matrix_at_its_share_and_each_layers_state
     assert full_sweep_unit(lm, splits, store) is None  # nothing timed
     assert full_sweep_seconds(lm, splits, (0.5,), 1.0) == pytest.approx(7 * 1 + 7 * 0.5 + 0.5)
     assert full_sweep_seconds(lm, splits, (0.5, 0.1), 2.0) == pytest.approx(2 * (14 * 1 + 14 * 0.5 + 0.5))
+    assert full_sweep_seconds(lm, splits, (0.1, 0.5, 0.5), 3.0) == pytest.approx(3 * (14 * 1 + 14 * 0.5 + 0.5))  # kept
     base = evaluate_candidate(lm, None, splits, "val", store)["seconds"]
     assert full_sweep_unit(lm, splits, store) == (pytest.approx(base),
                                                   "the base model's evaluation of the validation split")
