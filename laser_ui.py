@@ -891,7 +891,7 @@ def render_job(job: Job | None, table: bool = True) -> None:
     if len(job.warnings) > 5:
         st.caption(f"... and {len(job.warnings) - 5} more warnings in the server log")
     if job.rows and table:
-        st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch")
+        st.dataframe(candidates_frame(job.rows), hide_index=True, width="stretch", column_config=CANDIDATE_COLUMNS)
 
 
 def render_search_job(job: Job | None, lm) -> None:
@@ -1556,6 +1556,24 @@ CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds o
 }
 
 
+CANDIDATE_COLUMNS = {  # how tables of candidates (candidates_frame) name and explain their columns
+    "k": st.column_config.NumberColumn("K", help="Row blocks: the matrix's rows split into K, each reduced alone"),
+    "rho": st.column_config.NumberColumn("ρ", help="Fraction of each row block's rank kept"),
+    "accuracy": st.column_config.NumberColumn(format="%.3f"),  # 0.600, not 0.6 above 0.59
+    "log_loss": st.column_config.NumberColumn("log-loss", format="%.4f"),
+    "ranks": st.column_config.TextColumn(help="The rank kept in each row block"),
+    "params_kept": st.column_config.NumberColumn("params kept", help=(
+        "Parameters of the reduced matrix in factored form: each block's rank × (its rows + the matrix's columns)")),
+    "params_full": st.column_config.NumberColumn("params (full)", help="Parameters of the matrix as it is"),
+    "predicted_gain": st.column_config.NumberColumn("predicted gain", format="%+.4f", help=(
+        "The first-order predicted decrease of the calibration log-loss, from the scores' gradient")),
+    "same_as_rho": st.column_config.TextColumn("same as ρ", help=(
+        "Not run: its block ranks are those of this ρ, whose result it takes")),
+    "cached": st.column_config.CheckboxColumn(help="Read from the cache: evaluated by an earlier run"),
+    **CHANGE_COLUMNS,
+}
+
+
 def family_caption(df: pd.DataFrame) -> str | None:
     """Under Results' held-out table (a ``candidates_frame`` with ``p``) of two rows or more: each p is for its edit
     alone, and which of them stay beyond noise read together (``significance.holm``)."""
@@ -1958,7 +1976,8 @@ def render_search_report(report: dict, lm) -> None:
         st.caption(f"Last run: {time_summary(report, 'ρ')}.")
     st.plotly_chart(accuracy_heatmap(lm, report["candidates"], report["base"]["accuracy"]), key="best_map")
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
-        st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows")
+        st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows",
+                     column_config=CANDIDATE_COLUMNS)
     render_skipped(report)
     if report.get("status") == "complete":
         next_page(_EXPORT, "the best candidate's recipe, its check on other tasks, and edits to add to it")

@@ -48,7 +48,7 @@ if df.empty:
     show_together()
     st.stop()
 df = df.sort_values(["accuracy", "log_loss"], ascending=[False, True])
-st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CHANGE_COLUMNS)
+st.dataframe(df, hide_index=True, width="stretch", key="all_rows", column_config=ui.CANDIDATE_COLUMNS)
 if family := ui.family_caption(df):
     st.caption(family)
 ui.render_failed(lm, failed, split)
