@@ -1376,6 +1376,36 @@ def edits_short(lm, edits: list) -> str:
     return " + ".join(edit_short(lm, to_dict(e)) for e in edits)
 
 
+def render_save_model(lm, splits, edits: list, recipe: dict) -> None:
+    """Export's "Save edited model": the model with ``edits`` applied, ``recipe`` beside it, written into a folder
+    (:func:`edited_folder` by default; ``saving.save_model_atomic``) while the loaded model stays unedited. Once saved,
+    one click loads that folder as the session's model on Model & task, to evaluate or search it like any other."""
+    from laser_core import edited
+    from laser_core.saving import save_model_atomic
+    default_out = str(edited_folder(lm, splits, edits))
+    out = st.text_input("Folder", value=default_out, key=f"out:{default_out}")  # its own box per edit: a name kept each
+    overwrite = st.checkbox("Overwrite if it exists", key="overwrite")
+    if st.button("Save edited model"):
+        try:
+            with edited(lm, edits, blocking=False):  # restored on exit: the cached model is never left edited
+                st.session_state["saved_model"] = str(save_model_atomic(lm, out, recipe, overwrite=overwrite))
+        except (LaserError, OSError) as e:
+            st.session_state.pop("saved_model", None)  # what the folder holds is not this save's
+            st.error(f"Not saved: {e}")
+    saved = st.session_state.get("saved_model")
+    if not saved or Path(saved) != Path(out).expanduser().resolve() or not Path(saved, "config.json").is_file():
+        return
+    st.success(f"Saved to {saved} (loads with AutoModelForCausalLM.from_pretrained; `laser_recipe.json` and a model "
+               "card beside it).")
+    if st.button("Load the saved model here", help="Makes it the session's model, on the same device and dtype, and "
+                                                   "opens Model & task: its baseline is the edited accuracy"):
+        st.session_state["model_spec"] = ModelSpec(saved, lm.spec.device, lm.spec.dtype)  # as the session asked
+        try:
+            st.switch_page(PAGES[0][0])
+        except StreamlitPageNotFoundError:  # a page run outside app.py's navigation (a page test)
+            st.info("Loaded: Model & task shows it.")
+
+
 def edited_folder(lm, splits, edits: list) -> Path:
     """Export's default folder for an edited model, under the cache and named by what it holds, so that saving another
     candidate does not meet the last one's folder: the task, the edit ('L2.down-K8-rho0.1', '-clustered' after K for

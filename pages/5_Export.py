@@ -5,12 +5,12 @@ from __future__ import annotations
 import streamlit as st
 
 import laser_ui as ui
-from laser_core import LaserError, SearchConfig, edited
+from laser_core import SearchConfig
 from laser_core.candidates import doc_edit
 from laser_core.cli_args import command_defaults
 from laser_core.estimate import SPLIT_WORDS
 from laser_core.recipe import make_recipe, recipe_metrics
-from laser_core.saving import recipe_text, save_model_atomic
+from laser_core.saving import recipe_text
 from laser_core.search import SEARCH_SPLIT
 
 ui.use_app_navigation()
@@ -64,13 +64,4 @@ if combined is not None:
     together = f"the {len(combined[0])} edits combined above, together"
     if st.radio("Apply", ["this candidate's edit alone", together], horizontal=True, key="save_what") == together:
         save_edits, save_recipe = combined
-default_out = str(ui.edited_folder(lm, splits, save_edits))
-out = st.text_input("Folder", value=default_out, key=f"out:{default_out}")  # its own box per edit: a name kept each
-overwrite = st.checkbox("Overwrite if it exists", key="overwrite")
-if st.button("Save edited model"):
-    try:
-        with edited(lm, save_edits, blocking=False):  # restored on exit: the cached model is never left edited
-            path = save_model_atomic(lm, out, save_recipe, overwrite=overwrite)
-        st.success(f"Saved to {path} (loads with AutoModelForCausalLM.from_pretrained).")
-    except (LaserError, OSError) as e:
-        st.error(f"Not saved: {e}")
+ui.render_save_model(lm, splits, save_edits, save_recipe)

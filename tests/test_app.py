@@ -1271,7 +1271,7 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     spec_flags = f"--model {app_env['LASER_LAB_DEFAULT_MODEL']} --task {app_env['LASER_LAB_DEFAULT_TASK']}"
     said = next(c.value for c in at.caption if "python -m laser_core search" in c.value)  # a session without Explore:
     assert said.startswith("or re-run the search that found it: `") and said.endswith(f"{spec_flags}`")  # the cache's
-    from laser_core import SearchConfig, Store
+    from laser_core import ModelSpec, SearchConfig, Store
     from laser_core.cli_args import parser, search_config_of
     from laser_core.config import to_dict
     from laser_core.search import report_key
@@ -1299,8 +1299,15 @@ def test_export_page_offers_the_recipe_and_saves_the_edited_model(app_env, searc
     click(at, "Save edited model")
     assert any("Saved to" in s.value for s in at.success)
     assert (tmp_path / "edited" / "model.safetensors").exists()
+    click(at, "Load the saved model here")  # the session's model from now on (app.py then opens Model & task)
+    spec = at.session_state["model_spec"]
+    assert (spec.source, spec.device, spec.dtype) == (str(tmp_path / "edited"), "auto", "float32")  # as loaded
+    loaded = page_as("pages/1_Model_and_task.py", model_spec=spec)
+    assert f"Model: `{tmp_path / 'edited'}`" in loaded.sidebar.caption[0].value
+    assert loaded.text_input(key="model_path").value == str(tmp_path / "edited")  # the form shows it loaded
+    at.session_state["model_spec"] = ModelSpec(app_env["LASER_LAB_DEFAULT_MODEL"])
     click(at, "Save edited model")  # second time: the folder exists
-    assert any("already exists" in e.value for e in at.error)
+    assert any("already exists" in e.value for e in at.error) and not any("Saved to" in s.value for s in at.success)
 
 
 def test_export_computes_held_out_accuracy_into_a_recipe_that_apply_confirms(app_env, searched, tmp_path):
