@@ -911,7 +911,7 @@ def render_search_rows(lm, rows: list[dict], base: dict | None) -> None:
         b = max(best, key=merit)
         vs = f" (base {base['accuracy']:.3f})" if base else ""
         st.caption(f"Best so far: `{b['name']}` {k_label(b['k'], b.get('grouping'))}, ρ={b['rho']:g}: {b['split']} accuracy "
-                   f"{b['accuracy']:.3f}{vs} · {len(best)} matrices evaluated")
+                   f"{b['accuracy']:.3f}{vs} · {len(best)} matri{'ces' if len(best) != 1 else 'x'} evaluated")
     st.plotly_chart(accuracy_heatmap(lm, rows, base["accuracy"] if base else None))
 
 
