@@ -868,7 +868,7 @@ def job_outcome(job: Job) -> tuple[Callable[[str], Any], str]:
     if job.status == "done":
         return st.success, f"{job.label}: finished in {job.elapsed:.1f} s"
     if job.status == "cancelled":
-        kept = f"{len(job.rows)} finished candidates kept" if job.kind == "search" else \
+        kept = f"{len(job.rows)} finished candidate{'s' * (len(job.rows) != 1)} kept" if job.kind == "search" else \
             "what it had finished is kept in the cache"  # evaluations that report no candidate rows
         return st.warning, f"{job.label}: cancelled after {job.elapsed:.1f} s; {kept}"
     return st.error, f"{job.label} failed: {job.error}"
@@ -1994,9 +1994,12 @@ def render_search_report(report: dict, lm) -> None:
     render_accuracy_pair(m[:2], f"Base ({split})", report["base"], f"Best ({split})", b, held_out=False)
     if short := shortfall(b, report["base"]):
         from laser_core.estimate import SPLIT_WORDS
-        st.warning(f"No candidate of this search beats the base model on the {SPLIT_WORDS.get(split, split)} split "
-                   f"(the best: {short}). Keep the base model, or search wider: a larger q, other K or ρ, or a "
-                   "LASER sweep.")
+        words, done = SPLIT_WORDS.get(split, split), len(report["candidates"])
+        st.warning(f"None of the {done} candidate{'s' * (done != 1)} this search finished before its cancel beats the "
+                   f"base model on the {words} split (the best: {short}). Run it again to try the rest: those finished "
+                   "come from the cache." if report.get("status") == "partial" else
+                   f"No candidate of this search beats the base model on the {words} split (the best: {short}). Keep "
+                   "the base model, or search wider: a larger q, other K or ρ, or a LASER sweep.")
     if report.get("best_test"):
         render_accuracy_pair(m[2:], "Base (held-out test)", report["base_test"], "Best (held-out test)",
                              report["best_test"])

@@ -1576,10 +1576,11 @@ def test_explore_and_export_warn_where_the_best_candidate_does_not_beat_the_base
     report = run_search(lm, splits, SearchConfig(q=2, ks=(1, 2), rhos=(0.5, 0.1)), Store()).to_dict()  # cached
     base = report["base"]
 
-    def explore_warnings(**best) -> list[str]:
-        shown = {**report, "best": {**report["best"], **best}}  # the session's last search; settings of none cached
-        at = page_as("pages/3_Explore.py", last_report=shown, q=1, rhos=[0.9])
-        assert [h.value for h in at.subheader] == ["Best candidate · C2I search"]
+    def explore_warnings(status: str = "complete", **best) -> list[str]:
+        shown = {**report, "status": status, "best": {**report["best"], **best}}  # the session's last search;
+        at = page_as("pages/3_Explore.py", last_report=shown, q=1, rhos=[0.9])  # settings of none cached
+        assert [h.value for h in at.subheader] == ["Best candidate · C2I search" + (
+            " (cancelled: of the candidates it finished)" if status == "partial" else "")]
         return [w.value for w in at.warning]
     below = base["accuracy"] - 0.1
     assert explore_warnings(accuracy=below) == [
@@ -1589,6 +1590,10 @@ def test_explore_and_export_warn_where_the_best_candidate_does_not_beat_the_base
     tied = explore_warnings(accuracy=base["accuracy"], log_loss=base["log_loss"] + 1)  # ranked by log-loss then
     assert len(tied) == 1 and f"log-loss {base['log_loss'] + 1:.4f} against {base['log_loss']:.4f})" in tied[0]
     assert explore_warnings(accuracy=base["accuracy"] + 0.1) == []
+    assert explore_warnings("partial", accuracy=below) == [  # cancelled: searching wider is not the advice yet
+        f"None of the {len(report['candidates'])} candidates this search finished before its cancel beats the base "
+        f"model on the calibration split (the best: accuracy {below:.3f} against the base model's "
+        f"{base['accuracy']:.3f}). Run it again to try the rest: those finished come from the cache."]
     at = page("pages/5_Export.py")
     pick = at.selectbox(key="export_pick")
     docs = {laser_ui.candidate_label(d): d for d in laser_ui.cached_results(lm, splits) if d["name"]}
