@@ -1995,9 +1995,10 @@ def render_search_report(report: dict, lm) -> None:
     if short := shortfall(b, report["base"]):
         from laser_core.estimate import SPLIT_WORDS
         words, done = SPLIT_WORDS.get(split, split), len(report["candidates"])
-        st.warning(f"None of the {done} candidate{'s' * (done != 1)} this search finished before its cancel beats the "
-                   f"base model on the {words} split (the best: {short}). Run it again to try the rest: those finished "
-                   "come from the cache." if report.get("status") == "partial" else
+        who = "The one candidate this search finished before its cancel does not beat" if done == 1 else \
+            f"None of the {done} candidates this search finished before its cancel beats"
+        st.warning(f"{who} the base model on the {words} split (the best: {short}). Run it again to try the rest: "
+                   "those finished come from the cache." if report.get("status") == "partial" else
                    f"No candidate of this search beats the base model on the {words} split (the best: {short}). Keep "
                    "the base model, or search wider: a larger q, other K or ρ, or a LASER sweep.")
     if report.get("best_test"):
