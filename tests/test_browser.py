@@ -154,7 +154,7 @@ def test_load_scores_search_results_export_in_a_real_browser(server, browser, tm
     if page.get_by_role("button", name="Run").is_enabled():  # disabled when this config is in the cache
         page.get_by_role("button", name="Run").click()
         page.get_by_text("C2I search: finished").wait_for()
-    page.get_by_text("Best candidate").wait_for()
+    page.get_by_role("heading", name="Best candidate").wait_for()  # not the Next link that names it
     # the report's elements arrive one by one after its heading: expect retries (CI once counted 0 right after it)
     expect(page.get_by_test_id("stMetric").filter(has_text="Best (held-out test)")).to_have_count(1)
     page.locator(".js-plotly-plot .main-svg").first.wait_for()  # each matrix's best against the base
