@@ -639,7 +639,7 @@ def mark_seen(kind: str, lm, splits, when: bool = True) -> None:
 def found_scores(lm, splits, ks: tuple[int, ...], grouping: str, label: str):
     """Layer scores' (spectra, calibration loss) for the K grid ``ks`` under ``grouping``: from the cache, else from
     this session's scores job (``label``: that score's), computed but not cached (the cache switched off or
-    unwritable); None when neither has them. Found, the scores job's end is seen (:func:`mark_seen`)."""
+    unwritable); None when neither has them. Found for that job's score, the job's end is seen (:func:`mark_seen`)."""
     from laser_core.scores import cached_spectra
     found = cached_spectra(lm, splits, store(), ks, grouping)
     job = session_job("scores", lm, splits)
@@ -648,7 +648,7 @@ def found_scores(lm, splits, ks: tuple[int, ...], grouping: str, label: str):
             and (ks == (1,) or job.label == label):  # K = 1 is one block under any grouping
         found = job.result
     if found is not None:
-        mark_seen("scores", lm, splits)
+        mark_seen("scores", lm, splits, job is not None and job.label == label)  # those shown are that job's
     return found
 
 
