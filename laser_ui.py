@@ -1586,7 +1586,7 @@ CHANGE_COLUMNS = {  # how Results shows the columns that candidates_frame adds o
 }
 
 
-CANDIDATE_COLUMNS = {  # how tables of candidates (candidates_frame) name and explain their columns
+CANDIDATE_COLUMNS = {  # how tables of candidates (candidates_frame, combinations_frame) name and explain their columns
     "k": st.column_config.NumberColumn("K", help="Row blocks: the matrix's rows split into K, each reduced alone"),
     "rho": st.column_config.NumberColumn("ρ", help="Fraction of each row block's rank kept"),
     "accuracy": st.column_config.NumberColumn(format="%.3f"),  # 0.600, not 0.6 above 0.59
@@ -1600,6 +1600,7 @@ CANDIDATE_COLUMNS = {  # how tables of candidates (candidates_frame) name and ex
     "same_as_rho": st.column_config.TextColumn("same as ρ", help=(
         "Not run: its block ranks are those of this ρ, whose result it takes")),
     "cached": st.column_config.CheckboxColumn(help="Read from the cache: evaluated by an earlier run"),
+    "n_edits": st.column_config.NumberColumn("edits together"),
     **CHANGE_COLUMNS,
 }
 

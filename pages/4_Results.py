@@ -34,7 +34,7 @@ def show_together() -> None:
     if together:
         st.subheader("Edits applied together")
         st.dataframe(ui.combinations_frame(lm, together, base if split == "test" else None), hide_index=True,
-                     width="stretch", key="together_rows", column_config=ui.CHANGE_COLUMNS)
+                     width="stretch", key="together_rows", column_config=ui.CANDIDATE_COLUMNS)
         st.caption("Combinations evaluated on Export (\"Combine with edits of other matrices\", \"Open a recipe "
                    "file\") or by `eval --recipe`, best first. What edits do together is measured, not added up.")
 
