@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_args import parser, recipes_folder, search_config_of, spec_args, specs_of
+from .cli_args import parser, recipe_path, search_config_of, spec_args, specs_of
 from .cli_report import cmd_report
-from .config import CONTIGUOUS, ModelSpec, SearchConfig
+from .config import ModelSpec, SearchConfig
 from .errors import Cancelled, ConfigError, LaserError
 from .memory import memory_explained
 from .progress import Bars
@@ -77,13 +77,13 @@ def _cmd_search(args, method: str) -> int:
     from .answers import answer_rule_words
     from .estimate import SPLIT_WORDS, estimate_search
     from .recipe import recipe_from_report
-    from .saving import check_out_file, save_recipe
+    from .saving import check_out_file, save_json, save_recipe
     from .scores import skip_text
     from .search import SEARCH_SPLIT, run_search, time_summary
 
     cfg = search_config_of(args, method)  # settings are checked before the (slow) model load
-    if args.recipe_out:
-        check_out_file(args.recipe_out)
+    for out in filter(None, (args.recipe_out, args.report_out)):
+        check_out_file(out)  # before the (slow) model load
     lm, tspec, splits, store = _setup(args)
     est = estimate_search(lm, splits, cfg, store)
     if est is not None and est.to_run:
@@ -96,15 +96,16 @@ def _cmd_search(args, method: str) -> int:
           f"({len(getattr(splits, report.search_split))} examples), held-out test {len(splits.test)} examples, seed {tspec.seed}"
           + (f", {tspec.shots}-shot" if tspec.shots else "")
           + (f"; {rule}" if rule else ""))
-    print(f"base   {split:<11} {_fmt(report.base)}")
-    print(f"best   {split:<11} {_fmt(report.best)}")
-    print(f"base   held-out    {_fmt(report.base_test)}")
-    print(f"best   held-out    {_fmt(report.best_test)}")
+    for who, where, doc in (("base", split, report.base), ("best", split, report.best),
+                            ("base", "held-out", report.base_test), ("best", "held-out", report.best_test)):
+        print(f"{who}   {where:<11} {_fmt(doc)}")
     change = report.held_out_change()
     if change is not None:
         print(f"held-out change {change.summary()}")
     for entry in report.skipped:
         print(f"skipped: {skip_text(entry)}")
+    if args.report_out:
+        print(f"report: {save_json(report.to_dict(), args.report_out)}")
     if report.status != "complete":
         print(f"cancelled: {len(report.candidates)} candidates kept in the cache; no test evaluation")
         return 130
@@ -119,9 +120,7 @@ def _cmd_search(args, method: str) -> int:
     if store.disabled_reason and not args.no_cache:
         print(f"note: {store.disabled_reason}")
     recipe = recipe_from_report(lm, report, tspec)
-    path = Path(args.recipe_out) if args.recipe_out else \
-        recipes_folder(args) / "-".join(
-            [splits.task.name, method] + [cfg.grouping] * (cfg.grouping != CONTIGUOUS) + [f"{lm.fingerprint[:8]}.json"])
+    path = recipe_path(args, splits.task.name, method, cfg.grouping, lm.fingerprint)
     print(f"recipe: {save_recipe(recipe, path)}\nwhat it does to the other bundled tasks: python -m laser_core eval "
           f"--recipe {shlex.quote(str(path))} {shlex.join(spec_args(lm.spec, tspec))} --other-tasks")
     if args.compose or args.compose_max:

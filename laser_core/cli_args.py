@@ -27,12 +27,15 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def recipes_folder(args: argparse.Namespace) -> Path:
-    """Where a search writes its recipe without ``--recipe-out``: ``recipes/`` in the project cache folder
-    (``$LASER_LAB_CACHE`` or ``<repo>/cache``), or in ``DIR`` for ``--cache-dir DIR``. Before, it went beside the
-    store's folder: ``recipes/`` in the working directory with ``--no-cache``, in DIR's parent with ``--cache-dir``."""
+def recipe_path(args: argparse.Namespace, task: str, method: str, grouping: str, fingerprint: str) -> Path:
+    """Where a search writes its recipe: ``--recipe-out``, else ``recipes/`` in the project cache folder
+    (``$LASER_LAB_CACHE`` or ``<repo>/cache``), or in ``DIR`` for ``--cache-dir DIR``, named by task, method, row
+    grouping where not contiguous and model (``fever-c2i-1e7195bf.json``)."""
     from .models import cache_root
-    return Path(args.cache_dir) / "recipes" if args.cache_dir and not args.no_cache else cache_root() / "recipes"
+    if args.recipe_out:
+        return Path(args.recipe_out)
+    folder = Path(args.cache_dir) / "recipes" if args.cache_dir and not args.no_cache else cache_root() / "recipes"
+    return folder / "-".join([task, method] + [grouping] * (grouping != CONTIGUOUS) + [f"{fingerprint[:8]}.json"])
 
 
 def _positive(text: str) -> int:
@@ -117,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
         speed(sp, "candidate (and every --compose step)")
         sp.add_argument("--recipe-out", default=None, help="where to write the best edit's recipe (.json/.yaml; default: "
                         "cache/recipes/, or DIR/recipes with --cache-dir DIR)")
+        sp.add_argument("--report-out", default=None, help="where to write the search's report as JSON: its settings, "
+                        "the base, every candidate, the best, the held-out test and the timings (also when cancelled)")
         sp.add_argument("--compose", action="store_true",
                         help="then add other matrices' best edits to the best one, one at a time, keeping each where "
                              "the edits together score better on the search's split (as LASER composes reductions); "

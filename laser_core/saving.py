@@ -71,6 +71,16 @@ def _replaced(path: Path, recipe: dict) -> str | None:
 RECIPE_FILE = "laser_recipe.json"  # beside every model LASER Lab saves; what marks a folder it may overwrite
 
 
+def save_json(data, path: str | Path) -> Path:
+    """``data`` as indented JSON with sorted keys at ``path`` (checked as :func:`check_out_file` checks it), written
+    whole or not at all: a search's report (``search --report-out``)."""
+    out = check_out_file(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(out)
+    return out
+
+
 def check_out_folder(out: str | Path, overwrite: bool = False, source: str | None = None) -> Path:
     """The absolute path a model is to be saved to, once it is known that it can be: ``ConfigError`` where ``out``
     is or holds the model ``source`` being edited, exists (unless ``overwrite``, which replaces only an empty

@@ -477,8 +477,17 @@ def test_cli_search_then_apply_and_user_errors_exit_2_with_one_line(tiny_dirs, m
     assert lines[2].startswith(f"held-out change {recorded['change']:+.3f} (95% CI {recorded['low']:+.3f} to "
                              f"{recorded['high']:+.3f}; {recorded['fixed']} fixed, {recorded['broken']} broken of 20")
     assert "1 candidates on the calibration split (20 examples)" in out and "best   calibration accuracy" in out
-    assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe)]) == 0
-    assert "candidates from cache 1/1" in capsys.readouterr().out
+    report = tmp_path / "report.json"  # the search's whole report, for a script's own analysis
+    assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5", "--recipe-out", str(recipe),
+                 "--report-out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "candidates from cache 1/1" in out and f"report: {report}" in out
+    doc = json.loads(report.read_text())
+    assert (doc["status"], doc["config"]["rhos"], len(doc["candidates"])) == ("complete", [0.5], 1)
+    assert doc["best_test"]["accuracy"] == pytest.approx(best, abs=5e-4) and doc["base_test"]["n"] == 20
+    assert main(["search", *args, "--report-out", str(tmp_path)]) == 2  # a folder: refused before the model loads
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot save to {tmp_path}: it is a folder; " \
+                                                                "give a file name"
     assert main(["search", *args, "--q", "1", "--ks", "1", "--rhos", "0.5,0.25", "--recipe-out", str(recipe)]) == 0
     err = capsys.readouterr().err  # priced from the timings now in the cache (a tiny model's: under a second)
     assert re.search(r"estimated run time: (about \d+ s|under a second) \(1 to run, 1 in the cache; one full", err), err
