@@ -2013,6 +2013,11 @@ def render_search_report(report: dict, lm) -> None:
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows",
                      column_config=CANDIDATE_COLUMNS)
+        st.download_button("Download the search's report (JSON)", json.dumps(report, indent=1, sort_keys=True,
+                                                                           default=str),
+                           file_name=f"laser_search_{report['method']}.json", mime="application/json",
+                           key="report_download", help="Its settings, the base, every candidate, the best, the "
+                                                       "held-out test and the timings, as the CLI's --report-out")
     render_skipped(report)
     if report.get("status") == "complete":
         next_page(_EXPORT, "the best candidate's recipe, its check on other tasks, and edits to add to it")

@@ -787,6 +787,7 @@ def test_explore_runs_a_search_in_the_background_then_shows_it_from_cache(app_en
     assert len(timed) == 1 and ", search " in timed[0] and "; candidates from cache " in timed[0], timed
     assert any("Combine with edits of other matrices" in c.value and "`--compose`" in c.value
                and "On the other bundled tasks" in c.value and "--other-tasks" in c.value for c in at.caption)
+    assert [b.proto.label for b in at.get("download_button")] == ["Download the search's report (JSON)"]  # --report-out's
     shown = metrics(at)
     z = [v for line in heatmap_z(at) for v in line if v is not None]  # each of the q=2 matrices' best vs the base
     assert len(z) == 2 and max(z) == pytest.approx(float(shown["Best (calib)"]) - float(shown["Base (calib)"]), abs=1e-3)
