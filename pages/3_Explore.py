@@ -48,7 +48,7 @@ if method.startswith("LASER") and not sel_types:
 if cfg.method == "c2i":
     n = ui.render_c2i_matrices(lm, splits, cfg) or n
 searched = SEARCH_SPLIT[cfg.method]
-st.caption(f"{n} candidate{'' if n == 1 else 's'}, each evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
+st.caption(f"{n} candidate{'' if n == 1 else 's, each'} evaluated on the {SPLIT_WORDS[searched]} split ({len(splits.examples(searched))} examples).")
 
 cached = ui.store().get_json(ui.report_key(lm, splits, cfg))
 if cached:

@@ -863,7 +863,7 @@ def test_settings_survive_a_visit_to_another_page_and_layer_scores_shares_them_w
     at.switch_page("pages/3_Explore.py").run()
     assert (at.radio(key="method").value, at.select_slider(key="layer_range").value,
             at.multiselect(key="types").value) == ("LASER sweep (brute force)", (1, 1), ["up"])
-    assert "1 candidate, each evaluated on the validation split (100 examples)." in [c.value for c in at.caption]
+    assert "1 candidate evaluated on the validation split (100 examples)." in [c.value for c in at.caption]
     at.switch_page("pages/2_Layer_scores.py").run()
     assert (at.slider(key="tail").value, at.slider(key="q").value) == (0.3, 2)
 
