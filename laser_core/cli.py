@@ -107,7 +107,8 @@ def _cmd_search(args, method: str) -> int:
     if args.report_out:
         print(f"report: {save_json(report.to_dict(), args.report_out)}")
     if report.status != "complete":
-        print(f"cancelled: {len(report.candidates)} candidates kept in the cache; no test evaluation")
+        print(f"cancelled: {len(report.candidates)} candidate{'s' * (len(report.candidates) != 1)} kept in the cache; "
+              "no test evaluation")
         return 130
     b = report.best
     if b is None:

@@ -544,6 +544,26 @@ def test_compose_makes_one_recipe_whose_edits_eval_measures_together(tiny_lm, ti
     assert compose_recipes([load_recipe(paths[0]), elsewhere])["task"] is None  # no task in common
 
 
+def test_cli_writes_a_cancelled_searchs_report_with_the_candidates_it_finished(tiny_dirs, mc_task, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--report-out is for a script's own analysis: a search stopped by Ctrl-C still leaves what it finished."""
+    import laser_core.search as search
+    real = search.run_search
+
+    def stopped_after_one(lm, splits, cfg, store, progress=None, cancel=None):
+        token = CancelToken()  # as Ctrl-C sets the CLI's token once the first candidate is done
+        return real(lm, splits, cfg, store, progress=lambda ev: ev.get("row") and token.cancel(), cancel=token)
+    monkeypatch.setattr(search, "run_search", stopped_after_one)
+    report = tmp_path / "partial.json"
+    assert main(["search", "--model", str(tiny_dirs["llama"]), "--task", str(mc_task), "--n-calib", "20", "--n-test",
+                 "20", "--cache-dir", str(tmp_path / "store"), "--q", "1", "--ks", "1", "--rhos", "0.5,0.25",
+                 "--stack", "1", "--report-out", str(report)]) == 130
+    out = capsys.readouterr().out
+    assert f"report: {report}" in out and "cancelled: 1 candidate kept in the cache" in out
+    doc = json.loads(report.read_text())
+    assert (doc["status"], len(doc["candidates"]), doc["best_test"]) == ("partial", 1, None)
+
+
 def test_cli_progress_is_one_line_per_phase_in_a_log_and_bars_on_a_terminal():
     import io
 
