@@ -1591,6 +1591,12 @@ def test_explore_and_export_warn_where_the_best_candidate_does_not_beat_the_base
     tied = explore_warnings(accuracy=base["accuracy"], log_loss=base["log_loss"] + 1)  # ranked by log-loss then
     assert len(tied) == 1 and f"log-loss {base['log_loss'] + 1:.4f} against {base['log_loss']:.4f})" in tied[0]
     assert explore_warnings(accuracy=base["accuracy"] + 0.1) == []
+    wrong = {**report["best_test"], "correct": [False] * len(report["base_test"]["correct"]), "accuracy": 0.0}
+    lost = page_as("pages/3_Explore.py", last_report={**report, "best_test": wrong}, q=1, rhos=[0.9])
+    broken = sum(report["base_test"]["correct"])  # the base's right answers, all lost: beyond noise
+    assert [w.value for w in lost.warning] == [
+        f"On held-out test this is a real loss ({broken} questions broken, 0 fixed): applied, it makes the model worse "
+        "on questions the search never saw. Keep the base model, or choose another edit."]
     assert explore_warnings("partial", accuracy=below) == [  # cancelled: searching wider is not the advice yet
         f"None of the {len(report['candidates'])} candidates this search finished before its cancel beats the base "
         f"model on the calibration split (the best: accuracy {below:.3f} against the base model's "
