@@ -1566,8 +1566,8 @@ def render_accuracy_pair(cols, label_a: str, a: dict, label_b: str, b: dict, hel
     metric's help gives its log-loss (the search's tie-breaker). For two ``held_out`` evaluations, a caption below
     says whether the change is more than noise, from the questions each got right (``laser_core.significance``):
     on the split a search chose on, its best looks better than it is, and no test of the change is fair. Where the
-    first is the base model (``base_first``) and the edit's change is a real loss, a warning says so: its accuracy
-    on the split it was chosen on can hide it (FEVER's L11.down K=1 ρ=0.5: 0.550 against 0.450 there)."""
+    first is the base model (``base_first``) and the edit's change is a real loss, a warning says so: a gain on the
+    split an edit was chosen on does not carry to questions it never saw."""
     cols[0].metric(label_a, f"{a['accuracy']:.3f}", help=f"log-loss {a['log_loss']:.4f}")
     cols[1].metric(label_b, f"{b['accuracy']:.3f}", f"{b['accuracy'] - a['accuracy']:+.3f}",
                    help=f"log-loss {b['log_loss']:.4f}")
