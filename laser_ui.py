@@ -1988,6 +1988,7 @@ def render_search_report(report: dict, lm) -> None:
     on the searched split and on held-out test, where its time went (the CLI's ``time:`` line; before, the dashboard
     never said how long a search took), the heatmap of every matrix's best, all candidates, and what was left out;
     or, where no candidate finished, why."""
+    from laser_core.saving import json_text
     from laser_core.search import time_summary
     if not report.get("best"):
         if report.get("status") == "complete" and report.get("skipped"):
@@ -2020,8 +2021,7 @@ def render_search_report(report: dict, lm) -> None:
     with st.expander(f"All {len(report['candidates'])} candidates of this search"):
         st.dataframe(candidates_frame(report["candidates"]), hide_index=True, width="stretch", key="report_rows",
                      column_config=CANDIDATE_COLUMNS)
-        st.download_button("Download the search's report (JSON)", json.dumps(report, indent=1, sort_keys=True,
-                                                                           default=str),
+        st.download_button("Download the search's report (JSON)", json_text(report),
                            file_name=f"laser_search_{report['method']}.json", mime="application/json",
                            key="report_download", help="Its settings, the base, every candidate, the best, the "
                                                        "held-out test and the timings, as the CLI's --report-out")

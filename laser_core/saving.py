@@ -34,14 +34,7 @@ def save_recipe(recipe: dict, path: str | Path) -> Path:
     path = check_out_file(path)
     text = recipe_text(recipe, "YAML" if path.suffix in (".yaml", ".yml") else "JSON")
     replaced = _replaced(path, recipe)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not write the recipe to {path}: {e.strerror or e}") from e
+    _write_whole(path, text, "the recipe")
     if replaced:  # a search's recipe has one name per task, method and model: another run's would be gone unsaid
         log.warning("%s held another recipe (%s: other settings, data or model); it is replaced. Where the search "
                     "that made it used the cache, running it again writes it back in seconds; --recipe-out FILE keeps "
@@ -71,13 +64,30 @@ def _replaced(path: Path, recipe: dict) -> str | None:
 RECIPE_FILE = "laser_recipe.json"  # beside every model LASER Lab saves; what marks a folder it may overwrite
 
 
+def _write_whole(path: Path, text: str, what: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it and one rename, so a failed write leaves no half
+    file; ``ConfigError`` naming ``what`` where it cannot be written (a full disk)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"could not write {what} to {path}: {e.strerror or e}") from e
+
+
+def json_text(data) -> str:
+    """``data`` as indented JSON with sorted keys (what is not JSON, as text): a search's report, as ``search
+    --report-out`` writes it and Explore downloads it."""
+    return json.dumps(data, indent=1, sort_keys=True, default=str)
+
+
 def save_json(data, path: str | Path) -> Path:
-    """``data`` as indented JSON with sorted keys at ``path`` (checked as :func:`check_out_file` checks it), written
-    whole or not at all: a search's report (``search --report-out``)."""
+    """:func:`json_text` of ``data`` at ``path`` (checked as :func:`check_out_file` checks it), written whole or not
+    at all: a search's report (``search --report-out``)."""
     out = check_out_file(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(out)
+    _write_whole(out, json_text(data), "the report")
     return out
 
 
