@@ -628,9 +628,10 @@ def live_job(kind: str, lm, splits, show: Callable[[Job | None], None] | None = 
 
 def mark_seen(kind: str, lm, splits, when: bool = True) -> None:
     """The page draws the results of this session's ended ``kind`` job on ``lm`` and ``splits`` (``when``: they are
-    this job's) from the cache, where it reads them once the job has ended, without :func:`live_job`: the sidebar no
-    longer reports that job's end on other pages. Before, a job watched to its end on its page (baseline, scores,
-    Export's checks) was then reported as "finished" on every other page until dismissed."""
+    this job's) from the cache, where it reads them once the job has ended, without :func:`live_job`
+    (:func:`results_of` marks its evaluations so): the sidebar no longer reports that job's end on other pages.
+    Before, a job watched to its end on its page (baseline, scores, Export's checks) was then reported as "finished"
+    on every other page until dismissed."""
     job = session_job(kind, lm, splits)
     if when and job is not None and job.status != "running":
         _jobs_seen().add(job.id)
@@ -1266,8 +1267,6 @@ def render_combination(lm, splits, docs: list[dict], chosen: dict) -> tuple[list
         st.download_button("Download the combined recipe (JSON)", recipe_text(recipe),
                            file_name="laser_recipe_combined.json", mime="application/json", key="combine_download")
         st.code("python -m laser_core apply --recipe laser_recipe_combined.json --out edited-model", language="bash")
-        mark_seen("combine", lm, splits, st.session_state.get("combine_of") == evaluation_id(
-            {"edits": [to_dict(e) for e in edits]}))
         return edits, recipe
     ids = evaluation_id({"edits": [to_dict(e) for e in edits]})
     running = job_running("combine", lm, splits)
@@ -1455,7 +1454,6 @@ def render_recipe_check(lm, splits) -> None:
     if got["base"] and got["recipe"]:  # from the cache (evaluated before, here or by ``eval --recipe``), or just now
         base, res = got["base"], got["recipe"]
         render_accuracy_pair(st.columns(2), "Base (held-out test)", base, "With the recipe (held-out test)", res)
-        mark_seen("recipe_test", lm, splits, st.session_state.get("recipe_test_of") == str(path))
         if same_task and recorded:
             agree = matches_recorded(res["accuracy"], recorded)
             (st.success if agree else st.warning)(
@@ -1473,16 +1471,15 @@ def render_recipe_check(lm, splits) -> None:
 def render_held_out(lm, splits, tests: dict, wanted: dict) -> None:
     """Export's held-out test of the chosen candidate: base and edited (``tests``, :func:`results_of` of ``wanted``)
     side by side where both are computed, else a button that evaluates them in the background, and its progress."""
-    label = f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test"  # names the candidate
     if all(tests.values()):
         render_accuracy_pair(st.columns(2), "Base (held-out test)", tests["base_test"], "Edited (held-out test)",
                              tests["edited_test"])
-        mark_seen("export_test", lm, splits, getattr(session_job("export_test", lm, splits), "label", None) == label)
         return
     st.info(f"The held-out test accuracy of this candidate is not computed yet ({len(splits.test)} examples); "
             "the recipe carries it once it is, and `apply` then re-checks the saved model against it.")
     if st.button("Evaluate on held-out test", disabled=job_running("export_test", lm, splits)):
-        start_eval_job("export_test", label, lm, splits, [(k, *v) for k, v in wanted.items()])
+        start_eval_job("export_test", f"{edits_short(lm, [wanted['edited_test'][0]])} on held-out test", lm, splits,
+                       [(k, *v) for k, v in wanted.items()])  # named: another candidate picked meanwhile shows it
     job = session_job("export_test", lm, splits)
     if job is not None and job.status != "done":  # once done, the page reruns and reads the result
         live_job("export_test", lm, splits)
@@ -2237,16 +2234,17 @@ def results_of(kind: str, lm, splits, wanted: dict[str, tuple[Any, str]]) -> dic
     """Per name in ``wanted`` (name -> (edit: None for the base, an Edit, or a list applied together; split)): its
     cached evaluation, else, where the cache has none (switched off or unwritable), the result under that name of
     this session's finished ``kind`` evaluation job (:func:`start_eval_job`) if it is of those edits; None when
-    neither has it."""
+    neither has it. Where all are found and that job evaluated them, the page draws its results: its end is seen
+    (:func:`mark_seen`), though they may come from the cache it wrote."""
     got = {key: cached_result(lm, splits, split, e) for key, (e, split) in wanted.items()}
     job = session_job(kind, lm, splits)
-    if job is not None and job.status == "done":
-        for key, doc in job.result.items():
-            if key not in wanted or got[key] is not None:
-                continue
-            e, split = wanted[key]
-            if doc["split"] == split and evaluation_id(doc) == evaluation_id({"edits": [to_dict(x) for x in _as_edits(e)]}):
-                got[key] = doc
+    if job is None or job.status != "done":
+        return got
+    ours = [key for key, doc in job.result.items() if key in wanted and doc["split"] == wanted[key][1]
+            and evaluation_id(doc) == evaluation_id({"edits": [to_dict(x) for x in _as_edits(wanted[key][0])]})]
+    for key in ours:
+        got[key] = got[key] or job.result[key]
+    mark_seen(kind, lm, splits, bool(ours) and all(got.values()))
     return got
 
 
